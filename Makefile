@@ -1,0 +1,26 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= a lighthouse on a cliff at dusk, dramatic sky
+
+.PHONY: setup demo test lint proto bench serve
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+	scripts/bootstrap.sh $(VENV)
+
+demo: setup
+	$(VENV)/bin/refinery generate "$(PROMPT)" --refiner builtin:tiny-sdxl-refiner@1 --steps 20 --seed 7 -o demo.png
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+serve: setup
+	$(VENV)/bin/refinery serve

@@ -1,0 +1,171 @@
+"""The built-in tiny SDXL-architecture models: `builtin:tiny-sdxl-base@1` and `builtin:tiny-sdxl-refiner@1`.
+
+They have the exact structure of the real SDXL pair, only tiny, so the whole service (split, previews, the
+single-file round trip of the model-store issue) runs on a laptop CPU with no network:
+
+- the base has CLIP-L and OpenCLIP-bigG-style text encoders, `force_zeros_for_empty_prompt=True` and
+  `requires_aesthetics_score=False` (6 time ids); the refiner has only `text_encoder_2` and
+  `requires_aesthetics_score=True` (5 time ids), like stabilityai/stable-diffusion-xl-refiner-1.0;
+- the refiner shares the base's VAE and `text_encoder_2` weights bit for bit, as the official pair does, so
+  content-hash deduplication has something real to find;
+- CLIP-L and bigG widths differ (32 vs 40), the bigG projection (24) differs from its width, and both text
+  encoders have 10 layers: with equal widths diffusers' single-file loader silently loads the wrong weights,
+  a square projection hides a missing transpose, and fewer than 10 layers defeats its model-type detection
+  (shared/research/single-file.md, P1, P3, P5);
+- the tokenizers are the real SDXL CLIP tokenizers that ship with the package (full 49,408-token vocabulary,
+  77 tokens), so prompts tokenize exactly as they would for the real models.
+
+Weights are random, drawn from fixed seeds, and stored as fp16 safetensors (a few MB, like civitai's fp16
+files); `build` is deterministic for a given torch version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+
+# Tiny stand-ins for SDXL's widths: CLIP-L 768 -> 32, bigG 1280 -> 40 (projection 1280 -> 24).
+_CLIP_L_WIDTH = 32
+_BIGG_WIDTH = 40
+_BIGG_PROJECTION = 24
+_TIME_EMBED_DIM = 8
+_SEED = 20260101
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    version: str
+    refiner: bool
+    description: str
+
+    @property
+    def air(self) -> str:
+        return f"builtin:{self.name}@{self.version}"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.air: m
+    for m in (
+        BuiltinModel("tiny-sdxl-base", "1", False, "tiny SDXL base (random weights, for demos and tests)"),
+        BuiltinModel(
+            "tiny-sdxl-refiner", "1", True, "tiny SDXL refiner (random weights, for demos and tests)"
+        ),
+    )
+}
+
+
+def _clip_config(width: int, projection: int, act: str) -> dict[str, Any]:
+    return {
+        "architectures": ["CLIPTextModelWithProjection" if act == "gelu" else "CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": act,
+        "hidden_size": width,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": width * 2,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 10,
+        "pad_token_id": 1,
+        "projection_dim": projection,
+        "vocab_size": 49408,
+    }
+
+
+def _unet_config(refiner: bool) -> dict[str, Any]:
+    # Base: cross-attention over [CLIP-L, bigG] hidden states, 6 time ids; refiner: bigG only, 5 time ids,
+    # wider first block (real: 320 vs 384), as in the real pair.
+    time_ids = 5 if refiner else 6
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": _TIME_EMBED_DIM,
+        "attention_head_dim": [2, 4],
+        "block_out_channels": [48, 96] if refiner else [32, 64],
+        "cross_attention_dim": _BIGG_WIDTH if refiner else _CLIP_L_WIDTH + _BIGG_WIDTH,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 16,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": time_ids * _TIME_EMBED_DIM + _BIGG_PROJECTION,
+        "sample_size": 8,  # 8 latent pixels x vae scale 8 = a native 64x64 image
+        "transformer_layers_per_block": [1, 2],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True,
+    }
+
+
+_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    # Four levels like SDXL's VAE, so the latent is 1/8 of the image and previews/sizes behave as for real.
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "out_channels": 3,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+def build(model: BuiltinModel, dest: Path) -> None:
+    """Write `model` as a diffusers-format folder of fp16 safetensors at `dest` (which must not exist)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    reference = CONFIG_ROOT / ("sdxl_refiner" if model.refiner else "sdxl_base")
+    dest.mkdir(parents=True)
+    index = json.loads((reference / "model_index.json").read_text())
+    index["_name_or_path"] = model.air
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    shutil.copytree(reference / "scheduler", dest / "scheduler")
+    tokenizers = ["tokenizer_2"] if model.refiner else ["tokenizer", "tokenizer_2"]
+    for name in tokenizers:
+        shutil.copytree(reference / name, dest / name)
+
+    def save(module: Any, name: str) -> None:
+        # Written by hand rather than with save_pretrained: no progress bars, no dtype-cast warnings, and the
+        # exact file names both diffusers and transformers look for.
+        folder = dest / name
+        folder.mkdir()
+        is_diffusers = hasattr(module, "save_config")
+        if is_diffusers:
+            module.save_config(folder)
+        else:
+            module.config.save_pretrained(folder)
+        weights = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+        filename = "diffusion_pytorch_model.safetensors" if is_diffusers else "model.safetensors"
+        save_file(weights, str(folder / filename), metadata={"format": "pt"})
+
+    # Every module is drawn from its own fixed seed, so the refiner's shared components equal the base's.
+    torch.manual_seed(_SEED + 1)
+    bigg = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")))
+    save(bigg, "text_encoder_2")
+    torch.manual_seed(_SEED + 2)
+    save(AutoencoderKL.from_config(_VAE_CONFIG), "vae")
+    if not model.refiner:
+        torch.manual_seed(_SEED + 3)
+        clip_l = CLIPTextModel(CLIPTextConfig(**_clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu")))
+        save(clip_l, "text_encoder")
+    torch.manual_seed(_SEED + (5 if model.refiner else 4))
+    save(UNet2DConditionModel.from_config(_unet_config(model.refiner)), "unet")

@@ -1,0 +1,96 @@
+"""Errors raised by the model store.
+
+Every error is a `ModelStoreError`. The tree says what went wrong in terms a caller can act on; the gRPC
+server maps each class to a status code in one table (`server/status.py`), and a test checks that every class
+here has a row there.
+
+    ModelStoreError
+    ├── InvalidModelId        the identifier is malformed (never retried)
+    ├── ModelNotFound         the source does not know the model, version or file
+    ├── WrongArchitecture     the model exists but is not what the role needs (e.g. SD 1.5 as an SDXL refiner)
+    ├── UnsafeCheckpoint      not a safetensors file (a pickle is refused and never unpickled), or a bad header
+    ├── IntegrityError        downloaded bytes do not match the source's size or SHA256
+    ├── SourceUnauthenticated the source wants a token (CIVITAI_TOKEN / HF_TOKEN)
+    ├── SourcePermissionDenied the token is not allowed to download this model
+    ├── SourceRateLimited     the source asks us to slow down (retry_after_s when known)
+    ├── SourceUnavailable     the source could not be reached or failed (retryable)
+    ├── QuotaExceeded         the model cannot fit in the cache quota or on the disk
+    └── ModelInUse            the model cannot be deleted while a job uses it
+
+Messages never contain tokens or presigned URLs: sources redact them before raising.
+"""
+
+from __future__ import annotations
+
+
+class ModelStoreError(Exception):
+    """Root of the model store's errors.
+
+    `field` names the request field the failing identifier came from ("model", "refiner.model"); the
+    store does not know it, so the server sets it with `for_field` before mapping the error to a status.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def for_field(self, field: str) -> ModelStoreError:
+        self.field = field
+        return self
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidModelId(ModelStoreError):
+    """The model identifier (AIR or path) is malformed."""
+
+
+class ModelNotFound(ModelStoreError):
+    """No such model, version or file at its source."""
+
+
+class WrongArchitecture(ModelStoreError):
+    """The model is not of the architecture its role needs."""
+
+    def __init__(self, message: str, *, expected: str, found: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.expected = expected
+        self.found = found
+
+
+class UnsafeCheckpoint(ModelStoreError):
+    """The file is not a well-formed safetensors file; it is refused and never deserialised."""
+
+
+class IntegrityError(ModelStoreError):
+    """Downloaded bytes do not match the size or SHA256 the source published."""
+
+
+class SourceUnauthenticated(ModelStoreError):
+    """The source needs credentials that were not given or were rejected."""
+
+
+class SourcePermissionDenied(ModelStoreError):
+    """The credentials are valid but may not download this model."""
+
+
+class SourceRateLimited(ModelStoreError):
+    """The source asked us to slow down."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
+class SourceUnavailable(ModelStoreError):
+    """The source could not be reached or answered with a server error; retrying later may help."""
+
+
+class QuotaExceeded(ModelStoreError):
+    """The model cannot fit in the cache quota or in the free disk space."""
+
+
+class ModelInUse(ModelStoreError):
+    """The model is in use and cannot be deleted now."""

@@ -1,0 +1,60 @@
+"""What the store knows about a model once it is resolved: values, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from modelstore.air import AIR
+
+
+class Architecture(Enum):
+    """Model families, as read from the weights themselves (never trusted from names)."""
+
+    SDXL_BASE = "sdxl-base"
+    SDXL_REFINER = "sdxl-refiner"
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SD3 = "sd3"
+    FLUX = "flux"
+    UNKNOWN = "unknown"
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+
+_LABELS = {
+    Architecture.SDXL_BASE: "SDXL base",
+    Architecture.SDXL_REFINER: "SDXL refiner",
+    Architecture.SD1: "Stable Diffusion 1.x",
+    Architecture.SD2: "Stable Diffusion 2.x",
+    Architecture.SD3: "Stable Diffusion 3",
+    Architecture.FLUX: "FLUX",
+    Architecture.UNKNOWN: "an unrecognised architecture",
+}
+
+
+class Layout(Enum):
+    """How the weights are laid out on disk."""
+
+    DIFFUSERS = "diffusers"  # a folder with model_index.json and one subfolder per component
+    SINGLE_FILE = "single-file"  # one .safetensors in the original (civitai / sgm) key layout
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model that is available locally and can be loaded without the network."""
+
+    air: AIR
+    path: Path  # the diffusers folder or the .safetensors file
+    layout: Layout
+    architecture: Architecture
+    size_bytes: int
+    # Content hash of the weights (sha256 of the file, or of the folder's sorted file hashes).
+    sha256: str
+
+    @property
+    def canonical(self) -> str:
+        return self.air.canonical

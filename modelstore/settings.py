@@ -1,0 +1,49 @@
+"""The model store's settings. Built once by the caller (the server's CLI) from flags and the environment;
+nothing in this package reads the environment on its own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    cache_dir: Path
+    # 0 = no quota.
+    max_bytes: int = 0
+    civitai_api: str = "https://civitai.com"
+    civitai_token: str | None = None
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = None
+    # Refuse every download (the cache and local files still work).
+    offline: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreSettings:
+        """REFINERY_CACHE_DIR, REFINERY_CACHE_MAX_BYTES, REFINERY_CIVITAI_API, CIVITAI_TOKEN, HF_ENDPOINT,
+        HF_TOKEN, REFINERY_OFFLINE; keyword overrides (from CLI flags) win."""
+        env = os.environ if env is None else env
+        default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "refinery"
+        values: dict[str, object] = {
+            "cache_dir": Path(env.get("REFINERY_CACHE_DIR", str(default_cache))).expanduser(),
+            "max_bytes": int(env.get("REFINERY_CACHE_MAX_BYTES", "0") or 0),
+            "civitai_api": env.get("REFINERY_CIVITAI_API", "https://civitai.com").rstrip("/"),
+            "civitai_token": env.get("CIVITAI_TOKEN") or None,
+            "hf_endpoint": env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+            "hf_token": env.get("HF_TOKEN") or None,
+            "offline": env.get("REFINERY_OFFLINE", "") not in ("", "0", "false"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        # Tokens never reach logs, not even through a settings dump.
+        hidden = {"civitai_token", "hf_token"}
+        fields = ", ".join(
+            f"{name}={'<redacted>' if name in hidden and value else repr(value)}"
+            for name, value in self.__dict__.items()
+        )
+        return f"StoreSettings({fields})"

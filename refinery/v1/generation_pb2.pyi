@@ -1,0 +1,211 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Scheduler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULER_UNSPECIFIED: _ClassVar[Scheduler]
+    SCHEDULER_EULER: _ClassVar[Scheduler]
+    SCHEDULER_EULER_ANCESTRAL: _ClassVar[Scheduler]
+    SCHEDULER_DDIM: _ClassVar[Scheduler]
+    SCHEDULER_DPMPP_2M: _ClassVar[Scheduler]
+    SCHEDULER_DPMPP_2M_KARRAS: _ClassVar[Scheduler]
+    SCHEDULER_UNIPC: _ClassVar[Scheduler]
+
+class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_FORMAT_UNSPECIFIED: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_PNG: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_JPEG: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_WEBP: _ClassVar[OutputFormat]
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_BASE: _ClassVar[Stage]
+    STAGE_REFINER: _ClassVar[Stage]
+
+class ModelRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_ROLE_UNSPECIFIED: _ClassVar[ModelRole]
+    MODEL_ROLE_BASE: _ClassVar[ModelRole]
+    MODEL_ROLE_REFINER: _ClassVar[ModelRole]
+SCHEDULER_UNSPECIFIED: Scheduler
+SCHEDULER_EULER: Scheduler
+SCHEDULER_EULER_ANCESTRAL: Scheduler
+SCHEDULER_DDIM: Scheduler
+SCHEDULER_DPMPP_2M: Scheduler
+SCHEDULER_DPMPP_2M_KARRAS: Scheduler
+SCHEDULER_UNIPC: Scheduler
+OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
+OUTPUT_FORMAT_PNG: OutputFormat
+OUTPUT_FORMAT_JPEG: OutputFormat
+OUTPUT_FORMAT_WEBP: OutputFormat
+STAGE_UNSPECIFIED: Stage
+STAGE_BASE: Stage
+STAGE_REFINER: Stage
+MODEL_ROLE_UNSPECIFIED: ModelRole
+MODEL_ROLE_BASE: ModelRole
+MODEL_ROLE_REFINER: ModelRole
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    REFINER_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    positive_prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    scheduler: Scheduler
+    number_results: int
+    output_format: OutputFormat
+    refiner: Refiner
+    preview_every: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+
+class Refiner(_message.Message):
+    __slots__ = ("model", "start_step", "start_step_percentage")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_step: int
+    start_step_percentage: int
+    def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "queued", "model_loading", "progress", "preview", "image")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADING_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queued: Queued
+    model_loading: ModelLoading
+    progress: Progress
+    preview: Preview
+    image: Image
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position", "queue_depth")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    queue_depth: int
+    def __init__(self, position: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+
+class ModelLoading(_message.Message):
+    __slots__ = ("model", "role", "phase", "bytes_done", "bytes_total", "bytes_per_second")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[ModelLoading.Phase]
+        PHASE_DOWNLOADING: _ClassVar[ModelLoading.Phase]
+        PHASE_LOADING: _ClassVar[ModelLoading.Phase]
+        PHASE_READY: _ClassVar[ModelLoading.Phase]
+    PHASE_UNSPECIFIED: ModelLoading.Phase
+    PHASE_DOWNLOADING: ModelLoading.Phase
+    PHASE_LOADING: ModelLoading.Phase
+    PHASE_READY: ModelLoading.Phase
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    role: ModelRole
+    phase: ModelLoading.Phase
+    bytes_done: int
+    bytes_total: int
+    bytes_per_second: float
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., phase: _Optional[_Union[ModelLoading.Phase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("stage", "step", "stage_steps", "overall_step", "total_steps", "elapsed", "image_indices")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    step: int
+    stage_steps: int
+    overall_step: int
+    total_steps: int
+    elapsed: _duration_pb2.Duration
+    image_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., stage_steps: _Optional[int] = ..., overall_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., image_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("stage", "step", "overall_step", "image_index", "data", "mime_type", "width", "height")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_STEP_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    step: int
+    overall_step: int
+    image_index: int
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., overall_step: _Optional[int] = ..., image_index: _Optional[int] = ..., data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REFINER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    seed: int
+    index: int
+    width: int
+    height: int
+    base_steps: int
+    refiner_steps: int
+    model: str
+    refiner_model: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ...) -> None: ...

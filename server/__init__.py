@@ -1,0 +1,1 @@
+"""Refinery's gRPC server: validation, scheduling, the two-stage runner, streaming, health, metrics, CLI."""

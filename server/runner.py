@@ -1,0 +1,248 @@
+"""The exact two-stage runner: the base denoises steps 1..k, the refiner continues from that latent.
+
+How the split is made exact (shared/research/diffusers.md §1.2-1.4):
+
+- Both stages get fresh schedulers of the same class and the base model's config, the same
+  `num_inference_steps`, and the same list of `torch.Generator`s, so they walk one timestep grid and an
+  ancestral sampler's noise continues where the base left it.
+- The base runs the full grid and is interrupted after exactly `k` steps (`pipe._interrupt`, set from the step
+  callback, is diffusers' documented early stop); it returns the latent, undecoded.
+- The refiner receives that latent (4 channels: diffusers skips the VAE encode) with a `denoising_start`, which
+  also stops diffusers from adding noise, and starts at index `k` of the grid. diffusers would derive the start
+  from an integer-timestep cutoff instead; on DPM++ 2M Karras grids from 45 steps up, neighbouring timesteps
+  share an integer and no cutoff can split there, so `_IndexedRefinerPipeline` takes the index directly.
+  Wherever a cutoff exists, both give the same slice (tests/test_equivalence.py proves the images equal).
+
+Only this module and the loader talk to diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from server.job import RenderShape, Sample, Stage
+from server.schedulers import make_scheduler
+
+
+class _IndexedRefinerPipeline(StableDiffusionXLImg2ImgPipeline):  # type: ignore[misc]
+    """SDXL img2img whose `denoising_start` path begins at an exact index of the timestep grid."""
+
+    start_index: int | None = None
+
+    def get_timesteps(
+        self, num_inference_steps: int, strength: float, device: Any, denoising_start: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        if denoising_start is None or self.start_index is None:
+            return super().get_timesteps(num_inference_steps, strength, device, denoising_start)  # type: ignore[no-any-return]
+        start = self.start_index  # first-order schedulers only: one grid entry per step
+        timesteps = self.scheduler.timesteps[start:]
+        if hasattr(self.scheduler, "set_begin_index"):  # DDIM has no step index to position
+            self.scheduler.set_begin_index(start)
+        return timesteps, len(timesteps)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What a step callback sees; `latents` is x_t after the step, still on the device."""
+
+    stage: Stage
+    step: int  # 1-based within the stage
+    stage_steps: int
+    overall_step: int
+    total_steps: int
+    latents: torch.Tensor
+    # x_t / latent_scale is variance-preserving (what previews expect): sqrt(1 + sigma^2) for Euler-style
+    # schedulers whose latents live in sigma space, 1 for DDIM / DPM++ / UniPC.
+    latent_scale: float
+
+    def normalized_latents(self) -> torch.Tensor:
+        return self.latents / self.latent_scale
+
+
+class StepObserver(Protocol):
+    """Called after every denoising step. Raising (e.g. on cancellation) aborts the run at once."""
+
+    def on_step(self, state: StepState) -> None: ...
+
+
+@dataclass
+class StageTimings:
+    base_s: float = 0.0
+    refiner_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    images: list[Image.Image]
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+@dataclass(frozen=True)
+class PipelinePair:
+    """Loaded pipelines for one request: a base and, optionally, a refiner (both on the same device)."""
+
+    base: StableDiffusionXLPipeline
+    refiner: StableDiffusionXLImg2ImgPipeline | None = None
+
+
+def native_size(base: StableDiffusionXLPipeline) -> tuple[int, int]:
+    """The base model's training resolution (1024x1024 for SDXL), as (width, height)."""
+    side = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
+    return side, side
+
+
+def run(
+    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
+) -> RunResult:
+    """Denoise `samples` as one batch; returns one RGB image per sample, in order."""
+    if shape.refiner_steps and pair.refiner is None:
+        raise ValueError("the shape has refiner steps but no refiner was loaded")
+    base = pair.base
+    device = base._execution_device
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
+    use_cfg = shape.cfg_scale > 1.0
+    clock = _Clock()
+
+    base.scheduler = make_scheduler(shape.scheduler, base.scheduler.config)
+    base_embeds = _encode(base, samples, device, use_cfg)
+    base_output = "latent" if shape.refiner_steps else "pil"
+    base_result = base(
+        **base_embeds,
+        width=shape.width,
+        height=shape.height,
+        num_inference_steps=shape.steps,
+        guidance_scale=shape.cfg_scale,
+        generator=generators,
+        output_type=base_output,
+        callback_on_step_end=_callback(Stage.BASE, shape, observer, clock, stop_after=shape.base_steps),
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    timings = StageTimings(base_s=clock.last_step - clock.start)
+    if not shape.refiner_steps:
+        timings.decode_s = time.perf_counter() - clock.last_step
+        return RunResult(list(base_result.images), timings)
+
+    refiner = _indexed(pair.refiner)
+    refiner.scheduler = make_scheduler(shape.scheduler, base.scheduler.config)
+    refiner.start_index = shape.base_steps
+    refiner_embeds = _encode(refiner, samples, device, use_cfg)
+    refiner_start = clock.mark()
+    refined = refiner(
+        **refiner_embeds,
+        image=base_result.images,
+        num_inference_steps=shape.steps,
+        # Any valid fraction: it only switches diffusers to the no-noise start; the index decides where.
+        denoising_start=shape.base_steps / shape.steps,
+        guidance_scale=shape.cfg_scale,
+        generator=generators,
+        output_type="pil",
+        callback_on_step_end=_callback(Stage.REFINER, shape, observer, clock, stop_after=None),
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
+    timings.refiner_s = clock.last_step - refiner_start
+    timings.decode_s = time.perf_counter() - clock.last_step
+    return RunResult(list(refined.images), timings)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last_step = self.start
+
+    def mark(self) -> float:
+        self.last_step = time.perf_counter()
+        return self.last_step
+
+
+def _indexed(refiner: StableDiffusionXLImg2ImgPipeline | None) -> _IndexedRefinerPipeline:
+    """The refiner's components behind the index-start pipeline class (no weights are copied)."""
+    assert refiner is not None
+    if isinstance(refiner, _IndexedRefinerPipeline):
+        return refiner
+    indexed = _IndexedRefinerPipeline(**refiner.components, **_refiner_flags(refiner))
+    indexed.set_progress_bar_config(disable=True)
+    return indexed
+
+
+def _refiner_flags(refiner: StableDiffusionXLImg2ImgPipeline) -> dict[str, Any]:
+    config = refiner.config
+    return {
+        "requires_aesthetics_score": bool(config.requires_aesthetics_score),
+        "force_zeros_for_empty_prompt": bool(config.force_zeros_for_empty_prompt),
+        "add_watermarker": False,
+    }
+
+
+def _encode(pipe: Any, samples: Sequence[Sample], device: Any, use_cfg: bool) -> dict[str, torch.Tensor]:
+    """Text conditioning encoded per sample, then stacked.
+
+    Per sample rather than as one list so that each image's conditioning is exactly what it would get alone:
+    SDXL base zeroes the negative conditioning only when a prompt has *no* negative prompt, which a mixed list
+    could not express.
+    """
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for sample in samples:
+        parts.append(
+            pipe.encode_prompt(
+                prompt=sample.prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=use_cfg,
+                negative_prompt=sample.negative_prompt,
+            )
+        )
+    names = [
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    ]
+    stacked: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        tensors = [p[i] for p in parts]
+        if tensors[0] is not None:
+            stacked[name] = torch.cat(tensors)
+    return stacked
+
+
+def _callback(
+    stage: Stage, shape: RenderShape, observer: StepObserver, clock: _Clock, stop_after: int | None
+) -> Any:
+    stage_steps = shape.base_steps if stage is Stage.BASE else shape.refiner_steps
+    offset = 0 if stage is Stage.BASE else shape.base_steps
+
+    def on_step_end(pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        clock.mark()
+        if stop_after is not None and i + 1 >= stop_after:
+            pipe._interrupt = True  # diffusers skips the remaining iterations; the latent is returned as is
+        observer.on_step(
+            StepState(
+                stage=stage,
+                step=i + 1,
+                stage_steps=stage_steps,
+                overall_step=offset + i + 1,
+                total_steps=shape.steps,
+                latents=tensors["latents"],
+                latent_scale=_latent_scale(pipe.scheduler),
+            )
+        )
+        return tensors
+
+    return on_step_end
+
+
+def _latent_scale(scheduler: Any) -> float:
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) <= 1.0:
+        return 1.0
+    index = scheduler.step_index  # already advanced: the sigma of the latent just produced
+    sigma = float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
+    return math.sqrt(1.0 + sigma * sigma)
