@@ -19,8 +19,21 @@ from modelstore.errors import UnsafeCheckpoint
 # Real SDXL headers are ~250 KB (2.5k tensors); 100 MB leaves room and stops a hostile length at once.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 
@@ -91,7 +104,9 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "checkpoint") -> Sa
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeCheckpoint(f"{name} has a corrupt safetensors header ({exc.__class__.__name__})") from None
+        raise UnsafeCheckpoint(
+            f"{name} has a corrupt safetensors header ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(document, dict):
         raise UnsafeCheckpoint(f"{name} has a corrupt safetensors header (not an object)")
     data_offset = 8 + length
@@ -113,9 +128,12 @@ def _tensor(name: str, key: str, entry: object, data_size: int) -> TensorInfo:
         raise UnsafeCheckpoint(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise UnsafeCheckpoint(f"{name}: tensor {key!r} has a malformed shape")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
         raise UnsafeCheckpoint(f"{name}: tensor {key!r} points outside the file")
     count = 1
     for dim in shape:

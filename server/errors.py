@@ -1,0 +1,72 @@
+"""Errors raised inside the server. Each maps to one gRPC status in `server/status.py`.
+
+    ServerError
+    ├── InvalidRequest      the request can never work as sent (INVALID_ARGUMENT + google.rpc.BadRequest)
+    ├── JobCancelled        the client went away or cancelled (CANCELLED)
+    ├── DeadlineExceeded    the client's deadline passed before the job could finish (DEADLINE_EXCEEDED)
+    ├── Overloaded          the queue is full; retry after `retry_after_s` (RESOURCE_EXHAUSTED + RetryInfo)
+    ├── OutOfDeviceMemory   the job does not fit on the device even after evicting idle models
+    │                       (RESOURCE_EXHAUSTED)
+    ├── ShuttingDown        the server is draining and takes no new work (UNAVAILABLE)
+    └── WorkerFailed        the device worker died while running the job (UNAVAILABLE)
+
+Model-store errors (`modelstore.errors`) are mapped by the same table. Anything else is a bug: INTERNAL with a
+generic message, and the traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ServerError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field, named by its path in the request (`refiner.start_step`)."""
+
+    field: str
+    description: str
+    reason: str = "INVALID_VALUE"
+
+
+class InvalidRequest(ServerError):
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        if not violations:
+            raise ValueError("InvalidRequest needs at least one violation")
+        self.violations = violations
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request: {fields}: " + "; ".join(v.description for v in violations))
+
+
+class JobCancelled(ServerError):
+    pass
+
+
+class DeadlineExceeded(ServerError):
+    pass
+
+
+class Overloaded(ServerError):
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OutOfDeviceMemory(ServerError):
+    pass
+
+
+class ShuttingDown(ServerError):
+    pass
+
+
+class WorkerFailed(ServerError):
+    pass
