@@ -57,7 +57,7 @@ MODEL_ROLE_BASE: ModelRole
 MODEL_ROLE_REFINER: ModelRole
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every")
+    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     REFINER_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     positive_prompt: str
@@ -86,7 +87,8 @@ class GenerateRequest(_message.Message):
     output_format: OutputFormat
     refiner: Refiner
     preview_every: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Refiner(_message.Message):
     __slots__ = ("model", "start_step", "start_step_percentage")

@@ -1,0 +1,73 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("devices", "queue", "jobs_running")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    queue: QueueStatus
+    jobs_running: int
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., jobs_running: _Optional[int] = ...) -> None: ...
+
+class DeviceStatus(_message.Message):
+    __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    budget_bytes: int
+    resident_bytes: int
+    allocated_bytes: int
+    pairs: _containers.RepeatedCompositeFieldContainer[ResidentPair]
+    jobs_running: int
+    def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ...) -> None: ...
+
+class ResidentPair(_message.Message):
+    __slots__ = ("model", "refiner_model", "bytes", "active_jobs", "pinned", "last_used")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    refiner_model: str
+    bytes: int
+    active_jobs: int
+    pinned: bool
+    last_used: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., bytes: _Optional[int] = ..., active_jobs: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class QueueStatus(_message.Message):
+    __slots__ = ("depth", "max_queue", "depth_by_priority")
+    class DepthByPriorityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    depth: int
+    max_queue: int
+    depth_by_priority: _containers.ScalarMap[int, int]
+    def __init__(self, depth: _Optional[int] = ..., max_queue: _Optional[int] = ..., depth_by_priority: _Optional[_Mapping[int, int]] = ...) -> None: ...
