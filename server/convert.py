@@ -121,6 +121,9 @@ def job_from_request(
     if request.preview_every > limits.max_steps:
         violation("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
 
+    if abs(request.priority) > limits.max_priority:
+        violation("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
+
     refiner: domain.RefinerSpec | None = None
     base_steps = steps
     if request.HasField("refiner"):
@@ -145,6 +148,7 @@ def job_from_request(
         number_results=number_results,
         output_format=output_format,
         preview_every=request.preview_every,
+        priority=request.priority,
     )
 
 

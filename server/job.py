@@ -113,6 +113,7 @@ class GenerationJob:
     number_results: int
     output_format: ImageFormat
     preview_every: int
+    priority: int = 0
 
     @property
     def refiner_steps(self) -> int:

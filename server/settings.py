@@ -24,6 +24,7 @@ class Limits:
     max_results: int = 8
     max_prompt_chars: int = 4000
     max_request_id_chars: int = 128
+    max_priority: int = 100
 
 
 @dataclass(frozen=True)
