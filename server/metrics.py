@@ -1,0 +1,60 @@
+"""Prometheus metrics for operators: the queue, job outcomes, time in queue, step time, model loads and
+evictions, resident bytes per device.
+
+Each server owns its registry (several servers can live in one test process); `serve` exposes it on
+`--metrics-port` at /metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge(
+            "refinery_queue_depth", "Requests waiting for a device", ["priority"], registry=r
+        )
+        self.jobs = Counter(
+            "refinery_jobs_total",
+            "Requests by outcome (ok, cancelled, deadline_exceeded, rejected, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.jobs_running = Gauge("refinery_jobs_running", "Requests running on a device", ["device"], registry=r)
+        self.queue_wait = Histogram(
+            "refinery_queue_wait_seconds", "Time from admission to a device", buckets=_SECONDS, registry=r
+        )
+        self.step_time = Histogram(
+            "refinery_step_seconds", "Wall time of one denoising step", ["stage"], buckets=_STEP_SECONDS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "refinery_batch_images", "Images denoised together", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r
+        )
+        self.loads = Histogram(
+            "refinery_model_load_seconds", "Loading a model pair onto a device", ["device"], buckets=_SECONDS,
+            registry=r,
+        )
+        self.evictions = Histogram(
+            "refinery_eviction_seconds", "Evicting idle pairs to make room", ["device"], buckets=_SECONDS,
+            registry=r,
+        )
+        self.resident_bytes = Gauge(
+            "refinery_resident_bytes", "Model weights resident on a device", ["device"], registry=r
+        )
+        self.budget_bytes = Gauge(
+            "refinery_budget_bytes", "Memory budget for model weights on a device", ["device"], registry=r
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> Any:
+        """Expose /metrics over HTTP; returns the server (call `.shutdown()` to stop it)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
