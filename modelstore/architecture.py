@@ -18,14 +18,10 @@ def detect_folder(folder: Path) -> Architecture:
     """The architecture of a diffusers-format folder."""
     unet_config = folder / "unet" / "config.json"
     if not (folder / "model_index.json").is_file() or not unet_config.is_file():
-        raise ModelNotFound(
-            f"{folder} is not a diffusers model folder (no model_index.json or unet/config.json)"
-        )
+        raise ModelNotFound(f"{folder} is not a diffusers model folder (no model_index.json or unet/config.json)")
     unet = json.loads(unet_config.read_text())
     if "transformer" in json.loads((folder / "model_index.json").read_text()):
-        return (
-            Architecture.SD3
-        )  # SD3 / FLUX folders have a transformer, not a UNet; refined below if ever needed
+        return Architecture.SD3  # SD3 / FLUX folders have a transformer, not a UNet; refined below if ever needed
     if unet.get("addition_embed_type") != "text_time":
         cross = unet.get("cross_attention_dim")
         return {768: Architecture.SD1, 1024: Architecture.SD2}.get(cross, Architecture.UNKNOWN)

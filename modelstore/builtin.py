@@ -53,9 +53,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.air: m
     for m in (
         BuiltinModel("tiny-sdxl-base", "1", False, "tiny SDXL base (random weights, for demos and tests)"),
-        BuiltinModel(
-            "tiny-sdxl-refiner", "1", True, "tiny SDXL refiner (random weights, for demos and tests)"
-        ),
+        BuiltinModel("tiny-sdxl-refiner", "1", True, "tiny SDXL refiner (random weights, for demos and tests)"),
     )
 }
 

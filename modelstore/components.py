@@ -88,7 +88,7 @@ def _measure(record: ModelRecord) -> tuple[Component, ...]:
         for key in header.tensors:
             for prefix, name in prefixes.items():
                 if key.startswith(prefix):
-                    groups.setdefault(name, []).append((record.path, header, key, key[len(prefix):]))
+                    groups.setdefault(name, []).append((record.path, header, key, key[len(prefix) :]))
                     break
     return tuple(_component(name, groups[name]) for name in COMPONENTS if name in groups)
 

@@ -104,9 +104,7 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "checkpoint") -> Sa
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeCheckpoint(
-            f"{name} has a corrupt safetensors header ({exc.__class__.__name__})"
-        ) from None
+        raise UnsafeCheckpoint(f"{name} has a corrupt safetensors header ({exc.__class__.__name__})") from None
     if not isinstance(document, dict):
         raise UnsafeCheckpoint(f"{name} has a corrupt safetensors header (not an object)")
     data_offset = 8 + length

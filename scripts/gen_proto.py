@@ -45,16 +45,12 @@ def generate(out_root: Path) -> None:
 
 
 def _tree(root: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
+    return {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="fail if refinery/ differs from a fresh generation"
-    )
+    parser.add_argument("--check", action="store_true", help="fail if refinery/ differs from a fresh generation")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))

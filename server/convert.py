@@ -179,9 +179,7 @@ def _refiner(
         start = domain.StartStep(message.start_step)
     elif which == "start_step_percentage":
         if not 1 <= message.start_step_percentage <= 99:
-            violation(
-                "refiner.start_step_percentage", f"must be in 1..99, got {message.start_step_percentage}"
-            )
+            violation("refiner.start_step_percentage", f"must be in 1..99, got {message.start_step_percentage}")
         start = domain.StartPercentage(message.start_step_percentage)
     if steps < MIN_REFINER_TOTAL_STEPS:
         violation("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")

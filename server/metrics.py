@@ -19,9 +19,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_depth = Gauge(
-            "refinery_queue_depth", "Requests waiting for a device", ["priority"], registry=r
-        )
+        self.queue_depth = Gauge("refinery_queue_depth", "Requests waiting for a device", ["priority"], registry=r)
         self.jobs = Counter(
             "refinery_jobs_total",
             "Requests by outcome (ok, cancelled, deadline_exceeded, rejected, failed)",
@@ -33,18 +31,27 @@ class Metrics:
             "refinery_queue_wait_seconds", "Time from admission to a device", buckets=_SECONDS, registry=r
         )
         self.step_time = Histogram(
-            "refinery_step_seconds", "Wall time of one denoising step", ["stage"], buckets=_STEP_SECONDS,
+            "refinery_step_seconds",
+            "Wall time of one denoising step",
+            ["stage"],
+            buckets=_STEP_SECONDS,
             registry=r,
         )
         self.batch_images = Histogram(
             "refinery_batch_images", "Images denoised together", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r
         )
         self.loads = Histogram(
-            "refinery_model_load_seconds", "Loading a model pair onto a device", ["device"], buckets=_SECONDS,
+            "refinery_model_load_seconds",
+            "Loading a model pair onto a device",
+            ["device"],
+            buckets=_SECONDS,
             registry=r,
         )
         self.evictions = Histogram(
-            "refinery_eviction_seconds", "Evicting idle pairs to make room", ["device"], buckets=_SECONDS,
+            "refinery_eviction_seconds",
+            "Evicting idle pairs to make room",
+            ["device"],
+            buckets=_SECONDS,
             registry=r,
         )
         self.resident_bytes = Gauge(

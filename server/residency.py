@@ -203,7 +203,11 @@ class Residency:
         report = LoadReport(loaded, self._clock() - load_start, tuple(plan), evict_s)
         log.info(
             "device %s: loaded %s (%.0f MiB in %.2fs), evicted %s",
-            self.device, spec.key, loaded / 2**20, report.load_s, [str(k) for k in plan] or "nothing",
+            self.device,
+            spec.key,
+            loaded / 2**20,
+            report.load_s,
+            [str(k) for k in plan] or "nothing",
         )
         return self._pipelines(spec), report
 
@@ -270,9 +274,7 @@ class Residency:
 
     def _freed_bytes(self, evicted: set[PairKey], keep: set[str]) -> int:
         """Bytes freed if every pair in `evicted` went, keeping the fingerprints in `keep`."""
-        gone_models = {
-            key for key, model in self._models.items() if model.pairs and model.pairs <= evicted
-        }
+        gone_models = {key for key, model in self._models.items() if model.pairs and model.pairs <= evicted}
         freed = 0
         for fingerprint, component in self._components.items():
             if fingerprint not in keep and component.users and component.users <= gone_models:

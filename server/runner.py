@@ -100,9 +100,7 @@ def native_size(base: StableDiffusionXLPipeline) -> tuple[int, int]:
     return side, side
 
 
-def run(
-    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
-) -> RunResult:
+def run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver) -> RunResult:
     """Denoise `samples` as one batch; returns one RGB image per sample, in order."""
     if shape.refiner_steps and pair.refiner is None:
         raise ValueError("the shape has refiner steps but no refiner was loaded")
@@ -214,9 +212,7 @@ def _encode(pipe: Any, samples: Sequence[Sample], device: Any, use_cfg: bool) ->
     return stacked
 
 
-def _callback(
-    stage: Stage, shape: RenderShape, observer: StepObserver, clock: _Clock, stop_after: int | None
-) -> Any:
+def _callback(stage: Stage, shape: RenderShape, observer: StepObserver, clock: _Clock, stop_after: int | None) -> Any:
     stage_steps = shape.base_steps if stage is Stage.BASE else shape.refiner_steps
     offset = 0 if stage is Stage.BASE else shape.base_steps
 

@@ -91,8 +91,7 @@ def rpc_error_for(exc: BaseException) -> RpcError:
 def _bad_request(violations: list[tuple[str, str, str]]) -> any_pb2.Any:
     detail = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d, reason=r)
-            for f, d, r in violations
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d, reason=r) for f, d, r in violations
         ]
     )
     packed = any_pb2.Any()

@@ -48,8 +48,9 @@ def component(name: str, fingerprint: str, mb: int) -> Component:
 
 
 def model(name: str, role: str, *components: Component) -> ModelSpec:
-    record = ModelRecord(parse_air(f"builtin:{name}@1"), Path("/nonexistent"), Layout.DIFFUSERS,
-                         Architecture.SDXL_BASE, 0, name)
+    record = ModelRecord(
+        parse_air(f"builtin:{name}@1"), Path("/nonexistent"), Layout.DIFFUSERS, Architecture.SDXL_BASE, 0, name
+    )
     return ModelSpec(record, role, components)
 
 
@@ -58,10 +59,19 @@ SHARED_TE2 = component("text_encoder_2", "te2-official", 20)
 
 
 def pair(base: str, refiner: str | None = None) -> PairSpec:
-    b = model(base, "base", component("unet", f"unet-{base}", 50), SHARED_VAE, SHARED_TE2,
-              component("text_encoder", f"te1-{base}", 5))
-    r = None if refiner is None else model(refiner, "refiner", component("unet", f"unet-{refiner}", 40),
-                                            SHARED_VAE, SHARED_TE2)
+    b = model(
+        base,
+        "base",
+        component("unet", f"unet-{base}", 50),
+        SHARED_VAE,
+        SHARED_TE2,
+        component("text_encoder", f"te1-{base}", 5),
+    )
+    r = (
+        None
+        if refiner is None
+        else model(refiner, "refiner", component("unet", f"unet-{refiner}", 40), SHARED_VAE, SHARED_TE2)
+    )
     return PairSpec(PairKey(b.record.canonical, None if r is None else r.record.canonical), b, r)
 
 
@@ -77,8 +87,9 @@ class Clock:
 def residency(budget_mb: int, loader: FakeLoader | None = None) -> tuple[Residency, FakeLoader, list[int]]:
     loader = loader or FakeLoader()
     releases: list[int] = []
-    res = Residency("cpu", budget_mb * MB, half=True, load=loader,
-                    release_memory=lambda: releases.append(1), clock=Clock())
+    res = Residency(
+        "cpu", budget_mb * MB, half=True, load=loader, release_memory=lambda: releases.append(1), clock=Clock()
+    )
     return res, loader, releases
 
 
