@@ -93,7 +93,9 @@ def detect_folder(folder: Path) -> Architecture:
     try:
         index = json.loads(index_path.read_text())
     except ValueError:
-        raise ModelNotFound(f"{folder} is not a diffusers model folder (unreadable model_index.json)") from None
+        raise ModelNotFound(
+            f"{folder} is not a diffusers model folder (unreadable model_index.json)"
+        ) from None
     if not isinstance(index, dict):
         raise ModelNotFound(f"{folder} is not a diffusers model folder (model_index.json is not an object)")
 
@@ -120,7 +122,7 @@ def detect_folder(folder: Path) -> Architecture:
 
 
 def classify(dims: ModelDims, *, time_id_width: int | None = None, name: str = "model") -> Architecture:
-    """The architecture that `dims` describe; `time_id_width` (addition_time_embed_dim) when a config has it."""
+    """The architecture `dims` describe; `time_id_width` is addition_time_embed_dim when a config has it."""
     unet = dims.unet
     if unet is None:
         log.info("%s: no UNet found", name)
@@ -151,7 +153,10 @@ def classify(dims: ModelDims, *, time_id_width: int | None = None, name: str = "
         fits = residual > 0 and residual % time_ids == 0
     if not fits:
         log.info(
-            "%s: label_emb input %d minus pooled %d is not %d time ids", name, unet.label_emb[1], bigg.projection,
+            "%s: label_emb input %d minus pooled %d is not %d time ids",
+            name,
+            unet.label_emb[1],
+            bigg.projection,
             time_ids,
         )
         return Architecture.UNKNOWN

@@ -126,6 +126,10 @@ _VAE_CONFIG: dict[str, Any] = {
 }
 
 
+def _from_config(cls: Any, config: dict[str, Any]) -> Any:
+    return cls.from_config(config)  # diffusers leaves from_config untyped
+
+
 def write_config_folder(model: BuiltinModel, dest: Path) -> None:
     """Write `model`'s diffusers folder without weights (configs, tokenizers, scheduler) at `dest`.
 
@@ -149,11 +153,13 @@ def write_config_folder(model: BuiltinModel, dest: Path) -> None:
     # diffusers writes every default into a saved config; building the modules on the meta device (no
     # memory, no random draws) gives exactly the files `save_config` wrote when the weights were made.
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_unet_config(model.refiner))
-        vae = AutoencoderKL.from_config(_VAE_CONFIG)
+        unet = _from_config(UNet2DConditionModel, _unet_config(model.refiner))
+        vae = _from_config(AutoencoderKL, _VAE_CONFIG)
     unet.save_config(dest / "unet")
     vae.save_config(dest / "vae")
-    CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")).save_pretrained(dest / "text_encoder_2")
+    CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")).save_pretrained(
+        dest / "text_encoder_2"
+    )
     if not model.refiner:
         clip_l = CLIPTextConfig(**_clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu"))
         clip_l.save_pretrained(dest / "text_encoder")
@@ -179,11 +185,13 @@ def build(model: BuiltinModel, dest: Path) -> None:
     # Every module is drawn from its own fixed seed, so the refiner's shared components equal the base's.
     # The modules are built from the configs just written: the same arguments, so the same draws.
     torch.manual_seed(_SEED + 1)
-    save(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(dest / "text_encoder_2")), "text_encoder_2")
+    save(
+        CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(dest / "text_encoder_2")), "text_encoder_2"
+    )
     torch.manual_seed(_SEED + 2)
-    save(AutoencoderKL.from_config(AutoencoderKL.load_config(dest / "vae")), "vae")
+    save(_from_config(AutoencoderKL, AutoencoderKL.load_config(dest / "vae")), "vae")
     if not model.refiner:
         torch.manual_seed(_SEED + 3)
         save(CLIPTextModel(CLIPTextConfig.from_pretrained(dest / "text_encoder")), "text_encoder")
     torch.manual_seed(_SEED + (5 if model.refiner else 4))
-    save(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(dest / "unet")), "unet")
+    save(_from_config(UNet2DConditionModel, UNet2DConditionModel.load_config(dest / "unet")), "unet")

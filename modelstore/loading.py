@@ -66,7 +66,9 @@ def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = N
     if record.layout is Layout.DIFFUSERS:
         architecture = detect_folder(record.path)
         _require_role(record, architecture, role)
-        pipe = _from_folder(record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype)
+        pipe = _from_folder(
+            record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype
+        )
     else:
         header = _single_file_header(record.path)
         architecture = detect_header(header, name=record.canonical)
@@ -89,7 +91,7 @@ def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = N
 
 
 def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
-    """Load a single-file checkpoint with an explicit config folder (on the CPU), checked like `load_pipeline`.
+    """Load a single-file checkpoint on the CPU with an explicit config folder, checked like `load_pipeline`.
 
     For callers that bring their own configs (e.g. a fine-tune with a v-prediction scheduler); `load_pipeline`
     chooses the config folder itself.
@@ -177,7 +179,9 @@ def _from_single_file(
             f"({dims.describe()}); known: {known}"
         )
     log.debug("%s: loading with the %s configs from %s", name, family.name, family.folder)
-    return _load_with_config(path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype)
+    return _load_with_config(
+        path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype
+    )
 
 
 def _load_with_config(
@@ -210,7 +214,7 @@ def _diffusers_call(name: str, load: Any) -> Any:
         # A UNet or VAE tensor missing from the file stays on the meta device (P2); with an explicit dtype
         # diffusers then fails to cast it, without naming it.
         raise CorruptModel(
-            f"{name} lacks UNet or VAE tensors that its configuration needs (left unloaded on the meta device)"
+            f"{name} lacks UNet or VAE tensors that its configuration needs (left on the meta device)"
         ) from exc
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise CorruptModel(f"{name} could not be loaded: {exc.__class__.__name__}: {exc}") from exc

@@ -181,7 +181,9 @@ def from_diffusers(
         projection = _shape(text_encoder_2, "text_projection.weight")  # [projection, width] in HF layout
         if found is not None:
             bigg = TextEncoderDims(
-                found.width, found.layers, projection[0] if projection is not None and len(projection) == 2 else None
+                found.width,
+                found.layers,
+                projection[0] if projection is not None and len(projection) == 2 else None,
             )
     return ModelDims(
         unet=_unet(unet, "", "conv_in.weight", "add_embedding.linear_1.weight"),

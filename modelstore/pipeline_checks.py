@@ -59,12 +59,13 @@ def check_tokenizers(pipe: Any, *, name: str) -> None:
         vocab_size = int(encoder.config.vocab_size)
         if len(tokenizer) != vocab_size:
             raise CorruptModel(
-                f"{name}: {tokenizer_name} has {len(tokenizer)} tokens but {encoder_name} expects {vocab_size} "
-                f"(is the {tokenizer_name} folder missing from its configs?)"
+                f"{name}: {tokenizer_name} has {len(tokenizer)} tokens but {encoder_name} expects "
+                f"{vocab_size} (is the {tokenizer_name} folder missing from its configs?)"
             )
         if tokenizer.model_max_length != SDXL_TOKENS:
             raise CorruptModel(
-                f"{name}: {tokenizer_name} truncates at {tokenizer.model_max_length} tokens, not {SDXL_TOKENS}"
+                f"{name}: {tokenizer_name} truncates at {tokenizer.model_max_length} tokens, "
+                f"not {SDXL_TOKENS}"
             )
 
 

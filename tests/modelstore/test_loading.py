@@ -177,7 +177,9 @@ def test_a_pickle_named_safetensors_is_refused_before_diffusers_sees_it(tmp_path
         load_single_file(fake, config=_tiny_family(TINY_BASE), role="base", dtype=FP32)
 
 
-def test_a_folder_with_pickled_weights_is_refused(folders: tuple[ModelRecord, ModelRecord], tmp_path: Path) -> None:
+def test_a_folder_with_pickled_weights_is_refused(
+    folders: tuple[ModelRecord, ModelRecord], tmp_path: Path
+) -> None:
     folder = tmp_path / "pickled"
     shutil.copytree(folders[0].path, folder)
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -228,7 +230,8 @@ def test_a_refiner_folder_that_lost_its_aesthetics_flag_still_loads_right(
         # diffusers leaves text-encoder tensors it does not find on the meta device, silently (P2).
         (
             "conditioner.embedders.1.model.transformer.resblocks.2.mlp.",
-            r"4 of \d+ text_encoder_2 tensors are missing from the checkpoint \(e.g. text_model.encoder.layers.2.mlp",
+            r"4 of \d+ text_encoder_2 tensors are missing from the checkpoint \(e\.g\. "
+            r"text_model\.encoder\.layers\.2\.mlp",
         ),
         # For the UNet and VAE it fails to cast them to the requested dtype, without naming them.
         (
@@ -259,9 +262,7 @@ def test_a_unet_only_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
         load_pipeline(record, role="base", device=CPU, dtype=FP32)
 
 
-@pytest.mark.parametrize(
-    ("index", "role"), [(1, "base")], ids=["refiner-as-base"]
-)
+@pytest.mark.parametrize(("index", "role"), [(1, "base")], ids=["refiner-as-base"])
 def test_a_model_that_cannot_serve_the_role_is_refused(
     single_files: tuple[ModelRecord, ModelRecord], index: int, role: str
 ) -> None:
