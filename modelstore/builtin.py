@@ -16,7 +16,9 @@ single-file round trip of the model-store issue) runs on a laptop CPU with no ne
   77 tokens), so prompts tokenize exactly as they would for the real models.
 
 Weights are random, drawn from fixed seeds, and stored as fp16 safetensors (a few MB, like civitai's fp16
-files); `build` is deterministic for a given torch version.
+files); `build` is deterministic for a given torch version. `write_config_folder` writes the same folder
+without weights: what `modelstore.config_families` gives diffusers as `config=` when one of these models
+arrives as a single civitai-style file.
 """
 
 from __future__ import annotations

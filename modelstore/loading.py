@@ -59,8 +59,7 @@ def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = N
     `role`, UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or
     match no known configuration.
     """
-    if role not in ROLE_ARCHITECTURES:
-        raise ValueError(f"role must be one of {sorted(ROLE_ARCHITECTURES)}, got {role!r}")
+    _check_role(role)
     dtype = preferred_dtype(device) if dtype is None else dtype
     started = time.perf_counter()
     if record.layout is Layout.DIFFUSERS:
@@ -96,6 +95,7 @@ def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
     For callers that bring their own configs (e.g. a fine-tune with a v-prediction scheduler); `load_pipeline`
     chooses the config folder itself.
     """
+    _check_role(role)
     header = _single_file_header(path)
     architecture = detect_header(header, name=path.name)
     if architecture not in ROLE_ARCHITECTURES[role]:
@@ -105,6 +105,11 @@ def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
             found=architecture.label,
         )
     return _load_with_config(path, config, name=path.name, role=role, architecture=architecture, dtype=dtype)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLE_ARCHITECTURES:
+        raise ValueError(f"role must be one of {sorted(ROLE_ARCHITECTURES)}, got {role!r}")
 
 
 def _require_role(record: ModelRecord, architecture: Architecture, role: str) -> None:

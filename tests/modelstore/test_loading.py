@@ -289,3 +289,24 @@ def test_an_sdxl_of_unknown_size_is_refused_naming_its_shapes(tmp_path: Path) ->
     odd = write_header_only(tmp_path / "odd.safetensors", shapes)
     with pytest.raises(CorruptModel, match=r"fits no known configuration .*VAE channels=24"):
         load_pipeline(file_record(odd), role="refiner", device=CPU, dtype=FP32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_cuda_loads_and_generates_the_same_from_both_layouts(
+    folders: tuple[ModelRecord, ModelRecord], single_files: tuple[ModelRecord, ModelRecord]
+) -> None:
+    images = []
+    for records in (folders, single_files):
+        base = load_pipeline(records[0], role="base", device="cuda")  # no dtype: float16 on CUDA
+        refiner = load_pipeline(records[1], role="refiner", device="cuda")
+        for pipe in (base, refiner):
+            for name, module in pipe.components.items():
+                if isinstance(module, torch.nn.Module):
+                    parameters = list(module.parameters())
+                    assert {p.dtype for p in parameters} == {torch.float16}, name
+                    assert {p.device.type for p in parameters} == {"cuda"}, name
+            assert pipe.vae.config.force_upcast  # diffusers decodes in float32: SDXL's VAE overflows in fp16
+        images.append(_generate(base, refiner))
+    assert np.ptp(images[1]) > 0
+    assert np.array_equal(images[1], images[0])
