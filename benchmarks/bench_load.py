@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                 for name, load in order if run % 2 == 0 else reversed(order):
                     timings[name].append(_time(load, args.device))
             rows.append((case, {k: statistics.median(v) for k, v in timings.items()}, timings))
+            runs_ms = {k: [round(t * 1000) for t in v] for k, v in timings.items()}
+            print(f"{case.label} {case.layout} {case.role}: {runs_ms}", flush=True)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     setup = f"{args.device} ({device_name}), {dtype}, torch {torch.__version__}"
