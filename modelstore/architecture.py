@@ -1,36 +1,176 @@
-"""Which model family a set of weights belongs to, read from the weights' own structure.
+"""Which model family a set of weights belongs to, read from the weights' own safetensors headers.
 
-A diffusers folder is read from its UNet config: SDXL's UNets condition on text-and-time embeddings whose
-input width is `time_ids * addition_time_embed_dim + pooled_projection_dim`, with 6 time ids for the base and
-5 (aesthetic score instead of target size) for the refiner (shared/research/diffusers.md §2).
+Names, config class names and file names are never trusted: a single file is judged by its key names and
+shapes, a diffusers folder by the headers of its UNet (or transformer) and text encoders. Configs are read
+only for what a header cannot tell (the width of one time id). No tensor data is read.
+
+SDXL is recognised by its text-and-time ("adm") embedding, `label_emb.0.0.weight` of shape
+[time-embedding width, pooled width + time ids x time-id width] (shared/research/diffusers.md §2):
+
+- base: CLIP-L then OpenCLIP bigG (`conditioner.embedders.0.transformer` + `conditioner.embedders.1.model`),
+  6 time ids (original size, crop, target size); real: [1280, 2816] = 1280 + 6 x 256;
+- refiner: bigG alone (`conditioner.embedders.0.model`), 5 time ids (the aesthetic score replaces the target
+  size); real: [1536, 2560] = 1280 + 5 x 256.
+
+The pooled width is bigG's `text_projection`, the number of time ids follows from the text-encoder layout,
+and the cross-attention context must be the concatenated encoder widths. So the tiny built-in models (CLIP-L
+32 + bigG 40, projection 24, time ids of width 8: 72 = 24 + 6 x 8 and 64 = 24 + 5 x 8) are recognised by the
+same rules as the real ones, not by a table of real sizes. A UNet-only file (no text encoders,
+single-file.md P11) is only recognised by the real SDXL shapes.
+
+Other families are named as far as the header allows: SD 1.x and 2.x by their cross-attention context (768,
+1024) and the absence of the adm embedding, SD3 by its MMDiT `joint_blocks`, FLUX by `double_blocks` /
+`single_blocks` (or diffusers' `single_transformer_blocks`); anything else is UNKNOWN.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
+from modelstore import model_dims
 from modelstore.errors import ModelNotFound
+from modelstore.folder_weights import component_tensors
+from modelstore.model_dims import ModelDims
 from modelstore.record import Architecture
+from modelstore.safetensors_header import SafetensorsHeader, read_header
+
+log = logging.getLogger(__name__)
+
+BASE_TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
+REFINER_TIME_IDS = 5  # original size (2), crop top-left (2), aesthetic score (1)
+
+# The real SDXL UNets, by (label_emb shape, cross-attention context): the only way to know a UNet-only file.
+_REAL_SDXL_UNETS = {
+    ((1280, 2816), 2048): Architecture.SDXL_BASE,
+    ((1536, 2560), 1280): Architecture.SDXL_REFINER,
+}
+# SD 1.x reads CLIP-L's hidden states (768), SD 2.x OpenCLIP ViT-H's (1024).
+_CONTEXT_FAMILIES = {768: Architecture.SD1, 1024: Architecture.SD2}
+
+_SD3_PREFIXES = ("model.diffusion_model.joint_blocks.", "joint_blocks.")
+_FLUX_PREFIXES = (
+    "model.diffusion_model.double_blocks.",
+    "model.diffusion_model.single_blocks.",
+    "double_blocks.",
+    "single_blocks.",
+    "single_transformer_blocks.",  # diffusers' FluxTransformer2DModel
+)
+# Playground v2.5 has SDXL base's exact structure but is an EDM model: with SDXL's schedulers it makes noise.
+_EDM_KEYS = ("edm_mean", "edm_std")
+
+
+def detect_file(path: Path) -> Architecture:
+    """The architecture of a single-file checkpoint in the original (civitai / sgm) key layout.
+
+    Reads only the safetensors header; raises UnsafeCheckpoint for anything that is not safetensors.
+    """
+    return detect_header(read_header(path), name=path.name)
+
+
+def detect_header(header: SafetensorsHeader, *, name: str = "checkpoint") -> Architecture:
+    """The architecture of a single-file checkpoint, from its parsed header."""
+    family = _transformer_family(header.tensors)
+    if family is not None:
+        return family
+    if any(key in header.tensors for key in _EDM_KEYS):
+        log.info("%s is an EDM checkpoint (Playground v2.5 style); not usable with SDXL schedulers", name)
+        return Architecture.UNKNOWN
+    return classify(model_dims.from_single_file(header.tensors), name=name)
 
 
 def detect_folder(folder: Path) -> Architecture:
-    """The architecture of a diffusers-format folder."""
-    unet_config = folder / "unet" / "config.json"
-    if not (folder / "model_index.json").is_file() or not unet_config.is_file():
-        raise ModelNotFound(f"{folder} is not a diffusers model folder (no model_index.json or unet/config.json)")
-    unet = json.loads(unet_config.read_text())
-    if "transformer" in json.loads((folder / "model_index.json").read_text()):
-        return Architecture.SD3  # SD3 / FLUX folders have a transformer, not a UNet; refined below if ever needed
-    if unet.get("addition_embed_type") != "text_time":
-        cross = unet.get("cross_attention_dim")
-        return {768: Architecture.SD1, 1024: Architecture.SD2}.get(cross, Architecture.UNKNOWN)
-    te2_config = folder / "text_encoder_2" / "config.json"
-    if not te2_config.is_file():
+    """The architecture of a diffusers-format folder, from its components' safetensors headers.
+
+    Raises ModelNotFound when `folder` is not a diffusers model folder, UnsafeCheckpoint when a component has
+    only pickled weights, CorruptModel when one has no weights at all.
+    """
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelNotFound(f"{folder} is not a diffusers model folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError:
+        raise ModelNotFound(f"{folder} is not a diffusers model folder (unreadable model_index.json)") from None
+    if not isinstance(index, dict):
+        raise ModelNotFound(f"{folder} is not a diffusers model folder (model_index.json is not an object)")
+
+    def present(component: str) -> bool:
+        entry = index.get(component)
+        return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+    if present("transformer"):
+        return _transformer_family(component_tensors(folder, "transformer")) or Architecture.UNKNOWN
+    if not present("unet") or not (folder / "unet" / "config.json").is_file():
+        raise ModelNotFound(f"{folder} is not a diffusers model folder (no unet or transformer)")
+    dims = model_dims.from_diffusers(
+        unet=component_tensors(folder, "unet"),
+        vae=component_tensors(folder, "vae") if present("vae") else None,
+        text_encoder=component_tensors(folder, "text_encoder") if present("text_encoder") else None,
+        text_encoder_2=component_tensors(folder, "text_encoder_2") if present("text_encoder_2") else None,
+    )
+    # The width of one time id is a sinusoidal embedding's size: it has no weights, so only the config has it.
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    time_id_width = unet_config.get("addition_time_embed_dim")
+    return classify(dims, time_id_width=time_id_width if isinstance(time_id_width, int) else None, name=folder.name)
+
+
+def classify(dims: ModelDims, *, time_id_width: int | None = None, name: str = "model") -> Architecture:
+    """The architecture `dims` describe; `time_id_width` is addition_time_embed_dim when a config has it."""
+    unet = dims.unet
+    if unet is None:
+        log.info("%s: no UNet found", name)
         return Architecture.UNKNOWN
-    pooled = int(json.loads(te2_config.read_text())["projection_dim"])
-    time_dim = int(unet["addition_time_embed_dim"])
-    time_ids, remainder = divmod(int(unet["projection_class_embeddings_input_dim"]) - pooled, time_dim)
-    if remainder:
+    if unet.label_emb is None:
+        return _CONTEXT_FAMILIES.get(unet.context_dim or 0, Architecture.UNKNOWN)
+    if unet.in_channels != 4:
+        # 9 channels is an inpainting UNet (latent + mask + masked image): not a text-to-image base.
+        log.info("%s: SDXL-like UNet with %d input channels (inpainting?)", name, unet.in_channels)
         return Architecture.UNKNOWN
-    return {6: Architecture.SDXL_BASE, 5: Architecture.SDXL_REFINER}.get(time_ids, Architecture.UNKNOWN)
+    bigg = dims.bigg
+    if bigg is None or bigg.projection is None:
+        return _REAL_SDXL_UNETS.get((unet.label_emb, unet.context_dim or 0), Architecture.UNKNOWN)
+    clip_width = dims.clip_l.width if dims.clip_l is not None else 0
+    if unet.context_dim != clip_width + bigg.width:
+        log.info(
+            "%s: cross-attention context %s is not the text encoders' width %d",
+            name,
+            unet.context_dim,
+            clip_width + bigg.width,
+        )
+        return Architecture.UNKNOWN
+    time_ids = BASE_TIME_IDS if dims.clip_l is not None else REFINER_TIME_IDS
+    residual = unet.label_emb[1] - bigg.projection
+    if time_id_width is not None:
+        fits = residual == time_ids * time_id_width
+    else:
+        fits = residual > 0 and residual % time_ids == 0
+    if not fits:
+        log.info(
+            "%s: label_emb input %d minus pooled %d is not %d time ids",
+            name,
+            unet.label_emb[1],
+            bigg.projection,
+            time_ids,
+        )
+        return Architecture.UNKNOWN
+    return Architecture.SDXL_BASE if dims.clip_l is not None else Architecture.SDXL_REFINER
+
+
+def _transformer_family(keys: Iterable[str]) -> Architecture | None:
+    """SD3 or FLUX from their transformer blocks' key names, or None for anything else."""
+    has_context_embedder = has_pos_embed = has_blocks = False
+    for key in keys:
+        if key.startswith(_SD3_PREFIXES):
+            return Architecture.SD3
+        if key.startswith(_FLUX_PREFIXES):
+            return Architecture.FLUX
+        has_context_embedder |= key.startswith("context_embedder.")
+        has_pos_embed |= key.startswith("pos_embed.")
+        has_blocks |= key.startswith("transformer_blocks.")
+    # diffusers' SD3Transformer2DModel: joint blocks are called transformer_blocks, with a patch embedding.
+    if has_context_embedder and has_pos_embed and has_blocks:
+        return Architecture.SD3
+    return None

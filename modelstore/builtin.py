@@ -16,7 +16,9 @@ single-file round trip of the model-store issue) runs on a laptop CPU with no ne
   77 tokens), so prompts tokenize exactly as they would for the real models.
 
 Weights are random, drawn from fixed seeds, and stored as fp16 safetensors (a few MB, like civitai's fp16
-files); `build` is deterministic for a given torch version.
+files); `build` is deterministic for a given torch version. `write_config_folder` writes the same folder
+without weights: what `modelstore.config_families` gives diffusers as `config=` when one of these models
+arrives as a single civitai-style file.
 """
 
 from __future__ import annotations
@@ -124,12 +126,20 @@ _VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def build(model: BuiltinModel, dest: Path) -> None:
-    """Write `model` as a diffusers-format folder of fp16 safetensors at `dest` (which must not exist)."""
+def _from_config(cls: Any, config: dict[str, Any]) -> Any:
+    return cls.from_config(config)  # diffusers leaves from_config untyped
+
+
+def write_config_folder(model: BuiltinModel, dest: Path) -> None:
+    """Write `model`'s diffusers folder without weights (configs, tokenizers, scheduler) at `dest`.
+
+    This is what a civitai user ships beside a single-file checkpoint, and what diffusers' `from_single_file`
+    needs as `config=` to load the tiny models offline (shared/research/single-file.md P7). `build` writes the
+    same files and adds the weights, so the two can never disagree.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
     reference = CONFIG_ROOT / ("sdxl_refiner" if model.refiner else "sdxl_base")
     dest.mkdir(parents=True)
@@ -140,30 +150,44 @@ def build(model: BuiltinModel, dest: Path) -> None:
     tokenizers = ["tokenizer_2"] if model.refiner else ["tokenizer", "tokenizer_2"]
     for name in tokenizers:
         shutil.copytree(reference / name, dest / name)
+    # diffusers writes every default into a saved config; building the modules on the meta device (no
+    # memory, no random draws) gives exactly the files `save_config` wrote when the weights were made.
+    with torch.device("meta"):
+        unet = _from_config(UNet2DConditionModel, _unet_config(model.refiner))
+        vae = _from_config(AutoencoderKL, _VAE_CONFIG)
+    unet.save_config(dest / "unet")
+    vae.save_config(dest / "vae")
+    CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")).save_pretrained(dest / "text_encoder_2")
+    if not model.refiner:
+        clip_l = CLIPTextConfig(**_clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu"))
+        clip_l.save_pretrained(dest / "text_encoder")
+
+
+def build(model: BuiltinModel, dest: Path) -> None:
+    """Write `model` as a diffusers-format folder of fp16 safetensors at `dest` (which must not exist)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    write_config_folder(model, dest)
 
     def save(module: Any, name: str) -> None:
-        # Written by hand rather than with save_pretrained: no progress bars, no dtype-cast warnings, and the
-        # exact file names both diffusers and transformers look for.
-        folder = dest / name
-        folder.mkdir()
+        # Weights written by hand rather than with save_pretrained: no progress bars, no dtype-cast warnings,
+        # and the exact file names both diffusers and transformers look for.
         is_diffusers = hasattr(module, "save_config")
-        if is_diffusers:
-            module.save_config(folder)
-        else:
-            module.config.save_pretrained(folder)
         weights = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
         filename = "diffusion_pytorch_model.safetensors" if is_diffusers else "model.safetensors"
-        save_file(weights, str(folder / filename), metadata={"format": "pt"})
+        save_file(weights, str(dest / name / filename), metadata={"format": "pt"})
 
     # Every module is drawn from its own fixed seed, so the refiner's shared components equal the base's.
+    # The modules are built from the configs just written: the same arguments, so the same draws.
     torch.manual_seed(_SEED + 1)
-    bigg = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")))
-    save(bigg, "text_encoder_2")
+    save(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(dest / "text_encoder_2")), "text_encoder_2")
     torch.manual_seed(_SEED + 2)
-    save(AutoencoderKL.from_config(_VAE_CONFIG), "vae")
+    save(_from_config(AutoencoderKL, AutoencoderKL.load_config(dest / "vae")), "vae")
     if not model.refiner:
         torch.manual_seed(_SEED + 3)
-        clip_l = CLIPTextModel(CLIPTextConfig(**_clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu")))
-        save(clip_l, "text_encoder")
+        save(CLIPTextModel(CLIPTextConfig.from_pretrained(dest / "text_encoder")), "text_encoder")
     torch.manual_seed(_SEED + (5 if model.refiner else 4))
-    save(UNet2DConditionModel.from_config(_unet_config(model.refiner)), "unet")
+    save(_from_config(UNet2DConditionModel, UNet2DConditionModel.load_config(dest / "unet")), "unet")

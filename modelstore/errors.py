@@ -9,6 +9,8 @@ here has a row there.
     ├── ModelNotFound         the source does not know the model, version or file
     ├── WrongArchitecture     the model exists but is not what the role needs (e.g. SD 1.5 as an SDXL refiner)
     ├── UnsafeCheckpoint      not a safetensors file (a pickle is refused and never unpickled), or a bad header
+    ├── CorruptModel          the weights are incomplete or disagree with their configs: a component without
+    │                         weights, tensors left unloaded, a broken tokenizer, wrong pipeline flags
     ├── IntegrityError        downloaded bytes do not match the source's size or SHA256
     ├── SourceUnauthenticated the source wants a token (CIVITAI_TOKEN / HF_TOKEN)
     ├── SourcePermissionDenied the token is not allowed to download this model
@@ -62,6 +64,15 @@ class WrongArchitecture(ModelStoreError):
 
 class UnsafeCheckpoint(ModelStoreError):
     """The file is not a well-formed safetensors file; it is refused and never deserialised."""
+
+
+class CorruptModel(ModelStoreError):
+    """The model's files are well-formed but do not make a complete, consistent pipeline.
+
+    diffusers accepts many such models silently and fails later, or produces garbage (missing tensors stay on
+    the `meta` device, a missing tokenizer folder becomes a 2-token tokenizer; shared/research/single-file.md
+    P2, P8, P9); the loader checks for each and raises this instead.
+    """
 
 
 class IntegrityError(ModelStoreError):

@@ -1,30 +1,217 @@
-"""Build diffusers pipelines from records in the cache, with no network access.
+"""Build diffusers pipelines from records in the cache, with no network access, and check them.
+
+Two layouts load:
+
+- a diffusers folder: `from_pretrained(folder, local_files_only=True, use_safetensors=True)`;
+- a single file in the original (civitai / sgm) key layout: `from_single_file(path, config=<folder>)`, where
+  the config folder is chosen by the checkpoint's header (`modelstore.config_families`) and is always local,
+  because without it diffusers goes to the Hub even with `local_files_only=True` (shared/research/
+  single-file.md P7).
+
+Before anything reaches diffusers, every weight file is checked to be safetensors by its content (diffusers
+would `torch.load` any file not named `.safetensors`) and the architecture is read from the headers, so a
+model that cannot serve the role is refused with WrongArchitecture before any tensor is read. After loading,
+`pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
+aesthetics flag) and raises CorruptModel.
+
+Precision: `dtype` is passed explicitly every time (transformers 5 would otherwise keep the file's dtype,
+single-file.md P10): float16 on CUDA, float32 elsewhere unless the caller says otherwise. SDXL's VAE overflows
+in float16; its config has `force_upcast`, and the pipelines then decode in float32 themselves. That switch
+flips the shared VAE's dtype during each decode, so two pipelines sharing one VAE must not decode at once:
+the server runs one job at a time per device.
 
 Only this module and `server/runner.py` talk to diffusers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
-from modelstore.errors import UnsafeCheckpoint
-from modelstore.record import Layout, ModelRecord
+from modelstore import config_families, model_dims
+from modelstore.architecture import detect_folder, detect_header
+from modelstore.errors import CorruptModel, WrongArchitecture
+from modelstore.pipeline_checks import check_pipeline
+from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.safetensors_header import SafetensorsHeader, read_header
+from modelstore.store import ROLE_ARCHITECTURES, require_role
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".safetensors"
 
 
-def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any) -> Any:
-    """A StableDiffusionXLPipeline (role "base") or StableDiffusionXLImg2ImgPipeline ("refiner") on `device`."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def preferred_dtype(device: str) -> Any:
+    """float16 on CUDA (SDXL's released precision), float32 elsewhere (CPU float16 is slow and lossy)."""
+    import torch
 
-    cls = StableDiffusionXLPipeline if role == "base" else StableDiffusionXLImg2ImgPipeline
-    if record.layout is not Layout.DIFFUSERS:
-        raise UnsafeCheckpoint(f"{record.canonical}: {record.layout.value} checkpoints cannot be loaded yet")
-    pipe = cls.from_pretrained(
-        str(record.path),
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=True,  # never fall back to pickled .bin weights
-        add_watermarker=False,
-    )
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = None) -> Any:
+    """A checked StableDiffusionXLPipeline (role "base") or StableDiffusionXLImg2ImgPipeline ("refiner").
+
+    `dtype` None means `preferred_dtype(device)`. Raises WrongArchitecture when the weights cannot serve
+    `role`, UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or
+    match no known configuration.
+    """
+    _check_role(role)
+    dtype = preferred_dtype(device) if dtype is None else dtype
+    started = time.perf_counter()
+    if record.layout is Layout.DIFFUSERS:
+        architecture = detect_folder(record.path)
+        _require_role(record, architecture, role)
+        pipe = _from_folder(record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype)
+    else:
+        header = _single_file_header(record.path)
+        architecture = detect_header(header, name=record.canonical)
+        _require_role(record, architecture, role)
+        pipe = _from_single_file(
+            record.path, header, name=record.canonical, role=role, architecture=architecture, dtype=dtype
+        )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    log.info(
+        "loaded %s (%s, %s) as %s on %s in %.2f s",
+        record.canonical,
+        architecture.label,
+        record.layout.value,
+        role,
+        device,
+        time.perf_counter() - started,
+    )
     return pipe
+
+
+def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
+    """Load a single-file checkpoint on the CPU with an explicit config folder, checked like `load_pipeline`.
+
+    For callers that bring their own configs (e.g. a fine-tune with a v-prediction scheduler); `load_pipeline`
+    chooses the config folder itself.
+    """
+    _check_role(role)
+    header = _single_file_header(path)
+    architecture = detect_header(header, name=path.name)
+    if architecture not in ROLE_ARCHITECTURES[role]:
+        raise WrongArchitecture(
+            f"{path.name} is {architecture.label}; it cannot be the {role}",
+            expected=" or ".join(a.label for a in ROLE_ARCHITECTURES[role]),
+            found=architecture.label,
+        )
+    return _load_with_config(path, config, name=path.name, role=role, architecture=architecture, dtype=dtype)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLE_ARCHITECTURES:
+        raise ValueError(f"role must be one of {sorted(ROLE_ARCHITECTURES)}, got {role!r}")
+
+
+def _require_role(record: ModelRecord, architecture: Architecture, role: str) -> None:
+    if architecture is not record.architecture:
+        log.warning(
+            "%s was recorded as %s but its weights read as %s now",
+            record.canonical,
+            record.architecture.label,
+            architecture.label,
+        )
+    require_role(dataclasses.replace(record, architecture=architecture), role)
+
+
+def _pipeline_class(role: str) -> Any:
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if role == "base" else StableDiffusionXLImg2ImgPipeline
+
+
+def _pipeline_kwargs(role: str, architecture: Architecture, dtype: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "local_files_only": True,
+        "add_watermarker": False,
+        # SDXL pipelines can carry an IP-Adapter image encoder; the service never uses one, so never load one.
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+    if role == "refiner":
+        # From the weights, not the config: a refiner's 5 time ids need the flag, and a base serving as
+        # refiner (6 time ids) must not have it (P9). Only the img2img pipeline takes this argument.
+        kwargs["requires_aesthetics_score"] = architecture is Architecture.SDXL_REFINER
+    return kwargs
+
+
+def _from_folder(folder: Path, *, name: str, role: str, architecture: Architecture, dtype: Any) -> Any:
+    kwargs = _pipeline_kwargs(role, architecture, dtype)
+    kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
+    pipe = _diffusers_call(name, lambda: _pipeline_class(role).from_pretrained(str(folder), **kwargs))
+    check_pipeline(pipe, name=name, role=role, architecture=architecture)
+    return pipe
+
+
+def _single_file_header(path: Path) -> SafetensorsHeader:
+    if not path.is_file():
+        # diffusers would take a missing path for a Hub repository id and try to download it.
+        raise CorruptModel(f"{path} is not a file")
+    return read_header(path)  # refuses pickles and anything else that is not safetensors, by content
+
+
+def _from_single_file(
+    path: Path, header: SafetensorsHeader, *, name: str, role: str, architecture: Architecture, dtype: Any
+) -> Any:
+    dims = model_dims.from_single_file(header.tensors)
+    if dims.bigg is None or dims.unet is None or dims.vae is None:
+        # diffusers cannot build the missing parts from configs alone (single-file.md P11).
+        missing = [
+            part
+            for part, value in (("UNet", dims.unet), ("VAE", dims.vae), ("text encoders", dims.bigg))
+            if value is None
+        ]
+        raise CorruptModel(f"{name} has no {' and no '.join(missing)}; only complete checkpoints are loaded")
+    family = config_families.family_for(dims, architecture)
+    if family is None:
+        known = "; ".join(
+            f"{f.name}: {f.dims.describe()}" for f in config_families.known_families() if f.architecture is architecture
+        )
+        raise CorruptModel(
+            f"{name} is {architecture.label} by its header but fits no known configuration "
+            f"({dims.describe()}); known: {known}"
+        )
+    log.debug("%s: loading with the %s configs from %s", name, family.name, family.folder)
+    return _load_with_config(path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype)
+
+
+def _load_with_config(path: Path, config: Path, *, name: str, role: str, architecture: Architecture, dtype: Any) -> Any:
+    kwargs = _pipeline_kwargs(role, architecture, dtype)
+    kwargs["config"] = str(config)
+    cls = _pipeline_class(role)
+    if path.name.endswith(_SUFFIX):
+        pipe = _diffusers_call(name, lambda: cls.from_single_file(str(path), **kwargs))
+    else:
+        # diffusers chooses its reader by file name and would torch.load (unpickle) anything not named
+        # .safetensors; a cache blob named by its hash is read through a correctly named link instead.
+        with tempfile.TemporaryDirectory(prefix="refinery-load-") as tmp:
+            link = Path(tmp) / f"checkpoint{_SUFFIX}"
+            link.symlink_to(path.resolve())
+            pipe = _diffusers_call(name, lambda: cls.from_single_file(str(link), **kwargs))
+    check_pipeline(pipe, name=name, role=role, architecture=architecture)
+    return pipe
+
+
+def _diffusers_call(name: str, load: Any) -> Any:
+    # diffusers reports checkpoints it cannot assemble as ValueError/KeyError/OSError with internals in the
+    # text; the caller gets one modelstore error that names the model instead.
+    try:
+        return load()
+    except NotImplementedError as exc:
+        if "meta tensor" not in str(exc):
+            raise
+        # A UNet or VAE tensor missing from the file stays on the meta device (P2); with an explicit dtype
+        # diffusers then fails to cast it, without naming it.
+        raise CorruptModel(
+            f"{name} lacks UNet or VAE tensors that its configuration needs (left on the meta device)"
+        ) from exc
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise CorruptModel(f"{name} could not be loaded: {exc.__class__.__name__}: {exc}") from exc

@@ -33,6 +33,8 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.UnsafeCheckpoint: grpc.StatusCode.FAILED_PRECONDITION,
+    # The cached files are incomplete or inconsistent; no retry helps until the model is pulled again.
+    store_errors.CorruptModel: grpc.StatusCode.FAILED_PRECONDITION,
     # The bytes we got were wrong; the source may serve them right next time.
     store_errors.IntegrityError: grpc.StatusCode.UNAVAILABLE,
     store_errors.SourceUnauthenticated: grpc.StatusCode.UNAUTHENTICATED,
