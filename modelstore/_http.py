@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
 from collections.abc import Iterable
 
@@ -30,9 +31,43 @@ _MAX_ERROR_BODY = 16 * 1024
 _MAX_MESSAGE = 300
 
 
+# httpx logs every request's full URL at INFO and httpcore every response's headers (Location included) at
+# DEBUG; a presigned storage URL is a credential (modelstore.md §4.3). Logger filters are not inherited, so
+# each logger that these libraries (and huggingface_hub's httpx2 fork) write to is named.
+_HTTP_LOGGERS = [
+    f"{library}{suffix}"
+    for library, suffixes in (
+        ("httpx", ("",)),
+        ("httpx2", ("",)),
+        ("httpcore", (".connection", ".http11", ".http2", ".proxy", ".socks")),
+        ("httpcore2", (".connection", ".http11", ".http2", ".proxy", ".socks")),
+    )
+    for suffix in suffixes
+]
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a log record with its URLs and bearer tokens redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _guard_library_logs() -> None:
+    for name in _HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
 def new_client() -> httpx.Client:
     """An HTTP client that never follows redirects on its own (callers decide where a token may go) and asks
     for identity encoding, so byte offsets in `Range` requests mean what they say."""
+    _guard_library_logs()
     return httpx.Client(
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         timeout=TIMEOUT,

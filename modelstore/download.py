@@ -39,7 +39,6 @@ from modelstore.errors import IntegrityError, ModelStoreError, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 # civitai states sizes in KB with two decimals; allow rounding, and a little slack for how it was computed.
@@ -145,6 +144,10 @@ class Downloader:
                         raise
                     started_over = True
                     log.warning("%s: %s; downloading it again from the start", file.label, _reason(exc))
+                except BaseException:
+                    if self._blobs.partial_size(key) == 0:
+                        partial.unlink(missing_ok=True)  # nothing to resume: leave no trace
+                    raise
 
     def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> str:
         """Bring `partial` to the complete file; return its verified sha256."""
@@ -208,7 +211,8 @@ class Downloader:
                         progress.advance(-hasher.restart(out))
                     if total is not None and hasher.check_total(total):
                         progress.exact_size(total)
-                    for chunk in response.iter_bytes(_CHUNK):
+                    # As received (no re-chunking): what arrived before a drop is written and kept.
+                    for chunk in response.iter_bytes():
                         hasher.write(out, chunk)
                         progress.advance(len(chunk))
                         failures = 0

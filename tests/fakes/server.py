@@ -69,7 +69,7 @@ class FakeServer:
         self._log_lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     @property
