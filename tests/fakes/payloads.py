@@ -6,6 +6,7 @@ import hashlib
 import pickle
 import zipfile
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save
@@ -19,7 +20,9 @@ def checkpoint(kind: str = "plain", *, seed: int = 0, extra_bytes: int = 0) -> b
     """A safetensors checkpoint: "base" / "refiner" carry SDXL's label embedding (~4 MB of uint8), "plain" is
     a few KB of an unrecognised model. `seed` makes distinct contents, `extra_bytes` makes it bigger."""
     rng = np.random.default_rng(seed)
-    tensors = {"model.diffusion_model.input_blocks.0.0.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float16)}
+    tensors: dict[str, np.ndarray[Any, Any]] = {
+        "model.diffusion_model.input_blocks.0.0.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float16)
+    }
     if kind in _LABEL_EMB_SHAPES:
         tensors[LABEL_EMB] = np.zeros(_LABEL_EMB_SHAPES[kind], dtype=np.uint8)
     if extra_bytes:

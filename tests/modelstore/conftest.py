@@ -55,9 +55,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_store(
-    cache_dir: Path, civitai: FakeCivitai, hub: FakeHub
-) -> Iterator[MakeStore]:
+def make_store(cache_dir: Path, civitai: FakeCivitai, hub: FakeHub) -> Iterator[MakeStore]:
     """Stores over one cache folder, pointed at the fakes; keyword arguments override settings."""
     stores: list[ModelStore] = []
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelstore import Architecture, Layout
+from modelstore.air import parse_air
 from modelstore.errors import (
     IntegrityError,
     ModelNotFound,
@@ -21,7 +22,6 @@ from modelstore.errors import (
 )
 from modelstore.progress import DownloadProgress
 from modelstore.sources.civitai import choose_file
-from modelstore.air import parse_air
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
@@ -89,7 +89,9 @@ def test_pair_downloads_once_then_runs_with_no_network(
     assert len(civitai.requests) + len(storage.requests) == requests_before
 
 
-def test_token_goes_to_the_api_host_only(make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage) -> None:
+def test_token_goes_to_the_api_host_only(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage
+) -> None:
     add_sdxl_pair(civitai)
     civitai.require_auth.add(128078)
     make_store().resolve(BASE)
@@ -112,13 +114,26 @@ def test_a_creator_that_requires_login_needs_the_token(make_store: MakeStore, ci
 @pytest.mark.parametrize(
     ("status", "body", "error", "words"),
     [
-        (401, {"error": "Unauthorized", "message": "The creator has disabled downloads"}, SourceUnauthenticated,
-         "disabled downloads"),
-        (403, {"error": "Early Access", "message": "This asset is in Early Access"}, SourcePermissionDenied,
-         "Early Access"),
+        (
+            401,
+            {"error": "Unauthorized", "message": "The creator has disabled downloads"},
+            SourceUnauthenticated,
+            "disabled downloads",
+        ),
+        (
+            403,
+            {"error": "Early Access", "message": "This asset is in Early Access"},
+            SourcePermissionDenied,
+            "Early Access",
+        ),
         (404, {"error": "File not found"}, ModelNotFound, "File not found"),
         (410, {"error": "Model archived, not available for download"}, ModelNotFound, "archived"),
-        (429, {"error": "We've noticed an unusual amount of downloading"}, SourceRateLimited, "unusual amount"),
+        (
+            429,
+            {"error": "We've noticed an unusual amount of downloading"},
+            SourceRateLimited,
+            "unusual amount",
+        ),
         (500, {"error": "Error getting file"}, SourceUnavailable, "Error getting file"),
     ],
 )
@@ -156,15 +171,21 @@ def test_unknown_version_and_wrong_model_id(make_store: MakeStore, civitai: Fake
 def test_a_pinned_file_id_is_downloaded(make_store: MakeStore, civitai: FakeCivitai) -> None:
     full, pruned = payloads.checkpoint("base", seed=10), payloads.checkpoint("base", seed=11)
     civitai.add_version(
-        7, 70, [(FakeFile(701, "full.safetensors", size="full", fp="fp32"), full),
-                (FakeFile(702, "pruned.safetensors"), pruned)]
+        7,
+        70,
+        [
+            (FakeFile(701, "full.safetensors", size="full", fp="fp32"), full),
+            (FakeFile(702, "pruned.safetensors"), pruned),
+        ],
     )
     store = make_store()
     assert store.resolve("civitai:7@70").path.read_bytes() == pruned  # the default preference: pruned fp16
     assert store.resolve("civitai:7@70+701").path.read_bytes() == full
 
 
-def test_pinning_a_vae_or_a_pickle_is_refused_before_downloading(make_store: MakeStore, civitai: FakeCivitai) -> None:
+def test_pinning_a_vae_or_a_pickle_is_refused_before_downloading(
+    make_store: MakeStore, civitai: FakeCivitai
+) -> None:
     civitai.add_version(
         7,
         70,
@@ -184,7 +205,9 @@ def test_pinning_a_vae_or_a_pickle_is_refused_before_downloading(make_store: Mak
 
 
 def test_a_lora_is_not_a_checkpoint(make_store: MakeStore, civitai: FakeCivitai) -> None:
-    civitai.add_version(9, 90, [(FakeFile(901, "lora.safetensors"), payloads.checkpoint())], model_type="LORA")
+    civitai.add_version(
+        9, 90, [(FakeFile(901, "lora.safetensors"), payloads.checkpoint())], model_type="LORA"
+    )
     with pytest.raises(WrongArchitecture, match="LORA"):
         make_store().resolve("civitai:9@90")
     assert civitai.downloads() == []
@@ -202,11 +225,41 @@ def _file(file_id: int, file_type: str, fmt: str, size: str, fp: str) -> dict[st
     ("files", "chosen"),
     [
         # pruned beats full, fp16 beats fp32, a VAE or a pickle is never chosen, whatever `primary` says
-        ([_file(1, "VAE", "SafeTensor", "pruned", "fp16"), _file(2, "Model", "SafeTensor", "full", "fp32")], 2),
-        ([_file(3, "Model", "SafeTensor", "full", "fp16"), _file(4, "Pruned Model", "SafeTensor", "pruned", "fp16")], 4),
-        ([_file(5, "Model", "PickleTensor", "pruned", "fp16"), _file(6, "Model", "SafeTensor", "full", "fp32")], 6),
-        ([_file(8, "Model", "SafeTensor", "pruned", "fp32"), _file(7, "Model", "SafeTensor", "pruned", "fp16")], 7),
-        ([_file(9, "Model", "SafeTensor", "pruned", "fp16"), _file(8, "Model", "SafeTensor", "pruned", "fp16")], 8),
+        (
+            [
+                _file(1, "VAE", "SafeTensor", "pruned", "fp16"),
+                _file(2, "Model", "SafeTensor", "full", "fp32"),
+            ],
+            2,
+        ),
+        (
+            [
+                _file(3, "Model", "SafeTensor", "full", "fp16"),
+                _file(4, "Pruned Model", "SafeTensor", "pruned", "fp16"),
+            ],
+            4,
+        ),
+        (
+            [
+                _file(5, "Model", "PickleTensor", "pruned", "fp16"),
+                _file(6, "Model", "SafeTensor", "full", "fp32"),
+            ],
+            6,
+        ),
+        (
+            [
+                _file(8, "Model", "SafeTensor", "pruned", "fp32"),
+                _file(7, "Model", "SafeTensor", "pruned", "fp16"),
+            ],
+            7,
+        ),
+        (
+            [
+                _file(9, "Model", "SafeTensor", "pruned", "fp16"),
+                _file(8, "Model", "SafeTensor", "pruned", "fp16"),
+            ],
+            8,
+        ),
     ],
 )
 def test_file_choice_is_deterministic(files: list[dict[str, object]], chosen: int) -> None:
