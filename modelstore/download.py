@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -170,6 +172,7 @@ class Downloader:
             if location is None:
                 location = file.locate()
                 fresh_urls += 1
+            before = hasher.count
             headers = dict(location.headers)
             if hasher.count:
                 headers["Range"] = f"bytes={hasher.count}-"
@@ -211,17 +214,17 @@ class Downloader:
                         progress.advance(-hasher.restart(out))
                     if total is not None and hasher.check_total(total):
                         progress.exact_size(total)
-                    # As received (no re-chunking): what arrived before a drop is written and kept.
-                    for chunk in response.iter_bytes():
-                        hasher.write(out, chunk)
-                        progress.advance(len(chunk))
-                        failures = 0
+                    with _WriteBehind(out, hasher) as writer:
+                        # As received (no re-chunking): what arrived before a drop is written and kept.
+                        for chunk in response.iter_bytes():
+                            writer.put(chunk)
+                            progress.advance(len(chunk))
                 if hasher.complete(clean_end_without_size=total is None):
                     return
                 # A body that ended cleanly but short is a dropped connection too: resume.
                 raise httpx.RemoteProtocolError("the body ended before the file was complete")
             except httpx.TransportError as exc:
-                failures += 1
+                failures = 1 if hasher.count > before else failures + 1  # patience resets while bytes arrive
                 if failures > self._retry.attempts:
                     raise SourceUnavailable(
                         f"downloading {file.label} from {file.source} failed ({_reason(exc)}); "
@@ -240,6 +243,51 @@ class Downloader:
             retry_after=retry_after_s(response),
             secrets=self._secrets,
         )
+
+
+class _WriteBehind:
+    """Writes and hashes a response's chunks, in order, on a thread of its own.
+
+    Reading the next chunk from the socket, writing this one and hashing it each release the GIL, so with
+    this overlap a download runs at the speed of the slowest of the three instead of their sum (inline
+    hashing halves throughput on a fast link: benchmarks/bench_download.py). Chunks are handed over as they
+    arrive, not batched, so a stalled link has everything it delivered on disk (and kept by a kill -9).
+    Leaving the block, normally or not, waits until every byte received is on disk and hashed, so the
+    partial file's size is exact for the next `Range`; an error in the writer (e.g. more bytes than
+    published) is raised there."""
+
+    _DEPTH = 64  # chunks in flight (httpx reads 64 KB at a time): bounded memory, enough to absorb jitter
+
+    def __init__(self, out: BinaryIO, hasher: _Hasher) -> None:
+        self._out = out
+        self._hasher = hasher
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="modelstore-writer", daemon=True)
+
+    def __enter__(self) -> _WriteBehind:
+        self._thread.start()
+        return self
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if chunk:
+            self._queue.put(chunk)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hasher.write(self._out, chunk)
+                except BaseException as exc:
+                    self._error = exc
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)  # stop
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class _Counted:
