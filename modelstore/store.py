@@ -1,8 +1,8 @@
 """The model store's front door: turn an identifier into a `ModelRecord` that loads with no network.
 
     store = ModelStore(settings)
-    record = store.resolve("civitai:101055@128080", progress=on_progress)   # downloads once, then cached
-    with store.lease(record):                                               # in use: never evicted
+    with store.lease("civitai:101055@128080"):       # in use from here: never evicted, never deleted
+        record = store.resolve("civitai:101055@128080", progress=on_progress)  # downloads once, then cached
         pipeline = load_pipeline(record, ...)
 
 `resolve` answers from the index when the model is cached (no network, a few SQLite reads and stats).
