@@ -72,6 +72,15 @@ class Need:
     size: int
 
 
+@dataclass(frozen=True, eq=False)  # compared by identity: two pulls may reserve the same numbers
+class _Reservation:
+    """Room held for a pull in flight in this process: its model, the blobs it counts on, bytes to come."""
+
+    model: str
+    blobs: frozenset[str]
+    missing: int
+
+
 class BlobsVanished(Exception):
     """A blob a pull relied on was deleted before the pull committed (evicted by another process)."""
 
@@ -86,7 +95,7 @@ class Cache:
         self.index = Index(root / "index.sqlite")
         self._lock = threading.RLock()
         # Pulls in flight in this process: their blobs and bytes are spoken for.
-        self._reservations: dict[int, tuple[str, frozenset[str], int]] = {}
+        self._reservations: set[_Reservation] = set()
 
     def close(self) -> None:
         self.index.close()
@@ -151,26 +160,22 @@ class Cache:
             if self.max_bytes:
                 self._make_room(air, needs, missing, in_use)
             self._check_disk(air, missing)
-            token = id(object())
-            self._reservations[token] = (
-                air.canonical,
-                frozenset(n.sha256 for n in needs if n.sha256),
-                missing,
-            )
+            reservation = _Reservation(air.canonical, frozenset(n.sha256 for n in needs if n.sha256), missing)
+            self._reservations.add(reservation)
         try:
             yield
         finally:
             with self._lock:
-                del self._reservations[token]
+                self._reservations.discard(reservation)
 
     def _make_room(self, air: AIR, needs: list[Need], missing: int, in_use: Callable[[str], bool]) -> None:
         on_disk = self._blob_sizes()
-        reserved_bytes = sum(r[2] for r in self._reservations.values())
+        reserved_bytes = sum(r.missing for r in self._reservations)
         entries = [e for e in self.index.entries() if not Path(e.path).is_absolute()]
-        kept_models = {r[0] for r in self._reservations.values()} | {air.canonical}
+        kept_models = {r.model for r in self._reservations} | {air.canonical}
         protected = {e.air for e in entries if e.pinned or in_use(e.air) or e.air in kept_models}
         wanted = {n.sha256 for n in needs if n.sha256}
-        protected_blobs = wanted.union(*(r[1] for r in self._reservations.values()))
+        protected_blobs = wanted.union(*(r.blobs for r in self._reservations))
         for e in entries:
             if e.air in protected:
                 protected_blobs |= e.blobs
@@ -296,7 +301,7 @@ class Cache:
             if Path(entry.path).is_absolute():
                 self.index.remove(entry.air)  # a local model: forget it, never touch the user's files
                 return
-            keep = set().union(*(r[1] for r in self._reservations.values()))
+            keep: set[str] = set().union(*(r.blobs for r in self._reservations))
             freed = self._evict(entry, keep)
         log.info("deleted %s from the cache (%s freed)", air.canonical, _human(freed))
 
