@@ -22,7 +22,6 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
@@ -66,7 +65,9 @@ _TRANSPORT_ERROR: type[Exception] = next(
 
 
 @dataclass(frozen=True)
-class _Entry:
+class HubFile:
+    """One file of a repository at a commit, as the Hub lists it."""
+
     path: str
     size: int
     sha256: str | None
@@ -106,13 +107,13 @@ class HuggingFaceSource:
         }
         return RemotePlan(air, layout, files, metadata)
 
-    def _listing(self, air: AIR, revision: str) -> tuple[str, list[_Entry]]:
+    def _listing(self, air: AIR, revision: str) -> tuple[str, list[HubFile]]:
         try:
             commit = self._api.model_info(air.id, revision=revision).sha
             if not isinstance(commit, str):
                 raise SourceUnavailable(f"{SOURCE} did not say which commit {air.id}@{revision} is")
             entries = [
-                _Entry(f.path, f.size, f.lfs.sha256 if f.lfs else None, f.blob_id)
+                HubFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, f.blob_id)
                 for f in self._api.list_repo_tree(air.id, revision=commit, recursive=True)
                 if isinstance(f, RepoFile)
             ]
@@ -122,7 +123,7 @@ class HuggingFaceSource:
             raise SourceUnavailable(f"{SOURCE} could not be reached ({self._redact(exc)})") from None
         return commit, entries
 
-    def _remote(self, air: AIR, commit: str, target: str, entry: _Entry) -> RemoteFile:
+    def _remote(self, air: AIR, commit: str, target: str, entry: HubFile) -> RemoteFile:
         return RemoteFile(
             path=target,
             label=f"{air.id}/{entry.path}",
@@ -175,14 +176,14 @@ class HuggingFaceSource:
         return redact(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__, (self._token,))
 
 
-def select_diffusers_files(air: AIR, files: dict[str, Any]) -> dict[str, Any]:
+def select_diffusers_files(air: AIR, files: dict[str, HubFile]) -> dict[str, HubFile]:
     """Target path in the model folder -> repository entry, for the SDXL components of a diffusers repo."""
     if "model_index.json" not in files:
         raise ModelNotFound(
             f"{air.id} is not a diffusers-format repository (no model_index.json); for a single checkpoint "
             f"file name it: hf:{air.id}+path/to/file.safetensors"
         )
-    chosen: dict[str, Any] = {"model_index.json": files["model_index.json"]}
+    chosen = {"model_index.json": files["model_index.json"]}
     for component in COMPONENTS:
         names = sorted(
             p.split("/", 1)[1] for p in files if p.startswith(f"{component}/") and p.count("/") == 1
