@@ -17,10 +17,10 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from modelstore.errors import UnsafeCheckpoint
 from modelstore.safetensors_header import parse_header
@@ -28,6 +28,7 @@ from modelstore.safetensors_header import parse_header
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_KEY = re.compile(r"[0-9a-z\-]{3,80}")
 _READ_CHUNK = 4 << 20
+_LOCK_POLL_S = 0.25
 
 
 class BlobStore:
@@ -62,15 +63,26 @@ class BlobStore:
             return 0
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, *, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
         """Exclusive, across threads and processes, for writing `key` (a partial file, or "cache").
+        `while_waiting` is called every fraction of a second until the lock is ours.
 
         flock is advisory and a no-op on some network file systems; correctness never depends on it (hashes
         are verified and renames are atomic), it only stops two processes from downloading the same bytes."""
         if not _PARTIAL_KEY.fullmatch(key):
             raise ValueError(f"malformed lock key {key!r}")
-        with FileLock(self._locks / f"{key}.lock", mode=0o664):
+        lock = FileLock(self._locks / f"{key}.lock", mode=0o664)
+        while True:
+            try:
+                lock.acquire(timeout=-1 if while_waiting is None else _LOCK_POLL_S)
+                break
+            except Timeout:
+                assert while_waiting is not None
+                while_waiting()
+        try:
             yield
+        finally:
+            lock.release()
 
     def adopt(self, source: Path, sha256: str, *, check_safetensors_as: str | None = None) -> Path:
         """Move the verified file `source` in as blob `sha256` (same file system); return the blob path.

@@ -125,9 +125,15 @@ class Downloader:
         key = file.key
         if file.sha256 is not None and self._blobs.has(file.sha256):
             return file.sha256
-        with self._blobs.lock(key):
+        # Another process may be downloading this very file: its partial file's growth is our progress.
+        watched = _Watched(self._blobs, key, progress)
+        with self._blobs.lock(key, while_waiting=watched.poll):
+            watched.rewind()
             if file.sha256 is not None and self._blobs.has(file.sha256):
-                log.info("%s: already downloaded by another process", file.label)
+                log.info("%s: downloaded by another process meanwhile", file.label)
+                size = self._blobs.size(file.sha256)
+                progress.exact_size(size)
+                progress.advance(size)
                 return file.sha256
             partial = self._blobs.partial_path(key)
             started_over = False
@@ -288,24 +294,42 @@ class _WriteBehind:
             raise self._error
 
 
+class _Watched:
+    """Reports another process's progress on a partial file while we wait for its lock."""
+
+    def __init__(self, blobs: BlobStore, key: str, progress: ProgressSink) -> None:
+        self._blobs = blobs
+        self._key = key
+        self._counted = _Counted(progress)
+
+    def poll(self) -> None:
+        size = self._blobs.partial_size(self._key)
+        if size > self._counted.net:
+            self._counted.advance(size - self._counted.net)
+
+    def rewind(self) -> None:
+        """Take back what was reported: from here on this process reports its own bytes."""
+        self._counted.rewind()
+
+
 class _Counted:
     """A progress sink that remembers how much it reported, so a discarded attempt can take it back."""
 
     def __init__(self, sink: ProgressSink) -> None:
         self._sink = sink
-        self._net = 0
+        self.net = 0
 
     def advance(self, nbytes: int) -> None:
-        self._net += nbytes
+        self.net += nbytes
         self._sink.advance(nbytes)
 
     def exact_size(self, nbytes: int) -> None:
         self._sink.exact_size(nbytes)
 
     def rewind(self) -> None:
-        if self._net:
-            self._sink.advance(-self._net)
-            self._net = 0
+        if self.net:
+            self._sink.advance(-self.net)
+            self.net = 0
 
 
 class _Hasher:

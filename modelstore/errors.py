@@ -8,7 +8,7 @@ here has a row there.
     ├── InvalidModelId        the identifier is malformed (never retried)
     ├── ModelNotFound         the source does not know the model, version or file
     ├── WrongArchitecture     the model exists but is not what the role needs (e.g. SD 1.5 as an SDXL refiner)
-    ├── UnsafeCheckpoint      not a safetensors file (a pickle is refused and never unpickled), or a bad header
+    ├── UnsafeCheckpoint      not a safetensors file (a pickle is refused, never unpickled), or a bad header
     ├── IntegrityError        downloaded bytes do not match the source's size or SHA256
     ├── SourceUnauthenticated the source wants a token (CIVITAI_TOKEN / HF_TOKEN)
     ├── SourcePermissionDenied the token is not allowed to download this model

@@ -147,3 +147,26 @@ def test_a_corrupt_partial_file_is_discarded_and_downloaded_again(
     assert store.resolve(MODEL, progress=events.append).path.read_bytes() == data
     assert [r.headers.get("range") for r in storage.gets()] == ["bytes=500000-", None]
     assert events[-1].bytes_done == len(data)
+
+
+def test_a_store_waiting_on_another_process_sees_its_progress(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage, cache_dir: Path
+) -> None:
+    # Two stores over one folder coordinate only through the file system, as two processes do.
+    data, obj = serve_model(civitai)
+    obj.hold_after = 1_000_000
+    downloading, waiting = make_store(), make_store()
+    first = threading.Thread(target=downloading.resolve, args=(MODEL,))
+    first.start()
+    wait_for(lambda: partial_size(cache_dir) >= 1_000_000, "the first store to write 1 MB")
+    events: list[DownloadProgress] = []
+    second = threading.Thread(target=waiting.resolve, args=(MODEL,), kwargs={"progress": events.append})
+    second.start()
+    wait_for(lambda: any(e.bytes_done >= 1_000_000 for e in events), "the waiting store to see the bytes")
+    obj.release.set()
+    first.join()
+    second.join()
+
+    assert len(storage.gets()) == 1
+    assert events[-1].finished and events[-1].bytes_done == len(data)
+    assert waiting.lookup(MODEL) == downloading.lookup(MODEL)
