@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import re
 import threading
 import time
@@ -254,18 +253,24 @@ class _WriteBehind:
 
     Reading the next chunk from the socket, writing this one and hashing it each release the GIL, so with
     this overlap a download runs at the speed of the slowest of the three instead of their sum (inline
-    hashing halves throughput on a fast link: benchmarks/bench_download.py). Chunks are handed over as they
-    arrive, not batched, so a stalled link has everything it delivered on disk (and kept by a kill -9).
+    hashing halves throughput on a fast link: benchmarks/bench_download.py). The writer takes whatever has
+    arrived in one go, woken when a batch is ready or after a short while: few thread hand-overs on a fast
+    link, and on a stalled one everything delivered is on disk (and survives a kill -9) within _LINGER_S.
     Leaving the block, normally or not, waits until every byte received is on disk and hashed, so the
     partial file's size is exact for the next `Range`; an error in the writer (e.g. more bytes than
     published) is raised there."""
 
-    _DEPTH = 64  # chunks in flight (httpx reads 64 KB at a time): bounded memory, enough to absorb jitter
+    _BATCH = 1 << 20  # wake the writer once this much is waiting (httpx hands over 64 KB at a time)
+    _LIMIT = 16 << 20  # the receiver waits while this much is waiting: bounded memory
+    _LINGER_S = 0.05
 
     def __init__(self, out: BinaryIO, hasher: _Hasher) -> None:
         self._out = out
         self._hasher = hasher
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._DEPTH)
+        self._ready = threading.Condition()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="modelstore-writer", daemon=True)
 
@@ -274,21 +279,38 @@ class _WriteBehind:
         return self
 
     def put(self, chunk: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        if chunk:
-            self._queue.put(chunk)
+        with self._ready:
+            while self._pending_bytes >= self._LIMIT and self._error is None:
+                self._ready.wait()
+            if self._error is not None:
+                raise self._error
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            if self._pending_bytes >= self._BATCH:
+                self._ready.notify_all()
 
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._hasher.write(self._out, chunk)
-                except BaseException as exc:
-                    self._error = exc
+        while True:
+            with self._ready:
+                if not self._pending and not self._closed:
+                    self._ready.wait(self._LINGER_S)
+                if not self._pending and self._closed:
+                    return
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+                self._ready.notify_all()  # room for a receiver that was waiting
+            for chunk in batch:
+                if self._error is None:
+                    try:
+                        self._hasher.write(self._out, chunk)
+                    except BaseException as exc:
+                        with self._ready:
+                            self._error = exc
+                            self._ready.notify_all()
 
     def __exit__(self, *exc_info: object) -> None:
-        self._queue.put(None)  # stop
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
         self._thread.join()
         if self._error is not None:
             raise self._error
