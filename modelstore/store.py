@@ -1,23 +1,57 @@
-"""The model store's front door: turn an identifier into a `ModelRecord` that loads with no network."""
+"""The model store's front door: turn an identifier into a `ModelRecord` that loads with no network.
+
+    store = ModelStore(settings)
+    with store.lease("civitai:101055@128080"):       # in use from here: never evicted, never deleted
+        record = store.resolve("civitai:101055@128080", progress=on_progress)  # downloads once, then cached
+        pipeline = load_pipeline(record, ...)
+
+`resolve` answers from the index when the model is cached (no network, a few SQLite reads and stats).
+Otherwise one flight per model fetches it: concurrent requests for the same model in this process wait for
+that one download and all receive its progress; another process sharing the cache folder waits on the
+per-file lock and finds the file in place. What is downloaded, verified and kept where is described in
+download.py (resumable verified transfer), cache.py (layout, quota, eviction), index.py (SQLite) and
+snapshots.py (model folders).
+
+Operators get `pull`, `list_models`, `delete`, `pin` and `lookup` (which never touches the network).
+"""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from modelstore import builtin
+from modelstore._http import new_client
 from modelstore.air import AIR, Source, parse_air
-from modelstore.architecture import detect_folder
-from modelstore.errors import ModelNotFound, SourceUnavailable, WrongArchitecture
+from modelstore.architecture import detect_file, detect_folder
+from modelstore.blobs import sha256_file
+from modelstore.cache import BlobsVanished, Cache, CachedModel, Need
+from modelstore.download import Downloader, RemoteFile, RetryPolicy
+from modelstore.errors import ModelInUse, ModelNotFound, ModelStoreError, SourceUnavailable, WrongArchitecture
+from modelstore.index import IndexEntry
+from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.settings import StoreSettings
+from modelstore.sources import RemoteSource
+from modelstore.sources import local as local_source
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "ROLE_ARCHITECTURES",
+    "CachedModel",
+    "DownloadProgress",
+    "ModelStore",
+    "RetryPolicy",
+    "require_role",
+]
 
 # What each role accepts: any SDXL model can continue a latent as refiner (diffusers' own mixture-of-denoisers
 # example uses the base for both), but only a base can start from noise.
@@ -26,69 +60,278 @@ ROLE_ARCHITECTURES = {
     "refiner": (Architecture.SDXL_REFINER, Architecture.SDXL_BASE),
 }
 
+ModelRef = str | AIR | ModelRecord
+
+
+class _Flight:
+    """One model being fetched in this process, and everybody waiting for it."""
+
+    def __init__(self, canonical: str) -> None:
+        self.progress = ProgressFanout(canonical)
+        self.done = threading.Event()
+        self.record: ModelRecord | None = None
+        self.error: BaseException | None = None
+
 
 class ModelStore:
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, *, retry: RetryPolicy | None = None) -> None:
         self.settings = settings
+        self._cache = Cache(settings.cache_dir, settings.max_bytes)
+        self._client = new_client()
+        self._downloader = Downloader(
+            self._cache.blobs, self._client, retry=retry, secrets=(settings.civitai_token, settings.hf_token)
+        )
+        self._sources: dict[Source, RemoteSource] = {}
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
-        self._records: dict[str, ModelRecord] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._leases: Counter[str] = Counter()
 
-    def resolve(self, model: str | AIR) -> ModelRecord:
-        """The record of `model`, materialising it in the cache first if needed (blocking)."""
-        air = parse_air(model) if isinstance(model, str) else model
-        with self._key_lock(air.canonical):
-            record = self._records.get(air.canonical)
-            if record is None:
-                record = self._materialise(air)
-                self._records[air.canonical] = record
+    def close(self) -> None:
+        self._client.close()
+        self._cache.close()
+
+    # --- resolving -----------------------------------------------------------------------------------------
+
+    def resolve(self, model: str | AIR, *, progress: ProgressCallback | None = None) -> ModelRecord:
+        """The record of `model`, fetching it into the cache first if needed (blocking).
+
+        `progress` receives `DownloadProgress` while a download runs (also when this call joins a download
+        another request started). Raises the `modelstore.errors` tree."""
+        air = _air(model)
+        record = self._cached(air, touch=True)
+        if record is not None:
             return record
+        return self._single_flight(air, progress)
 
-    def _key_lock(self, key: str) -> threading.Lock:
+    def pull(self, model: str | AIR, progress: ProgressCallback | None = None) -> ModelRecord:
+        """Make sure `model` is in the cache (an operator's pre-fetch); same as `resolve`."""
+        return self.resolve(model, progress=progress)
+
+    def lookup(self, model: str | AIR) -> ModelRecord | None:
+        """The record of `model` if it is cached and intact, else None. Never touches the network."""
+        return self._cached(_air(model), touch=False)
+
+    def _cached(self, air: AIR, *, touch: bool) -> ModelRecord | None:
+        entry = self._cache.lookup(air)
+        if entry is None:
+            return None
+        if entry.source == Source.LOCAL.value and not local_source.fingerprint_matches(
+            Path(entry.path), entry.metadata.get("fingerprint", {})
+        ):
+            return None  # the files changed since they were hashed: re-register
+        if touch:
+            self._cache.touch(air)
+        return self._cache.record(air, entry)
+
+    def _single_flight(self, air: AIR, progress: ProgressCallback | None) -> ModelRecord:
+        key = air.canonical
         with self._lock:
-            return self._key_locks.setdefault(key, threading.Lock())
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight(key)
+        if progress is not None:
+            flight.progress.subscribe(progress)
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise _copy(flight.error)
+            assert flight.record is not None
+            return flight.record
+        try:
+            # Another flight may have finished between our cache check and taking the lead.
+            flight.record = self._cached(air, touch=True) or self._fetch(air, flight.progress)
+            return flight.record
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
 
-    def _materialise(self, air: AIR) -> ModelRecord:
-        if air.source is Source.BUILTIN:
-            return self._builtin(air)
+    def _fetch(self, air: AIR, progress: ProgressFanout) -> ModelRecord:
         if air.source is Source.LOCAL:
-            return self._local(air)
-        raise SourceUnavailable(f"{air.canonical}: downloads from {air.source.value} are not available")
+            return self._register_local(air)
+        if air.source is Source.BUILTIN:
+            return self._build_builtin(air)
+        if self.settings.offline:
+            raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
+        return self._download(air, self._source(air.source), progress)
 
-    def _builtin(self, air: AIR) -> ModelRecord:
+    def _source(self, source: Source) -> RemoteSource:
+        with self._lock:
+            if source not in self._sources:
+                self._sources[source] = self._new_source(source)
+            return self._sources[source]
+
+    def _new_source(self, source: Source) -> RemoteSource:
+        # Imported here: huggingface_hub is only needed by those who download from the Hub.
+        if source is Source.CIVITAI:
+            from modelstore.sources.civitai import CivitaiSource
+
+            return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._client)
+        from modelstore.sources.huggingface import HuggingFaceSource
+
+        return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
+
+    def _download(self, air: AIR, source: RemoteSource, progress: ProgressFanout) -> ModelRecord:
+        plan = source.plan(air)
+        needs = [Need(f.sha256, f.approx_size) for f in plan.files]
+        for attempt in (1, 2):
+            with self._cache.reserve(air, needs, self._in_use):
+                todo = [f for f in plan.files if f.sha256 is None or not self._cache.blobs.has(f.sha256)]
+                total = sum(f.approx_size for f in todo)
+                progress.set_total(total)
+                if todo:
+                    log.info("downloading %s from %s: %d file(s), %d bytes", air, source.name, len(todo), total)
+                started = time.monotonic()
+                files = {}
+                for file in plan.files:
+                    if file in todo:
+                        progress.start_file(file.label)
+                    files[file.path] = self._downloader.fetch(file, _FileProgress(progress, file))
+                try:
+                    record = self._cache.commit(
+                        air,
+                        source=air.source.value,
+                        layout=plan.layout,
+                        files=files,
+                        metadata=plan.metadata,
+                        detect=_detector(plan.layout),
+                    )
+                except BlobsVanished:
+                    if attempt == 2:
+                        raise SourceUnavailable(
+                            f"{air.canonical}: its files were evicted by another process while downloading"
+                        ) from None
+                    log.warning("%s: files were evicted by another process meanwhile; fetching again", air)
+                    continue
+            progress.finish()
+            if todo:
+                elapsed = max(time.monotonic() - started, 1e-6)
+                log.info("downloaded %s in %.1f s (%.1f MB/s)", air, elapsed, total / elapsed / 1e6)
+            return record
+        raise AssertionError("unreachable")
+
+    def _build_builtin(self, air: AIR) -> ModelRecord:
         spec = builtin.BUILTIN_MODELS.get(air.canonical)
         if spec is None:
             names = ", ".join(sorted(builtin.BUILTIN_MODELS))
             raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
-        folder = self.settings.cache_dir / "builtin" / f"{spec.name}@{spec.version}"
-        if not folder.is_dir():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the destination and rename: a crash leaves a stray temp folder, never a half model.
-            staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=folder.parent))
-            try:
-                builtin.build(spec, staging / "model")
-                os.replace(staging / "model", folder)
-                log.info("created built-in model %s in %s", air.canonical, folder)
-            except OSError:
-                if not folder.is_dir():  # another process may have won the rename; theirs is as good
-                    raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        return self._folder_record(air, folder)
+        staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=self._cache.root / "tmp"))
+        try:
+            folder = staging / "model"
+            builtin.build(spec, folder)
+            paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+            shas = {relative: sha256_file(path) for relative, path in paths.items()}
+            needs = [Need(shas[r], p.stat().st_size) for r, p in paths.items()]
+            with self._cache.reserve(air, needs, self._in_use):
+                for relative, path in paths.items():
+                    check = relative if relative.endswith(".safetensors") else None
+                    self._cache.blobs.adopt(path, shas[relative], check_safetensors_as=check)
+                metadata = {"source": "builtin", "name": spec.name, "version": spec.version}
+                return self._cache.commit(
+                    air,
+                    source="builtin",
+                    layout=Layout.DIFFUSERS,
+                    files=shas,
+                    metadata=metadata,
+                    detect=detect_folder,
+                )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def _local(self, air: AIR) -> ModelRecord:
+    def _register_local(self, air: AIR) -> ModelRecord:
         path = Path(air.id)
-        if path.is_dir():
-            return self._folder_record(air, path)
-        raise ModelNotFound(f"{air.id} is not a diffusers model folder")
+        old = self._cache.index.get(air.canonical)
+        previous = old.metadata.get("fingerprint", {}) if old is not None else {}
+        model = local_source.inspect(path, previous, detect_file)
+        now = time.time()
+        self._cache.register_local(
+            IndexEntry(
+                air=air.canonical,
+                source=Source.LOCAL.value,
+                layout=model.layout,
+                architecture=model.architecture,
+                path=str(path),
+                sha256=model.sha256,
+                size_bytes=model.size_bytes,
+                metadata={"source": "local", "fingerprint": dict(model.fingerprint)},
+                added=now,
+                last_used=now,
+                pinned=False,
+            )
+        )
+        log.info("registered local model %s (%s)", path, model.architecture.label)
+        return ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
 
-    def _folder_record(self, air: AIR, folder: Path) -> ModelRecord:
-        digest = hashlib.sha256()
-        size = 0
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(str(file.relative_to(folder)).encode() + b"\0" + _sha256_file(file).encode())
-            size += file.stat().st_size
-        return ModelRecord(air, folder, Layout.DIFFUSERS, detect_folder(folder), size, digest.hexdigest())
+    # --- operators -----------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[CachedModel]:
+        """Every model in the index, with its size, architecture, last use and pin."""
+        return self._cache.models(self._in_use)
+
+    def delete(self, model: str | AIR) -> None:
+        """Remove `model` from the cache (its files, unless other models share them). ModelInUse while it is
+        leased or downloading; ModelNotFound if it is not cached. A local model is only forgotten."""
+        air = _air(model)
+        if self._in_use(air.canonical):
+            raise ModelInUse(f"{air.canonical} is in use and cannot be deleted now")
+        self._cache.delete(air, self._in_use)
+
+    def pin(self, model: str | AIR, pinned: bool = True) -> None:
+        """Exempt `model` from eviction (or make it evictable again)."""
+        self._cache.pin(_air(model), pinned)
+
+    # --- in use --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, model: ModelRef) -> Iterator[None]:
+        """Mark `model` in use for the duration of the block (reference counted, thread-safe): it is never
+        evicted and cannot be deleted meanwhile. May be taken before the model is resolved."""
+        key = self.acquire(model)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+    def acquire(self, model: ModelRef) -> str:
+        """Mark `model` in use until a matching `release`; returns its canonical AIR."""
+        key = _canonical(model)
+        with self._lock:
+            self._leases[key] += 1
+        return key
+
+    def release(self, model: ModelRef) -> None:
+        key = _canonical(model)
+        with self._lock:
+            if self._leases[key] <= 0:
+                raise ValueError(f"{key} was released more often than acquired")
+            self._leases[key] -= 1
+            if not self._leases[key]:
+                del self._leases[key]
+
+    def _in_use(self, canonical: str) -> bool:
+        with self._lock:
+            return self._leases[canonical] > 0 or canonical in self._flights
+
+
+class _FileProgress:
+    """Feeds one file's byte counts into its model's progress."""
+
+    def __init__(self, progress: ProgressFanout, file: RemoteFile) -> None:
+        self._progress = progress
+        self._file = file
+        self._sized = file.size is not None
+
+    def advance(self, nbytes: int) -> None:
+        self._progress.advance(nbytes)
+
+    def exact_size(self, nbytes: int) -> None:
+        if not self._sized:  # civitai states sizes in KB: correct the total once the server says exactly
+            self._sized = True
+            self._progress.adjust_total(nbytes - self._file.approx_size)
 
 
 def require_role(record: ModelRecord, role: str) -> None:
@@ -103,9 +346,26 @@ def require_role(record: ModelRecord, role: str) -> None:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _detector(layout: Layout) -> Callable[[Path], Architecture]:
+    return detect_file if layout is Layout.SINGLE_FILE else detect_folder
+
+
+def _air(model: str | AIR) -> AIR:
+    return parse_air(model) if isinstance(model, str) else model
+
+
+def _canonical(model: ModelRef) -> str:
+    if isinstance(model, ModelRecord):
+        return model.canonical
+    return _air(model).canonical
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A copy of a flight's error for one waiter: the server sets `field` on the error it gets, and two
+    requests waiting for one model may name it in different fields."""
+    if not isinstance(error, ModelStoreError):
+        return error
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    return clone

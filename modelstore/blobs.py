@@ -1,0 +1,155 @@
+"""The content-addressed blob store: every file of every cached model, named by its SHA256.
+
+    <cache>/blobs/sha256/ab/abcdef…   one file per distinct content, read-only once in place
+    <cache>/partial/<key>.part        a download in progress, kept across failures and restarts
+    <cache>/locks/<key>.lock          who may write <key>.part right now (a file lock)
+
+A blob enters only by `adopt`: its bytes were hashed (and, for weights, their safetensors header checked)
+before an fsync and an atomic rename put it in place, so a blob's name always tells the truth about its
+content. A crash at any moment leaves either no blob or a whole one; a partial file is keyed by what it will
+become (the expected SHA256), so the next attempt, in this process or after a restart, resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from modelstore.errors import UnsafeCheckpoint
+from modelstore.safetensors_header import parse_header
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARTIAL_KEY = re.compile(r"[0-9a-z\-]{3,80}")
+_READ_CHUNK = 4 << 20
+_LOCK_POLL_S = 0.25
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "blobs" / "sha256"
+        self._partial = root / "partial"
+        self._locks = root / "locks"
+        for folder in (self._blobs, self._partial, self._locks):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self._blobs / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def partial_path(self, key: str) -> Path:
+        if not _PARTIAL_KEY.fullmatch(key):
+            raise ValueError(f"malformed partial key {key!r}")
+        return self._partial / f"{key}.part"
+
+    def partial_size(self, key: str) -> int:
+        try:
+            return self.partial_path(key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @contextlib.contextmanager
+    def lock(self, key: str, *, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
+        """Exclusive, across threads and processes, for writing `key` (a partial file, or "cache").
+        `while_waiting` is called every fraction of a second until the lock is ours.
+
+        flock is advisory and a no-op on some network file systems; correctness never depends on it (hashes
+        are verified and renames are atomic), it only stops two processes from downloading the same bytes."""
+        if not _PARTIAL_KEY.fullmatch(key):
+            raise ValueError(f"malformed lock key {key!r}")
+        lock = FileLock(self._locks / f"{key}.lock", mode=0o664)
+        while True:
+            try:
+                lock.acquire(timeout=-1 if while_waiting is None else _LOCK_POLL_S)
+                break
+            except Timeout:
+                assert while_waiting is not None
+                while_waiting()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def adopt(self, source: Path, sha256: str, *, check_safetensors_as: str | None = None) -> Path:
+        """Move the verified file `source` in as blob `sha256` (same file system); return the blob path.
+
+        With `check_safetensors_as` (a label for messages) the file must be a well-formed safetensors file:
+        a pickle or a corrupt header raises UnsafeCheckpoint, the file is deleted and nothing enters."""
+        if check_safetensors_as is not None:
+            try:
+                check_safetensors(source, check_safetensors_as)
+            except UnsafeCheckpoint:
+                source.unlink(missing_ok=True)
+                raise
+        target = self.path(sha256)
+        if target.is_file():
+            # Same content is already here (another model, or another process won the race): keep one copy.
+            source.unlink(missing_ok=True)
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with source.open("rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(source, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.replace(source, target)
+        fsync_dir(target.parent)
+        return target
+
+    def ingest(self, source: Path, *, check_safetensors_as: str | None = None) -> str:
+        """Hash a local file and move it in as a blob (for models built on this machine); its sha256."""
+        sha256 = sha256_file(source)
+        self.adopt(source, sha256, check_safetensors_as=check_safetensors_as)
+        return sha256
+
+    def remove(self, sha256: str) -> int:
+        """Delete a blob; the bytes freed (0 if it was not there)."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def all_blobs(self) -> Iterator[str]:
+        for shard in self._blobs.iterdir():
+            if shard.is_dir():
+                for blob in shard.iterdir():
+                    if _SHA256.fullmatch(blob.name):
+                        yield blob.name
+
+
+def check_safetensors(path: Path, label: str) -> None:
+    """Raise UnsafeCheckpoint unless `path` is a well-formed safetensors file (by content, never by name)."""
+    with path.open("rb") as f:
+        parse_header(f, os.fstat(f.fileno()).st_size, name=label)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable: without it a power cut can undo a rename we reported as done."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

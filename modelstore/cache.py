@@ -1,0 +1,332 @@
+"""The cache as a whole: blobs + index + model folders, and the quota that keeps it within bounds.
+
+On disk, under `settings.cache_dir`:
+
+    index.sqlite                 which models are cached (see index.py)
+    blobs/sha256/ab/ab…          their files, by content (see blobs.py)
+    models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see snapshots.py)
+    partial/<sha256>.part        downloads in progress, resumable
+    locks/                       file locks shared with other processes using the same folder
+    tmp/                         staging for folders and built-in models, renamed into place when complete
+
+Quota (`max_bytes`, 0 = none) counts the blob bytes on disk, each distinct content once. Room for a model is
+made before its first byte is requested: least recently used models that are neither pinned nor in use are
+evicted, oldest first, and a model that cannot fit even then (or that the free disk space cannot hold) is
+refused with QuotaExceeded. Eviction deletes a model's folder and index row, then the blobs no other model
+uses. Local models (registered by reference) are never ours to delete and are not counted.
+
+Every change of what is cached (commit, evict, delete) happens under one lock, a thread lock plus a file lock
+shared with other processes, so eviction never deletes a blob another pull has just counted on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from modelstore.air import AIR
+from modelstore.blobs import BlobStore
+from modelstore.errors import ModelNotFound, QuotaExceeded
+from modelstore.index import Index, IndexEntry
+from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.snapshots import Snapshots, content_digest
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_NAME = "model.safetensors"
+# A blob that no model names is the trace of a crash between its rename and the index commit (or of a pull in
+# another process that has not committed yet): collected only once it is this old.
+_ORPHAN_GRACE_S = 3600.0
+_STALE_PARTIAL_S = 14 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One row of `ModelStore.list_models()`."""
+
+    air: str
+    source: str
+    layout: Layout
+    architecture: Architecture
+    size_bytes: int
+    added: datetime
+    last_used: datetime
+    pinned: bool
+    in_use: bool
+    path: Path
+
+
+@dataclass(frozen=True)
+class Need:
+    """A file a model needs: its blob (when known in advance) and its size."""
+
+    sha256: str | None
+    size: int
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: two pulls may reserve the same numbers
+class _Reservation:
+    """Room held for a pull in flight in this process: its model, the blobs it counts on, bytes to come."""
+
+    model: str
+    blobs: frozenset[str]
+    missing: int
+
+
+class BlobsVanished(Exception):
+    """A blob a pull relied on was deleted before the pull committed (evicted by another process)."""
+
+
+class Cache:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.max_bytes = max_bytes
+        self.blobs = BlobStore(root)
+        self.snapshots = Snapshots(root, self.blobs)
+        self.index = Index(root / "index.sqlite")
+        self._lock = threading.RLock()
+        # Pulls in flight in this process: their blobs and bytes are spoken for.
+        self._reservations: set[_Reservation] = set()
+
+    def close(self) -> None:
+        self.index.close()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._lock, self.blobs.lock("cache"):
+            yield
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def lookup(self, air: AIR) -> IndexEntry | None:
+        """The index entry of `air` if its files are all still in place (no network, no hashing)."""
+        entry = self.index.get(air.canonical)
+        if entry is None:
+            return None
+        if not self.model_path(entry).exists():
+            return None
+        if any(not self.blobs.has(sha) for sha in entry.blobs):
+            return None
+        return entry
+
+    def model_path(self, entry: IndexEntry) -> Path:
+        path = Path(entry.path)
+        return path if path.is_absolute() else self.snapshots.absolute(entry.path)
+
+    def record(self, air: AIR, entry: IndexEntry) -> ModelRecord:
+        return ModelRecord(
+            air, self.model_path(entry), entry.layout, entry.architecture, entry.size_bytes, entry.sha256
+        )
+
+    def touch(self, air: AIR) -> None:
+        self.index.touch(air.canonical, time.time())
+
+    def models(self, in_use: Callable[[str], bool]) -> list[CachedModel]:
+        return [
+            CachedModel(
+                air=e.air,
+                source=e.source,
+                layout=e.layout,
+                architecture=e.architecture,
+                size_bytes=e.size_bytes,
+                added=datetime.fromtimestamp(e.added, UTC),
+                last_used=datetime.fromtimestamp(e.last_used, UTC),
+                pinned=e.pinned,
+                in_use=in_use(e.air),
+                path=self.model_path(e),
+            )
+            for e in self.index.entries()
+        ]
+
+    # --- quota ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reserve(self, air: AIR, needs: list[Need], in_use: Callable[[str], bool]) -> Iterator[None]:
+        """Make room for `needs` (evicting if the quota requires it) before anything is downloaded, and hold
+        that room until the block ends. Raises QuotaExceeded if the model cannot fit."""
+        with self._exclusive():
+            missing = sum(n.size for n in _distinct(needs) if n.sha256 is None or not self.blobs.has(n.sha256))
+            if self.max_bytes:
+                self._make_room(air, needs, missing, in_use)
+            self._check_disk(air, missing)
+            reservation = _Reservation(air.canonical, frozenset(n.sha256 for n in needs if n.sha256), missing)
+            self._reservations.add(reservation)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reservations.discard(reservation)
+
+    def _make_room(self, air: AIR, needs: list[Need], missing: int, in_use: Callable[[str], bool]) -> None:
+        on_disk = self._blob_sizes()
+        reserved_bytes = sum(r.missing for r in self._reservations)
+        entries = [e for e in self.index.entries() if not Path(e.path).is_absolute()]
+        kept_models = {r.model for r in self._reservations} | {air.canonical}
+        protected = {e.air for e in entries if e.pinned or in_use(e.air) or e.air in kept_models}
+        wanted = {n.sha256 for n in needs if n.sha256}
+        protected_blobs = wanted.union(*(r.blobs for r in self._reservations))
+        for e in entries:
+            if e.air in protected:
+                protected_blobs |= e.blobs
+        model_bytes = sum(n.size for n in _distinct(needs))
+        untouchable = sum(on_disk.get(sha, 0) for sha in protected_blobs - wanted) + reserved_bytes
+        if model_bytes + untouchable > self.max_bytes:
+            raise QuotaExceeded(
+                f"{air.canonical} needs {_human(model_bytes)}, but the cache quota is "
+                f"{_human(self.max_bytes)}, and {_human(untouchable)} of it is pinned, in use or downloading"
+            )
+        used = sum(on_disk.values()) + reserved_bytes
+        if used + missing <= self.max_bytes:
+            return
+        used -= self._collect_orphans(on_disk, protected_blobs)
+        victims = sorted((e for e in entries if e.air not in protected), key=lambda e: e.last_used)
+        for victim in victims:
+            if used + missing <= self.max_bytes:
+                break
+            log.info("evicting %s (last used %s) to make room for %s", victim.air, victim.last_used, air)
+            used -= self._evict(victim, protected_blobs)
+        if used + missing > self.max_bytes:
+            raise QuotaExceeded(
+                f"{air.canonical} needs {_human(missing)} more, and the cache quota of "
+                f"{_human(self.max_bytes)} cannot make room for it"
+            )
+
+    def _check_disk(self, air: AIR, missing: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if missing > free:
+            raise QuotaExceeded(
+                f"{air.canonical} needs {_human(missing)}, but only {_human(free)} is free on the disk "
+                f"holding {self.root}"
+            )
+
+    def _blob_sizes(self) -> dict[str, int]:
+        sizes = {}
+        for sha in self.blobs.all_blobs():
+            with contextlib.suppress(FileNotFoundError):
+                sizes[sha] = self.blobs.size(sha)
+        return sizes
+
+    def _evict(self, entry: IndexEntry, keep: set[str]) -> int:
+        """Drop a model; the bytes freed (blobs no remaining model uses)."""
+        self.index.remove(entry.air)
+        self._drop_folder(entry)
+        still_used = self.index.referenced_blobs() | keep
+        return sum(self.blobs.remove(sha) for sha in entry.blobs - still_used)
+
+    def _collect_orphans(self, on_disk: Mapping[str, int], keep: set[str]) -> int:
+        """Delete old blobs that no model names, and stale partial downloads; the blob bytes freed."""
+        referenced = self.index.referenced_blobs() | keep
+        now = time.time()
+        freed = 0
+        for sha in set(on_disk) - referenced:
+            path = self.blobs.path(sha)
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > _ORPHAN_GRACE_S:
+                    log.info("removing unreferenced blob %s", sha)
+                    freed += self.blobs.remove(sha)
+        for partial in (self.root / "partial").glob("*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - partial.stat().st_mtime > _STALE_PARTIAL_S:
+                    log.info("removing stale partial download %s", partial.name)
+                    partial.unlink()
+        return freed
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        air: AIR,
+        *,
+        source: str,
+        layout: Layout,
+        files: Mapping[str, str],
+        metadata: Mapping[str, Any],
+        detect: Callable[[Path], Architecture],
+    ) -> ModelRecord:
+        """Build the model's folder from blobs already in place and record it in the index."""
+        with self._exclusive():
+            missing = [sha for sha in files.values() if not self.blobs.has(sha)]
+            if missing:
+                raise BlobsVanished(", ".join(missing))
+            folder = self.snapshots.build(air.canonical, files)
+            path = folder / SINGLE_FILE_NAME if layout is Layout.SINGLE_FILE else folder
+            try:
+                architecture = detect(path)
+            except Exception:
+                self.snapshots.remove(folder)
+                raise
+            sizes = {p: (sha, self.blobs.size(sha)) for p, sha in files.items()}
+            digest = files[SINGLE_FILE_NAME] if layout is Layout.SINGLE_FILE else content_digest(files)
+            now = time.time()
+            entry = IndexEntry(
+                air=air.canonical,
+                source=source,
+                layout=layout,
+                architecture=architecture,
+                path=self.snapshots.relative(path),
+                sha256=digest,
+                size_bytes=sum(size for _, size in sizes.values()),
+                metadata=metadata,
+                added=now,
+                last_used=now,
+                pinned=False,
+                files=sizes,
+            )
+            old = self.index.get(air.canonical)
+            self.index.put(entry)
+            if old is not None and old.path != entry.path and not Path(old.path).is_absolute():
+                self._drop_folder(old)
+        log.info("cached %s (%s, %s)", air.canonical, architecture.label, _human(entry.size_bytes))
+        return self.record(air, entry)
+
+    def register_local(self, entry: IndexEntry) -> None:
+        self.index.put(entry)
+
+    def delete(self, air: AIR, in_use: Callable[[str], bool]) -> None:
+        with self._exclusive():
+            entry = self.index.get(air.canonical)
+            if entry is None:
+                raise ModelNotFound(f"{air.canonical} is not in the cache")
+            if Path(entry.path).is_absolute():
+                self.index.remove(entry.air)  # a local model: forget it, never touch the user's files
+                return
+            keep: set[str] = set().union(*(r.blobs for r in self._reservations))
+            freed = self._evict(entry, keep)
+        log.info("deleted %s from the cache (%s freed)", air.canonical, _human(freed))
+
+    def pin(self, air: AIR, pinned: bool) -> None:
+        if not self.index.set_pinned(air.canonical, pinned):
+            raise ModelNotFound(f"{air.canonical} is not in the cache")
+
+    def _drop_folder(self, entry: IndexEntry) -> None:
+        path = self.model_path(entry)
+        self.snapshots.remove(path.parent if entry.layout is Layout.SINGLE_FILE else path)
+
+
+def _distinct(needs: list[Need]) -> list[Need]:
+    seen: set[str] = set()
+    result = []
+    for need in needs:
+        if need.sha256 is None or need.sha256 not in seen:
+            result.append(need)
+            if need.sha256:
+                seen.add(need.sha256)
+    return result
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"

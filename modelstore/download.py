@@ -1,0 +1,491 @@
+"""Resumable, verified transfer of one remote file into the blob store.
+
+The bytes stream into `partial/<expected sha256>.part` while being hashed. When the file is complete its
+size and SHA256 are compared with what the source published, a weight file's safetensors header is checked
+(a pickle is refused, never deserialised), and only then does the file move into the blob store, with an fsync
+and an atomic rename (`BlobStore.adopt`). So a wrong hash, a short body or an error page never enters the
+cache.
+
+Resuming: the partial file is keyed by the content it will become, never by a process or a URL, so an
+interrupted transfer continues with `Range: bytes=<partial size>-` in the same call (a dropped connection), in
+a later call, or after a restart (`kill -9` included). A presigned storage URL that stopped working (400, 401
+or 403 from storage: expired) is replaced by asking the source for a fresh one (`RemoteFile.locate`), and the
+transfer continues from where it was. A server that ignores `Range` (200) restarts the file from zero; a
+resumed file that fails verification is downloaded once more from zero before giving up, because the bytes
+kept from an earlier attempt may be what was wrong.
+
+One writer per partial file, across threads and processes: a file lock per key. A second process that wants
+the same file waits for the lock and then finds the blob in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import httpx
+
+from modelstore._http import error_for_status, retry_after_s, server_message
+from modelstore._redact import redact, redact_url
+from modelstore.blobs import BlobStore
+from modelstore.errors import IntegrityError, ModelStoreError, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+# civitai states sizes in KB with two decimals; allow rounding, and a little slack for how it was computed.
+_APPROX_SLACK_BYTES = 4096
+_APPROX_SLACK_RATIO = 0.005
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where to GET a file's bytes right now, and with which headers (a token only for its own host)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # True for presigned storage URLs: a 400/401/403 from them means "expired", so ask the source again.
+    expiring: bool = False
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model at its source: what it must be, and how to find a URL for it."""
+
+    path: str  # where it goes in the model's folder: chosen by us, never by the server
+    label: str  # what to call it in messages and progress (may be the server's file name: metadata only)
+    locate: Callable[[], Location] = field(compare=False, repr=False)
+    approx_size: int  # for quota decisions before the first byte
+    size: int | None = None  # exact size, when the source publishes one
+    sha256: str | None = None  # lower-case hex; civitai's hashes.SHA256, Hugging Face's LFS oid
+    git_sha1: str | None = None  # Hugging Face's oid for small non-LFS files (git blob sha1)
+    safetensors: bool = True  # a weight file: its header is checked before it enters the cache
+    source: str = "the source"  # for messages
+    token_hint: str = "a token"  # the setting that carries credentials, for messages
+
+    @property
+    def key(self) -> str:
+        """The partial file's name: the expected content, so every attempt anywhere finds the same file."""
+        if self.sha256 is not None:
+            return self.sha256
+        if self.git_sha1 is not None:
+            return f"git-{self.git_sha1}"
+        raise IntegrityError(f"{self.label}: {self.source} publishes no hash, so it cannot be verified")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep trying a transfer that makes no progress (each byte received resets the count)."""
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    relocations: int = 3  # fresh URLs in a row that storage may refuse before we believe it
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1)))
+
+
+class ProgressSink(Protocol):
+    """Receives one file's byte counts as they arrive."""
+
+    def advance(self, nbytes: int) -> None:
+        """`nbytes` more bytes are in the partial file (negative when bytes must be fetched again)."""
+
+    def exact_size(self, nbytes: int) -> None:
+        """The server stated the file's exact size."""
+
+
+class Downloader:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        client: httpx.Client,
+        *,
+        retry: RetryPolicy | None = None,
+        secrets: tuple[str | None, ...] = (),
+    ) -> None:
+        self._blobs = blobs
+        self._client = client
+        self._retry = retry or RetryPolicy()
+        self._secrets = secrets
+
+    def fetch(self, file: RemoteFile, progress: ProgressSink) -> str:
+        """Bring `file` into the blob store (unless it is already there) and return its sha256."""
+        key = file.key
+        if file.sha256 is not None and self._blobs.has(file.sha256):
+            return file.sha256
+        # Another process may be downloading this very file: its partial file's growth is our progress.
+        watched = _Watched(self._blobs, key, progress)
+        with self._blobs.lock(key, while_waiting=watched.poll):
+            watched.rewind()
+            if file.sha256 is not None and self._blobs.has(file.sha256):
+                log.info("%s: downloaded by another process meanwhile", file.label)
+                size = self._blobs.size(file.sha256)
+                progress.exact_size(size)
+                progress.advance(size)
+                return file.sha256
+            partial = self._blobs.partial_path(key)
+            started_over = False
+            while True:
+                resumed = self._blobs.partial_size(key) > 0
+                counted = _Counted(progress)
+                try:
+                    sha256 = self._transfer(file, partial, counted)
+                    label = file.label if file.safetensors else None
+                    self._blobs.adopt(partial, sha256, check_safetensors_as=label)
+                    return sha256
+                except IntegrityError as exc:
+                    partial.unlink(missing_ok=True)
+                    counted.rewind()
+                    if not resumed or started_over:
+                        raise
+                    started_over = True
+                    log.warning("%s: %s; downloading it again from the start", file.label, _reason(exc))
+                except BaseException:
+                    if self._blobs.partial_size(key) == 0:
+                        partial.unlink(missing_ok=True)  # nothing to resume: leave no trace
+                    raise
+
+    def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> str:
+        """Bring `partial` to the complete file; return its verified sha256."""
+        with _open_partial(partial) as out:
+            hasher = _Hasher(file)
+            offset = hasher.absorb(out)
+            if offset:
+                log.info("%s: resuming at byte %d", file.label, offset)
+                progress.advance(offset)
+            self._stream(file, out, hasher, progress)
+        return hasher.verify()  # durability comes with BlobStore.adopt's fsync, for verified bytes only
+
+    def _stream(self, file: RemoteFile, out: BinaryIO, hasher: _Hasher, progress: ProgressSink) -> None:
+        location: Location | None = None
+        fresh_urls = 0
+        failures = 0
+        while True:
+            if location is None:
+                location = file.locate()
+                fresh_urls += 1
+            before = hasher.count
+            headers = dict(location.headers)
+            if hasher.count:
+                headers["Range"] = f"bytes={hasher.count}-"
+            try:
+                request = self._client.stream("GET", location.url, headers=headers, follow_redirects=True)
+                with request as response:
+                    status = response.status_code
+                    if status == 416:
+                        if hasher.accept_unsatisfiable(_unsatisfied_total(response)):
+                            return  # the partial file already holds every byte
+                        raise IntegrityError(
+                            f"{file.label}: {file.source} has fewer bytes than the {hasher.count} received"
+                        )
+                    if (
+                        status in (400, 401, 403)
+                        and _refusal_is_expiry(location, response)
+                        and fresh_urls <= self._retry.relocations
+                    ):
+                        log.info(
+                            "%s: storage refused the download link (HTTP %d); asking %s for a fresh one",
+                            file.label,
+                            status,
+                            file.source,
+                        )
+                        location = None
+                        continue
+                    if status >= 500 and failures < self._retry.attempts:
+                        failures += 1
+                        log.warning("%s: HTTP %d from %s; retrying", file.label, status, _where(response))
+                        time.sleep(self._retry.delay(failures))
+                        continue
+                    if status not in (200, 206):
+                        raise self._status_error(file, response)
+                    start, total = _span(response)
+                    if start != hasher.count:
+                        if status == 206:
+                            raise httpx.RemoteProtocolError("206 for a range we did not ask for")
+                        log.info("%s: the server ignored the range request; starting again", file.label)
+                        progress.advance(-hasher.restart(out))
+                    if total is not None and hasher.check_total(total):
+                        progress.exact_size(total)
+                    with _WriteBehind(out, hasher) as writer:
+                        # As received (no re-chunking): what arrived before a drop is written and kept.
+                        for chunk in response.iter_bytes():
+                            writer.put(chunk)
+                            progress.advance(len(chunk))
+                if hasher.complete(clean_end_without_size=total is None):
+                    return
+                # A body that ended cleanly but short is a dropped connection too: resume.
+                raise httpx.RemoteProtocolError("the body ended before the file was complete")
+            except httpx.TransportError as exc:
+                failures = 1 if hasher.count > before else failures + 1  # patience resets while bytes arrive
+                if failures > self._retry.attempts:
+                    raise SourceUnavailable(
+                        f"downloading {file.label} from {file.source} failed ({_reason(exc)}); "
+                        f"{hasher.count} bytes are kept and the next attempt resumes from there"
+                    ) from None
+                log.warning("%s: cut at byte %d (%s); resuming", file.label, hasher.count, _reason(exc))
+                time.sleep(self._retry.delay(failures))
+
+    def _status_error(self, file: RemoteFile, response: httpx.Response) -> ModelStoreError:
+        return error_for_status(
+            response.status_code,
+            what=file.label,
+            message=server_message(response),
+            source=file.source,
+            token_hint=file.token_hint,
+            retry_after=retry_after_s(response),
+            secrets=self._secrets,
+        )
+
+
+class _WriteBehind:
+    """Writes and hashes a response's chunks, in order, on a thread of its own.
+
+    Reading the next chunk from the socket, writing this one and hashing it each release the GIL, so with
+    this overlap a download runs at the speed of the slowest of the three instead of their sum (inline
+    hashing halves throughput on a fast link: benchmarks/bench_download.py). The writer takes whatever has
+    arrived in one go, woken when a batch is ready or after a short while: few thread hand-overs on a fast
+    link, and on a stalled one everything delivered is on disk (and survives a kill -9) within _LINGER_S.
+    Leaving the block, normally or not, waits until every byte received is on disk and hashed, so the
+    partial file's size is exact for the next `Range`; an error in the writer (e.g. more bytes than
+    published) is raised there."""
+
+    _BATCH = 1 << 20  # wake the writer once this much is waiting (httpx hands over 64 KB at a time)
+    _LIMIT = 16 << 20  # the receiver waits while this much is waiting: bounded memory
+    _LINGER_S = 0.05
+
+    def __init__(self, out: BinaryIO, hasher: _Hasher) -> None:
+        self._out = out
+        self._hasher = hasher
+        self._ready = threading.Condition()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="modelstore-writer", daemon=True)
+
+    def __enter__(self) -> _WriteBehind:
+        self._thread.start()
+        return self
+
+    def put(self, chunk: bytes) -> None:
+        with self._ready:
+            while self._pending_bytes >= self._LIMIT and self._error is None:
+                self._ready.wait()
+            if self._error is not None:
+                raise self._error
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            if self._pending_bytes >= self._BATCH:
+                self._ready.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                if not self._pending and not self._closed:
+                    self._ready.wait(self._LINGER_S)
+                if not self._pending and self._closed:
+                    return
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+                self._ready.notify_all()  # room for a receiver that was waiting
+            for chunk in batch:
+                if self._error is None:
+                    try:
+                        self._hasher.write(self._out, chunk)
+                    except BaseException as exc:
+                        with self._ready:
+                            self._error = exc
+                            self._ready.notify_all()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class _Watched:
+    """Reports another process's progress on a partial file while we wait for its lock."""
+
+    def __init__(self, blobs: BlobStore, key: str, progress: ProgressSink) -> None:
+        self._blobs = blobs
+        self._key = key
+        self._counted = _Counted(progress)
+
+    def poll(self) -> None:
+        size = self._blobs.partial_size(self._key)
+        if size > self._counted.net:
+            self._counted.advance(size - self._counted.net)
+
+    def rewind(self) -> None:
+        """Take back what was reported: from here on this process reports its own bytes."""
+        self._counted.rewind()
+
+
+class _Counted:
+    """A progress sink that remembers how much it reported, so a discarded attempt can take it back."""
+
+    def __init__(self, sink: ProgressSink) -> None:
+        self._sink = sink
+        self.net = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.net += nbytes
+        self._sink.advance(nbytes)
+
+    def exact_size(self, nbytes: int) -> None:
+        self._sink.exact_size(nbytes)
+
+    def rewind(self) -> None:
+        if self.net:
+            self._sink.advance(-self.net)
+            self.net = 0
+
+
+class _Hasher:
+    """The running hashes and byte count of one partial file, and the checks against what was published."""
+
+    def __init__(self, file: RemoteFile) -> None:
+        self._file = file
+        self._expected_size = file.size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._sha1: Any = None
+        if self._file.git_sha1 is not None and self._file.size is not None:
+            # git names a blob by sha1("blob <size>\0" + content).
+            self._sha1 = hashlib.sha1(f"blob {self._file.size}\0".encode(), usedforsecurity=False)
+        self.count = 0
+
+    def absorb(self, out: BinaryIO) -> int:
+        """Hash the bytes an earlier attempt left in the partial file; return how many there are."""
+        existing = os.fstat(out.fileno()).st_size
+        if self._expected_size is not None and existing > self._expected_size:
+            return self.restart(out)
+        out.seek(0)
+        while chunk := out.read(4 << 20):
+            self._update(chunk)
+        return self.count
+
+    def restart(self, out: BinaryIO) -> int:
+        """Empty the partial file; return how many bytes were dropped."""
+        dropped = self.count
+        out.seek(0)
+        out.truncate()
+        self._reset()
+        return dropped
+
+    def _update(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        if self._sha1 is not None:
+            self._sha1.update(chunk)
+        self.count += len(chunk)
+
+    def write(self, out: BinaryIO, chunk: bytes) -> None:
+        if self._expected_size is not None and self.count + len(chunk) > self._expected_size:
+            raise IntegrityError(f"{self._file.label}: {self._file.source} sent more than {self._expected_size} bytes")
+        out.write(chunk)
+        self._update(chunk)
+
+    def _plausible(self, total: int) -> bool:
+        if self._file.size is not None:
+            return total == self._file.size
+        slack = _APPROX_SLACK_BYTES + int(self._file.approx_size * _APPROX_SLACK_RATIO)
+        return abs(total - self._file.approx_size) <= slack
+
+    def check_total(self, total: int) -> bool:
+        """Refuse, before reading the body, a file whose size is not the published one (an error page, another
+        object, a changed upload). True when this is the first exact size learned."""
+        if not self._plausible(total):
+            published = self._file.size if self._file.size is not None else f"about {self._file.approx_size}"
+            raise IntegrityError(
+                f"{self._file.label}: {self._file.source} serves {total} bytes, but published {published}"
+            )
+        first = self._expected_size is None
+        self._expected_size = total
+        return first
+
+    def accept_unsatisfiable(self, total: int | None) -> bool:
+        """A 416 to our range: fine only if we already hold exactly the whole file."""
+        if total is None or total != self.count:
+            return False
+        self.check_total(total)
+        return True
+
+    def complete(self, *, clean_end_without_size: bool) -> bool:
+        if self._expected_size is not None:
+            return self.count == self._expected_size
+        # No size from the server and only an approximate one published: a clean end of a plausible size.
+        return clean_end_without_size and self._plausible(self.count)
+
+    def verify(self) -> str:
+        """The sha256 of the complete file, after checking it against everything the source published."""
+        file = self._file
+        if self._expected_size is not None and self.count != self._expected_size:
+            raise IntegrityError(f"{file.label}: received {self.count} of {self._expected_size} bytes")
+        actual = self._sha256.hexdigest()
+        if file.sha256 is not None and actual != file.sha256:
+            raise IntegrityError(
+                f"{file.label}: SHA256 mismatch (expected {file.sha256}, received {actual}); the download was discarded"
+            )
+        if self._sha1 is not None and self._sha1.hexdigest() != file.git_sha1:
+            raise IntegrityError(f"{file.label}: content does not match {file.source}'s git hash; discarded")
+        return actual
+
+
+def _open_partial(path: Path) -> BinaryIO:
+    # Not "ab": appending mode ignores seek, and a restart must truncate and rewrite from zero.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return os.fdopen(fd, "r+b")
+
+
+def _span(response: httpx.Response) -> tuple[int, int | None]:
+    """(first byte, total size) of what a 200 or 206 response carries."""
+    if response.status_code == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if match is None:
+            raise httpx.RemoteProtocolError("206 without a usable Content-Range")
+        total = None if match.group(3) == "*" else int(match.group(3))
+        return int(match.group(1)), total
+    length = response.headers.get("Content-Length", "")
+    return 0, int(length) if length.isdigit() else None
+
+
+def _unsatisfied_total(response: httpx.Response) -> int | None:
+    match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
+
+
+def _refusal_is_expiry(location: Location, response: httpx.Response) -> bool:
+    """Whether a 400/401/403 came from presigned storage (ask for a fresh URL) rather than from the source."""
+    if location.expiring:
+        return True
+    # We asked the source and it redirected us to storage, which refused: the redirect target expired.
+    return _origin(str(response.url)) != _origin(location.url)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port
+
+
+def _where(response: httpx.Response) -> str:
+    return redact_url(str(response.url))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return redact(text)

@@ -1,0 +1,191 @@
+"""The cache's index: one SQLite database (WAL) that says which models are cached, from where, and which blobs
+make them up.
+
+    models(air, source, layout, architecture, path, sha256, size_bytes, metadata, added, last_used, pinned)
+    model_files(air, path, sha256, size)    -- the blobs of a cached model, by path inside its folder
+
+A row is written only after every blob it names is in place and its folder is built, in one transaction, so
+the index never points at something that is not there (at worst, after a crash, a blob or a folder exists that
+no row names yet; the next pull of that model reuses it). WAL lets many readers (every request's `resolve`)
+proceed while one writer commits, across threads and processes sharing the cache folder.
+
+Metadata is the source's description of the model (ids, names, hashes): never tokens or presigned URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelstore.record import Architecture, Layout
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    air          TEXT PRIMARY KEY,
+    source       TEXT NOT NULL,
+    layout       TEXT NOT NULL,
+    architecture TEXT NOT NULL,
+    path         TEXT NOT NULL,  -- relative to the cache folder, or absolute for local models (not ours)
+    sha256       TEXT NOT NULL,
+    size_bytes   INTEGER NOT NULL,
+    metadata     TEXT NOT NULL,  -- JSON
+    added        REAL NOT NULL,  -- unix time
+    last_used    REAL NOT NULL,
+    pinned       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS model_files (
+    air    TEXT NOT NULL REFERENCES models(air) ON DELETE CASCADE,
+    path   TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (air, path)
+);
+CREATE INDEX IF NOT EXISTS model_files_by_blob ON model_files(sha256);
+"""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    air: str  # canonical
+    source: str
+    layout: Layout
+    architecture: Architecture
+    path: str
+    sha256: str
+    size_bytes: int
+    metadata: Mapping[str, Any]
+    added: float
+    last_used: float
+    pinned: bool
+    # path inside the model folder -> (blob sha256, size); empty for local models.
+    files: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def blobs(self) -> set[str]:
+        return {sha for sha, _ in self.files.values()}
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        # One connection shared by this process's threads (serialised by _lock); autocommit, with explicit
+        # transactions for every multi-statement write.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60.0)
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL loses at most the last commits on power loss, never consistency; each `resolve`
+        # writes last_used, and a full fsync per request would cost more than the lookup itself.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        with self._transaction() as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(f"{path} was written by a newer version (schema {version})")
+            if version < _SCHEMA_VERSION:
+                # Statement by statement: executescript() would commit the transaction we are in.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, air: str) -> IndexEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM models WHERE air = ?", (air,)).fetchone()
+            if row is None:
+                return None
+            files = self._db.execute("SELECT path, sha256, size FROM model_files WHERE air = ?", (air,)).fetchall()
+        return _entry(row, files)
+
+    def entries(self) -> list[IndexEntry]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM models ORDER BY air").fetchall()
+            files = self._db.execute("SELECT air, path, sha256, size FROM model_files").fetchall()
+        by_air: dict[str, list[tuple[str, str, int]]] = {}
+        for air, path, sha256, size in files:
+            by_air.setdefault(air, []).append((path, sha256, size))
+        return [_entry(row, by_air.get(row[0], [])) for row in rows]
+
+    def put(self, entry: IndexEntry) -> None:
+        """Insert or replace `entry` and its files in one transaction; `added` and `pinned` of an existing row
+        are kept (re-pulling a model does not unpin it)."""
+        with self._transaction() as db:
+            old = db.execute("SELECT added, pinned FROM models WHERE air = ?", (entry.air,)).fetchone()
+            added, pinned = (old[0], bool(old[1]) or entry.pinned) if old else (entry.added, entry.pinned)
+            db.execute("DELETE FROM model_files WHERE air = ?", (entry.air,))
+            db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.air,
+                    entry.source,
+                    entry.layout.value,
+                    entry.architecture.value,
+                    entry.path,
+                    entry.sha256,
+                    entry.size_bytes,
+                    json.dumps(dict(entry.metadata), sort_keys=True),
+                    added,
+                    entry.last_used,
+                    int(pinned),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO model_files VALUES (?, ?, ?, ?)",
+                [(entry.air, path, sha256, size) for path, (sha256, size) in entry.files.items()],
+            )
+
+    def touch(self, air: str, when: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE models SET last_used = ? WHERE air = ?", (when, air))
+
+    def set_pinned(self, air: str, pinned: bool) -> bool:
+        with self._lock:
+            cursor = self._db.execute("UPDATE models SET pinned = ? WHERE air = ?", (int(pinned), air))
+            return cursor.rowcount > 0
+
+    def remove(self, air: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM models WHERE air = ?", (air,))
+
+    def referenced_blobs(self) -> set[str]:
+        with self._lock:
+            return {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM model_files")}
+
+
+def _entry(row: tuple[Any, ...], files: list[tuple[str, str, int]]) -> IndexEntry:
+    air, source, layout, architecture, path, sha256, size, metadata, added, last_used, pinned = row
+    return IndexEntry(
+        air=air,
+        source=source,
+        layout=Layout(layout),
+        architecture=Architecture(architecture),
+        path=path,
+        sha256=sha256,
+        size_bytes=size,
+        metadata=json.loads(metadata),
+        added=added,
+        last_used=last_used,
+        pinned=bool(pinned),
+        files={p: (sha, n) for p, sha, n in files},
+    )

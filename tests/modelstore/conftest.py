@@ -1,0 +1,77 @@
+"""Fixtures for the model store's download half: fake civitai (API + separate storage host) and a fake Hugging
+Face Hub, all real HTTP servers on loopback, and stores with their own cache folder per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelstore import ModelStore, StoreSettings
+from modelstore.download import RetryPolicy
+from tests.fakes.civitai import FakeCivitai, FakeStorage
+from tests.fakes.hub import FakeCDN, FakeHub
+
+CIVITAI_TOKEN = "civitai-secret-token-0123456789abcdef"
+HF_TOKEN = "hf_secret_token_0123456789abcdefghij"
+# Tests do not wait for real back-off; the policy's shape is the same.
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
+
+MakeStore = Callable[..., ModelStore]
+
+
+@pytest.fixture
+def storage() -> Iterator[FakeStorage]:
+    server = FakeStorage()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
+    server = FakeCivitai(storage, token=CIVITAI_TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cdn() -> Iterator[FakeCDN]:
+    server = FakeCDN()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    server = FakeHub(token=HF_TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def make_store(cache_dir: Path, civitai: FakeCivitai, hub: FakeHub) -> Iterator[MakeStore]:
+    """Stores over one cache folder, pointed at the fakes; keyword arguments override settings."""
+    stores: list[ModelStore] = []
+
+    def make(**overrides: object) -> ModelStore:
+        values: dict[str, object] = {
+            "cache_dir": cache_dir,
+            "civitai_api": civitai.url,
+            "civitai_token": CIVITAI_TOKEN,
+            "hf_endpoint": hub.url,
+            "hf_token": HF_TOKEN,
+        }
+        values.update(overrides)
+        store = ModelStore(StoreSettings(**values), retry=FAST_RETRY)  # type: ignore[arg-type]
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
