@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelstore import Architecture, Layout
-from modelstore import builtin
+from modelstore import Architecture, Layout, builtin
 from modelstore.errors import IntegrityError, ModelNotFound, SourceUnauthenticated, UnsafeCheckpoint
 from modelstore.progress import DownloadProgress
 from tests.fakes import payloads
