@@ -29,7 +29,7 @@ from modelstore.loading import load_pipeline
 from modelstore.record import Architecture
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server import runner
-from server.device import resolve_device
+from server.device import leave_a_core_for_io, resolve_device
 from server.job import ModelRole
 from server.service import SERVICE_NAME, GenerationService
 from server.settings import Settings
@@ -96,6 +96,9 @@ class RefineryServer:
             raise OSError(f"could not bind {address}")
         await self.health.set("", _SERVING)
         await self.health.set(SERVICE_NAME, _NOT_SERVING)
+        threads = leave_a_core_for_io(self.device)
+        if threads is not None:
+            log.info("using %d CPU thread(s) for generation, leaving one core for serving", threads)
         self.worker.start()
         await server.start()
         self._server = server

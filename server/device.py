@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,3 +36,21 @@ def resolve_device(requested: str) -> DeviceSpec:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return DeviceSpec(name, torch.float32 if device.type == "cpu" else torch.float16)
+
+
+def leave_a_core_for_io(device: DeviceSpec) -> int | None:
+    """On a CPU device, cap torch's intra-op threads at all cores but one; returns the new count, or None if
+    nothing changed. Only ever lowers the count, so a lower OMP_NUM_THREADS set by an operator stands.
+
+    Why: between operations OpenMP threads spin-wait for the next one. When they fill every core, the
+    event-loop and gRPC threads that stream each step's events (and need the GIL to do it) barely get
+    scheduled, and the worker then waits on them for the GIL: on a 2-core machine a 0.3 s tiny-model job took
+    2-14 s through gRPC until one core was left free (benchmarks/bench_generate.py measures the overhead).
+    """
+    if torch.device(device.name).type != "cpu":
+        return None
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    if torch.get_num_threads() <= threads:
+        return None
+    torch.set_num_threads(threads)
+    return threads
