@@ -7,6 +7,7 @@ device worker thread); tests talk to it with the plain synchronous gRPC client, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
@@ -43,6 +44,10 @@ class ServerThread:
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT_S) -> T:
         """Run `coro` on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop_in_background(self) -> concurrent.futures.Future[None]:
+        """Begin a graceful stop (the settings' grace period) without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)
 
     def wait_ready(self) -> None:
         self.call(self.server.wait_ready())

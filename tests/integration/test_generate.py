@@ -66,7 +66,7 @@ def pixels(image: Image.Image) -> bytes:
     return image.convert("RGB").tobytes()
 
 
-# ---- the stream ---------------------------------------------------------------------------------------------
+# ---- the stream --------------------------------------------------------------------------------------------
 
 
 def test_events_arrive_in_order_with_exact_step_counts(stub: pb_grpc.GenerationServiceStub) -> None:
@@ -187,7 +187,7 @@ def test_several_concurrent_clients_are_all_served(stub: pb_grpc.GenerationServi
         assert image.seed == 100 + i
 
 
-# ---- errors -------------------------------------------------------------------------------------------------
+# ---- errors ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -288,7 +288,7 @@ def test_unexpected_failure_is_internal_without_its_text_and_the_worker_survives
         assert len(events(responses, "image")) == 1
 
 
-# ---- model loading ------------------------------------------------------------------------------------------
+# ---- model loading -----------------------------------------------------------------------------------------
 
 
 def test_model_loading_is_reported_only_when_a_model_loads(
@@ -314,7 +314,7 @@ def test_model_loading_is_reported_only_when_a_model_loads(
     assert events(second, "model_loading") == []
 
 
-# ---- cancellation -------------------------------------------------------------------------------------------
+# ---- cancellation ------------------------------------------------------------------------------------------
 
 
 def test_cancelling_stops_the_job_and_frees_the_worker(
@@ -344,7 +344,7 @@ def test_cancelling_stops_the_job_and_frees_the_worker(
     assert 3 <= steps_done < 150 // 2
 
 
-# ---- reproducibility ----------------------------------------------------------------------------------------
+# ---- reproducibility ---------------------------------------------------------------------------------------
 
 
 def test_same_request_same_image_whatever_ran_before(stub: pb_grpc.GenerationServiceStub) -> None:
@@ -362,7 +362,7 @@ def test_same_request_same_image_whatever_ran_before(stub: pb_grpc.GenerationSer
     assert unipc() == before
 
 
-# ---- equality with diffusers run by hand ----------------------------------------------------------------
+# ---- equality with diffusers run by hand -------------------------------------------------------------------
 
 
 _SCHEDULERS: dict[int, tuple[Any, dict[str, Any]]] = {
