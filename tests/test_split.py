@@ -95,7 +95,7 @@ def pair(model_store: ModelStore) -> Iterator[PipelinePair]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield PipelinePair(load(TINY_BASE, "base"), load(TINY_REFINER, "refiner"))  # type: ignore[arg-type]
+        yield PipelinePair(load(TINY_BASE, "base"), load(TINY_REFINER, "refiner"))
     finally:
         torch.set_num_threads(threads)
 

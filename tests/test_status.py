@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2
 
 from modelstore import errors as store_errors
@@ -39,11 +40,11 @@ def test_every_error_class_has_a_row(cls: type[BaseException]) -> None:
     assert code is not grpc.StatusCode.INTERNAL
 
 
-def _bad_request(err_details: tuple[object, ...]) -> list[tuple[str, str]]:
+def _bad_request(err_details: tuple[any_pb2.Any, ...]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for detail in err_details:
         bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):  # type: ignore[attr-defined]
+        if detail.Unpack(bad):
             out.extend((v.field, v.reason) for v in bad.field_violations)
     return out
 

@@ -92,9 +92,13 @@ def channel(server: ServerThread) -> Iterator[grpc.Channel]:
         yield chan
 
 
+def new_stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+
+
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
-    return pb_grpc.GenerationServiceStub(channel)
+    return new_stub(channel)
 
 
 def collect(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:

@@ -34,7 +34,7 @@ from server.job import RenderShape, Sample
 from server.runner import PipelinePair, RunResult, StepObserver
 from server.status import INTERNAL_MESSAGE
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings
+from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
 
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -46,7 +46,7 @@ def request(**fields: Any) -> pb.GenerateRequest:
 
 
 def bad_request_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None, "the error carries no google.rpc.Status details"
     fields: list[str] = []
     for detail in status.details:
@@ -213,20 +213,20 @@ def test_invalid_requests_name_their_fields_before_any_work(
         received = list(call)
         pytest.fail(f"expected INVALID_ARGUMENT, got {len(received)} messages")
     err = caught.value
-    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(err) == expected
 
 
 def test_unknown_model_is_not_found_naming_the_field(stub: pb_grpc.GenerationServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         collect(stub, request(model="builtin:no-such-model@1"))
-    assert caught.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     assert bad_request_fields(caught.value) == ["model"]
-    assert "builtin:no-such-model@1" in caught.value.details()  # type: ignore[attr-defined]
+    assert "builtin:no-such-model@1" in caught.value.details()
 
     with pytest.raises(grpc.RpcError) as caught:
         collect(stub, request(refiner=pb.Refiner(model="builtin:no-such-refiner@1")))
-    assert caught.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     assert bad_request_fields(caught.value) == ["refiner.model"]
 
 
@@ -234,9 +234,9 @@ def test_refiner_as_base_is_a_failed_precondition(stub: pb_grpc.GenerationServic
     with pytest.raises(grpc.RpcError) as caught:
         collect(stub, request(model=TINY_REFINER))
     err = caught.value
-    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert bad_request_fields(err) == ["model"]
-    assert "SDXL refiner" in err.details()  # type: ignore[attr-defined]
+    assert "SDXL refiner" in err.details()
 
 
 def test_a_base_model_may_refine(stub: pb_grpc.GenerationServiceStub) -> None:
@@ -273,13 +273,13 @@ def test_unexpected_failure_is_internal_without_its_text_and_the_worker_survives
 ) -> None:
     caplog.set_level(logging.ERROR)
     with grpc.insecure_channel(exploding_server.address) as chan:
-        stub = pb_grpc.GenerationServiceStub(chan)
+        stub = new_stub(chan)
         with pytest.raises(grpc.RpcError) as caught:
             collect(stub, request(positive_prompt="explode", steps=2))
         err = caught.value
-        assert err.code() is grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
-        assert err.details() == INTERNAL_MESSAGE  # type: ignore[attr-defined]
-        leaked = repr(err.trailing_metadata())  # type: ignore[attr-defined]
+        assert err.code() is grpc.StatusCode.INTERNAL
+        assert err.details() == INTERNAL_MESSAGE
+        leaked = repr(err.trailing_metadata())
         assert "hunter2" not in leaked and "secret" not in leaked
         # The operator gets the traceback.
         assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records)
@@ -297,7 +297,7 @@ def test_model_loading_is_reported_only_when_a_model_loads(
     cold = ServerThread(make_settings(store_settings, preload=()), store=model_store)
     try:
         with grpc.insecure_channel(cold.address) as chan:
-            stub = pb_grpc.GenerationServiceStub(chan)
+            stub = new_stub(chan)
             first = collect(stub, request(steps=2, refiner=pb.Refiner(start_step=2)))
             second = collect(stub, request(steps=2, refiner=pb.Refiner(start_step=2)))
     finally:
@@ -331,7 +331,7 @@ def test_cancelling_stops_the_job_and_frees_the_worker(
                 break
     with pytest.raises(grpc.RpcError) as caught:
         next(long_job)
-    assert caught.value.code() is grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+    assert caught.value.code() is grpc.StatusCode.CANCELLED
 
     # The device is free again: the next request runs to completion.
     responses = collect(stub, request(request_id="after-cancel", steps=3))

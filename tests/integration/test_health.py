@@ -13,9 +13,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from modelstore import ModelRecord, ModelStore, StoreSettings
 from modelstore.loading import load_pipeline
 from refinery.v1 import generation_pb2 as pb
-from refinery.v1 import generation_pb2_grpc as pb_grpc
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings
+from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
 
 SERVICE = "refinery.v1.GenerationService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -76,7 +75,7 @@ def test_drain_finishes_running_work_and_refuses_new(
     try:
         thread.wait_ready()
         with grpc.insecure_channel(thread.address) as chan:
-            stub = pb_grpc.GenerationServiceStub(chan)
+            stub = new_stub(chan)
             watch = health_pb2_grpc.HealthStub(chan).Watch(
                 health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT_S
             )
@@ -94,7 +93,7 @@ def test_drain_finishes_running_work_and_refuses_new(
             # Nothing new is accepted ...
             with pytest.raises(grpc.RpcError) as caught:
                 collect(stub, pb.GenerateRequest(positive_prompt="too late", steps=2))
-            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
             # ... but the request already running completes within the grace period.
             loader.release.set()
