@@ -56,6 +56,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would silently share it.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -91,9 +93,10 @@ class RefineryServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"could not bind {address}")
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or does not resolve
+            raise OSError(f"cannot listen on {address}: {exc}") from None
         await self.health.set("", _SERVING)
         await self.health.set(SERVICE_NAME, _NOT_SERVING)
         threads = leave_a_core_for_io(self.device)

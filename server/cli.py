@@ -293,6 +293,9 @@ async def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         await serve(settings)
     except ValueError as exc:  # e.g. --device cuda on a machine without one
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # the port is taken
+        print(f"refinery: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ModelStoreError as exc:  # a preloaded model is unknown, unsafe or of the wrong kind
         print(f"refinery: error: cannot preload: {exc}", file=sys.stderr)
         return EXIT_FAILED

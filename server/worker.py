@@ -116,6 +116,7 @@ class _Call:
 class _Timings:
     queued_s: float = 0.0
     loading_s: float = 0.0
+    running_s: float = 0.0  # the runner, start to end (the stages below, when it finished)
     base_s: float = 0.0
     refiner_s: float = 0.0
     decode_s: float = 0.0
@@ -258,11 +259,16 @@ class DeviceWorker:
                 raise ticket.cancel_error
             pair = self._acquire(job, ticket.sink)
             timings.loading_s = time.perf_counter() - started
+            if ticket.cancel_requested:  # gone while its models loaded (a deadline, a disconnect)
+                raise ticket.cancel_error
             native_width, native_height = runner.native_size(pair.base)
             shape = job.shape(job.width or native_width, job.height or native_height)
             samples = job.samples()
             observer.start()
-            result = self._run(pair, shape, samples, observer)
+            try:
+                result = self._run(pair, shape, samples, observer)
+            finally:
+                timings.running_s = time.perf_counter() - observer.started
             timings.base_s = result.timings.base_s
             timings.refiner_s = result.timings.refiner_s
             timings.decode_s = result.timings.decode_s
@@ -310,11 +316,11 @@ class _JobObserver:
     def __init__(self, ticket: Ticket) -> None:
         self._ticket = ticket
         self._indices = tuple(range(ticket.job.number_results))
-        self._started = time.perf_counter()
+        self.started = time.perf_counter()
         self.steps_done = 0
 
     def start(self) -> None:
-        self._started = time.perf_counter()
+        self.started = time.perf_counter()
 
     def on_step(self, state: StepState) -> None:
         if self._ticket.cancel_requested:
@@ -328,7 +334,7 @@ class _JobObserver:
                 stage_steps=state.stage_steps,
                 overall_step=state.overall_step,
                 total_steps=state.total_steps,
-                elapsed_s=time.perf_counter() - self._started,
+                elapsed_s=time.perf_counter() - self.started,
                 image_indices=self._indices,
             )
         )
@@ -363,12 +369,13 @@ def _log_outcome(ticket: Ticket, error: BaseException | None, timings: _Timings,
     else:
         outcome = f"failed ({type(error).__name__})"
     log.info(
-        "request %s %s: queued %.3fs, loading %.3fs, base %.3fs, refiner %.3fs, decode %.3fs, encode %.3fs; "
-        "step %d/%d (%d+%d), %d result(s), model %s, refiner %s",
+        "request %s %s: queued %.3fs, loading %.3fs, running %.3fs (base %.3fs, refiner %.3fs, "
+        "decode %.3fs), encode %.3fs; step %d/%d (%d+%d), %d result(s), model %s, refiner %s",
         job.request_id,
         outcome,
         timings.queued_s,
         timings.loading_s,
+        timings.running_s,
         timings.base_s,
         timings.refiner_s,
         timings.decode_s,

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelRecord, ModelStore, StoreSettings
+from modelstore.loading import load_pipeline
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
@@ -59,6 +60,17 @@ class ServerThread:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(TIMEOUT_S)
             self._loop.close()
+
+
+class GatedLoader:
+    """The real loader, held back until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any) -> Any:
+        assert self.release.wait(TIMEOUT_S)
+        return load_pipeline(record, role=role, device=device, dtype=dtype)
 
 
 def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:

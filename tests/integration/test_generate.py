@@ -34,7 +34,7 @@ from server.job import RenderShape, Sample
 from server.runner import PipelinePair, RunResult, StepObserver
 from server.status import INTERNAL_MESSAGE
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, GatedLoader, ServerThread, collect, events, make_settings, new_stub
 
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -342,6 +342,29 @@ def test_cancelling_stops_the_job_and_frees_the_worker(
     assert "cancelled" in line
     steps_done = int(line.split("step ")[1].split("/")[0])
     assert 3 <= steps_done < 150 // 2
+
+
+def test_a_missed_deadline_frees_the_worker(
+    store_settings: StoreSettings, model_store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.worker")
+    loader = GatedLoader()  # the job cannot get past loading before its deadline
+    thread = ServerThread(make_settings(store_settings, preload=()), store=model_store, loader=loader)
+    try:
+        with grpc.insecure_channel(thread.address) as chan:
+            stub = new_stub(chan)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(request(request_id="too-late", steps=20), timeout=0.5))
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            loader.release.set()
+            responses = collect(stub, request(request_id="on-time", steps=2))
+            assert len(events(responses, "image")) == 1
+    finally:
+        loader.release.set()
+        thread.close()
+    # The late job never took a step: it ended as soon as its models were loaded.
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request too-late ")]
+    assert "cancelled" in line and "step 0/20" in line
 
 
 # ---- reproducibility ---------------------------------------------------------------------------------------

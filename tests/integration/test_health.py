@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import grpc
@@ -10,11 +9,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from modelstore import ModelRecord, ModelStore, StoreSettings
-from modelstore.loading import load_pipeline
+from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, GatedLoader, ServerThread, collect, events, make_settings, new_stub
 
 SERVICE = "refinery.v1.GenerationService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -40,19 +38,8 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     assert method.package == "refinery.v1"
 
 
-class _GatedLoader:
-    """The real loader, held back until the test lets it go."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-
-    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any) -> Any:
-        assert self.release.wait(TIMEOUT_S)
-        return load_pipeline(record, role=role, device=device, dtype=dtype)
-
-
 def test_live_but_not_ready_while_preloading(store_settings: StoreSettings, model_store: ModelStore) -> None:
-    loader = _GatedLoader()
+    loader = GatedLoader()
     thread = ServerThread(make_settings(store_settings), store=model_store, loader=loader)
     try:
         with grpc.insecure_channel(thread.address) as chan:
@@ -69,7 +56,7 @@ def test_live_but_not_ready_while_preloading(store_settings: StoreSettings, mode
 def test_drain_finishes_running_work_and_refuses_new(
     store_settings: StoreSettings, model_store: ModelStore
 ) -> None:
-    loader = _GatedLoader()  # holds the in-flight job until the drain has begun
+    loader = GatedLoader()  # holds the in-flight job until the drain has begun
     settings = make_settings(store_settings, preload=(), grace_period_s=60.0)
     thread = ServerThread(settings, store=model_store, loader=loader)
     try:
