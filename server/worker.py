@@ -70,9 +70,6 @@ class ResidentPipelines:
         self._loader = loader
         self._loaded: dict[tuple[str, ModelRole], Any] = {}
 
-    def is_resident(self, model: str, role: ModelRole) -> bool:
-        return (model, role) in self._loaded
-
     def acquire(self, model: str, role: ModelRole, notify: Callable[[ModelLoading], None]) -> Any:
         """The pipeline of canonical AIR `model` in `role`, loading it first if needed.
 
@@ -236,6 +233,8 @@ class DeviceWorker:
                     self._execute(item)
                 else:
                     self._call(item)
+            except Exception:  # a bug in the worker's own bookkeeping; the jobs behind must still run
+                log.exception("device worker: unexpected error between jobs")
             finally:
                 with self._cond:
                     self._running = None
