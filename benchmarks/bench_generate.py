@@ -3,15 +3,15 @@
     python benchmarks/bench_generate.py     # the tiny built-in pair, 64x64, 20 steps, refiner at 90 %
     python benchmarks/bench_generate.py --reps 30 --steps 30 --size 128
 
-Both paths run in this process on the same device and torch thread count, interleaved (direct, service,
-direct, ...) after a warm-up, so drift in machine load hits both alike:
+Both paths use the same device, dtype and torch thread count, and run interleaved (direct, service, direct,
+...) after a warm-up, so drift in machine load hits both alike:
 
 - direct: StableDiffusionXLPipeline(denoising_end=f, output_type="latent") then
   StableDiffusionXLImg2ImgPipeline(denoising_start=f), with f chosen on the timestep grid so the split is the
   service's (the integration tests prove the images equal pixel for pixel);
-- service: a `refinery.v1.GenerationService/Generate` call over loopback gRPC to a `RefineryServer` (models
-  preloaded), timed from the call to the last message, which carries the PNG; also the time to the first
-  Progress event.
+- service: a `refinery.v1.GenerationService/Generate` call over loopback gRPC to `refinery serve` running in
+  its own process (models preloaded), timed from the call to the last message, which carries the PNG; also
+  the time to the first Progress event.
 
 Target: median service / median direct <= 1.10.
 """
@@ -19,25 +19,30 @@ Target: median service / median direct <= 1.10.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import math
+import os
+import signal
+import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
-from server.app import RefineryServer
+from server.device import leave_a_core_for_io, resolve_device
 from server.logs import quiet_model_libraries
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER
 from server.split import StartPercentage, base_step_count
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky"
@@ -102,25 +107,35 @@ class Direct:
 
 
 class Service:
-    """A RefineryServer on its own event-loop thread, called with the plain synchronous client."""
+    """`refinery serve` in its own process (models preloaded), called with the plain synchronous client, as an
+    internal service would call it."""
 
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, daemon=True).start()
-        self.server = self._call(self._start(settings, store))
+    def __init__(self, args: argparse.Namespace) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--device", args.device, "--log-level", "WARNING"]
+        if args.cache_dir:
+            command += ["--cache-dir", str(args.cache_dir)]
+        root = Path(__file__).resolve().parent.parent
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        }
+        self._process = subprocess.Popen(command, cwd=root, env=env)
         self._channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.server.port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
         )
+        grpc.channel_ready_future(self._channel).result(timeout=300)
+        watch = health_pb2_grpc.HealthStub(self._channel).Watch(
+            health_pb2.HealthCheckRequest(service="refinery.v1.GenerationService"), timeout=300
+        )
+        for update in watch:  # the default models are resident once this says SERVING
+            if update.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        watch.cancel()
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]
-
-    async def _start(self, settings: Settings, store: ModelStore) -> RefineryServer:
-        server = RefineryServer(settings, store=store)
-        await server.start()
-        await server.wait_ready()
-        return server
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, p: Params) -> tuple[float, float, bytes]:
         """(seconds to the first Progress, seconds to the end, PNG)."""
@@ -146,8 +161,8 @@ class Service:
 
     def close(self) -> None:
         self._channel.close()
-        self._call(self.server.stop(0))
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._process.send_signal(signal.SIGTERM)
+        self._process.wait(timeout=60)
 
 
 def main() -> None:
@@ -158,15 +173,15 @@ def main() -> None:
     parser.add_argument("--refiner-start", type=int, default=90, help="percent (default 90)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cache-dir", help="model cache (default: REFINERY_CACHE_DIR or ~/.cache/refinery)")
+    parser.add_argument("--cache-dir", type=Path, help="model cache (default: REFINERY_CACHE_DIR, ~/.cache)")
     args = parser.parse_args()
 
     quiet_model_libraries()
-    store_settings = StoreSettings.from_env(cache_dir=args.cache_dir, offline=True)
-    store = ModelStore(store_settings)
-    settings = Settings(store=store_settings, host="127.0.0.1", port=0, device=args.device)
-    service = Service(settings, store)  # resolves the device and sets the torch thread count for both paths
-    device = service.server.device
+    store = ModelStore(StoreSettings.from_env(cache_dir=args.cache_dir, offline=True))
+    service = Service(args)
+    # The same device, dtype and torch thread count that the server chose for itself.
+    device = resolve_device(args.device)
+    leave_a_core_for_io(device)
     direct = Direct(store, device.name, device.dtype)
     p = Params(
         args.size, args.steps, base_step_count(args.steps, StartPercentage(args.refiner_start)), 7, 7.0
