@@ -131,6 +131,13 @@ def parse_refiner_start(text: str) -> tuple[str, int]:
     return field, int(value)
 
 
+def count(text: str) -> int:
+    """A whole number >= 0 (the request's fields are unsigned; the server checks the upper bounds)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """ "WxH", or one number for a square."""
     width, sep, height = text.lower().partition("x")
@@ -249,7 +256,10 @@ async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -
 
 
 async def _generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    request = build_request(args)
+    try:
+        request = build_request(args)
+    except ValueError as exc:  # protobuf refuses a number its field cannot hold
+        raise UsageError(f"a value is out of range: {exc}") from None
     address = args.server or env.get("REFINERY_SERVER")
     async with contextlib.AsyncExitStack() as stack:
         if not address:
@@ -319,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     serve.add_argument("--host", help="address to bind (default 0.0.0.0) [REFINERY_HOST]")
-    serve.add_argument("--port", type=int, help="port (default 50051; 0 = any free port) [REFINERY_PORT]")
+    serve.add_argument("--port", type=count, help="port (default 50051; 0 = any free port) [REFINERY_PORT]")
     serve.add_argument(
         "--model", dest="default_model", help=f"default base model (default {DEFAULT_BASE}) [REFINERY_MODEL]"
     )
@@ -353,17 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="90%|STEP",
         help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
     )
-    gen.add_argument("--steps", type=int, help="total steps of both stages (default 30)")
+    gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
-    gen.add_argument("--seed", type=int, help="seed of the first image (default: random, printed)")
+    gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
     gen.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's native size")
-    gen.add_argument("-n", "--number", type=int, default=1, help="how many images (seeds seed, seed+1, ...)")
+    gen.add_argument(
+        "-n", "--number", type=count, default=1, help="how many images (seeds seed, seed+1, ...)"
+    )
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default euler")
     gen.add_argument("--format", choices=sorted(FORMATS), help="default: from -o's suffix, else png")
     gen.add_argument(
         "-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ..."
     )
-    gen.add_argument("--preview-every", type=int, help="ask for a preview every N steps")
+    gen.add_argument("--preview-every", type=count, help="ask for a preview every N steps")
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
     gen.add_argument("--server", help="HOST:PORT of a running server (default: start one in this process)")
     common(gen)

@@ -152,6 +152,17 @@ def test_generate_reports_an_unknown_model(tmp_path: Path, server: ServerThread)
     assert last.startswith("error: NOT_FOUND: model: ") and "builtin:nope@1" in last
 
 
+def test_flags_out_of_range_are_usage_errors(tmp_path: Path) -> None:
+    negative = refinery(
+        "generate", "a cat", "--steps", "-1", "--server", "localhost:1", cache=tmp_path, cwd=tmp_path
+    )
+    assert negative.returncode == 2 and "--steps: expected a whole number >= 0" in negative.stderr
+    huge = refinery(
+        "generate", "a cat", "--seed", str(2**64), "--server", "localhost:1", cache=tmp_path, cwd=tmp_path
+    )
+    assert huge.returncode == 2 and huge.stderr.startswith("refinery: error: a value is out of range")
+
+
 # ---- serve -------------------------------------------------------------------------------------------------
 
 
