@@ -102,6 +102,18 @@ def native_size(base: StableDiffusionXLPipeline) -> tuple[int, int]:
 
 def run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver) -> RunResult:
     """Denoise `samples` as one batch; returns one RGB image per sample, in order."""
+    model_scheduler = pair.base.scheduler
+    try:
+        return _run(pair, shape, samples, observer)
+    finally:
+        # Each job's schedulers are built from the model's own scheduler config. Left in place, this job's
+        # scheduler (and its config: Karras sigmas, solver settings) would be the next job's starting point.
+        pair.base.scheduler = model_scheduler
+
+
+def _run(
+    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
+) -> RunResult:
     if shape.refiner_steps and pair.refiner is None:
         raise ValueError("the shape has refiner steps but no refiner was loaded")
     base = pair.base

@@ -1,0 +1,200 @@
+"""The server process: gRPC (grpc.aio) with health and reflection, one device worker, graceful shutdown.
+
+    async with RefineryServer(settings) as server:   # port 0 binds a free port: server.port
+        await server.wait_ready()                     # default models resident, health SERVING
+        ...
+
+`serve(settings)` is what `refinery serve` runs: the same, plus SIGTERM/SIGINT handling.
+
+Health (grpc.health.v1) reports two names, after Triton's live/ready split (shared/research/anchors.md §G):
+"" is the process (SERVING while it runs, so a liveness probe does not kill a server that is still loading
+its models), and "refinery.v1.GenerationService" turns SERVING once the preloaded models are resident (the
+readiness probe). Both are NOT_SERVING from the moment the server starts draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelstore import ModelStore, parse_air
+from modelstore.loading import load_pipeline
+from modelstore.record import Architecture
+from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server import runner
+from server.device import leave_a_core_for_io, resolve_device
+from server.job import ModelRole
+from server.service import SERVICE_NAME, GenerationService
+from server.settings import Settings
+from server.worker import DeviceWorker, PipelineLoader, PipelineRunner
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    limit = settings.max_message_bytes
+    return [
+        # Images travel whole, one per message: gRPC's 4 MiB default receive limit is too small for them.
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # Long generations are quiet between events and clients keep their connections alive with pings.
+        # gRPC's server default (no pings more often than every 5 minutes, GOAWAY "too_many_pings" after 2)
+        # drops clients that ping every 10-60 s, so accept pings every 10 s, also with no call running.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Our own pings find clients that vanished without closing (their jobs are then cancelled).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class RefineryServer:
+    """One process's server. `start()` binds and serves at once; models preload in the background."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: ModelStore | None = None,
+        loader: PipelineLoader = load_pipeline,
+        run: PipelineRunner = runner.run,
+    ) -> None:
+        self.settings = settings
+        self.store = store if store is not None else ModelStore(settings.store)
+        self.device = resolve_device(settings.device)
+        self.worker = DeviceWorker(self.store, self.device, loader=loader, run=run)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._preloading: asyncio.Task[None] | None = None
+        self._draining = False
+
+    async def start(self) -> int:
+        """Bind `settings.host:settings.port` (0: a free port), start serving, and begin preloading.
+        Returns the bound port."""
+        server = grpc.aio.server(options=grpc_options(self.settings))
+        service = GenerationService(self.worker, self.settings)
+        pb_grpc.add_GenerationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or does not resolve
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        await self.health.set("", _SERVING)
+        await self.health.set(SERVICE_NAME, _NOT_SERVING)
+        threads = leave_a_core_for_io(self.device)
+        if threads is not None:
+            log.info("using %d CPU thread(s) for generation, leaving one core for serving", threads)
+        self.worker.start()
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d, device %s", self.settings.host, self.port, self.device.label)
+        self._preloading = asyncio.create_task(self._preload(), name="refinery-preload")
+        return self.port
+
+    async def wait_ready(self) -> None:
+        """Wait until the preloaded models are resident; raises what a failed preload raised."""
+        if self._preloading is None:
+            raise RuntimeError("the server is not started")
+        await asyncio.shield(self._preloading)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new RPCs, let running ones finish for `grace_s` (default: the
+        settings' grace period), then stop the worker. Calling it again with a shorter grace cuts the drain
+        short (gRPC keeps the most restrictive grace)."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        first = not self._draining
+        self._draining = True
+        if first:
+            await self.health.enter_graceful_shutdown()
+            log.info("draining: running requests have %.1fs to finish", grace)
+        if self._server is not None:
+            # Stops accepting at once; RPCs still running after `grace` are cancelled, and their jobs too.
+            await self._server.stop(grace)
+        if first:
+            # Every job's RPC is over by now; close() ends leftovers and joins the thread.
+            await asyncio.to_thread(self.worker.close, 10.0)
+            if self._preloading is not None and not self._preloading.done():
+                self._preloading.cancel()
+            log.info("stopped")
+
+    async def __aenter__(self) -> RefineryServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _preload(self) -> None:
+        plan = await asyncio.to_thread(self._preload_plan)
+        if plan:
+            names = ", ".join(f"{model} ({role.value})" for model, role in plan)
+            log.info("preloading %s", names)
+            await asyncio.wrap_future(self.worker.preload(plan))
+        await self.health.set(SERVICE_NAME, _SERVING)
+        log.info("ready")
+
+    def _preload_plan(self) -> Sequence[tuple[str, ModelRole]]:
+        """The default base loads as base and the default refiner as refiner (both, if it is both); any other
+        preloaded model in the role its architecture says. Resolving may build or download (blocking)."""
+        settings = self.settings
+        base = parse_air(settings.default_model).canonical
+        refiner = parse_air(settings.default_refiner).canonical if settings.default_refiner else None
+        plan: list[tuple[str, ModelRole]] = []
+        for text in settings.preload:
+            model = parse_air(text).canonical
+            defaults = ((ModelRole.BASE, base), (ModelRole.REFINER, refiner))
+            roles = [role for role, default in defaults if model == default]
+            if not roles:
+                is_refiner = self.store.resolve(model).architecture is Architecture.SDXL_REFINER
+                roles = [ModelRole.REFINER if is_refiner else ModelRole.BASE]
+            plan.extend((model, role) for role in roles)
+        return plan
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain within the grace period (a second signal: stop at once)."""
+    server = RefineryServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_requested.set)
+    ready = asyncio.create_task(server.wait_ready())
+    stopping = asyncio.create_task(stop_requested.wait())
+    try:
+        await asyncio.wait((ready, stopping), return_when=asyncio.FIRST_COMPLETED)
+        failed = ready.exception() if ready.done() else None
+        if failed is not None:
+            raise failed
+        await stopping
+        log.info("signal received; shutting down")
+        for sig in signals:  # a second signal cuts the grace period short
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(0)))
+        await server.stop()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        ready.cancel()
+        stopping.cancel()
+        await server.stop(0)

@@ -1,0 +1,56 @@
+"""Logging set-up, called by the CLI only: plain lines for people, or one JSON object per line for collectors.
+
+The worker's per-request line carries structured `extra` fields (request_id, outcome, timings, steps_done);
+the JSON format keeps them as fields so a log pipeline need not parse the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+_EXTRA_FIELDS = ("request_id", "outcome", "timings", "steps_done")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        for name in _EXTRA_FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: int | str = logging.INFO, *, json_format: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def quiet_model_libraries() -> None:
+    """Call before a server starts in this process. diffusers and transformers draw their own progress bars
+    and warn about optional backends (torchvision, ...) they do not need here; the server reports progress
+    through its events and its own log. (Not part of `configure_logging`: a client-only CLI never imports
+    them.)"""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()

@@ -1,0 +1,61 @@
+"""Events cross from the worker thread to an RPC's event loop through an unbounded asyncio queue.
+
+Unbounded on purpose: the worker hands an event over in microseconds and never waits for the client, so a
+slow reader cannot stall the device. What piles up is bounded by one job (a few hundred small progress
+messages, its previews and its images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from server.job import JobEvent
+
+
+@dataclass(frozen=True)
+class _End:
+    error: BaseException | None
+
+
+class AsyncEventStream:
+    """An `EventSink` for the worker thread and an async iterator of the same events for the event loop.
+
+    Iteration ends after the job's last event, or raises the exception the job ended with.
+    Create it on the loop that will read it.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[JobEvent | _End] = asyncio.Queue()
+        self._ended = False
+
+    # ---- the worker thread's side --------------------------------------------------------------------
+
+    def emit(self, event: JobEvent) -> None:
+        self._put(event)
+
+    def close(self, error: BaseException | None) -> None:
+        self._put(_End(error))
+
+    def _put(self, item: JobEvent | _End) -> None:
+        # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    # ---- the event loop's side -----------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._ended = True
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        return item

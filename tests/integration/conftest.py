@@ -1,0 +1,122 @@
+"""A real Refinery server on loopback for the integration tests, driven through real gRPC clients.
+
+The server runs on its own event loop in a background thread, exactly as in production (grpc.aio plus one
+device worker thread); tests talk to it with the plain synchronous gRPC client, as most callers would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from modelstore import ModelRecord, ModelStore, StoreSettings
+from modelstore.loading import load_pipeline
+from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.app import RefineryServer
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+
+T = TypeVar("T")
+TIMEOUT_S = 120  # a hang fails the test instead of the whole run; never an expectation about speed
+
+
+class ServerThread:
+    """`RefineryServer` on 127.0.0.1:0 in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings, **server_args: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
+        self._thread.start()
+        self.server: RefineryServer = self.call(self._make(settings, server_args))
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    async def _make(self, settings: Settings, server_args: dict[str, Any]) -> RefineryServer:
+        server = RefineryServer(settings, **server_args)
+        await server.start()
+        return server
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT_S) -> T:
+        """Run `coro` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop_in_background(self) -> concurrent.futures.Future[None]:
+        """Begin a graceful stop (the settings' grace period) without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)
+
+    def wait_ready(self) -> None:
+        self.call(self.server.wait_ready())
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop(0))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(TIMEOUT_S)
+            self._loop.close()
+
+
+class GatedLoader:
+    """The real loader, held back until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any) -> Any:
+        assert self.release.wait(TIMEOUT_S)
+        return load_pipeline(record, role=role, device=device, dtype=dtype)
+
+
+def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
+    settings = Settings(
+        store=store_settings,
+        host="127.0.0.1",
+        port=0,
+        device="cpu",
+        default_model=DEFAULT_BASE,
+        default_refiner=DEFAULT_REFINER,
+        preload=(DEFAULT_BASE, DEFAULT_REFINER),
+        grace_period_s=10.0,
+    )
+    return replace(settings, **overrides)
+
+
+@pytest.fixture(scope="session")
+def server(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
+    """The shared server: the tiny base and refiner preloaded, health SERVING."""
+    thread = ServerThread(make_settings(store_settings), store=model_store)
+    try:
+        thread.wait_ready()
+        yield thread
+    finally:
+        thread.close()
+
+
+@pytest.fixture(scope="session")
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as chan:
+        yield chan
+
+
+def new_stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return new_stub(channel)
+
+
+def collect(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+    """Every message of one Generate stream (raises grpc.RpcError if it ends with an error)."""
+    return list(stub.Generate(request, timeout=TIMEOUT_S))
+
+
+def events(responses: list[pb.GenerateResponse], kind: str) -> list[Any]:
+    return [getattr(r, kind) for r in responses if r.WhichOneof("event") == kind]

@@ -1,0 +1,84 @@
+"""The error -> status table: every error class has a row, and clients get details they can act on."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2
+
+from modelstore import errors as store_errors
+from server import errors
+from server.status import INTERNAL_MESSAGE, rpc_error_for, status_code_for
+
+
+def _subclasses(root: type[BaseException]) -> list[type[BaseException]]:
+    found: list[type[BaseException]] = []
+    pending = [root]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            found.append(sub)
+            pending.append(sub)
+    return found
+
+
+ERROR_CLASSES = _subclasses(errors.ServerError) + _subclasses(store_errors.ModelStoreError)
+
+
+def test_both_trees_are_walked() -> None:
+    names = {cls.__name__ for cls in ERROR_CLASSES}
+    assert {"InvalidRequest", "JobCancelled", "ModelNotFound", "WrongArchitecture"} <= names
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+def test_every_error_class_has_a_row(cls: type[BaseException]) -> None:
+    # The lookup only looks at the class, so an instance needs none of its constructor's arguments.
+    code = status_code_for(cls.__new__(cls))
+    assert code is not None, f"{cls.__name__} has no row in server/status.py"
+    assert code is not grpc.StatusCode.INTERNAL
+
+
+def _bad_request(err_details: tuple[any_pb2.Any, ...]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for detail in err_details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            out.extend((v.field, v.reason) for v in bad.field_violations)
+    return out
+
+
+def test_invalid_request_carries_field_violations() -> None:
+    exc = errors.InvalidRequest(
+        [errors.FieldViolation("steps", "too many"), errors.FieldViolation("refiner.start_step", "too late")]
+    )
+    rpc = rpc_error_for(exc)
+    assert rpc.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert _bad_request(rpc.details) == [("steps", "INVALID_VALUE"), ("refiner.start_step", "INVALID_VALUE")]
+    status = rpc.to_status()
+    assert status.code == code_pb2.INVALID_ARGUMENT and status.message == rpc.message
+
+
+def test_model_errors_name_their_field() -> None:
+    rpc = rpc_error_for(store_errors.ModelNotFound("no such model").for_field("refiner.model"))
+    assert rpc.code is grpc.StatusCode.NOT_FOUND
+    assert rpc.message == "refiner.model: no such model"
+    assert _bad_request(rpc.details) == [("refiner.model", "ModelNotFound")]
+
+
+def test_overload_says_when_to_retry() -> None:
+    rpc = rpc_error_for(errors.Overloaded("queue full", retry_after_s=2.5))
+    assert rpc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    (detail,) = rpc.details
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 2500
+
+
+def test_unexpected_errors_are_internal_and_logged_not_leaked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    rpc = rpc_error_for(KeyError("/secret/path"))
+    assert rpc.code is grpc.StatusCode.INTERNAL
+    assert rpc.message == INTERNAL_MESSAGE and rpc.details == ()
+    assert any(r.exc_info and isinstance(r.exc_info[1], KeyError) for r in caplog.records)
