@@ -183,9 +183,7 @@ def main() -> None:
     device = resolve_device(args.device)
     leave_a_core_for_io(device)
     direct = Direct(store, device.name, device.dtype)
-    p = Params(
-        args.size, args.steps, base_step_count(args.steps, StartPercentage(args.refiner_start)), 7, 7.0
-    )
+    p = Params(args.size, args.steps, base_step_count(args.steps, StartPercentage(args.refiner_start)), 7, 7.0)
 
     for _ in range(args.warmup):
         direct.generate(p)

@@ -264,9 +264,7 @@ async def _generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if not address:
             address = await stack.enter_async_context(_in_process_server(args, env))
-        channel = await stack.enter_async_context(
-            grpc.aio.insecure_channel(address, options=_channel_options())
-        )
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=_channel_options()))
         try:
             stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
             written = await _stream_to_files(stub, request, args)
@@ -354,9 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--model", help="base model AIR (default: the server's)")
-    gen.add_argument(
-        "--refiner", help="refiner AIR; without it (and without --refiner-start) no refiner runs"
-    )
+    gen.add_argument("--refiner", help="refiner AIR; without it (and without --refiner-start) no refiner runs")
     gen.add_argument(
         "--refiner-start",
         type=parse_refiner_start,
@@ -367,14 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
     gen.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's native size")
-    gen.add_argument(
-        "-n", "--number", type=count, default=1, help="how many images (seeds seed, seed+1, ...)"
-    )
+    gen.add_argument("-n", "--number", type=count, default=1, help="how many images (seeds seed, seed+1, ...)")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default euler")
     gen.add_argument("--format", choices=sorted(FORMATS), help="default: from -o's suffix, else png")
-    gen.add_argument(
-        "-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ..."
-    )
+    gen.add_argument("-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ...")
     gen.add_argument("--preview-every", type=count, help="ask for a preview every N steps")
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
     gen.add_argument("--server", help="HOST:PORT of a running server (default: start one in this process)")

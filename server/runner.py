@@ -111,9 +111,7 @@ def run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obser
         pair.base.scheduler = model_scheduler
 
 
-def _run(
-    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
-) -> RunResult:
+def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver) -> RunResult:
     if shape.refiner_steps and pair.refiner is None:
         raise ValueError("the shape has refiner steps but no refiner was loaded")
     base = pair.base

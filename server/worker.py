@@ -289,9 +289,7 @@ class DeviceWorker:
         return PipelinePair(base, refiner)
 
     @staticmethod
-    def _emit_images(
-        job: GenerationJob, samples: Sequence[Sample], result: RunResult, sink: EventSink
-    ) -> None:
+    def _emit_images(job: GenerationJob, samples: Sequence[Sample], result: RunResult, sink: EventSink) -> None:
         for index, (sample, image) in enumerate(zip(samples, result.images, strict=True)):
             sink.emit(
                 ImageResult(

@@ -10,9 +10,7 @@ from server.logs import JsonFormatter
 
 
 def test_json_lines_keep_the_request_fields() -> None:
-    record = logging.LogRecord(
-        "server.worker", logging.INFO, __file__, 1, "request %s %s", ("r1", "ok"), None
-    )
+    record = logging.LogRecord("server.worker", logging.INFO, __file__, 1, "request %s %s", ("r1", "ok"), None)
     record.request_id = "r1"
     record.outcome = "ok"
     record.timings = {"queued_s": 0.0, "base_s": 0.25}

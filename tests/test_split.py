@@ -114,9 +114,7 @@ def _run_counts(pair: PipelinePair, scheduler: SchedulerKind, steps: int, base_s
 
 @pytest.mark.parametrize("scheduler", list(SchedulerKind), ids=lambda k: k.value)
 @pytest.mark.parametrize("steps", [2, 3, 5])
-def test_runner_runs_exact_counts_for_every_start(
-    pair: PipelinePair, scheduler: SchedulerKind, steps: int
-) -> None:
+def test_runner_runs_exact_counts_for_every_start(pair: PipelinePair, scheduler: SchedulerKind, steps: int) -> None:
     for start in range(2, steps + 1):
         _run_counts(pair, scheduler, steps, base_step_count(steps, StartStep(start)))
 

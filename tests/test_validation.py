@@ -133,10 +133,7 @@ def test_explicit_values_are_kept() -> None:
     )
     assert job.request_id == "mine"
     assert job.model == "civitai:101055@128078"  # canonical form
-    assert (
-        job.refiner is not None
-        and job.refiner.model == "huggingface:stabilityai/stable-diffusion-xl-refiner-1.0"
-    )
+    assert job.refiner is not None and job.refiner.model == "huggingface:stabilityai/stable-diffusion-xl-refiner-1.0"
     assert (job.base_steps, job.refiner_steps) == (26, 4)  # 85 % of 30
     assert (job.width, job.height, job.cfg_scale, job.seed) == (1024, 768, 5.5, 0)
     assert [s.seed for s in job.samples()] == list(range(8))

@@ -217,9 +217,7 @@ def test_a_failing_job_does_not_kill_the_worker(worker: DeviceWorker) -> None:
     assert next_one.error is None and len(next_one.of(ImageResult)) == 1
 
 
-def test_cancelling_a_running_job_stops_it_at_the_next_step(
-    worker: DeviceWorker, runner_: GatedRunner
-) -> None:
+def test_cancelling_a_running_job_stops_it_at_the_next_step(worker: DeviceWorker, runner_: GatedRunner) -> None:
     sink = RecordingSink()
     ticket = worker.submit(make_job("hold", steps=50, base_steps=50), sink)
     assert runner_.holding.wait(WAIT_S)

@@ -90,9 +90,7 @@ def test_flags_become_the_request() -> None:
 # ---- generate ----------------------------------------------------------------------------------------------
 
 
-def test_generate_in_process_writes_a_png_and_shows_both_stages(
-    tmp_path: Path, store_settings: StoreSettings
-) -> None:
+def test_generate_in_process_writes_a_png_and_shows_both_stages(tmp_path: Path, store_settings: StoreSettings) -> None:
     result = refinery(
         "generate", "a lighthouse on a cliff", "--refiner", "builtin:tiny-sdxl-refiner@1", "--steps", "10",
         "--seed", "7", "-o", "out/demo.png", cache=store_settings.cache_dir, cwd=tmp_path,
@@ -153,13 +151,9 @@ def test_generate_reports_an_unknown_model(tmp_path: Path, server: ServerThread)
 
 
 def test_flags_out_of_range_are_usage_errors(tmp_path: Path) -> None:
-    negative = refinery(
-        "generate", "a cat", "--steps", "-1", "--server", "localhost:1", cache=tmp_path, cwd=tmp_path
-    )
+    negative = refinery("generate", "a cat", "--steps", "-1", "--server", "localhost:1", cache=tmp_path, cwd=tmp_path)
     assert negative.returncode == 2 and "--steps: expected a whole number >= 0" in negative.stderr
-    huge = refinery(
-        "generate", "a cat", "--seed", str(2**64), "--server", "localhost:1", cache=tmp_path, cwd=tmp_path
-    )
+    huge = refinery("generate", "a cat", "--seed", str(2**64), "--server", "localhost:1", cache=tmp_path, cwd=tmp_path)
     assert huge.returncode == 2 and huge.stderr.startswith("refinery: error: a value is out of range")
 
 

@@ -120,9 +120,7 @@ def test_events_arrive_in_order_with_exact_step_counts(stub: pb_grpc.GenerationS
 def test_base_only_runs_every_step_on_the_base(stub: pb_grpc.GenerationServiceStub) -> None:
     responses = collect(stub, request(steps=5, width=128, height=64))
     progress = events(responses, "progress")
-    assert [(p.stage, p.step, p.stage_steps) for p in progress] == [
-        (pb.STAGE_BASE, s, 5) for s in range(1, 6)
-    ]
+    assert [(p.stage, p.step, p.stage_steps) for p in progress] == [(pb.STAGE_BASE, s, 5) for s in range(1, 6)]
     (image,) = events(responses, "image")
     assert (image.base_steps, image.refiner_steps, image.refiner_model) == (5, 0, "")
     assert decode(image.data).size == (128, 64) == (image.width, image.height)
@@ -259,9 +257,7 @@ class _ExplodingRunner:
 
 @pytest.fixture(scope="module")
 def exploding_server(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    thread = ServerThread(
-        make_settings(store_settings, preload=()), store=model_store, run=_ExplodingRunner()
-    )
+    thread = ServerThread(make_settings(store_settings, preload=()), store=model_store, run=_ExplodingRunner())
     try:
         yield thread
     finally:
@@ -374,9 +370,7 @@ def test_same_request_same_image_whatever_ran_before(stub: pb_grpc.GenerationSer
     # Each job gets schedulers built from the model's own config, not from whatever the previous job used
     # (a Karras job must not leave Karras sigmas behind for the next UniPC job).
     def unipc() -> bytes:
-        responses = collect(
-            stub, request(steps=6, seed=5, scheduler=pb.SCHEDULER_UNIPC, refiner=pb.Refiner())
-        )
+        responses = collect(stub, request(steps=6, seed=5, scheduler=pb.SCHEDULER_UNIPC, refiner=pb.Refiner()))
         (image,) = events(responses, "image")
         return pixels(decode(image.data))
 
@@ -415,9 +409,7 @@ class _ByHand:
             "use_safetensors": True,
             "add_watermarker": False,
         }
-        self.base = StableDiffusionXLPipeline.from_pretrained(
-            str(model_store.resolve(TINY_BASE).path), **common
-        )
+        self.base = StableDiffusionXLPipeline.from_pretrained(str(model_store.resolve(TINY_BASE).path), **common)
         self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
             str(model_store.resolve(TINY_REFINER).path), **common
         )

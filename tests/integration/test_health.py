@@ -53,9 +53,7 @@ def test_live_but_not_ready_while_preloading(store_settings: StoreSettings, mode
         thread.close()
 
 
-def test_drain_finishes_running_work_and_refuses_new(
-    store_settings: StoreSettings, model_store: ModelStore
-) -> None:
+def test_drain_finishes_running_work_and_refuses_new(store_settings: StoreSettings, model_store: ModelStore) -> None:
     loader = GatedLoader()  # holds the in-flight job until the drain has begun
     settings = make_settings(store_settings, preload=(), grace_period_s=60.0)
     thread = ServerThread(settings, store=model_store, loader=loader)
@@ -68,9 +66,7 @@ def test_drain_finishes_running_work_and_refuses_new(
             )
             assert next(watch).status == SERVING
 
-            in_flight = stub.Generate(
-                pb.GenerateRequest(positive_prompt="a lighthouse", steps=6), timeout=TIMEOUT_S
-            )
+            in_flight = stub.Generate(pb.GenerateRequest(positive_prompt="a lighthouse", steps=6), timeout=TIMEOUT_S)
             assert next(in_flight).WhichOneof("event") == "queued"
             assert next(in_flight).WhichOneof("event") == "model_loading"
 
