@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,16 @@ def preferred_dtype(device: str) -> Any:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = None) -> Any:
+def load_pipeline(
+    record: ModelRecord, *, role: str, device: str, dtype: Any = None, components: Mapping[str, Any] | None = None
+) -> Any:
     """A checked StableDiffusionXLPipeline (role "base") or StableDiffusionXLImg2ImgPipeline ("refiner").
 
-    `dtype` None means `preferred_dtype(device)`. Raises WrongArchitecture when the weights cannot serve
-    `role`, UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or
-    match no known configuration.
+    `dtype` None means `preferred_dtype(device)`. `components` are modules already on `device` to use instead
+    of loading those parts (e.g. the VAE and OpenCLIP encoder a refiner shares with its base); the caller
+    vouches that they hold the same weights. Raises WrongArchitecture when the weights cannot serve `role`,
+    UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or match no
+    known configuration.
     """
     _check_role(role)
     dtype = preferred_dtype(device) if dtype is None else dtype
@@ -65,13 +70,21 @@ def load_pipeline(record: ModelRecord, *, role: str, device: str, dtype: Any = N
     if record.layout is Layout.DIFFUSERS:
         architecture = detect_folder(record.path)
         _require_role(record, architecture, role)
-        pipe = _from_folder(record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype)
+        pipe = _from_folder(
+            record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype, reuse=components
+        )
     else:
         header = _single_file_header(record.path)
         architecture = detect_header(header, name=record.canonical)
         _require_role(record, architecture, role)
         pipe = _from_single_file(
-            record.path, header, name=record.canonical, role=role, architecture=architecture, dtype=dtype
+            record.path,
+            header,
+            name=record.canonical,
+            role=role,
+            architecture=architecture,
+            dtype=dtype,
+            reuse=components,
         )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -127,8 +140,13 @@ def _pipeline_class(role: str) -> Any:
     return StableDiffusionXLPipeline if role == "base" else StableDiffusionXLImg2ImgPipeline
 
 
-def _pipeline_kwargs(role: str, architecture: Architecture, dtype: Any) -> dict[str, Any]:
+def _pipeline_kwargs(
+    role: str, architecture: Architecture, dtype: Any, reuse: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
+        # Passed components are used as they are and not loaded again (diffusers' documented way to share a
+        # VAE or text encoder between pipelines).
+        **(reuse or {}),
         "dtype": dtype,
         "local_files_only": True,
         "add_watermarker": False,
@@ -143,8 +161,16 @@ def _pipeline_kwargs(role: str, architecture: Architecture, dtype: Any) -> dict[
     return kwargs
 
 
-def _from_folder(folder: Path, *, name: str, role: str, architecture: Architecture, dtype: Any) -> Any:
-    kwargs = _pipeline_kwargs(role, architecture, dtype)
+def _from_folder(
+    folder: Path,
+    *,
+    name: str,
+    role: str,
+    architecture: Architecture,
+    dtype: Any,
+    reuse: Mapping[str, Any] | None = None,
+) -> Any:
+    kwargs = _pipeline_kwargs(role, architecture, dtype, reuse)
     kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
     pipe = _diffusers_call(name, lambda: _pipeline_class(role).from_pretrained(str(folder), **kwargs))
     check_pipeline(pipe, name=name, role=role, architecture=architecture)
@@ -159,7 +185,14 @@ def _single_file_header(path: Path) -> SafetensorsHeader:
 
 
 def _from_single_file(
-    path: Path, header: SafetensorsHeader, *, name: str, role: str, architecture: Architecture, dtype: Any
+    path: Path,
+    header: SafetensorsHeader,
+    *,
+    name: str,
+    role: str,
+    architecture: Architecture,
+    dtype: Any,
+    reuse: Mapping[str, Any] | None = None,
 ) -> Any:
     dims = model_dims.from_single_file(header.tensors)
     if dims.bigg is None or dims.unet is None or dims.vae is None:
@@ -180,11 +213,22 @@ def _from_single_file(
             f"({dims.describe()}); known: {known}"
         )
     log.debug("%s: loading with the %s configs from %s", name, family.name, family.folder)
-    return _load_with_config(path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype)
+    return _load_with_config(
+        path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype, reuse=reuse
+    )
 
 
-def _load_with_config(path: Path, config: Path, *, name: str, role: str, architecture: Architecture, dtype: Any) -> Any:
-    kwargs = _pipeline_kwargs(role, architecture, dtype)
+def _load_with_config(
+    path: Path,
+    config: Path,
+    *,
+    name: str,
+    role: str,
+    architecture: Architecture,
+    dtype: Any,
+    reuse: Mapping[str, Any] | None = None,
+) -> Any:
+    kwargs = _pipeline_kwargs(role, architecture, dtype, reuse)
     kwargs["config"] = str(config)
     cls = _pipeline_class(role)
     if path.name.endswith(_SUFFIX):

@@ -1,4 +1,5 @@
-"""The server process: gRPC (grpc.aio) with health and reflection, one device worker, graceful shutdown.
+"""The server process: gRPC (grpc.aio) with health and reflection, the device scheduler, metrics, graceful
+shutdown.
 
     async with RefineryServer(settings) as server:   # port 0 binds a free port: server.port
         await server.wait_ready()                     # default models resident, health SERVING
@@ -8,7 +9,7 @@
 
 Health (grpc.health.v1) reports two names, after Triton's live/ready split (shared/research/anchors.md §G):
 "" is the process (SERVING while it runs, so a liveness probe does not kill a server that is still loading
-its models), and "refinery.v1.GenerationService" turns SERVING once the preloaded models are resident (the
+its models), and "refinery.v1.GenerationService" turns SERVING once the pinned pairs are resident (the
 readiness probe). Both are NOT_SERVING from the moment the server starts draining.
 """
 
@@ -17,23 +18,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelstore import ModelStore, parse_air
+from modelstore import ModelStore
 from modelstore.loading import load_pipeline
-from modelstore.record import Architecture
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from refinery.v1 import status_pb2_grpc
 from server import runner
-from server.device import leave_a_core_for_io, resolve_device
-from server.job import ModelRole
+from server.execution import PipelineRunner
+from server.metrics import Metrics
+from server.scheduler import Scheduler
 from server.service import SERVICE_NAME, GenerationService
 from server.settings import Settings
-from server.worker import DeviceWorker, PipelineLoader, PipelineRunner
+from server.status_service import STATUS_SERVICE_NAME, StatusService
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +65,41 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 class RefineryServer:
-    """One process's server. `start()` binds and serves at once; models preload in the background."""
+    """One process's server. `start()` binds and serves at once; pinned pairs load in the background."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         store: ModelStore | None = None,
-        loader: PipelineLoader = load_pipeline,
+        loader: Callable[..., Any] = load_pipeline,
         run: PipelineRunner = runner.run,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)
-        self.device = resolve_device(settings.device)
-        self.worker = DeviceWorker(self.store, self.device, loader=loader, run=run)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
         self._preloading: asyncio.Task[None] | None = None
         self._draining = False
 
     async def start(self) -> int:
-        """Bind `settings.host:settings.port` (0: a free port), start serving, and begin preloading.
-        Returns the bound port."""
+        """Bind `settings.host:settings.port` (0: a free port), start serving, and begin loading the pinned
+        pairs. Returns the bound port."""
         server = grpc.aio.server(options=grpc_options(self.settings))
-        service = GenerationService(self.worker, self.settings)
-        pb_grpc.add_GenerationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            GenerationService(self.scheduler, self.settings), server
+        )
+        status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            StatusService(self.scheduler), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        services = (SERVICE_NAME, STATUS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = server.add_insecure_port(address)
@@ -97,25 +107,29 @@ class RefineryServer:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         await self.health.set("", _SERVING)
         await self.health.set(SERVICE_NAME, _NOT_SERVING)
-        threads = leave_a_core_for_io(self.device)
-        if threads is not None:
-            log.info("using %d CPU thread(s) for generation, leaving one core for serving", threads)
-        self.worker.start()
+        self.scheduler.start()
         await server.start()
         self._server = server
-        log.info("listening on %s:%d, device %s", self.settings.host, self.port, self.device.label)
-        self._preloading = asyncio.create_task(self._preload(), name="refinery-preload")
+        if self.settings.metrics_port:
+            self._metrics_server = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            self.metrics_port = int(self._metrics_server.server_address[1])
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+        devices = ", ".join(
+            f"{w.device.label} (budget {w.residency.budget_bytes / 2**30:.1f} GiB)" for w in self.scheduler.workers
+        )
+        log.info("listening on %s:%d; devices: %s", self.settings.host, self.port, devices)
+        self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")
         return self.port
 
     async def wait_ready(self) -> None:
-        """Wait until the preloaded models are resident; raises what a failed preload raised."""
+        """Wait until the pinned pairs are resident; raises what a failed load raised."""
         if self._preloading is None:
             raise RuntimeError("the server is not started")
         await asyncio.shield(self._preloading)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, let running ones finish for `grace_s` (default: the
-        settings' grace period), then stop the worker. Calling it again with a shorter grace cuts the drain
+        settings' grace period), then stop the workers. Calling it again with a shorter grace cuts the drain
         short (gRPC keeps the most restrictive grace)."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         first = not self._draining
@@ -127,10 +141,12 @@ class RefineryServer:
             # Stops accepting at once; RPCs still running after `grace` are cancelled, and their jobs too.
             await self._server.stop(grace)
         if first:
-            # Every job's RPC is over by now; close() ends leftovers and joins the thread.
-            await asyncio.to_thread(self.worker.close, 10.0)
+            # Every job's RPC is over by now; close() ends leftovers and joins the threads.
+            await asyncio.to_thread(self.scheduler.close, 10.0)
             if self._preloading is not None and not self._preloading.done():
                 self._preloading.cancel()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
             log.info("stopped")
 
     async def __aenter__(self) -> RefineryServer:
@@ -143,30 +159,11 @@ class RefineryServer:
         await self.stop()
 
     async def _preload(self) -> None:
-        plan = await asyncio.to_thread(self._preload_plan)
-        if plan:
-            names = ", ".join(f"{model} ({role.value})" for model, role in plan)
-            log.info("preloading %s", names)
-            await asyncio.wrap_future(self.worker.preload(plan))
+        if self.settings.pins:
+            log.info("pinning %s", ", ".join(self.settings.pins))
+            await asyncio.wrap_future(self.scheduler.pin(self.settings.pins))
         await self.health.set(SERVICE_NAME, _SERVING)
         log.info("ready")
-
-    def _preload_plan(self) -> Sequence[tuple[str, ModelRole]]:
-        """The default base loads as base and the default refiner as refiner (both, if it is both); any other
-        preloaded model in the role its architecture says. Resolving may build or download (blocking)."""
-        settings = self.settings
-        base = parse_air(settings.default_model).canonical
-        refiner = parse_air(settings.default_refiner).canonical if settings.default_refiner else None
-        plan: list[tuple[str, ModelRole]] = []
-        for text in settings.preload:
-            model = parse_air(text).canonical
-            defaults = ((ModelRole.BASE, base), (ModelRole.REFINER, refiner))
-            roles = [role for role, default in defaults if model == default]
-            if not roles:
-                is_refiner = self.store.resolve(model).architecture is Architecture.SDXL_REFINER
-                roles = [ModelRole.REFINER if is_refiner else ModelRole.BASE]
-            plan.extend((model, role) for role in roles)
-        return plan
 
 
 async def serve(settings: Settings) -> None:

@@ -1,6 +1,7 @@
 """The `refinery` command.
 
-    refinery serve [--host H] [--port P] [--device D] [--model AIR] [--refiner AIR|none]
+    refinery serve [--host H] [--port P] [--devices D[,D...]] [--model AIR] [--refiner AIR|none]
+                   [--pin BASE[+REFINER]]... [--max-queue N] [--max-batch N] [--budget SIZE] [--metrics-port P]
     refinery generate PROMPT [--refiner AIR] [--refiner-start 90%|STEP] [--steps N] [--seed S] [--size WxH]
                              [-n N] [--scheduler NAME] [--format png|jpeg|webp] [-o PATH] [--server ADDR]
 
@@ -31,6 +32,7 @@ from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server._progress import ProgressView
 from server.logs import configure_logging, quiet_model_libraries
+from server.pins import parse_pin
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 
 log = logging.getLogger(__name__)
@@ -75,32 +77,68 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
                 parse_air(model)
             except InvalidModelId as exc:
                 raise UsageError(f"{what}: {exc}") from None
-    preload: tuple[str, ...]
+    pins: tuple[str, ...]
+    metrics_port = 0
     if in_process:
-        # Loopback only, any free port; nothing preloaded, so the stream shows the models loading.
-        host, port, preload = "127.0.0.1", 0, ()
+        # Loopback only, any free port; nothing pinned, so the stream shows the models loading.
+        host, port, pins = "127.0.0.1", 0, ()
     else:
         host = pick(args.host, "REFINERY_HOST", "0.0.0.0")
         port = _int(pick(args.port, "REFINERY_PORT", "50051"), "port")
-        preload_text = pick(args.preload, "REFINERY_PRELOAD", "")
-        if preload_text.lower() == "none":
-            preload = ()
-        elif preload_text:
-            preload = tuple(p.strip() for p in preload_text.split(",") if p.strip())
+        pin_texts = args.pin if args.pin else [p for p in env.get("REFINERY_PINS", "").split(",") if p.strip()]
+        if any(p.strip().lower() == "none" for p in pin_texts):
+            pins = ()
+        elif pin_texts:
+            pins = tuple(p.strip() for p in pin_texts)
         else:
-            preload = (default_model,) + ((default_refiner,) if default_refiner else ())
+            pins = (default_model + (f"+{default_refiner}" if default_refiner else ""),)
+        for pin in pins:
+            try:
+                parse_pin(pin)
+            except (ValueError, InvalidModelId) as exc:
+                raise UsageError(f"--pin {pin}: {exc}") from None
+        metrics_port = _int(pick(args.metrics_port, "REFINERY_METRICS_PORT", "0"), "metrics port")
     grace = _float(pick(getattr(args, "grace", None), "REFINERY_GRACE_PERIOD", "30"), "grace period")
+    devices_text = pick(args.devices, "REFINERY_DEVICES", "auto")
+    devices = tuple(d.strip() for d in devices_text.split(",") if d.strip()) or ("auto",)
     return Settings(
         store=store,
         host=host,
         port=port,
-        device=pick(args.device, "REFINERY_DEVICE", "auto"),
+        devices=devices,
         default_model=default_model,
         default_refiner=default_refiner,
-        preload=preload,
+        pins=pins,
+        max_queue=_positive(pick(getattr(args, "max_queue", None), "REFINERY_MAX_QUEUE", "64"), "max queue"),
+        max_batch=_positive(pick(getattr(args, "max_batch", None), "REFINERY_MAX_BATCH", "4"), "max batch"),
+        budget_bytes=parse_bytes(pick(getattr(args, "budget", None), "REFINERY_BUDGET", "0")),
+        metrics_port=metrics_port,
         grace_period_s=grace,
         log_json=bool(args.log_json) or env.get("REFINERY_LOG_JSON", "") not in ("", "0", "false"),
     )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """ "20GiB", "512MB", "1000000" -> bytes."""
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("kmgib")
+    unit = value[len(number) :]
+    if unit not in _UNITS:
+        raise UsageError(f"size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise UsageError(f"size {text!r} is not a number") from None
+
+
+def _positive(text: str, what: str) -> int:
+    value = _int(text, what)
+    if value < 1:
+        raise UsageError(f"{what} must be at least 1, got {value}")
+    return value
 
 
 def _int(text: str, what: str) -> int:
@@ -320,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N [REFINERY_DEVICE]")
+        p.add_argument(
+            "--devices",
+            "--device",
+            dest="devices",
+            help="comma-separated: auto (default), cpu, cuda, cuda:N; one worker each [REFINERY_DEVICES]",
+        )
         p.add_argument("--cache-dir", type=Path, help="model cache [REFINERY_CACHE_DIR]")
         p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
         p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
@@ -337,9 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default refiner, or 'none' (default {DEFAULT_REFINER}) [REFINERY_REFINER]",
     )
     serve.add_argument(
-        "--preload",
-        help="comma-separated models to load before reporting SERVING, or 'none' "
-        "(default: the default models) [REFINERY_PRELOAD]",
+        "--pin",
+        action="append",
+        metavar="BASE[+REFINER]",
+        help="keep this pair resident on every device from start-up (repeatable; 'none' for no pins; default: "
+        "the default base+refiner); health is SERVING once pinned pairs are loaded [REFINERY_PINS, comma-separated]",
+    )
+    serve.add_argument("--max-queue", type=count, help="requests that may wait (default 64) [REFINERY_MAX_QUEUE]")
+    serve.add_argument(
+        "--max-batch", type=count, help="images denoised together (default 4; 1 = off) [REFINERY_MAX_BATCH]"
+    )
+    serve.add_argument(
+        "--budget",
+        help="model memory per device, e.g. 40GiB (default: the device's memory less 25%%) [REFINERY_BUDGET]",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=count,
+        help="serve Prometheus /metrics on this port (default off) [REFINERY_METRICS_PORT]",
     )
     serve.add_argument(
         "--grace",

@@ -61,8 +61,9 @@ class Ticket:
 
 
 class Dispatcher(Protocol):
-    def submit(self, job: GenerationJob, sink: EventSink) -> Ticket:
-        """Admit `job`; its events go to `sink`. Raises `server.errors.ShuttingDown` while draining."""
+    def submit(self, job: GenerationJob, sink: EventSink, *, deadline: float | None = None) -> Ticket:
+        """Admit `job`; its events go to `sink`. `deadline` (time.monotonic()) is when the client stops
+        waiting. Raises `server.errors.ShuttingDown` while draining, `server.errors.Overloaded` when full."""
         ...
 
     def cancel(self, ticket: Ticket) -> None:

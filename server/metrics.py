@@ -1,5 +1,6 @@
 """Prometheus metrics for operators: the queue, job outcomes, time in queue, step time, model loads and
-evictions, resident bytes per device.
+evictions, resident bytes per device. Gauges of current state (queue depth per priority, resident bytes, jobs
+running) are read from the scheduler at scrape time (`server/scheduler.py`, `_StatusCollector`).
 
 Each server owns its registry (several servers can live in one test process); `serve` exposes it on
 `--metrics-port` at /metrics.
@@ -26,7 +27,6 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.jobs_running = Gauge("refinery_jobs_running", "Requests running on a device", ["device"], registry=r)
         self.queue_wait = Histogram(
             "refinery_queue_wait_seconds", "Time from admission to a device", buckets=_SECONDS, registry=r
         )
@@ -53,9 +53,6 @@ class Metrics:
             ["device"],
             buckets=_SECONDS,
             registry=r,
-        )
-        self.resident_bytes = Gauge(
-            "refinery_resident_bytes", "Model weights resident on a device", ["device"], registry=r
         )
         self.budget_bytes = Gauge(
             "refinery_budget_bytes", "Memory budget for model weights on a device", ["device"], registry=r

@@ -76,6 +76,7 @@ class _Component:
 
 @dataclass
 class _Model:
+    spec: ModelSpec
     pipeline: Any
     fingerprints: tuple[str, ...]
     pairs: set[PairKey] = field(default_factory=set)
@@ -95,7 +96,8 @@ class ResidentPair:
     bytes: int
     active: int
     pinned: bool
-    last_used: float
+    last_used: float  # the residency's clock (monotonic)
+    last_used_wall: float  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Residency:
         half: bool,
         load: Loader,
         release_memory: Callable[[], None] = lambda: None,
+        on_unload: Callable[[ModelSpec], None] = lambda _spec: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
@@ -124,6 +127,7 @@ class Residency:
         self.half = half
         self._load = load
         self._release_memory = release_memory
+        self._on_unload = on_unload
         self._clock = clock
         self._lock = threading.Lock()
         self._components: dict[str, _Component] = {}
@@ -135,6 +139,10 @@ class Residency:
     def holds(self, key: PairKey) -> bool:
         with self._lock:
             return key in self._pairs
+
+    def has_model(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            return spec.key in self._models
 
     @property
     def used_bytes(self) -> int:
@@ -157,17 +165,32 @@ class Residency:
 
     def resident(self) -> list[ResidentPair]:
         with self._lock:
+            age = self._clock()
+            wall = time.time()
             return [
-                ResidentPair(key, self._pair_bytes(pair.spec), pair.active, pair.pinned, pair.last_used)
+                ResidentPair(
+                    key,
+                    self._pair_bytes(pair.spec),
+                    pair.active,
+                    pair.pinned,
+                    pair.last_used,
+                    wall - (age - pair.last_used),
+                )
                 for key, pair in self._pairs.items()
             ]
 
     # ---- the owning worker ------------------------------------------------------------------------------
 
     def acquire(
-        self, spec: PairSpec, protected: set[PairKey], *, pin: bool = False
+        self,
+        spec: PairSpec,
+        protected: set[PairKey],
+        *,
+        pin: bool = False,
+        on_load: Callable[[ModelSpec, bool], None] = lambda _spec, _done: None,
     ) -> tuple[dict[str, Any], LoadReport]:
-        """Make `spec` resident (evicting if needed), mark it in use, and return its pipelines by role."""
+        """Make `spec` resident (evicting if needed), mark it in use, and return its pipelines by role.
+        `on_load(model, done)` hears about each model that really loads, before (False) and after (True)."""
         with self._lock:
             pair = self._pairs.get(spec.key)
             if pair is not None:
@@ -192,7 +215,7 @@ class Residency:
         loaded = 0
         try:
             for model in spec.models():
-                loaded += self._load_model(model)
+                loaded += self._load_model(model, on_load)
         except BaseException:
             self._forget_unused()
             raise
@@ -281,7 +304,7 @@ class Residency:
                 freed += component.nbytes
         return freed
 
-    def _load_model(self, spec: ModelSpec) -> int:
+    def _load_model(self, spec: ModelSpec, on_load: Callable[[ModelSpec, bool], None]) -> int:
         with self._lock:
             if spec.key in self._models:
                 return 0
@@ -290,6 +313,7 @@ class Residency:
                 for c in spec.components
                 if c.fingerprint in self._components
             }
+        on_load(spec, False)
         pipeline = self._load(spec, reuse)
         loaded = 0
         with self._lock:
@@ -300,28 +324,46 @@ class Residency:
                     entry = self._components[c.fingerprint] = _Component(module, c.device_bytes(self.half))
                     loaded += entry.nbytes
                 entry.users.add(spec.key)
-            self._models[spec.key] = _Model(pipeline, tuple(c.fingerprint for c in spec.components))
+            self._models[spec.key] = _Model(spec, pipeline, tuple(c.fingerprint for c in spec.components))
+        on_load(spec, True)
         return loaded
 
     def _evict(self, key: PairKey, keep: set[str]) -> None:
         # The tables hold the only references to the modules; dropping them in a separate frame means no local
         # variable here keeps a module alive while the allocator is asked to give the memory back.
-        if self._drop(key, keep):
-            self._release_memory()
-            log.info("device %s: evicted %s", self.device, key)
+        unloaded = self._drop(key, keep)
+        if unloaded is None:
+            return
+        self._release_memory()
+        for spec in unloaded:
+            self._on_unload(spec)
+        log.info("device %s: evicted %s", self.device, key)
 
     def _forget_unused(self) -> None:
-        """After a failed load: drop components that no resident model uses."""
+        """After a failed load: drop the models no pair uses (the half of a pair that did load) and the
+        components no model uses."""
+        orphans: list[ModelSpec] = []
         with self._lock:
+            for key in [k for k, m in self._models.items() if not m.pairs]:
+                model = self._models.pop(key)
+                orphans.append(model.spec)
+                for fingerprint in model.fingerprints:
+                    component = self._components.get(fingerprint)
+                    if component is not None:
+                        component.users.discard(key)
             for fingerprint in [f for f, c in self._components.items() if not c.users]:
                 del self._components[fingerprint]
         self._release_memory()
+        for spec in orphans:
+            self._on_unload(spec)
 
-    def _drop(self, key: PairKey, keep: set[str]) -> bool:
+    def _drop(self, key: PairKey, keep: set[str]) -> list[ModelSpec] | None:
+        """Remove `key` from the tables; returns the models that went with it (None if it was not here)."""
+        unloaded: list[ModelSpec] = []
         with self._lock:
             pair = self._pairs.pop(key, None)
             if pair is None:
-                return False
+                return None
             for model_spec in pair.spec.models():
                 model = self._models.get(model_spec.key)
                 if model is None:
@@ -330,10 +372,11 @@ class Residency:
                 if model.pairs:
                     continue
                 del self._models[model_spec.key]
+                unloaded.append(model_spec)
                 for fingerprint in model.fingerprints:
                     component = self._components.get(fingerprint)
                     if component is not None:
                         component.users.discard(model_spec.key)
                         if not component.users and fingerprint not in keep:
                             del self._components[fingerprint]
-            return True
+        return unloaded

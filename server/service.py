@@ -8,6 +8,7 @@ its `google.rpc` details. A client that cancels or disconnects cancels its job, 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -45,7 +46,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             )
             request_id = job.request_id
             stream = AsyncEventStream()
-            ticket = self._dispatcher.submit(job, stream)
+            remaining = context.time_remaining()
+            # A deadline lets the scheduler drop the request while queued instead of running it for nobody.
+            deadline = None if remaining is None else time.monotonic() + remaining
+            ticket = self._dispatcher.submit(job, stream, deadline=deadline)
             async for event in stream:
                 yield convert.response_for(job.request_id, event)
             return

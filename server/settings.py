@@ -32,13 +32,25 @@ class Settings:
     store: StoreSettings
     host: str = "0.0.0.0"
     port: int = 50051
-    # "auto": the first CUDA device if there is one, else the CPU.
-    device: str = "auto"
+    # One worker per device: "cuda:0", "cuda:1", "cpu"; "auto" is the first CUDA device if there is one, else
+    # the CPU.
+    devices: tuple[str, ...] = ("auto",)
     # Used when a request leaves `model` (or `refiner.model`) empty.
     default_model: str = DEFAULT_BASE
     default_refiner: str | None = DEFAULT_REFINER
-    # Loaded at start-up; health turns SERVING once they are resident.
-    preload: tuple[str, ...] = (DEFAULT_BASE, DEFAULT_REFINER)
+    # "BASE[+REFINER]" pairs loaded on every device at start-up and never evicted; health turns SERVING once
+    # they are resident.
+    pins: tuple[str, ...] = (f"{DEFAULT_BASE}+{DEFAULT_REFINER}",)
+    # Requests waiting for a device; beyond this a request is refused at once (RESOURCE_EXHAUSTED + RetryInfo).
+    max_queue: int = 64
+    # Images denoised together (requests with the same pair and shape); 1 turns batching off.
+    max_batch: int = 4
+    # Bytes of model weights per device. 0: the device's memory (RAM for the CPU) less `headroom_fraction`,
+    # which is left for activations, the VAE decode and the allocator's slack.
+    budget_bytes: int = 0
+    headroom_fraction: float = 0.25
+    # Serve Prometheus metrics on this port (0: off).
+    metrics_port: int = 0
     limits: Limits = field(default_factory=Limits)
     # On SIGTERM/SIGINT: stop accepting, let running requests finish for this long, then cancel them.
     grace_period_s: float = 30.0

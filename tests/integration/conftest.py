@@ -68,9 +68,9 @@ class GatedLoader:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any) -> Any:
+    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any, **kwargs: Any) -> Any:
         assert self.release.wait(TIMEOUT_S)
-        return load_pipeline(record, role=role, device=device, dtype=dtype)
+        return load_pipeline(record, role=role, device=device, dtype=dtype, **kwargs)
 
 
 def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
@@ -78,10 +78,10 @@ def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
         store=store_settings,
         host="127.0.0.1",
         port=0,
-        device="cpu",
+        devices=("cpu",),
         default_model=DEFAULT_BASE,
         default_refiner=DEFAULT_REFINER,
-        preload=(DEFAULT_BASE, DEFAULT_REFINER),
+        pins=(f"{DEFAULT_BASE}+{DEFAULT_REFINER}",),
         grace_period_s=10.0,
     )
     return replace(settings, **overrides)

@@ -194,5 +194,5 @@ def test_serve_becomes_ready_and_stops_on_sigterm(store_settings: StoreSettings,
             process.kill()
             process.wait()
     assert process.returncode == 0, log
-    assert "preloading builtin:tiny-sdxl-base@1 (base), builtin:tiny-sdxl-refiner@1 (refiner)" in log
+    assert "pinning builtin:tiny-sdxl-base@1+builtin:tiny-sdxl-refiner@1" in log
     assert "signal received; shutting down" in log and "stopped" in log

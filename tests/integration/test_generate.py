@@ -257,7 +257,7 @@ class _ExplodingRunner:
 
 @pytest.fixture(scope="module")
 def exploding_server(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    thread = ServerThread(make_settings(store_settings, preload=()), store=model_store, run=_ExplodingRunner())
+    thread = ServerThread(make_settings(store_settings, pins=()), store=model_store, run=_ExplodingRunner())
     try:
         yield thread
     finally:
@@ -290,7 +290,7 @@ def test_unexpected_failure_is_internal_without_its_text_and_the_worker_survives
 def test_model_loading_is_reported_only_when_a_model_loads(
     store_settings: StoreSettings, model_store: ModelStore
 ) -> None:
-    cold = ServerThread(make_settings(store_settings, preload=()), store=model_store)
+    cold = ServerThread(make_settings(store_settings, pins=()), store=model_store)
     try:
         with grpc.insecure_channel(cold.address) as chan:
             stub = new_stub(chan)
@@ -316,7 +316,7 @@ def test_model_loading_is_reported_only_when_a_model_loads(
 def test_cancelling_stops_the_job_and_frees_the_worker(
     stub: pb_grpc.GenerationServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.worker")
+    caplog.set_level(logging.INFO, logger="server.execution")
     long_job = stub.Generate(request(request_id="to-cancel", steps=150), timeout=TIMEOUT_S)
     seen = 0
     for response in long_job:
@@ -343,9 +343,9 @@ def test_cancelling_stops_the_job_and_frees_the_worker(
 def test_a_missed_deadline_frees_the_worker(
     store_settings: StoreSettings, model_store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.worker")
+    caplog.set_level(logging.INFO, logger="server.execution")
     loader = GatedLoader()  # the job cannot get past loading before its deadline
-    thread = ServerThread(make_settings(store_settings, preload=()), store=model_store, loader=loader)
+    thread = ServerThread(make_settings(store_settings, pins=()), store=model_store, loader=loader)
     try:
         with grpc.insecure_channel(thread.address) as chan:
             stub = new_stub(chan)

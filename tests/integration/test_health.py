@@ -55,7 +55,7 @@ def test_live_but_not_ready_while_preloading(store_settings: StoreSettings, mode
 
 def test_drain_finishes_running_work_and_refuses_new(store_settings: StoreSettings, model_store: ModelStore) -> None:
     loader = GatedLoader()  # holds the in-flight job until the drain has begun
-    settings = make_settings(store_settings, preload=(), grace_period_s=60.0)
+    settings = make_settings(store_settings, pins=(), grace_period_s=60.0)
     thread = ServerThread(settings, store=model_store, loader=loader)
     try:
         thread.wait_ready()
