@@ -158,6 +158,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._works: dict[int, Work] = {}  # id(handle) -> work, for every request not yet ended
         self._closed = False
+        self._stopping = threading.Event()
         self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refinery-resolve")
         devices = _unique([resolve_device(name) for name in settings.devices])
         self.workers = [DeviceWorker(self, device, i) for i, device in enumerate(devices)]
@@ -207,6 +208,12 @@ class Scheduler:
                 log.info("using %d CPU thread(s) for generation, leaving one core for serving", threads)
         for worker in self.workers:
             worker.start()
+        threading.Thread(target=self._reap, name="refinery-deadlines", daemon=True).start()
+
+    def _reap(self) -> None:
+        """End queued requests whose deadline passed, even while every device is busy."""
+        while not self._stopping.wait(_TICK_S):
+            self.expire()
 
     def pin(self, pins: Sequence[str]) -> Future[None]:
         """Load each "BASE[+REFINER]" pair on every device and keep it there; the future completes once all
@@ -238,6 +245,7 @@ class Scheduler:
             work.handle.request_cancel(stopping)
         for queue_ticket in self.queue.close():
             self.finish(queue_ticket.payload, stopping)
+        self._stopping.set()
         for worker in self.workers:
             worker.stop(timeout_s)
         self._resolver.shutdown(wait=False, cancel_futures=True)
@@ -429,7 +437,6 @@ class DeviceWorker:
         scheduler = self.scheduler
         while not self._stopping.is_set():
             self._run_calls()
-            scheduler.expire()
             tickets = scheduler.queue.take(
                 self._choose,
                 max_batch=scheduler.settings.max_batch,
@@ -438,13 +445,13 @@ class DeviceWorker:
             )
             if not tickets:
                 continue
+            # Cleared only when the batch returns: if the thread dies inside it, _supervise still knows
+            # which requests to end.
             self.running = [t.payload for t in tickets]
             self.busy = True
-            try:
-                execution.run_batch(self, self.running)
-            finally:
-                self.running = []
-                self.busy = False
+            execution.run_batch(self, self.running)
+            self.running = []
+            self.busy = False
 
     def _run_calls(self) -> None:
         with self._calls_lock:

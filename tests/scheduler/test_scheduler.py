@@ -1,0 +1,462 @@
+"""The scheduler end to end on CPU workers, with stand-in pipelines: admission and overload, priorities,
+positions, affinity, anti-thrash eviction, batching, deadlines, cancellation, failures and worker restarts.
+
+Loading and denoising are stand-ins (tests/integration runs the real ones); the scheduler, its queue, its
+residency, its threads and the model store are real. Budgets are set small to force eviction.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from modelstore import ModelRecord, ModelStore, StoreSettings
+from modelstore.components import components_of
+from modelstore.errors import ModelNotFound, WrongArchitecture
+from server.errors import DeadlineExceeded, JobCancelled, Overloaded, ShuttingDown, WorkerFailed
+from server.job import (
+    GenerationJob,
+    ImageFormat,
+    ImageResult,
+    JobEvent,
+    LoadPhase,
+    ModelLoading,
+    ModelRole,
+    Progress,
+    Queued,
+    RefinerSpec,
+    RenderShape,
+    Sample,
+    SchedulerKind,
+    Stage,
+    StartPercentage,
+)
+from server.runner import PipelinePair, RunResult, StageTimings, StepObserver, StepState
+from server.scheduler import Scheduler
+from server.settings import Settings
+from tests.conftest import TINY_BASE, TINY_REFINER
+
+WAIT_S = 60  # a hang fails the test; never an expectation about speed
+# The tiny pair's own unique bytes in fp32: base 24.3 MB, refiner UNet 17.2 MB (VAE and OpenCLIP shared).
+PAIR_MB = 42
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[JobEvent] = []
+        self.error: BaseException | None = None
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+
+    def emit(self, event: JobEvent) -> None:
+        assert not self.closed.is_set(), "event after close"
+        with self._lock:
+            self.events.append(event)
+
+    def close(self, error: BaseException | None) -> None:
+        assert not self.closed.is_set(), "closed twice"
+        self.error = error
+        self.closed.set()
+
+    def wait(self) -> RecordingSink:
+        assert self.closed.wait(WAIT_S), "the request never ended"
+        return self
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        with self._lock:
+            return [e for e in self.events if isinstance(e, kind)]
+
+
+class FakeLoader:
+    """Returns stand-in pipelines with real component slots, and records what it loaded where."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, str, str, tuple[str, ...]]] = []  # (device, model, role, reused)
+        self._lock = threading.Lock()
+
+    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any, components: dict[str, Any]) -> Any:
+        with self._lock:
+            self.loads.append((device, record.canonical, role, tuple(sorted(components))))
+        parts = {c.name: components.get(c.name) or object() for c in components_of(record)}
+        return SimpleNamespace(
+            components=parts,
+            unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)),
+            vae_scale_factor=8,
+            device=device,
+        )
+
+    def count(self, model: str, device: str | None = None) -> int:
+        return sum(1 for d, m, _, _ in self.loads if m == model and (device is None or d == device))
+
+
+class Runner:
+    """Reports each step like the real runner. A prompt starting with "hold" waits at its first step until
+    `release`, one starting with "stall" until `unstall`; "fail" raises a bug; "die" raises what no job handler
+    catches (a dying worker)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.unstall = threading.Event()
+        self.stalling = threading.Event()
+        self.batches: list[tuple[str, list[str]]] = []  # (device, prompts)
+
+    def __call__(
+        self, pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
+    ) -> RunResult:
+        self.batches.append((pair.base.device, [s.prompt for s in samples]))
+        if samples[0].prompt == "fail":
+            raise RuntimeError("a bug")
+        if samples[0].prompt == "die":
+            raise SystemExit("the worker thread dies")
+        for overall in range(1, shape.steps + 1):
+            stage = Stage.BASE if overall <= shape.base_steps else Stage.REFINER
+            step = overall if stage is Stage.BASE else overall - shape.base_steps
+            stage_steps = shape.base_steps if stage is Stage.BASE else shape.refiner_steps
+            latents = torch.zeros(len(samples), 4, shape.height // 8, shape.width // 8)
+            observer.on_step(StepState(stage, step, stage_steps, overall, shape.steps, latents, 1.0))
+            if overall == 1 and samples[0].prompt.startswith("hold"):
+                self.holding.set()
+                assert self.release.wait(WAIT_S)
+            if overall == 1 and samples[0].prompt.startswith("stall"):
+                self.stalling.set()
+                assert self.unstall.wait(WAIT_S)
+        images = [Image.new("RGB", (shape.width, shape.height), (s.seed % 256, 0, 0)) for s in samples]
+        return RunResult(images, StageTimings())
+
+
+def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> GenerationJob:
+    values: dict[str, Any] = {
+        "request_id": prompt,
+        "model": TINY_BASE,
+        "refiner": RefinerSpec(TINY_REFINER, StartPercentage(75)) if refiner else None,
+        "prompt": prompt,
+        "negative_prompt": None,
+        "width": 0,
+        "height": 0,
+        "steps": 4,
+        "base_steps": 3 if refiner else 4,
+        "cfg_scale": 7.0,
+        "seed": 10,
+        "scheduler": SchedulerKind.EULER,
+        "number_results": 1,
+        "output_format": ImageFormat.PNG,
+        "preview_every": 0,
+    }
+    values.update(fields)
+    return GenerationJob(**values)
+
+
+def make(
+    store_settings: StoreSettings, model_store: ModelStore, **overrides: Any
+) -> tuple[Scheduler, FakeLoader, Runner]:
+    settings = Settings(store=store_settings, devices=("cpu",), pins=(), max_batch=1, budget_bytes=10**9)
+    loader, runner = FakeLoader(), Runner()
+    scheduler = Scheduler(replace(settings, **overrides), model_store, loader=loader, run=runner)
+    scheduler.start()
+    return scheduler, loader, runner
+
+
+@pytest.fixture
+def built(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[tuple[Scheduler, FakeLoader, Runner]]:
+    made = make(store_settings, model_store)
+    yield made
+    made[2].release.set()
+    made[0].close(WAIT_S)
+
+
+def wait_resolved(scheduler: Scheduler) -> None:
+    """Until every queued request's models are resolved (a blocked request cannot run yet)."""
+    deadline = time.monotonic() + WAIT_S
+    while any(t.blocked for t in scheduler.queue.snapshot()):
+        assert time.monotonic() < deadline, "requests never resolved"
+        time.sleep(0.01)
+
+
+def positions(sink: RecordingSink) -> list[tuple[int, int]]:
+    return [(q.position, q.queue_depth) for q in sink.of(Queued)]
+
+
+def test_a_request_reports_loading_progress_and_images(built: tuple[Scheduler, FakeLoader, Runner]) -> None:
+    scheduler, loader, _ = built
+    sink = RecordingSink()
+    scheduler.submit(job(number_results=2, preview_every=2), sink)
+    assert sink.wait().error is None
+    assert sink.of(ModelLoading) == [
+        ModelLoading(TINY_BASE, ModelRole.BASE, LoadPhase.LOADING),
+        ModelLoading(TINY_BASE, ModelRole.BASE, LoadPhase.READY),
+        ModelLoading(TINY_REFINER, ModelRole.REFINER, LoadPhase.LOADING),
+        ModelLoading(TINY_REFINER, ModelRole.REFINER, LoadPhase.READY),
+    ]
+    # The refiner got the base's VAE and OpenCLIP encoder instead of loading them again.
+    assert loader.loads[1][2:] == ("refiner", ("text_encoder_2", "vae"))
+    progress = sink.of(Progress)
+    assert [(p.stage, p.step, p.overall_step) for p in progress] == [
+        (Stage.BASE, 1, 1),
+        (Stage.BASE, 2, 2),
+        (Stage.BASE, 3, 3),
+        (Stage.REFINER, 1, 4),
+    ]
+    assert all(p.image_indices == (0, 1) for p in progress)
+    images = sink.of(ImageResult)
+    assert [(i.index, i.seed, i.width, i.height) for i in images] == [(0, 10, 64, 64), (1, 11, 64, 64)]
+
+    again = RecordingSink()
+    scheduler.submit(job(), again)
+    assert again.wait().of(ModelLoading) == []  # resident now: nothing loads
+
+
+def test_model_errors_end_the_request_before_any_device_work(built: tuple[Scheduler, FakeLoader, Runner]) -> None:
+    scheduler, loader, runner = built
+    unknown = RecordingSink()
+    scheduler.submit(job(refiner=False, model="builtin:nope@1"), unknown)
+    assert isinstance(unknown.wait().error, ModelNotFound) and unknown.error.field == "model"  # type: ignore[union-attr]
+    wrong = RecordingSink()
+    scheduler.submit(job(refiner=False, model=TINY_REFINER), wrong)
+    assert isinstance(wrong.wait().error, WrongArchitecture) and wrong.error.field == "model"  # type: ignore[union-attr]
+    assert loader.loads == [] and runner.batches == []
+
+
+def test_overload_is_refused_at_once_and_every_admitted_request_completes(
+    store_settings: StoreSettings, model_store: ModelStore
+) -> None:
+    scheduler, _, runner = make(store_settings, model_store, max_queue=3)
+    try:
+        running = RecordingSink()
+        scheduler.submit(job("hold"), running)
+        assert runner.holding.wait(WAIT_S)
+        admitted = [RecordingSink() for _ in range(3)]
+        for i, sink in enumerate(admitted):
+            scheduler.submit(job(f"queued {i}"), sink)
+        with pytest.raises(Overloaded) as refused:
+            scheduler.submit(job("one too many"), RecordingSink())
+        assert refused.value.retry_after_s >= 1.0
+        runner.release.set()
+        for sink in [running, *admitted]:
+            assert sink.wait().error is None and len(sink.of(ImageResult)) == 1
+        assert scheduler.metrics.jobs.labels("rejected")._value.get() == 1
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+
+
+def test_higher_priority_runs_first_and_positions_are_re_announced(
+    built: tuple[Scheduler, FakeLoader, Runner],
+) -> None:
+    scheduler, _, runner = built
+    running = RecordingSink()
+    scheduler.submit(job("hold"), running)
+    assert runner.holding.wait(WAIT_S)
+    low, urgent = RecordingSink(), RecordingSink()
+    scheduler.submit(job("low"), low)
+    scheduler.submit(job("urgent", priority=10), urgent)
+    assert positions(low) == [(0, 1), (1, 2)]  # told again when the urgent request overtook it
+    assert positions(urgent) == [(0, 2)]
+    wait_resolved(scheduler)
+    runner.release.set()
+    low.wait()
+    urgent.wait()
+    order = [prompts[0] for _, prompts in runner.batches]
+    assert order == ["hold", "urgent", "low"]
+
+
+def test_cancelling_queued_and_running_requests(built: tuple[Scheduler, FakeLoader, Runner]) -> None:
+    scheduler, _, runner = built
+    running, queued, after = RecordingSink(), RecordingSink(), RecordingSink()
+    running_ticket = scheduler.submit(job("hold", steps=50, base_steps=40), running)
+    assert runner.holding.wait(WAIT_S)
+    queued_ticket = scheduler.submit(job("queued"), queued)
+    scheduler.submit(job("after"), after)
+    scheduler.cancel(queued_ticket)
+    assert isinstance(queued.wait().error, JobCancelled) and queued.of(Progress) == []
+    scheduler.cancel(running_ticket)
+    runner.release.set()
+    assert isinstance(running.wait().error, JobCancelled)
+    assert len(running.of(Progress)) == 1 and running.of(ImageResult) == []  # stopped at the next step
+    assert after.wait().error is None  # and the device went on to the next request
+    assert [p[0] for _, p in runner.batches] == ["hold", "after"]
+
+
+def test_a_deadline_that_passes_in_the_queue_never_reaches_a_device(
+    built: tuple[Scheduler, FakeLoader, Runner],
+) -> None:
+    scheduler, _, runner = built
+    running, late = RecordingSink(), RecordingSink()
+    scheduler.submit(job("hold"), running)
+    assert runner.holding.wait(WAIT_S)
+    scheduler.submit(job("late"), late, deadline=time.monotonic() + 0.3)
+    assert isinstance(late.wait().error, DeadlineExceeded)  # ended while the device was still busy
+    runner.release.set()
+    running.wait()
+    assert [p[0] for _, p in runner.batches] == ["hold"]
+    assert scheduler.metrics.jobs.labels("deadline_exceeded")._value.get() == 1
+
+
+def test_compatible_requests_run_as_one_batch_and_each_gets_its_own_results(
+    store_settings: StoreSettings, model_store: ModelStore
+) -> None:
+    scheduler, _, runner = make(store_settings, model_store, max_batch=4)
+    try:
+        first = RecordingSink()
+        scheduler.submit(job("hold"), first)
+        assert runner.holding.wait(WAIT_S)
+        a, b, c, other = RecordingSink(), RecordingSink(), RecordingSink(), RecordingSink()
+        scheduler.submit(job("a", seed=100, number_results=2), a)
+        scheduler.submit(job("b", seed=200), b)
+        scheduler.submit(job("other shape", steps=6, base_steps=5), other)
+        scheduler.submit(job("c", seed=300), c)
+        wait_resolved(scheduler)
+        runner.release.set()
+        for sink in (first, a, b, c, other):
+            assert sink.wait().error is None
+        assert [prompts for _, prompts in runner.batches][1:] == [["a", "a", "b", "c"], ["other shape"]]
+        assert [(i.index, i.seed) for i in a.of(ImageResult)] == [(0, 100), (1, 101)]
+        assert [(i.index, i.seed) for i in b.of(ImageResult)] == [(0, 200)]
+        assert all(p.image_indices == (0,) for p in b.of(Progress)) and len(b.of(Progress)) == 4
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+
+
+def test_a_cancelled_batch_mate_leaves_the_others_running(
+    store_settings: StoreSettings, model_store: ModelStore
+) -> None:
+    scheduler, _, runner = make(store_settings, model_store, max_batch=2)
+    try:
+        blocker, mate, leaving = RecordingSink(), RecordingSink(), RecordingSink()
+        scheduler.submit(job("hold"), blocker)  # keeps the device busy until both mates are queued
+        assert runner.holding.wait(WAIT_S)
+        scheduler.submit(job("stall mate", steps=6, base_steps=5), mate)
+        ticket = scheduler.submit(job("stall leaving", steps=6, base_steps=5), leaving)
+        wait_resolved(scheduler)
+        runner.release.set()
+        assert runner.stalling.wait(WAIT_S)
+        scheduler.cancel(ticket)
+        runner.unstall.set()
+        assert isinstance(leaving.wait().error, JobCancelled) and leaving.of(ImageResult) == []
+        assert mate.wait().error is None and len(mate.of(Progress)) == 6 and len(mate.of(ImageResult)) == 1
+        assert runner.batches[1][1] == ["stall mate", "stall leaving"]  # they really ran together
+    finally:
+        runner.release.set()
+        runner.unstall.set()
+        scheduler.close(WAIT_S)
+
+
+def test_a_failing_request_leaves_the_worker_serving(built: tuple[Scheduler, FakeLoader, Runner]) -> None:
+    scheduler, _, _ = built
+    failing, fine = RecordingSink(), RecordingSink()
+    scheduler.submit(job("fail"), failing)
+    scheduler.submit(job("fine"), fine)
+    assert isinstance(failing.wait().error, RuntimeError)
+    assert fine.wait().error is None and len(fine.of(ImageResult)) == 1
+
+
+def test_a_dead_worker_is_restarted_and_its_requests_end_unavailable(
+    built: tuple[Scheduler, FakeLoader, Runner],
+) -> None:
+    scheduler, _, _ = built
+    dying, next_one = RecordingSink(), RecordingSink()
+    scheduler.submit(job("die"), dying)
+    assert isinstance(dying.wait().error, WorkerFailed)  # UNAVAILABLE, not silence
+    scheduler.submit(job("next"), next_one)
+    assert next_one.wait().error is None
+    assert scheduler.workers[0].restarts == 1
+
+
+def test_lru_eviction_under_a_small_budget_and_no_thrash(
+    store_settings: StoreSettings, model_store: ModelStore
+) -> None:
+    """Room for one pair only. While requests for the resident pair wait, a request for another pair does not
+    evict it: the device serves the waiting ones first, then switches once."""
+    scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 10) * 10**6)
+    try:
+        warm = RecordingSink()
+        scheduler.submit(job("hold warm"), warm)
+        assert runner.holding.wait(WAIT_S)
+        base_only, same_pair = RecordingSink(), RecordingSink()
+        scheduler.submit(job("base only", refiner=False), base_only)  # another pair: (base, no refiner)
+        scheduler.submit(job("same pair"), same_pair)
+        wait_resolved(scheduler)
+        runner.release.set()
+        for sink in (warm, base_only, same_pair):
+            assert sink.wait().error is None
+        order = [p[0] for _, p in runner.batches]
+        assert order == ["hold warm", "same pair", "base only"]  # affinity first, then one switch
+        assert loader.count(TINY_REFINER) == 1
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+
+
+def another_base(model_store: ModelStore, tmp_path: Path) -> str:
+    """A second SDXL base (another "fine-tune"): the tiny base with a different UNet, as a local folder."""
+    folder = tmp_path / "other-base"
+    shutil.copytree(model_store.resolve(TINY_BASE).path, folder, symlinks=False)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = {k: v * 2 for k, v in load_file(unet).items()}
+    unet.unlink()
+    save_file(weights, unet, metadata={"format": "pt"})
+    return f"local:{folder}"
+
+
+def test_affinity_with_two_cpu_workers(store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path) -> None:
+    """Each device keeps serving the pair it holds; no pair is loaded twice."""
+    other = another_base(model_store, tmp_path)
+    scheduler, loader, runner = make(store_settings, model_store, devices=("cpu:0", "cpu:1"), max_batch=4)
+    try:
+        first, second = RecordingSink(), RecordingSink()
+        scheduler.submit(job("hold pair"), first)
+        assert runner.holding.wait(WAIT_S)  # one device busy with the pair: the other takes the second model
+        scheduler.submit(job("other", refiner=False, model=other), second)
+        assert second.wait().error is None
+        runner.release.set()
+        assert first.wait().error is None
+        homes = {prompts[0]: device for device, prompts in runner.batches}
+        assert homes["hold pair"] != homes["other"]
+
+        sinks = []
+        for i in range(6):  # one after another, then all at once
+            sink = RecordingSink()
+            if i % 2:
+                scheduler.submit(job("other", refiner=False, model=other), sink)
+            else:
+                scheduler.submit(job("pair"), sink)
+            sinks.append(sink)
+            if i < 2:
+                assert sink.wait().error is None
+        for sink in sinks:
+            assert sink.wait().error is None
+        for device, prompts in runner.batches[2:]:
+            home = homes["hold pair"] if prompts[0] == "pair" else homes["other"]
+            assert device == home, f"{prompts[0]} ran on {device}, away from its pair on {home}"
+        assert loader.count(TINY_BASE) == 1 and loader.count(TINY_REFINER) == 1 and loader.count(other) == 1
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+
+
+def test_close_refuses_new_work_and_ends_queued_requests(built: tuple[Scheduler, FakeLoader, Runner]) -> None:
+    scheduler, _, runner = built
+    running, queued = RecordingSink(), RecordingSink()
+    scheduler.submit(job("hold", steps=20, base_steps=15), running)
+    assert runner.holding.wait(WAIT_S)
+    scheduler.submit(job("queued"), queued)
+    closer = threading.Thread(target=scheduler.close, args=(WAIT_S,))
+    closer.start()
+    assert isinstance(queued.wait().error, ShuttingDown)
+    runner.release.set()
+    closer.join(WAIT_S)
+    assert isinstance(running.wait().error, ShuttingDown)  # stopped at its next step
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(job(), RecordingSink())
