@@ -147,6 +147,7 @@ class RefineryServer:
                 self._preloading.cancel()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
+                self._metrics_server.server_close()
             log.info("stopped")
 
     async def __aenter__(self) -> RefineryServer:

@@ -7,7 +7,6 @@ residency, its threads and the model store are real. Budgets are set small to fo
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from modelstore import ModelRecord, ModelStore, StoreSettings
 from modelstore.components import components_of
@@ -46,6 +44,7 @@ from server.runner import PipelinePair, RunResult, StageTimings, StepObserver, S
 from server.scheduler import Scheduler
 from server.settings import Settings
 from tests.conftest import TINY_BASE, TINY_REFINER
+from tests.fixtures.tiny import another_base
 
 WAIT_S = 60  # a hang fails the test; never an expectation about speed
 # The tiny pair's own unique bytes in fp32: base 24.3 MB, refiner UNet 17.2 MB (VAE and OpenCLIP shared).
@@ -397,17 +396,6 @@ def test_lru_eviction_under_a_small_budget_and_no_thrash(
     finally:
         runner.release.set()
         scheduler.close(WAIT_S)
-
-
-def another_base(model_store: ModelStore, tmp_path: Path) -> str:
-    """A second SDXL base (another "fine-tune"): the tiny base with a different UNet, as a local folder."""
-    folder = tmp_path / "other-base"
-    shutil.copytree(model_store.resolve(TINY_BASE).path, folder, symlinks=False)
-    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    weights = {k: v * 2 for k, v in load_file(unet).items()}
-    unet.unlink()
-    save_file(weights, unet, metadata={"format": "pt"})
-    return f"local:{folder}"
 
 
 def test_affinity_with_two_cpu_workers(store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path) -> None:
