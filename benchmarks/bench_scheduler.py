@@ -1,0 +1,219 @@
+"""The scheduler on CPU with the tiny built-in models: what batching buys, what a load costs, what the
+scheduler itself costs per request.
+
+    python benchmarks/bench_scheduler.py            # all three, a few minutes on 2 cores
+
+1. Throughput of N concurrent requests (same pair and shape, one image each) through gRPC with --max-batch 4
+   against --max-batch 1, same server settings otherwise, measured side by side in one run.
+2. Requests per second for a warm pair against a pair that must be loaded each time (a budget that holds one
+   pair, requests alternating between two pairs, so every request evicts and loads).
+3. Scheduler overhead per request: submit to finish with stand-in pipelines that do no work, so what is left
+   is admission, resolution (cached), placement, events and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modelstore import ModelStore, StoreSettings
+from modelstore.components import components_of
+from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.app import RefineryServer
+from server.job import GenerationJob, ImageFormat, RefinerSpec, SchedulerKind, StartPercentage
+from server.logs import quiet_model_libraries
+from server.runner import RunResult, StageTimings
+from server.scheduler import Scheduler
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+
+PAIR = f"{DEFAULT_BASE}+{DEFAULT_REFINER}"
+
+
+class InProcess:
+    """A RefineryServer on its own event loop thread, as in production; clients use plain gRPC."""
+
+    def __init__(self, settings: Settings, store: ModelStore) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server = RefineryServer(settings, store=store)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(300)
+        asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self.loop).result(300)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def generate(self, request: pb.GenerateRequest) -> None:
+        responses = list(self.stub.Generate(request, timeout=600))
+        assert responses[-1].WhichOneof("event") == "image"
+
+    def close(self) -> None:
+        self.channel.close()
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def request(seed: int, model: str = "", steps: int = 20) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        positive_prompt=f"a lighthouse, variation {seed}",
+        model=model,
+        seed=seed,
+        steps=steps,
+        refiner=pb.Refiner(start_step_percentage=90),
+    )
+
+
+def throughput(settings: Settings, store: ModelStore, n: int, rounds: int) -> dict[int, float]:
+    """images/s of n concurrent requests, for max_batch 1 and 4."""
+    result: dict[int, list[float]] = {1: [], 4: []}
+    servers = {b: InProcess(replace(settings, max_batch=b), store) for b in (1, 4)}
+    try:
+        for server in servers.values():
+            server.generate(request(0))  # warm-up
+        for _ in range(rounds):  # alternate so machine drift hits both alike
+            for b, server in servers.items():
+                with ThreadPoolExecutor(n) as pool:
+                    started = time.perf_counter()
+                    list(pool.map(server.generate, [request(i) for i in range(n)]))
+                    result[b].append(n / (time.perf_counter() - started))
+    finally:
+        for server in servers.values():
+            server.close()
+    return {b: statistics.median(v) for b, v in result.items()}
+
+
+def warm_vs_cold(settings: Settings, store: ModelStore, other: str, reps: int) -> tuple[float, float]:
+    pair_bytes = sum(
+        c.full_bytes
+        for c in {
+            c.fingerprint: c for m in (DEFAULT_BASE, DEFAULT_REFINER) for c in components_of(store.resolve(m))
+        }.values()
+    )
+    server = InProcess(replace(settings, budget_bytes=pair_bytes + 1_000_000), store)
+    try:
+        server.generate(request(0))
+        warm = [_timed(server.generate, request(i)) for i in range(reps)]
+        cold = []
+        for i in range(reps):  # every request switches pair: evict, load
+            model = other if i % 2 == 0 else ""
+            cold.append(_timed(server.generate, request(i, model=model)))
+    finally:
+        server.close()
+    return 1 / statistics.median(warm), 1 / statistics.median(cold)
+
+
+def _timed(fn: Any, arg: Any) -> float:
+    started = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - started
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def emit(self, event: Any) -> None:
+        pass
+
+    def close(self, error: BaseException | None) -> None:
+        assert error is None, error
+        self.done.set()
+
+
+def overhead(settings: Settings, store: ModelStore, jobs: int) -> float:
+    """Median seconds from submit to finish with pipelines that do nothing."""
+
+    def loader(record: Any, *, role: str, components: Any, **_: Any) -> Any:
+        parts = {c.name: components.get(c.name) or object() for c in components_of(record)}
+        return SimpleNamespace(
+            components=parts, unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)), vae_scale_factor=8
+        )
+
+    def run(pair: Any, shape: Any, samples: Any, observer: Any) -> RunResult:
+        return RunResult([Image.new("RGB", (8, 8)) for _ in samples], StageTimings())
+
+    scheduler = Scheduler(replace(settings, max_batch=1), store, loader=loader, run=run)
+    scheduler.start()
+    job = GenerationJob(
+        request_id="bench",
+        model=DEFAULT_BASE,
+        refiner=RefinerSpec(DEFAULT_REFINER, StartPercentage(90)),
+        prompt="x",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=20,
+        base_steps=18,
+        cfg_scale=7.0,
+        seed=1,
+        scheduler=SchedulerKind.EULER,
+        number_results=1,
+        output_format=ImageFormat.PNG,
+        preview_every=0,
+    )
+    times = []
+    try:
+        for _ in range(jobs):
+            sink = _Sink()
+            started = time.perf_counter()
+            scheduler.submit(job, sink)
+            assert sink.done.wait(60)
+            times.append(time.perf_counter() - started)
+    finally:
+        scheduler.close(10)
+    return statistics.median(times[5:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=200)
+    args = parser.parse_args()
+    quiet_model_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ModelStore(StoreSettings(cache_dir=Path(tmp) / "cache"))
+        settings = Settings(store=store.settings, host="127.0.0.1", port=0, devices=("cpu",), pins=(PAIR,))
+        other = _other_base(store, Path(tmp))
+        ips = throughput(settings, store, args.concurrent, args.rounds)
+        warm, cold = warm_vs_cold(settings, store, other, args.reps)
+        per_job = overhead(settings, store, args.jobs)
+    print(f"\ntiny SDXL pair, CPU, 64x64, 20 steps (18+2), {args.concurrent} concurrent requests")
+    print(f"  {'--max-batch 1':<40} {ips[1]:.2f} images/s")
+    print(f"  {'--max-batch 4':<40} {ips[4]:.2f} images/s  ({ips[4] / ips[1]:.2f}x)")
+    print(f"  {'warm pair':<40} {warm:.2f} requests/s")
+    print(f"  {'pair loaded for every request':<40} {cold:.2f} requests/s  ({warm / cold:.2f}x slower)")
+    print(f"  {'scheduler overhead per request':<40} {per_job * 1000:.2f} ms (submit to finish, no-op pipelines)")
+
+
+def _other_base(store: ModelStore, tmp: Path) -> str:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp / "other-base"
+    shutil.copytree(store.resolve(DEFAULT_BASE).path, folder, symlinks=False)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = {k: v * 2 for k, v in load_file(unet).items()}
+    unet.unlink()
+    save_file(weights, unet, metadata={"format": "pt"})
+    return f"local:{folder}"
+
+
+if __name__ == "__main__":
+    main()
