@@ -160,8 +160,18 @@ class Residency:
             return self._plan(spec, protected) is not None
 
     def could_ever_fit(self, spec: PairSpec) -> bool:
+        """Whether `spec` fits beside the pinned pairs, which are never evicted (so a request that cannot fit
+        is refused at once instead of waiting for room that will never come)."""
         with self._lock:
-            return self._unique_bytes(spec) <= self.budget_bytes
+            pinned = {
+                c.fingerprint: c.device_bytes(self.half)
+                for p in self._pairs.values()
+                if p.pinned
+                for m in p.spec.models()
+                for c in m.components
+            }
+            wanted = {c.fingerprint: c.device_bytes(self.half) for m in spec.models() for c in m.components}
+            return sum({**pinned, **wanted}.values()) <= self.budget_bytes
 
     def resident(self) -> list[ResidentPair]:
         with self._lock:

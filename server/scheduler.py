@@ -304,7 +304,7 @@ class Scheduler:
                 budgets = ", ".join(
                     f"{w.device.name}: {w.residency.budget_bytes / 2**20:.0f} MiB" for w in self.workers
                 )
-                raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device ({budgets})")
+                raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, OutOfDeviceMemory)):
                 log.error("resolving request %s failed", work.job.request_id, exc_info=exc)

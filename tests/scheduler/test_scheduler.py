@@ -22,7 +22,7 @@ from PIL import Image
 from modelstore import ModelRecord, ModelStore, StoreSettings
 from modelstore.components import components_of
 from modelstore.errors import ModelNotFound, WrongArchitecture
-from server.errors import DeadlineExceeded, JobCancelled, Overloaded, ShuttingDown, WorkerFailed
+from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, Overloaded, ShuttingDown, WorkerFailed
 from server.job import (
     GenerationJob,
     ImageFormat,
@@ -448,3 +448,22 @@ def test_close_refuses_new_work_and_ends_queued_requests(built: tuple[Scheduler,
     assert isinstance(running.wait().error, ShuttingDown)  # stopped at its next step
     with pytest.raises(ShuttingDown):
         scheduler.submit(job(), RecordingSink())
+
+
+def test_a_request_that_cannot_fit_beside_the_pinned_pair_is_refused_at_once(
+    store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path
+) -> None:
+    """Pinned pairs are never evicted: waiting for room they hold would wait forever."""
+    other = another_base(model_store, tmp_path)
+    pair = f"{TINY_BASE}+{TINY_REFINER}"
+    scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
+    try:
+        scheduler.pin([pair]).result(WAIT_S)
+        refused, fine = RecordingSink(), RecordingSink()
+        scheduler.submit(job("another base", refiner=False, model=other), refused)
+        assert isinstance(refused.wait().error, OutOfDeviceMemory)  # RESOURCE_EXHAUSTED, not a hang
+        scheduler.submit(job("the pinned pair"), fine)
+        assert fine.wait().error is None and loader.count(other) == 0
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
