@@ -103,7 +103,7 @@ def warm_vs_cold(settings: Settings, store: ModelStore, other: str, reps: int) -
             c.fingerprint: c for m in (DEFAULT_BASE, DEFAULT_REFINER) for c in components_of(store.resolve(m))
         }.values()
     )
-    server = InProcess(replace(settings, budget_bytes=pair_bytes + 1_000_000), store)
+    server = InProcess(replace(settings, pins=(), budget_bytes=pair_bytes + 1_000_000), store)
     try:
         server.generate(request(0))
         warm = [_timed(server.generate, request(i)) for i in range(reps)]
