@@ -28,9 +28,12 @@ from modelstore import ModelStore, parse_air
 from modelstore.loading import load_pipeline
 from modelstore.record import Architecture
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from refinery.v1 import models_pb2_grpc
 from server import runner
 from server.device import leave_a_core_for_io, resolve_device
 from server.job import ModelRole
+from server.models_service import SERVICE_NAME as MODELS_SERVICE_NAME
+from server.models_service import ModelService
 from server.service import SERVICE_NAME, GenerationService
 from server.settings import Settings
 from server.worker import DeviceWorker, PipelineLoader, PipelineRunner
@@ -88,8 +91,13 @@ class RefineryServer:
         server = grpc.aio.server(options=grpc_options(self.settings))
         service = GenerationService(self.worker, self.settings)
         pb_grpc.add_GenerationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        # The model cache, for operators. Until the scheduler passes `resident_models=`, no model is reported
+        # resident and only the store's leases refuse a delete.
+        models = ModelService(self.store)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        services = (SERVICE_NAME, MODELS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = server.add_insecure_port(address)
