@@ -3,6 +3,7 @@
     refinery serve [--host H] [--port P] [--device D] [--model AIR] [--refiner AIR|none]
     refinery generate PROMPT [--refiner AIR] [--refiner-start 90%|STEP] [--steps N] [--seed S] [--size WxH]
                              [-n N] [--scheduler NAME] [--format png|jpeg|webp] [-o PATH] [--server ADDR]
+    refinery models pull AIR [--pin] | list | rm AIR  [--server ADDR]     (server/cli_models.py)
 
 `generate` without `--server` starts a server in this process on a free loopback port and talks to it over
 real gRPC, so it behaves exactly like a remote call. Settings are built here, from flags and then the
@@ -29,6 +30,7 @@ from modelstore import StoreSettings, parse_air
 from modelstore.errors import InvalidModelId, ModelStoreError
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server import cli_models
 from server._progress import ProgressView
 from server.logs import configure_logging, quiet_model_libraries
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
     gen.add_argument("--server", help="HOST:PORT of a running server (default: start one in this process)")
     common(gen)
+
+    cli_models.add_parser(commands)
     return parser
 
 
@@ -384,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"refinery: error: --log-level: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    command = _serve if args.command == "serve" else _generate
+    command = {"serve": _serve, "generate": _generate, "models": cli_models.run}[args.command]
     try:
         return asyncio.run(command(args, env))
     except UsageError as exc:
