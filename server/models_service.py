@@ -80,7 +80,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
             )
         except Exception as exc:
             error = exc
-        await _abort(context, "ListModels", "", error)
+        await _abort(context, "ListModels", None, error)
 
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
@@ -105,11 +105,14 @@ def _model(text: str) -> AIR:
     return parse_air(text)  # InvalidModelId: INVALID_ARGUMENT, named `model` by _abort
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, model: str, error: Exception) -> NoReturn:
-    if isinstance(error, ModelStoreError):
+async def _abort(context: grpc.aio.ServicerContext, method: str, model: str | None, error: Exception) -> NoReturn:
+    """End the RPC with the status `server/status.py` gives `error`; `model`: the request's `model` field."""
+    if model is not None and isinstance(error, ModelStoreError):
         error.for_field("model")
     failure = rpc_error_for(error)  # unexpected errors: logged with traceback, the client gets INTERNAL
-    log.info("%s %s failed: %s: %s", method, model or "-", failure.code.name, failure.message)
+    # repr: the model text is the client's, as it was sent, control characters included.
+    target = "" if model is None else f" {model!r}"
+    log.info("%s%s failed: %s: %s", method, target, failure.code.name, failure.message)
     await context.abort_with_status(rpc_status.to_status(failure.to_status()))
     raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
 
