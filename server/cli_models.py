@@ -58,7 +58,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rm.add_argument("model", metavar="AIR")
     for parser in (pull, listing, rm):
         parser.add_argument(
-            "--server", help="HOST:PORT of a running server (default: the local cache, through this process)"
+            "--server",
+            help="HOST:PORT of a running server (default: the local cache, in this process) [REFINERY_SERVER]",
         )
         parser.add_argument("--cache-dir", type=Path, help="model cache without --server [REFINERY_CACHE_DIR]")
         parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
