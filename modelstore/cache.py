@@ -62,6 +62,7 @@ class CachedModel:
     pinned: bool
     in_use: bool
     path: Path
+    sha256: str  # of the file, or of the folder's files (see snapshots.content_digest)
 
 
 @dataclass(frozen=True)
@@ -131,21 +132,30 @@ class Cache:
         self.index.touch(air.canonical, time.time())
 
     def models(self, in_use: Callable[[str], bool]) -> list[CachedModel]:
-        return [
-            CachedModel(
-                air=e.air,
-                source=e.source,
-                layout=e.layout,
-                architecture=e.architecture,
-                size_bytes=e.size_bytes,
-                added=datetime.fromtimestamp(e.added, UTC),
-                last_used=datetime.fromtimestamp(e.last_used, UTC),
-                pinned=e.pinned,
-                in_use=in_use(e.air),
-                path=self.model_path(e),
-            )
-            for e in self.index.entries()
-        ]
+        return [self._described(e, in_use) for e in self.index.entries()]
+
+    def model(self, air: AIR, in_use: Callable[[str], bool]) -> CachedModel | None:
+        entry = self.index.get(air.canonical)
+        return None if entry is None else self._described(entry, in_use)
+
+    def _described(self, e: IndexEntry, in_use: Callable[[str], bool]) -> CachedModel:
+        return CachedModel(
+            air=e.air,
+            source=e.source,
+            layout=e.layout,
+            architecture=e.architecture,
+            size_bytes=e.size_bytes,
+            added=datetime.fromtimestamp(e.added, UTC),
+            last_used=datetime.fromtimestamp(e.last_used, UTC),
+            pinned=e.pinned,
+            in_use=in_use(e.air),
+            path=self.model_path(e),
+            sha256=e.sha256,
+        )
+
+    def used_bytes(self) -> int:
+        """The bytes the quota counts: every blob on disk, each distinct content once."""
+        return sum(self._blob_sizes().values())
 
     # --- quota ---------------------------------------------------------------------------------------------
 
@@ -291,17 +301,19 @@ class Cache:
     def register_local(self, entry: IndexEntry) -> None:
         self.index.put(entry)
 
-    def delete(self, air: AIR, in_use: Callable[[str], bool]) -> None:
+    def delete(self, air: AIR, in_use: Callable[[str], bool]) -> int:
+        """Drop a model; the bytes freed (its blobs that no other model uses)."""
         with self._exclusive():
             entry = self.index.get(air.canonical)
             if entry is None:
                 raise ModelNotFound(f"{air.canonical} is not in the cache")
             if Path(entry.path).is_absolute():
                 self.index.remove(entry.air)  # a local model: forget it, never touch the user's files
-                return
+                return 0
             keep: set[str] = set().union(*(r.blobs for r in self._reservations))
             freed = self._evict(entry, keep)
         log.info("deleted %s from the cache (%s freed)", air.canonical, _human(freed))
+        return freed
 
     def pin(self, air: AIR, pinned: bool) -> None:
         if not self.index.set_pinned(air.canonical, pinned):

@@ -12,7 +12,8 @@ per-file lock and finds the file in place. What is downloaded, verified and kept
 download.py (resumable verified transfer), cache.py (layout, quota, eviction), index.py (SQLite) and
 snapshots.py (model folders).
 
-Operators get `pull`, `list_models`, `delete`, `pin` and `lookup` (which never touches the network).
+Operators get `pull`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which never touches
+the network).
 """
 
 from __future__ import annotations
@@ -272,13 +273,26 @@ class ModelStore:
         """Every model in the index, with its size, architecture, last use and pin."""
         return self._cache.models(self._in_use)
 
-    def delete(self, model: str | AIR) -> None:
-        """Remove `model` from the cache (its files, unless other models share them). ModelInUse while it is
-        leased or downloading; ModelNotFound if it is not cached. A local model is only forgotten."""
+    def describe(self, model: str | AIR) -> CachedModel:
+        """The index row of one cached model; ModelNotFound if it is not cached."""
+        air = _air(model)
+        described = self._cache.model(air, self._in_use)
+        if described is None:
+            raise ModelNotFound(f"{air.canonical} is not in the cache")
+        return described
+
+    def used_bytes(self) -> int:
+        """What the cache holds on disk, as the quota (`settings.max_bytes`) counts it: each distinct file once."""
+        return self._cache.used_bytes()
+
+    def delete(self, model: str | AIR) -> int:
+        """Remove `model` from the cache (its files, unless other models share them); the bytes freed.
+        ModelInUse while it is leased or downloading; ModelNotFound if it is not cached. A local model is only
+        forgotten (0 bytes freed)."""
         air = _air(model)
         if self._in_use(air.canonical):
             raise ModelInUse(f"{air.canonical} is in use and cannot be deleted now")
-        self._cache.delete(air, self._in_use)
+        return self._cache.delete(air, self._in_use)
 
     def pin(self, model: str | AIR, pinned: bool = True) -> None:
         """Exempt `model` from eviction (or make it evictable again)."""

@@ -29,10 +29,12 @@ from grpc_reflection.v1alpha import reflection
 from modelstore import ModelStore
 from modelstore.loading import load_pipeline
 from refinery.v1 import generation_pb2_grpc as pb_grpc
-from refinery.v1 import status_pb2_grpc
+from refinery.v1 import models_pb2_grpc, status_pb2_grpc
 from server import runner
 from server.execution import PipelineRunner
 from server.metrics import Metrics
+from server.models_service import SERVICE_NAME as MODELS_SERVICE_NAME
+from server.models_service import ModelService
 from server.scheduler import Scheduler
 from server.service import SERVICE_NAME, GenerationService
 from server.settings import Settings
@@ -97,8 +99,17 @@ class RefineryServer:
         status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
             StatusService(self.scheduler), server
         )
+        # The model cache, for operators; a model resident on a device is reported so and cannot be deleted.
+        models = ModelService(self.store, resident_models=self.scheduler.resident_models)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = (SERVICE_NAME, STATUS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        services = (
+            SERVICE_NAME,
+            STATUS_SERVICE_NAME,
+            MODELS_SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(services, server)
         address = f"{self.settings.host}:{self.settings.port}"
         try:

@@ -4,6 +4,7 @@
                    [--pin BASE[+REFINER]]... [--max-queue N] [--max-batch N] [--budget SIZE] [--metrics-port P]
     refinery generate PROMPT [--refiner AIR] [--refiner-start 90%|STEP] [--steps N] [--seed S] [--size WxH]
                              [-n N] [--scheduler NAME] [--format png|jpeg|webp] [-o PATH] [--server ADDR]
+    refinery models pull AIR [--pin] | list | rm AIR  [--server ADDR]     (server/cli_models.py)
 
 `generate` without `--server` starts a server in this process on a free loopback port and talks to it over
 real gRPC, so it behaves exactly like a remote call. Settings are built here, from flags and then the
@@ -30,6 +31,7 @@ from modelstore import StoreSettings, parse_air
 from modelstore.errors import InvalidModelId, ModelStoreError
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server import cli_models
 from server._progress import ProgressView
 from server.logs import configure_logging, quiet_model_libraries
 from server.pins import parse_pin
@@ -342,8 +344,8 @@ async def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except OSError as exc:  # the port is taken
         print(f"refinery: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except ModelStoreError as exc:  # a preloaded model is unknown, unsafe or of the wrong kind
-        print(f"refinery: error: cannot preload: {exc}", file=sys.stderr)
+    except ModelStoreError as exc:  # a pinned model is unknown, unsafe or of the wrong kind
+        print(f"refinery: error: cannot load a pinned pair: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
 
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
     gen.add_argument("--server", help="HOST:PORT of a running server (default: start one in this process)")
     common(gen)
+
+    cli_models.add_parser(commands)
     return parser
 
 
@@ -442,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"refinery: error: --log-level: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    command = _serve if args.command == "serve" else _generate
+    command = {"serve": _serve, "generate": _generate, "models": cli_models.run}[args.command]
     try:
         return asyncio.run(command(args, env))
     except UsageError as exc:

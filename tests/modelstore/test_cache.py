@@ -120,6 +120,22 @@ def test_delete_refuses_models_in_use_and_keeps_shared_files(
         store.delete(a)
 
 
+def test_delete_reports_the_bytes_it_freed(make_store: MakeStore, civitai: FakeCivitai, cache_dir: Path) -> None:
+    a, b, _ = three_models(civitai)
+    shared = f"{a}+100"  # the same file as a: one blob for both
+    store = make_store()
+    for model in (a, shared, b):
+        store.resolve(model)
+    size_a, size_b = (len(payloads.checkpoint(seed=n, extra_bytes=SIZE)) for n in (1, 2))
+    assert store.used_bytes() == size_a + size_b == sum(p.stat().st_size for p in blob_files(cache_dir))
+
+    assert store.delete(a) == 0  # its file stays for the other name
+    assert store.used_bytes() == size_a + size_b
+    assert store.delete(shared) == size_a
+    assert store.delete(b) == size_b
+    assert store.used_bytes() == 0 and blob_files(cache_dir) == []
+
+
 def test_list_models_describes_the_cache(make_store: MakeStore, civitai: FakeCivitai) -> None:
     a, b, _ = three_models(civitai)
     store = make_store()
@@ -133,6 +149,10 @@ def test_list_models_describes_the_cache(make_store: MakeStore, civitai: FakeCiv
     assert listing[a].size_bytes == len(payloads.checkpoint(seed=1, extra_bytes=SIZE))
     assert listing[a].architecture is Architecture.UNKNOWN and listing[a].layout is Layout.SINGLE_FILE
     assert listing[a].last_used <= listing[b].last_used
+    assert listing[a].sha256 == payloads.sha256(payloads.checkpoint(seed=1, extra_bytes=SIZE))
+    assert store.describe(b) == listing[b]
+    with pytest.raises(ModelNotFound):
+        store.describe("civitai:9@90")
 
 
 def test_the_cache_works_with_the_sources_gone(

@@ -170,3 +170,17 @@ def test_a_store_waiting_on_another_process_sees_its_progress(
     assert len(storage.gets()) == 1
     assert events[-1].finished and events[-1].bytes_done == len(data)
     assert waiting.lookup(MODEL) == downloading.lookup(MODEL)
+
+
+def test_a_large_file_cut_off_the_block_grid_resumes_and_verifies(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage
+) -> None:
+    # Several of the hasher's 4 MB read-back blocks, a cut that is not on their grid, and a resumed second
+    # half: the store accepts the file only if its SHA256 over every byte, once each, is the published one.
+    data, obj = serve_model(civitai, size=13_000_000)
+    obj.cut_at, obj.cut_times = 5_000_003, 1
+
+    record = make_store().resolve(MODEL)
+
+    assert record.path.read_bytes() == data and record.sha256 == payloads.sha256(data)
+    assert [r.headers.get("range") for r in storage.gets()] == [None, "bytes=5000003-"]

@@ -1,0 +1,181 @@
+"""The `refinery.v1.ModelService` servicer (grpc.aio): the model cache, for operators.
+
+- `PullModel` fetches a model into the cache (or finds it there), streaming `PullProgress` while bytes arrive
+  and then the model's `ModelInfo`; `pin` exempts it from the quota's eviction.
+- `ListModels` lists the cache: every model, the bytes it holds and the quota.
+- `DeleteModel` removes a model; refused with FAILED_PRECONDITION while it is in use: leased in the store (a
+  job or a pull holds it) or loaded on a device (`resident_models`, which whoever runs the jobs provides).
+
+Errors map to statuses through `server/status.py`; model errors name the request field `model`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+from grpc_status import rpc_status
+
+from modelstore import AIR, ModelStore, parse_air
+from modelstore.cache import CachedModel
+from modelstore.errors import ModelInUse, ModelStoreError
+from modelstore.progress import DownloadProgress
+from refinery.v1 import models_pb2 as pb
+from refinery.v1 import models_pb2_grpc as pb_grpc
+from server.models_convert import model_info, pull_progress
+from server.status import rpc_error_for
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+# Canonical AIRs of the models loaded on any device right now. Called on the event loop: it must be quick
+# and must not block.
+ResidentModels = Callable[[], AbstractSet[str]]
+
+
+def nothing_resident() -> AbstractSet[str]:
+    return frozenset()
+
+
+class ModelService(pb_grpc.ModelServiceServicer):
+    def __init__(self, store: ModelStore, *, resident_models: ResidentModels = nothing_resident) -> None:
+        self._store = store
+        self._resident_models = resident_models
+
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        try:
+            air = _model(request.model)
+            async for event in _Pull(self._store, air, pin=request.pin).events():
+                if isinstance(event, DownloadProgress):
+                    yield pull_progress(event)
+                else:
+                    yield pb.PullModelResponse(model=self._info(event))
+            return
+        except Exception as exc:  # CancelledError (client gone) is a BaseException and skips this
+            error = exc
+        await _abort(context, "PullModel", request.model, error)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        try:
+            # SQLite reads and a stat per file: off the event loop.
+            models = await asyncio.to_thread(self._store.list_models)
+            used = await asyncio.to_thread(self._store.used_bytes)
+            resident = self._resident_models()
+            return pb.ListModelsResponse(
+                models=[model_info(m, resident=m.air in resident) for m in models],
+                total_bytes=used,
+                quota_bytes=self._store.settings.max_bytes,
+            )
+        except Exception as exc:
+            error = exc
+        await _abort(context, "ListModels", None, error)
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        try:
+            air = _model(request.model)
+            # The store refuses models that are leased; this covers a device that loaded a model without
+            # holding a lease on it.
+            if air.canonical in self._resident_models():
+                raise ModelInUse(f"{air.canonical} is loaded on a device and cannot be deleted now")
+            freed = await asyncio.to_thread(self._store.delete, air)
+            return pb.DeleteModelResponse(freed_bytes=freed)
+        except Exception as exc:
+            error = exc
+        await _abort(context, "DeleteModel", request.model, error)
+
+    def _info(self, model: CachedModel) -> pb.ModelInfo:
+        return model_info(model, resident=model.air in self._resident_models())
+
+
+def _model(text: str) -> AIR:
+    return parse_air(text)  # InvalidModelId: INVALID_ARGUMENT, named `model` by _abort
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, model: str | None, error: Exception) -> NoReturn:
+    """End the RPC with the status `server/status.py` gives `error`; `model`: the request's `model` field."""
+    if model is not None and isinstance(error, ModelStoreError):
+        error.for_field("model")
+    failure = rpc_error_for(error)  # unexpected errors: logged with traceback, the client gets INTERNAL
+    # repr: the model text is the client's, as it was sent, control characters included.
+    target = "" if model is None else f" {model!r}"
+    log.info("%s%s failed: %s: %s", method, target, failure.code.name, failure.message)
+    await context.abort_with_status(rpc_status.to_status(failure.to_status()))
+    raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
+
+
+@dataclass(frozen=True)
+class _Done:
+    model: CachedModel | None
+    error: BaseException | None
+
+
+class _Pull:
+    """One PullModel call: the store's blocking pull on a thread, its progress and outcome on the event loop.
+
+    The thread is a daemon of its own rather than `asyncio.to_thread`: a pull can run for as long as a 7 GB
+    download takes, and the default executor's threads are joined when the loop and the interpreter shut down,
+    so `refinery serve` would not exit on SIGTERM until the download ended. A daemon dies with the process;
+    its partial file is resumable like after a kill -9.
+
+    A client that goes away stops listening, but the download goes on: other requests may be waiting for the
+    same flight, and the store has no way to stop one.
+    """
+
+    def __init__(self, store: ModelStore, air: AIR, *, pin: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Unbounded: progress comes at most ten times a second, so a slow reader costs little.
+        self._queue: asyncio.Queue[DownloadProgress | _Done] = asyncio.Queue()
+        self._listening = True
+        thread = threading.Thread(target=self._run, args=(store, air, pin), name=f"pull-{air.canonical}", daemon=True)
+        thread.start()
+
+    def _run(self, store: ModelStore, air: AIR, pin: bool) -> None:
+        try:
+            # Leased: neither evicted (by another pull's quota) nor deleted between the download and the pin.
+            with store.lease(air):
+                store.pull(air, progress=self._progress)
+                if pin:
+                    store.pin(air)
+                described = store.describe(air)
+        except BaseException as exc:
+            self._send(_Done(None, exc))
+        else:
+            self._send(_Done(described, None))
+
+    def _progress(self, progress: DownloadProgress) -> None:
+        if self._listening:
+            self._send(progress)
+
+    def _send(self, item: DownloadProgress | _Done) -> None:
+        # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def events(self) -> AsyncIterator[DownloadProgress | CachedModel]:
+        """Progress while the pull runs, then the cached model; raises what the pull raised."""
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _Done):
+                    if item.error is not None:
+                        raise item.error
+                    assert item.model is not None
+                    yield item.model
+                    return
+                yield item
+        finally:
+            self._listening = False

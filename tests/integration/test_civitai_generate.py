@@ -1,0 +1,134 @@
+"""The model-store issue's headline, end to end through gRPC:
+
+    `Generate` with `model: "civitai:101055@128078"` and `refiner.model: "civitai:101055@128080"` just works:
+    the first request downloads both checkpoints once, every later request finds them cached, and after that
+    the service runs with no network at all.
+
+The checkpoints are the tiny built-in base and refiner written as single files in the original key layout, as
+civitai ships SDXL, served by the fake civitai API and its separate storage host. Each version also lists a
+VAE that civitai marks primary, which must never be the file downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from modelstore import ModelStore, StoreSettings
+from modelstore.builtin import BUILTIN_MODELS, build
+from refinery.v1 import generation_pb2 as pb
+from tests.fakes import payloads
+from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
+from tests.fixtures.ldm_layout import write_single_file
+
+from .conftest import ServerThread, collect, events, make_settings, new_stub
+
+BASE = "civitai:101055@128078"
+REFINER = "civitai:101055@128080"
+BASE_FILE, REFINER_FILE = 126002, 126004
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """The tiny built-in base and refiner as civitai-style single-file checkpoints."""
+    tmp = tmp_path_factory.mktemp("civitai-checkpoints")
+    files = []
+    for name in ("builtin:tiny-sdxl-base@1", "builtin:tiny-sdxl-refiner@1"):
+        folder = tmp / name.split(":")[1]
+        build(BUILTIN_MODELS[name], folder)
+        files.append(write_single_file(folder, tmp / f"{folder.name}.safetensors").read_bytes())
+    return files[0], files[1]
+
+
+@pytest.fixture
+def storage() -> Iterator[FakeStorage]:
+    server = FakeStorage()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def civitai(storage: FakeStorage, checkpoints: tuple[bytes, bytes]) -> Iterator[FakeCivitai]:
+    server = FakeCivitai(storage)
+    base, refiner = checkpoints
+    vae = payloads.checkpoint("plain", seed=3)
+    server.add_version(
+        101055,
+        128078,
+        [
+            (FakeFile(126001, "sdxl_vae.safetensors", type="VAE", primary=True), vae),
+            (FakeFile(BASE_FILE, "sd_xl_base_1.0.safetensors", size="full"), base),
+        ],
+    )
+    server.add_version(
+        101055,
+        128080,
+        [
+            (FakeFile(126003, "sdxl_vae.safetensors", type="VAE", primary=True), vae),
+            (FakeFile(REFINER_FILE, "sd_xl_refiner_1.0.safetensors", size="full"), refiner),
+        ],
+        base_model_type="Refiner",
+    )
+    yield server
+    server.close()
+
+
+def generate(settings: StoreSettings) -> list[pb.Image]:
+    """Two Generate calls with the civitai pair on a freshly started server (a new ModelStore, like a new
+    process) over the cache in `settings`; the images of both."""
+    store = ModelStore(settings)
+    thread = ServerThread(make_settings(settings, pins=()), store=store)
+    try:
+        with grpc.insecure_channel(thread.address) as channel:
+            stub = new_stub(channel)
+            images = []
+            for seed in (7, 8):
+                request = pb.GenerateRequest(
+                    positive_prompt="a lighthouse on a cliff",
+                    model=BASE,
+                    refiner=pb.Refiner(model=REFINER, start_step=4),
+                    steps=6,
+                    seed=seed,
+                )
+                images.extend(events(collect(stub, request), "image"))
+            return images
+    finally:
+        thread.close()
+        store.close()
+
+
+def pixels(image: pb.Image) -> bytes:
+    with Image.open(io.BytesIO(image.data)) as decoded:
+        assert decoded.size == (64, 64)
+        return decoded.convert("RGB").tobytes()
+
+
+def test_the_civitai_pair_downloads_once_and_then_runs_with_no_network(
+    tmp_path: Path, civitai: FakeCivitai, storage: FakeStorage
+) -> None:
+    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url)
+
+    online = generate(settings)
+
+    assert [(i.model, i.refiner_model, i.base_steps, i.refiner_steps) for i in online] == [
+        (BASE, REFINER, 3, 3),
+        (BASE, REFINER, 3, 3),
+    ]
+    # One GET per checkpoint, for the model files (never the VAEs civitai marks primary).
+    assert sorted(r.path for r in storage.gets()) == [
+        f"/bucket/128078-{BASE_FILE}",
+        f"/bucket/128080-{REFINER_FILE}",
+    ]
+    assert sorted(r.query["fileId"] for r in civitai.downloads()) == [str(BASE_FILE), str(REFINER_FILE)]
+
+    civitai.close()
+    storage.close()  # from here on, any request to either would be refused
+    offline = generate(settings)  # a restarted service over the same cache
+
+    assert [pixels(i) for i in offline] == [pixels(i) for i in online]
+    assert pixels(online[0]) != pixels(online[1])  # two seeds, two images: the comparison means something

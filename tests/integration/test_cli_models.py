@@ -1,0 +1,154 @@
+"""`refinery models pull|list|rm` as an operator runs them: a real process, the fake civitai API and storage host,
+a real cache folder; and against a running server."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelstore import ModelStore, StoreSettings
+from refinery.v1 import models_pb2 as pb
+from server.cli_models import PullView
+from tests.fakes import payloads
+from tests.fakes.cachefs import blob_files
+from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
+
+from .conftest import ServerThread, make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300  # a hang fails the test; never an expectation about speed
+TOKEN = "civitai-cli-token-0a1b2c3d4e5f"
+BASE = "civitai:101055@128078"
+
+
+@pytest.fixture
+def storage() -> Iterator[FakeStorage]:
+    server = FakeStorage()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
+    server = FakeCivitai(storage, token=TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def base(civitai: FakeCivitai) -> bytes:
+    data = payloads.checkpoint("base", seed=1, extra_bytes=2_000_000)
+    vae = payloads.checkpoint("plain", seed=3)
+    civitai.add_version(
+        101055,
+        128078,
+        [(FakeFile(126001, "sdxl_vae.safetensors", type="VAE", primary=True), vae), (FakeFile(126002, "b"), data)],
+    )
+    return data
+
+
+def refinery(*args: str, cache: Path, civitai: FakeCivitai, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REFINERY_CACHE_DIR": str(cache),
+        "REFINERY_CIVITAI_API": civitai.url,
+        **env,
+    }
+    environment.pop("REFINERY_SERVER", None)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "models", *args],
+        cwd=cache.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def test_pull_list_rm_on_the_local_cache(
+    tmp_path: Path, civitai: FakeCivitai, storage: FakeStorage, base: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    size = f"{len(base) / 1e6:.1f} MB"
+
+    pulled = refinery("pull", "urn:air:sdxl:checkpoint:civitai:101055@128078", "--pin", cache=cache, civitai=civitai)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout == f"pulled {BASE} (SDXL base, {size}, pinned)\n"
+    assert f"{size} downloaded" in pulled.stderr  # not a terminal: one line once done, no bar
+    again = refinery("pull", BASE, cache=cache, civitai=civitai)
+    assert again.returncode == 0 and again.stdout.startswith(f"pulled {BASE} ") and again.stderr == ""
+    assert len(storage.gets()) == 1
+
+    listed = refinery("list", cache=cache, civitai=civitai)
+    assert listed.returncode == 0, listed.stderr
+    header, row, total = listed.stdout.splitlines()
+    assert header.split() == ["MODEL", "ARCHITECTURE", "SIZE", "LAST", "USED", "(UTC)", "PINNED", "RESIDENT"]
+    assert row.split()[:4] == [BASE, "SDXL", "base", size.split()[0]]
+    assert row.split()[-2:] == ["yes", "no"]
+    assert total == f"1 model, {size} on disk (no quota)"
+
+    removed = refinery("rm", BASE, cache=cache, civitai=civitai)
+    assert (removed.returncode, removed.stdout) == (0, f"deleted {BASE} ({size} freed)\n")
+    assert blob_files(cache) == []
+    assert (
+        refinery("list", cache=cache, civitai=civitai).stdout
+        == "no models in the cache\n0 models, 0 B on disk (no quota)\n"
+    )
+
+    missing = refinery("rm", BASE, cache=cache, civitai=civitai)
+    assert missing.returncode == 1
+    assert missing.stderr == f"error: NOT_FOUND: model: {BASE} is not in the cache\n"
+    malformed = refinery("pull", "civitai:101055@", cache=cache, civitai=civitai)
+    assert malformed.returncode == 2
+    assert malformed.stderr.startswith("error: INVALID_ARGUMENT: model: ") and "numeric version" in malformed.stderr
+
+
+def test_a_refused_download_is_one_line_without_the_token(tmp_path: Path, civitai: FakeCivitai, base: bytes) -> None:
+    civitai.require_auth.add(128078)
+    wrong = "civitai-cli-token-that-civitai-refuses"
+
+    result = refinery("pull", BASE, cache=tmp_path / "cache", civitai=civitai, CIVITAI_TOKEN=wrong)
+
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: UNAUTHENTICATED: model: ") and "requires you to be logged in" in line
+    assert civitai.downloads()[0].headers["authorization"] == f"Bearer {wrong}"
+    assert wrong not in result.stderr
+
+
+def test_models_through_a_running_server(tmp_path: Path, civitai: FakeCivitai, base: bytes) -> None:
+    server_cache = tmp_path / "server-cache"
+    store = ModelStore(StoreSettings(cache_dir=server_cache, civitai_api=civitai.url, max_bytes=10**9))
+    thread = ServerThread(make_settings(store.settings, pins=()), store=store)
+    local = tmp_path / "local-cache"
+    try:
+        pulled = refinery("pull", BASE, "--server", thread.address, cache=local, civitai=civitai)
+        listed = refinery("list", "--server", thread.address, cache=local, civitai=civitai)
+    finally:
+        thread.close()
+        store.close()
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert BASE in listed.stdout.splitlines()[1]
+    assert listed.stdout.splitlines()[-1] == f"1 model, {len(base) / 1e6:.1f} MB on disk of a 1.0 GB quota"
+    # The server's cache holds it; the CLI's own cache was never touched.
+    assert [p.stat().st_size for p in blob_files(server_cache)] == [len(base)]
+    assert not local.exists() or blob_files(local) == []
+
+
+def test_the_bar_on_a_terminal_shows_bytes_and_rate() -> None:
+    out = io.StringIO()
+    view = PullView(BASE, out, interactive=True)
+    view.show(pb.PullProgress(bytes_done=0, bytes_total=6_900_000_000, bytes_per_second=0))
+    view.show(pb.PullProgress(bytes_done=3_450_000_000, bytes_total=6_900_000_000, bytes_per_second=85_300_000))
+    view.close(completed=True)
+
+    last = out.getvalue().split("\r\x1b[2K")[-1]
+    assert last == f"{BASE} [{'#' * 15}{'.' * 15}] 3.5 GB / 6.9 GB  85.3 MB/s\n"
