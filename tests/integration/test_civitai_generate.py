@@ -78,15 +78,16 @@ def civitai(storage: FakeStorage, checkpoints: tuple[bytes, bytes]) -> Iterator[
     server.close()
 
 
-def generate(settings: StoreSettings) -> list[pb.Image]:
+def generate(settings: StoreSettings) -> tuple[list[pb.Image], list[pb.ModelLoading]]:
     """Two Generate calls with the civitai pair on a freshly started server (a new ModelStore, like a new
-    process) over the cache in `settings`; the images of both."""
+    process) over the cache in `settings`; the images of both, and the first call's model_loading events."""
     store = ModelStore(settings)
     thread = ServerThread(make_settings(settings, pins=()), store=store)
     try:
         with grpc.insecure_channel(thread.address) as channel:
             stub = new_stub(channel)
             images = []
+            loading: list[pb.ModelLoading] = []
             for seed in (7, 8):
                 request = pb.GenerateRequest(
                     positive_prompt="a lighthouse on a cliff",
@@ -95,8 +96,11 @@ def generate(settings: StoreSettings) -> list[pb.Image]:
                     steps=6,
                     seed=seed,
                 )
-                images.extend(events(collect(stub, request), "image"))
-            return images
+                responses = collect(stub, request)
+                images.extend(events(responses, "image"))
+                if seed == 7:
+                    loading = events(responses, "model_loading")
+            return images, loading
     finally:
         thread.close()
         store.close()
@@ -113,7 +117,7 @@ def test_the_civitai_pair_downloads_once_and_then_runs_with_no_network(
 ) -> None:
     settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url)
 
-    online = generate(settings)
+    online, loading = generate(settings)
 
     assert [(i.model, i.refiner_model, i.base_steps, i.refiner_steps) for i in online] == [
         (BASE, REFINER, 3, 3),
@@ -125,10 +129,18 @@ def test_the_civitai_pair_downloads_once_and_then_runs_with_no_network(
         f"/bucket/128080-{REFINER_FILE}",
     ]
     assert sorted(r.query["fileId"] for r in civitai.downloads()) == [str(BASE_FILE), str(REFINER_FILE)]
+    # The first request's stream showed each download with bytes, ending at the file's size, before loading.
+    for model, role in ((BASE, pb.MODEL_ROLE_BASE), (REFINER, pb.MODEL_ROLE_REFINER)):
+        downloading = [m for m in loading if m.model == model and m.phase == pb.ModelLoading.PHASE_DOWNLOADING]
+        assert downloading and all(m.role == role for m in downloading)
+        done = downloading[-1]
+        assert done.bytes_total > 0 and done.bytes_done == done.bytes_total
+        assert [m.bytes_done for m in downloading] == sorted(m.bytes_done for m in downloading)
 
     civitai.close()
     storage.close()  # from here on, any request to either would be refused
-    offline = generate(settings)  # a restarted service over the same cache
+    offline, loading = generate(settings)  # a restarted service over the same cache
+    assert not [m for m in loading if m.phase == pb.ModelLoading.PHASE_DOWNLOADING]
 
     assert [pixels(i) for i in offline] == [pixels(i) for i in online]
     assert pixels(online[0]) != pixels(online[1])  # two seeds, two images: the comparison means something

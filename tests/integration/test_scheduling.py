@@ -207,3 +207,14 @@ def test_an_evicted_pair_really_leaves_memory(
         assert keys == [(other, None)]
     finally:
         thread.close()
+
+
+def test_a_resident_model_is_listed_as_such_and_cannot_be_deleted(channel: grpc.Channel) -> None:
+    from refinery.v1 import models_pb2, models_pb2_grpc
+
+    models = models_pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    listed = {m.model: m for m in models.ListModels(models_pb2.ListModelsRequest(), timeout=TIMEOUT_S).models}
+    assert listed[DEFAULT_BASE].resident and listed[DEFAULT_REFINER].resident  # the pinned pair
+    with pytest.raises(grpc.RpcError) as refused:
+        models.DeleteModel(models_pb2.DeleteModelRequest(model=DEFAULT_REFINER), timeout=TIMEOUT_S)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
