@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 
 from modelstore import ModelStore, StoreSettings
+from tests.fakes.civitai import FakeCivitai, FakeStorage
+from tests.fakes.hub import FakeCDN, FakeHub
 
+CIVITAI_TOKEN = "civitai-secret-token-0123456789abcdef"
+HF_TOKEN = "hf_secret_token_0123456789abcdefghij"
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
 
@@ -65,3 +69,34 @@ def store_settings(tmp_path_factory: pytest.TempPathFactory) -> StoreSettings:
 @pytest.fixture(scope="session")
 def model_store(store_settings: StoreSettings) -> ModelStore:
     return ModelStore(store_settings)
+
+
+# ---- fake model sources: real HTTP servers on loopback ----------------------------------------------------
+
+
+@pytest.fixture
+def storage() -> Iterator[FakeStorage]:
+    server = FakeStorage()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
+    server = FakeCivitai(storage, token=CIVITAI_TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cdn() -> Iterator[FakeCDN]:
+    server = FakeCDN()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    server = FakeHub(token=HF_TOKEN)
+    yield server
+    server.close()

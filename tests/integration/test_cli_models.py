@@ -7,7 +7,6 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import models_pb2 as pb
 from server.cli_models import PullView
+from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
@@ -23,22 +23,8 @@ from .conftest import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # a hang fails the test; never an expectation about speed
-TOKEN = "civitai-cli-token-0a1b2c3d4e5f"
+TOKEN = CIVITAI_TOKEN
 BASE = "civitai:101055@128078"
-
-
-@pytest.fixture
-def storage() -> Iterator[FakeStorage]:
-    server = FakeStorage()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
-    server = FakeCivitai(storage, token=TOKEN)
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -21,13 +21,14 @@ from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.models_convert import ARCHITECTURES
 from server.models_service import ModelService
+from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 
 from .conftest import TIMEOUT_S, ServerThread, make_settings
 
-TOKEN = "civitai-operator-token-9f8e7d6c5b4a"
+TOKEN = CIVITAI_TOKEN
 BASE = "civitai:101055@128078"
 REFINER = "civitai:101055@128080"
 QUOTA = 1 << 30
@@ -38,20 +39,6 @@ class Service:
     stub: pb_grpc.ModelServiceStub
     store: ModelStore
     cache: Path
-
-
-@pytest.fixture
-def storage() -> Iterator[FakeStorage]:
-    server = FakeStorage()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
-    server = FakeCivitai(storage, token=TOKEN)
-    yield server
-    server.close()
 
 
 @pytest.fixture

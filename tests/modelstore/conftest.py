@@ -10,43 +10,14 @@ import pytest
 
 from modelstore import ModelStore, StoreSettings
 from modelstore.download import RetryPolicy
-from tests.fakes.civitai import FakeCivitai, FakeStorage
-from tests.fakes.hub import FakeCDN, FakeHub
+from tests.conftest import CIVITAI_TOKEN, HF_TOKEN
+from tests.fakes.civitai import FakeCivitai
+from tests.fakes.hub import FakeHub
 
-CIVITAI_TOKEN = "civitai-secret-token-0123456789abcdef"
-HF_TOKEN = "hf_secret_token_0123456789abcdefghij"
 # Tests do not wait for real back-off; the policy's shape is the same.
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 
 MakeStore = Callable[..., ModelStore]
-
-
-@pytest.fixture
-def storage() -> Iterator[FakeStorage]:
-    server = FakeStorage()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def civitai(storage: FakeStorage) -> Iterator[FakeCivitai]:
-    server = FakeCivitai(storage, token=CIVITAI_TOKEN)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def cdn() -> Iterator[FakeCDN]:
-    server = FakeCDN()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    server = FakeHub(token=HF_TOKEN)
-    yield server
-    server.close()
 
 
 @pytest.fixture
