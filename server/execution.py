@@ -105,7 +105,7 @@ def _acquire(worker: DeviceWorker, members: list[_Member]) -> dict[str, Any]:
 
     protected = {k for k in scheduler.waiting_pairs() if isinstance(k, PairKey) and k != spec.key}
     pipelines, report = worker.residency.acquire(spec, protected, on_load=on_load)
-    worker._observe_load(report)
+    worker.observe_load(report)
     return pipelines
 
 
@@ -114,13 +114,13 @@ def _run_with_oom_retry(
 ) -> RunResult:
     """Out of device memory: evict every idle pair, try once more, then give up with RESOURCE_EXHAUSTED."""
     try:
-        return worker.scheduler._run(pair, shape, samples, observer)
+        return worker.scheduler.run_pipeline(pair, shape, samples, observer)
     except torch.OutOfMemoryError:
         evicted = worker.residency.evict_idle()
         log.warning("out of memory on %s; evicted %d idle pair(s), retrying once", worker.device.name, len(evicted))
     observer.restart()
     try:
-        return worker.scheduler._run(pair, shape, samples, observer)
+        return worker.scheduler.run_pipeline(pair, shape, samples, observer)
     except torch.OutOfMemoryError:
         raise OutOfDeviceMemory(
             f"{len(samples)} image(s) of {shape.width}x{shape.height} do not fit on {worker.device.name}; "

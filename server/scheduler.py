@@ -52,7 +52,7 @@ from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown, Wor
 from server.job import GenerationJob, LoadPhase, ModelLoading, ModelRole, Queued
 from server.metrics import Metrics
 from server.pins import parse_pin
-from server.residency import ModelSpec, PairKey, PairSpec, Residency, ResidentPair
+from server.residency import LoadReport, ModelSpec, PairKey, PairSpec, Residency, ResidentPair
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ class Scheduler:
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
         self.queue = JobQueue(settings.max_queue)
-        self._loader = loader
-        self._run = run
+        self.loader = loader
+        self.run_pipeline = run
         self._lock = threading.Lock()
         self._works: dict[int, Work] = {}  # id(handle) -> work, for every request not yet ended
         self._closed = False
@@ -402,7 +402,7 @@ class DeviceWorker:
         protected = {k for k in self.scheduler.waiting_pairs() if isinstance(k, PairKey)}
         _, report = self.residency.acquire(spec, protected, pin=True)
         self.residency.release(spec.key)
-        self._observe_load(report)
+        self.observe_load(report)
 
     def status(self) -> DeviceStatus:
         allocated = 0
@@ -499,7 +499,7 @@ class DeviceWorker:
     def _load(self, spec: ModelSpec, reuse: Mapping[str, Any]) -> Any:
         self.scheduler.store.acquire(spec.record.canonical)  # a resident model is never evicted from the cache
         try:
-            return self.scheduler._loader(
+            return self.scheduler.loader(
                 spec.record, role=spec.role, device=self.device.name, dtype=self.device.dtype, components=dict(reuse)
             )
         except BaseException:
@@ -509,7 +509,7 @@ class DeviceWorker:
     def _unload(self, spec: ModelSpec) -> None:
         self.scheduler.store.release(spec.record.canonical)
 
-    def _observe_load(self, report: Any) -> None:
+    def observe_load(self, report: LoadReport) -> None:
         metrics = self.scheduler.metrics
         if report.loaded_bytes:
             metrics.loads.labels(self.device.name).observe(report.load_s)
