@@ -63,8 +63,9 @@ class InProcess:
 
     def close(self) -> None:
         self.channel.close()
+        # The loop thread is a daemon and is left running: stopping it under grpc.aio's poller makes the
+        # poller report a closed descriptor at exit.
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def request(seed: int, model: str = "", steps: int = 20) -> pb.GenerateRequest:
