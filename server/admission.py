@@ -8,7 +8,7 @@
   stay true.
 - Workers do not simply pop the head: `take` lets the dispatcher pick the first ticket it *prefers* (a pair the
   device already holds) so affinity never reorders jobs of different priorities, only jobs of equal priority.
-- Tickets whose deadline passes while queued are removed and reported by `expire`, never reaching a device.
+- Entries whose deadline passes while queued are removed and reported by `expire`, never reaching a device.
 
 Thread-safe: the event loop submits and cancels, worker threads take.
 """
@@ -26,12 +26,12 @@ from server.errors import Overloaded
 
 
 @dataclass(eq=False)
-class Ticket:
+class Entry:
     """One admitted request waiting for (or running on) a device."""
 
     payload: Any  # what the dispatcher needs to run it (a job, its sink, resolved models...)
     priority: int = 0
-    # Tickets with equal batch keys may run as one batch; None never batches.
+    # Entries with equal batch keys may run as one batch; None never batches.
     batch_key: Hashable | None = None
     # The pair of models it needs; the dispatcher uses it for affinity and anti-thrash.
     pair: Hashable | None = None
@@ -54,7 +54,7 @@ class JobQueue:
         self.max_queue = max_queue
         self._clock = clock
         self._cond = threading.Condition()
-        self._tickets: list[Ticket] = []  # kept sorted by sort_key
+        self._tickets: list[Entry] = []  # kept sorted by sort_key
         self._seq = itertools.count()
         self._closed = False
         # Exponentially weighted mean of how long a ticket waits; sizes RetryInfo when full.
@@ -62,7 +62,7 @@ class JobQueue:
 
     # ---- event-loop side --------------------------------------------------------------------------------
 
-    def submit(self, ticket: Ticket) -> None:
+    def submit(self, ticket: Entry) -> None:
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down", retry_after_s=1.0)
@@ -77,7 +77,7 @@ class JobQueue:
             self._cond.notify_all()
         self._announce()
 
-    def cancel(self, ticket: Ticket) -> bool:
+    def cancel(self, ticket: Entry) -> bool:
         """Remove `ticket` if it is still queued; True if it was."""
         with self._cond:
             if ticket not in self._tickets:
@@ -86,7 +86,7 @@ class JobQueue:
         self._announce()
         return True
 
-    def unblock(self, ticket: Ticket) -> None:
+    def unblock(self, ticket: Entry) -> None:
         with self._cond:
             ticket.blocked = False
             self._cond.notify_all()
@@ -96,7 +96,7 @@ class JobQueue:
         with self._cond:
             self._cond.notify_all()
 
-    def expire(self) -> list[Ticket]:
+    def expire(self) -> list[Entry]:
         """Remove and return the tickets whose deadline has passed."""
         now = self._clock()
         with self._cond:
@@ -107,7 +107,7 @@ class JobQueue:
             self._announce()
         return expired
 
-    def close(self) -> list[Ticket]:
+    def close(self) -> list[Entry]:
         """Refuse new tickets; return (and remove) the ones still waiting."""
         with self._cond:
             self._closed = True
@@ -119,12 +119,12 @@ class JobQueue:
 
     def take(
         self,
-        choose: Callable[[list[Ticket]], Ticket | None],
+        choose: Callable[[list[Entry]], Entry | None],
         *,
         max_batch: int = 1,
-        weight: Callable[[Ticket], int] = lambda _t: 1,
+        weight: Callable[[Entry], int] = lambda _t: 1,
         timeout: float | None = None,
-    ) -> list[Ticket]:
+    ) -> list[Entry]:
         """Block until `choose` picks a ticket among the runnable ones, then return it with more runnable
         tickets of the same batch key (in queue order) while their total `weight` (e.g. images) stays within
         `max_batch`. Returns [] on timeout or when the queue is closed."""
@@ -161,7 +161,7 @@ class JobQueue:
 
     # ---- views ------------------------------------------------------------------------------------------
 
-    def snapshot(self) -> list[Ticket]:
+    def snapshot(self) -> list[Entry]:
         with self._cond:
             return list(self._tickets)
 
@@ -186,7 +186,7 @@ class JobQueue:
 
     # ---- internals --------------------------------------------------------------------------------------
 
-    def _insert(self, ticket: Ticket) -> None:
+    def _insert(self, ticket: Entry) -> None:
         key = ticket.sort_key()
         index = len(self._tickets)
         for i, other in enumerate(self._tickets):
@@ -199,7 +199,7 @@ class JobQueue:
         """Tell every ticket whose position changed; callbacks run outside the lock."""
         with self._cond:
             depth = len(self._tickets)
-            changed: list[tuple[Ticket, int]] = []
+            changed: list[tuple[Entry, int]] = []
             for position, t in enumerate(self._tickets):
                 if t.position != position:
                     t.position = position
@@ -209,6 +209,6 @@ class JobQueue:
                 t.on_position(position, depth)
 
 
-def first(tickets: Iterable[Ticket]) -> Ticket | None:
+def first(tickets: Iterable[Entry]) -> Entry | None:
     """The plain FIFO-within-priority choice."""
     return next(iter(tickets), None)

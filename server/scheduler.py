@@ -44,8 +44,8 @@ from modelstore.errors import ModelStoreError
 from modelstore.loading import load_pipeline
 from modelstore.progress import DownloadProgress
 from server import execution, runner
+from server.admission import Entry as QueueEntry
 from server.admission import JobQueue
-from server.admission import Ticket as QueueTicket
 from server.device import DeviceSpec, leave_a_core_for_io, resolve_device
 from server.dispatch import EventSink, Ticket
 from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown, WorkerFailed
@@ -70,7 +70,7 @@ class Work:
     handle: Ticket
     deadline: float | None  # time.monotonic()
     spec: PairSpec | None = None  # set once resolved
-    queue_ticket: QueueTicket | None = None
+    queue_entry: QueueEntry | None = None
     # For the request's log line: when a device took it (perf_counter), and where its time went there.
     started: float = 0.0
     loading_s: float = 0.0
@@ -169,7 +169,7 @@ class Scheduler:
     def submit(self, job: GenerationJob, sink: EventSink, *, deadline: float | None = None) -> Ticket:
         handle = Ticket(job, sink)
         work = Work(handle, deadline)
-        queue_ticket = QueueTicket(
+        queue_entry = QueueEntry(
             payload=work,
             priority=job.priority,
             batch_key=batch_key(job),
@@ -178,13 +178,13 @@ class Scheduler:
             on_position=lambda position, depth: self._announce(work, position, depth),
             blocked=True,
         )
-        work.queue_ticket = queue_ticket
+        work.queue_entry = queue_entry
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             self._works[id(handle)] = work
         try:
-            self.queue.submit(queue_ticket)
+            self.queue.submit(queue_entry)
         except Exception:
             with self._lock:
                 self._works.pop(id(handle), None)
@@ -196,7 +196,7 @@ class Scheduler:
     def cancel(self, ticket: Ticket) -> None:
         ticket.request_cancel()
         work = self._work(ticket)
-        if work is not None and work.queue_ticket is not None and self.queue.cancel(work.queue_ticket):
+        if work is not None and work.queue_entry is not None and self.queue.cancel(work.queue_entry):
             self.finish(work, ticket.cancel_error)  # never started; a running one stops at its next step
 
     # ---- life cycle -------------------------------------------------------------------------------------
@@ -243,8 +243,8 @@ class Scheduler:
         stopping = ShuttingDown("the server is shutting down; retry on another replica")
         for work in works:
             work.handle.request_cancel(stopping)
-        for queue_ticket in self.queue.close():
-            self.finish(queue_ticket.payload, stopping)
+        for queue_entry in self.queue.close():
+            self.finish(queue_entry.payload, stopping)
         self._stopping.set()
         for worker in self.workers:
             worker.stop(timeout_s)
@@ -278,8 +278,8 @@ class Scheduler:
         execution.log_outcome(work, error, outcome, steps_done)
 
     def expire(self) -> None:
-        for queue_ticket in self.queue.expire():
-            self.finish(queue_ticket.payload, DeadlineExceeded("the deadline passed while the request was queued"))
+        for queue_entry in self.queue.expire():
+            self.finish(queue_entry.payload, DeadlineExceeded("the deadline passed while the request was queued"))
 
     def waiting_pairs(self) -> set[Hashable]:
         return self.queue.waiting_pairs()
@@ -297,7 +297,7 @@ class Scheduler:
 
     def _resolve(self, work: Work) -> None:
         """On a resolver thread: make the request's models available and check they can run anywhere."""
-        assert work.queue_ticket is not None
+        assert work.queue_entry is not None
         try:
             spec = self._pair_spec(pair_key(work.job), sink=work.handle.sink)
             if not any(w.residency.could_ever_fit(spec) for w in self.workers):
@@ -308,11 +308,11 @@ class Scheduler:
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, OutOfDeviceMemory)):
                 log.error("resolving request %s failed", work.job.request_id, exc_info=exc)
-            if self.queue.cancel(work.queue_ticket):
+            if self.queue.cancel(work.queue_entry):
                 self.finish(work, exc)
             return
         work.spec = spec
-        self.queue.unblock(work.queue_ticket)
+        self.queue.unblock(work.queue_entry)
 
     def _pair_spec(self, key: PairKey, sink: EventSink | None) -> PairSpec:
         base = self._model_spec(key.base, ModelRole.BASE, sink)
@@ -462,7 +462,7 @@ class DeviceWorker:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def _choose(self, runnable: list[QueueTicket]) -> QueueTicket | None:
+    def _choose(self, runnable: list[QueueEntry]) -> QueueEntry | None:
         """Which queued request this device takes next (called under the queue's lock; must be quick)."""
         if self._calls or self._stopping.is_set():
             return None  # control calls (pins) go first; take() is retried after the tick

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from server.admission import JobQueue, Ticket, first
+from server.admission import Entry, JobQueue, first
 from server.errors import Overloaded
 
 
@@ -18,14 +18,14 @@ class Clock:
         return self.now
 
 
-def ticket(name: str, priority: int = 0, **kw: object) -> Ticket:
+def ticket(name: str, priority: int = 0, **kw: object) -> Entry:
     positions: list[tuple[int, int]] = []
-    t = Ticket(payload=name, priority=priority, on_position=lambda p, d: positions.append((p, d)), **kw)  # type: ignore[arg-type]
+    t = Entry(payload=name, priority=priority, on_position=lambda p, d: positions.append((p, d)), **kw)  # type: ignore[arg-type]
     t.positions = positions  # type: ignore[attr-defined]
     return t
 
 
-def names(tickets: list[Ticket]) -> list[str]:
+def names(tickets: list[Entry]) -> list[str]:
     return [t.payload for t in tickets]
 
 
@@ -108,7 +108,7 @@ def test_blocked_tickets_wait_until_unblocked() -> None:
 
 def test_take_blocks_until_work_arrives_and_close_releases_waiters() -> None:
     queue = JobQueue(max_queue=10)
-    got: list[list[Ticket]] = []
+    got: list[list[Entry]] = []
     worker = threading.Thread(target=lambda: got.append(queue.take(first)))
     worker.start()
     queue.submit(ticket("a"))
