@@ -1,12 +1,12 @@
 """The bounded priority queue in front of the device workers.
 
 - Bounded: when it is full a new request is refused at once with `Overloaded` (RESOURCE_EXHAUSTED + RetryInfo)
-  instead of waiting forever; every admitted ticket leaves it exactly once: taken by a worker, cancelled, or
+  instead of waiting forever; every admitted entry leaves it exactly once: taken by a worker, cancelled, or
   expired.
-- Ordered by priority (higher first), FIFO within a priority. A ticket's position is its index in that order;
-  whenever positions change every affected ticket is told (`on_position`), so clients see `Queued` events that
+- Ordered by priority (higher first), FIFO within a priority. A entry's position is its index in that order;
+  whenever positions change every affected entry is told (`on_position`), so clients see `Queued` events that
   stay true.
-- Workers do not simply pop the head: `take` lets the dispatcher pick the first ticket it *prefers* (a pair the
+- Workers do not simply pop the head: `take` lets the dispatcher pick the first entry it *prefers* (a pair the
   device already holds) so affinity never reorders jobs of different priorities, only jobs of equal priority.
 - Entries whose deadline passes while queued are removed and reported by `expire`, never reaching a device.
 
@@ -37,7 +37,7 @@ class Entry:
     pair: Hashable | None = None
     deadline: float | None = None  # time.monotonic() seconds
     on_position: Callable[[int, int], None] | None = None  # (position, depth)
-    # Set while the ticket may not run yet (e.g. its models are still downloading).
+    # Set while the entry may not run yet (e.g. its models are still downloading).
     blocked: bool = False
     seq: int = field(default=0, init=False)
     position: int = field(default=-1, init=False)
@@ -54,41 +54,41 @@ class JobQueue:
         self.max_queue = max_queue
         self._clock = clock
         self._cond = threading.Condition()
-        self._tickets: list[Entry] = []  # kept sorted by sort_key
+        self._entries: list[Entry] = []  # kept sorted by sort_key
         self._seq = itertools.count()
         self._closed = False
-        # Exponentially weighted mean of how long a ticket waits; sizes RetryInfo when full.
+        # Exponentially weighted mean of how long a entry waits; sizes RetryInfo when full.
         self._mean_wait_s = 1.0
 
     # ---- event-loop side --------------------------------------------------------------------------------
 
-    def submit(self, ticket: Entry) -> None:
+    def submit(self, entry: Entry) -> None:
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down", retry_after_s=1.0)
-            if len(self._tickets) >= self.max_queue:
+            if len(self._entries) >= self.max_queue:
                 raise Overloaded(
                     f"the queue is full ({self.max_queue} requests waiting); retry later",
                     retry_after_s=self.retry_after_s(),
                 )
-            ticket.seq = next(self._seq)
-            ticket.admitted_at = self._clock()
-            self._insert(ticket)
+            entry.seq = next(self._seq)
+            entry.admitted_at = self._clock()
+            self._insert(entry)
             self._cond.notify_all()
         self._announce()
 
-    def cancel(self, ticket: Entry) -> bool:
-        """Remove `ticket` if it is still queued; True if it was."""
+    def cancel(self, entry: Entry) -> bool:
+        """Remove `entry` if it is still queued; True if it was."""
         with self._cond:
-            if ticket not in self._tickets:
+            if entry not in self._entries:
                 return False
-            self._tickets.remove(ticket)
+            self._entries.remove(entry)
         self._announce()
         return True
 
-    def unblock(self, ticket: Entry) -> None:
+    def unblock(self, entry: Entry) -> None:
         with self._cond:
-            ticket.blocked = False
+            entry.blocked = False
             self._cond.notify_all()
 
     def notify(self) -> None:
@@ -97,21 +97,21 @@ class JobQueue:
             self._cond.notify_all()
 
     def expire(self) -> list[Entry]:
-        """Remove and return the tickets whose deadline has passed."""
+        """Remove and return the entries whose deadline has passed."""
         now = self._clock()
         with self._cond:
-            expired = [t for t in self._tickets if t.deadline is not None and t.deadline <= now]
+            expired = [t for t in self._entries if t.deadline is not None and t.deadline <= now]
             for t in expired:
-                self._tickets.remove(t)
+                self._entries.remove(t)
         if expired:
             self._announce()
         return expired
 
     def close(self) -> list[Entry]:
-        """Refuse new tickets; return (and remove) the ones still waiting."""
+        """Refuse new entries; return (and remove) the ones still waiting."""
         with self._cond:
             self._closed = True
-            left, self._tickets = self._tickets, []
+            left, self._entries = self._entries, []
             self._cond.notify_all()
         return left
 
@@ -125,13 +125,13 @@ class JobQueue:
         weight: Callable[[Entry], int] = lambda _t: 1,
         timeout: float | None = None,
     ) -> list[Entry]:
-        """Block until `choose` picks a ticket among the runnable ones, then return it with more runnable
-        tickets of the same batch key (in queue order) while their total `weight` (e.g. images) stays within
+        """Block until `choose` picks a entry among the runnable ones, then return it with more runnable
+        entries of the same batch key (in queue order) while their total `weight` (e.g. images) stays within
         `max_batch`. Returns [] on timeout or when the queue is closed."""
         deadline = None if timeout is None else self._clock() + timeout
         with self._cond:
             while True:
-                runnable = [t for t in self._tickets if not t.blocked]
+                runnable = [t for t in self._entries if not t.blocked]
                 chosen = choose(runnable) if runnable else None
                 if chosen is not None:
                     batch = [chosen]
@@ -146,7 +146,7 @@ class JobQueue:
                             total += weight(t)
                     now = self._clock()
                     for t in batch:
-                        self._tickets.remove(t)
+                        self._entries.remove(t)
                         wait = now - t.admitted_at
                         self._mean_wait_s = 0.8 * self._mean_wait_s + 0.2 * wait
                     break
@@ -163,44 +163,44 @@ class JobQueue:
 
     def snapshot(self) -> list[Entry]:
         with self._cond:
-            return list(self._tickets)
+            return list(self._entries)
 
     def depth(self) -> int:
         with self._cond:
-            return len(self._tickets)
+            return len(self._entries)
 
     def depth_by_priority(self) -> dict[int, int]:
         with self._cond:
             counts: dict[int, int] = {}
-            for t in self._tickets:
+            for t in self._entries:
                 counts[t.priority] = counts.get(t.priority, 0) + 1
             return counts
 
     def waiting_pairs(self) -> set[Hashable]:
-        """Pairs that queued tickets need: a device must not evict these to serve another (no thrash)."""
+        """Pairs that queued entries need: a device must not evict these to serve another (no thrash)."""
         with self._cond:
-            return {t.pair for t in self._tickets if t.pair is not None}
+            return {t.pair for t in self._entries if t.pair is not None}
 
     def retry_after_s(self) -> float:
         return max(1.0, round(self._mean_wait_s, 1))
 
     # ---- internals --------------------------------------------------------------------------------------
 
-    def _insert(self, ticket: Entry) -> None:
-        key = ticket.sort_key()
-        index = len(self._tickets)
-        for i, other in enumerate(self._tickets):
+    def _insert(self, entry: Entry) -> None:
+        key = entry.sort_key()
+        index = len(self._entries)
+        for i, other in enumerate(self._entries):
             if other.sort_key() > key:
                 index = i
                 break
-        self._tickets.insert(index, ticket)
+        self._entries.insert(index, entry)
 
     def _announce(self) -> None:
-        """Tell every ticket whose position changed; callbacks run outside the lock."""
+        """Tell every entry whose position changed; callbacks run outside the lock."""
         with self._cond:
-            depth = len(self._tickets)
+            depth = len(self._entries)
             changed: list[tuple[Entry, int]] = []
-            for position, t in enumerate(self._tickets):
+            for position, t in enumerate(self._entries):
                 if t.position != position:
                     t.position = position
                     changed.append((t, position))
@@ -209,6 +209,6 @@ class JobQueue:
                 t.on_position(position, depth)
 
 
-def first(tickets: Iterable[Entry]) -> Entry | None:
+def first(entries: Iterable[Entry]) -> Entry | None:
     """The plain FIFO-within-priority choice."""
-    return next(iter(tickets), None)
+    return next(iter(entries), None)
