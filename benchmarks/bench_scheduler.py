@@ -31,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._random_sdxl import write_variant_base
 from modelstore import ModelStore, StoreSettings
 from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
@@ -203,17 +204,7 @@ def main() -> None:
 
 
 def _other_base(store: ModelStore, tmp: Path) -> str:
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp / "other-base"
-    shutil.copytree(store.resolve(DEFAULT_BASE).path, folder, symlinks=False)
-    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    weights = {k: v * 2 for k, v in load_file(unet).items()}
-    unet.unlink()
-    save_file(weights, unet, metadata={"format": "pt"})
-    return f"local:{folder}"
+    return f"local:{write_variant_base(store.resolve(DEFAULT_BASE).path, tmp / 'other-base')}"
 
 
 if __name__ == "__main__":

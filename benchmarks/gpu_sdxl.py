@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._random_sdxl import write_random_sdxl
+from benchmarks._random_sdxl import write_random_sdxl, write_variant_base
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import status_pb2, status_pb2_grpc
@@ -57,8 +57,6 @@ def log(message: str) -> None:
 def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     started = time.perf_counter()
     if args.tiny:
-        from safetensors.torch import load_file, save_file
-
         from modelstore import ModelStore, StoreSettings
 
         store = ModelStore(StoreSettings(cache_dir=root / "tiny-cache"))
@@ -66,12 +64,7 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         for name, air in (("A", "builtin:tiny-sdxl-base@1"), ("R", "builtin:tiny-sdxl-refiner@1")):
             folders[name] = root / name
             shutil.copytree(store.resolve(air).path, folders[name], symlinks=False)
-        folders["B"] = root / "B"
-        shutil.copytree(folders["A"], folders["B"])
-        unet = folders["B"] / "unet" / "diffusion_pytorch_model.safetensors"
-        weights = {k: v * 2 for k, v in load_file(unet).items()}
-        unet.unlink()
-        save_file(weights, unet, metadata={"format": "pt"})
+        folders["B"] = write_variant_base(folders["A"], root / "B")
     else:
         folders = {"A": write_random_sdxl(root / "A", refiner=False, seed=1, device=args.device)}
         folders["R"] = write_random_sdxl(root / "R", refiner=True, seed=2, device=args.device, share_from=folders["A"])

@@ -140,10 +140,6 @@ class Residency:
         with self._lock:
             return key in self._pairs
 
-    def has_model(self, spec: ModelSpec) -> bool:
-        with self._lock:
-            return spec.key in self._models
-
     @property
     def used_bytes(self) -> int:
         with self._lock:
