@@ -46,6 +46,7 @@ from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import status_pb2, status_pb2_grpc
 
+_SERVER_PHASES = ("queued_s", "loading_s", "base_s", "refiner_s", "decode_s", "encode_s")
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"
 SEED = 1234
 
@@ -97,7 +98,8 @@ class Direct:
             pipe.set_progress_bar_config(disable=True)
         self.device = device
 
-    def generate(self, size: int, steps: int, base_steps: int) -> float:
+    def generate(self, size: int, steps: int, base_steps: int) -> tuple[float, float]:
+        """Seconds for the whole call, and for the base stage alone (synchronised at the hand-off)."""
         from diffusers import EulerDiscreteScheduler
 
         config = self.base.scheduler.config
@@ -118,11 +120,13 @@ class Direct:
             generator=generator,
             output_type="latent",
         ).images
+        _sync(self.device)
+        base_s = time.perf_counter() - started
         self.refiner(
             prompt=PROMPT, image=latents, num_inference_steps=steps, denoising_start=fraction, generator=generator
         ).images[0].tobytes()
         _sync(self.device)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, base_s
 
 
 class Service:
@@ -159,9 +163,12 @@ class Service:
             str(cache),
             "--log-level",
             "INFO",
+            # One JSON object per line: the per-request line carries its timings as fields (read back below).
+            "--log-json",
         ]
         cache.mkdir(parents=True, exist_ok=True)
         self.log_path = cache / "serve.log"
+        self._log_offset = 0
         self.process = subprocess.Popen(command, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 2**26)])
         self.stub = pb_grpc.GenerationServiceStub(self.channel)  # type: ignore[no-untyped-call]
@@ -198,6 +205,32 @@ class Service:
         assert images == n, f"expected {n} images, got {images}"
         return time.perf_counter() - started, first_progress
 
+    def timings(self) -> dict[str, float]:
+        """The server's own timings (queued, loading, base, refiner, decode, encode) of the last request."""
+        deadline = time.monotonic() + 5
+        while True:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace")
+            found = None
+            for line in text.splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and "timings" in entry:
+                    found = entry["timings"]
+            if found is not None or time.monotonic() > deadline:
+                self._log_offset += len(text.encode())
+                return dict(found or {})
+            time.sleep(0.05)  # the line is written as the stream ends; give the file a moment
+
+    def timed(self, size: int, steps: int, **kwargs: Any) -> tuple[float, float, dict[str, float]]:
+        """`generate`, plus the server's timings of that request."""
+        self.timings()  # skip what earlier requests logged
+        total, first = self.generate(size, steps, **kwargs)
+        return total, first, self.timings()
+
     def allocated(self) -> int:
         status = self.status_stub.GetStatus(status_pb2.GetStatusRequest(), timeout=30)
         return int(status.devices[0].allocated_bytes)
@@ -216,11 +249,15 @@ def _switch(
 ) -> None:
     warm = statistics.median(service.generate(size, args.steps)[0] for _ in range(2))
     before = service.allocated()
-    to_b = service.generate(size, args.steps, model=f"local:{folders['B']}", refiner=False)[0]
+    b = f"local:{folders['B']}"
+    to_b, _, to_b_server = service.timed(size, args.steps, model=b, refiner=False)
     after_b = service.allocated()
-    warm_b = service.generate(size, args.steps, model=f"local:{folders['B']}", refiner=False)[0]
-    back = service.generate(size, args.steps)[0]
+    warm_b = service.generate(size, args.steps, model=b, refiner=False)[0]
+    back, _, back_server = service.timed(size, args.steps)
+    log(f"switch to B: {to_b:.2f}s {to_b_server}; back to A+R: {back:.2f}s {back_server}")
     results.update(
+        switch_to_b_loading_s=to_b_server.get("loading_s", float("nan")),
+        switch_back_loading_s=back_server.get("loading_s", float("nan")),
         warm_pair_s=warm,
         switch_to_b_s=to_b,
         warm_b_s=warm_b,
@@ -243,7 +280,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--size", type=int, default=None, help="default 1024 (64 with --tiny)")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--budget", default=None, help="weights budget holding one pair (default 14GiB; 45MB tiny)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--only-switch", action="store_true", help="reuse --workdir's models; measure the switch only")
@@ -285,17 +322,28 @@ def main() -> None:
         # 1. direct vs service, interleaved after a warm-up of each
         direct.generate(size, args.steps, base_steps)
         service.generate(size, args.steps)
-        direct_s, service_s, first_s = [], [], []
+        direct_s, direct_base_s, service_s, first_s, inside_s, service_base_s = [], [], [], [], [], []
         for _ in range(args.reps):
-            direct_s.append(direct.generate(size, args.steps, base_steps))
-            total, first = service.generate(size, args.steps)
+            total, base = direct.generate(size, args.steps, base_steps)
+            direct_s.append(total)
+            direct_base_s.append(base)
+            total, first, server = service.timed(size, args.steps)
             service_s.append(total)
             first_s.append(first)
+            # What the server itself accounts for, from admission to the PNG; the rest is gRPC and the client.
+            inside_s.append(sum(server.get(k, 0.0) for k in _SERVER_PHASES))
+            service_base_s.append(server.get("base_s", float("nan")))
+            log(f"direct {direct_s[-1]:.3f}s (base {base:.3f}s); service {total:.3f}s, server {server}")
         results["direct_median_s"] = statistics.median(direct_s)
         results["service_median_s"] = statistics.median(service_s)
         results["ratio"] = results["service_median_s"] / results["direct_median_s"]
+        results["direct_min_s"], results["service_min_s"] = min(direct_s), min(service_s)
+        results["ratio_of_minima"] = results["service_min_s"] / results["direct_min_s"]
         results["first_progress_median_s"] = statistics.median(first_s)
-        log(f"direct {direct_s}, service {service_s}")
+        results["direct_base_median_s"] = statistics.median(direct_base_s)
+        results["service_base_median_s"] = statistics.median(service_base_s)
+        results["service_inside_median_s"] = statistics.median(inside_s)
+        results["service_outside_median_s"] = statistics.median(t - i for t, i in zip(service_s, inside_s, strict=True))
         del direct
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
@@ -316,15 +364,31 @@ def main() -> None:
     rows = [
         ("direct diffusers, median", f"{results['direct_median_s']:.3f} s"),
         ("service via gRPC, median", f"{results['service_median_s']:.3f} s"),
-        ("ratio service / direct", f"{results['ratio']:.3f}"),
+        ("ratio service / direct", f"{results['ratio']:.3f} (of the minima {results['ratio_of_minima']:.3f})"),
+        (
+            "base stage, direct / service",
+            f"{results['direct_base_median_s']:.3f} / {results['service_base_median_s']:.3f} s",
+        ),
+        (
+            "service: inside the server / outside",
+            f"{results['service_inside_median_s']:.3f} / {results['service_outside_median_s']:.3f} s",
+        ),
         ("time to first progress", f"{results['first_progress_median_s']:.3f} s"),
         *[
             (f"batch {b}", f"{results[f'batch{b}_s']:.3f} s, {results[f'batch{b}_images_per_s']:.3f} images/s")
             for b in (1, 2, 4)
         ],
         ("warm A+R request", f"{results['warm_pair_s']:.3f} s"),
-        ("switch A+R -> B (evict + load)", f"{results['switch_to_b_s']:.3f} s (+{results['switch_cost_s']:.3f} s)"),
-        ("switch B -> A+R", f"{results['switch_back_s']:.3f} s (+{results['switch_back_cost_s']:.3f} s)"),
+        (
+            "switch A+R -> B (evict + load)",
+            f"{results['switch_to_b_s']:.3f} s (+{results['switch_cost_s']:.3f} s; "
+            f"loading {results['switch_to_b_loading_s']:.3f} s)",
+        ),
+        (
+            "switch B -> A+R",
+            f"{results['switch_back_s']:.3f} s (+{results['switch_back_cost_s']:.3f} s; "
+            f"loading {results['switch_back_loading_s']:.3f} s)",
+        ),
         (
             "allocated with A+R / with B",
             f"{results['allocated_with_a_r_gib']:.2f} / {results['allocated_with_b_gib']:.2f} GiB",
