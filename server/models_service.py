@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 
 from modelstore import AIR, ModelStore, parse_air
 from modelstore.cache import CachedModel
+from modelstore.components import components_of
 from modelstore.errors import ModelInUse, ModelStoreError
 from modelstore.progress import DownloadProgress
 from refinery.v1 import models_pb2 as pb
@@ -147,7 +148,11 @@ class _Pull:
         try:
             # Leased: neither evicted (by another pull's quota) nor deleted between the download and the pin.
             with store.lease(air):
-                store.pull(air, progress=self._progress)
+                record = store.pull(air, progress=self._progress)
+                # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares
+                # with): this reads the weights once more, which a pre-fetch should pay rather than the first
+                # Generate that uses the model (about 7 s for a 7 GB checkpoint).
+                components_of(record, store.settings.cache_dir)
                 if pin:
                     store.pin(air)
                 described = store.describe(air)

@@ -14,9 +14,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelStore, StoreSettings, components
 from modelstore.progress import _MIN_INTERVAL_S
 from modelstore.record import Architecture
+from modelstore.safetensors_header import read_header
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.models_convert import ARCHITECTURES
@@ -142,6 +143,28 @@ def test_pull_streams_progress_while_downloading_then_the_record(
     again = pull(service.stub, "urn:air:sdxl:checkpoint:civitai:101055@128078")  # another spelling, same model
     assert [r.WhichOneof("event") for r in again] == ["model"]  # cached: no progress, no download
     assert again[0].model.model == BASE and len(storage.gets()) == 1
+
+
+def test_a_pulled_model_is_measured_so_its_first_generate_reads_no_weights(
+    service: Service, civitai: FakeCivitai, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, _ = add_pair(civitai)
+    info = pull(service.stub, BASE)[-1].model
+
+    # What the scheduler needs before placing a model (sizes and content fingerprints) was worked out by the
+    # pull and kept on disk: another process (a restarted server) gets it without reading the checkpoint.
+    monkeypatch.setattr(components, "_memo", {})
+    monkeypatch.setattr(components, "_measure", _never_measure)
+    record = service.store.lookup(BASE)
+    assert record is not None and record.sha256 == info.sha256 == payloads.sha256(data)
+    (unet,) = components.components_of(record, service.cache)
+    header = read_header(record.path)
+    unet_tensors = [t for k, t in header.tensors.items() if k.startswith("model.diffusion_model.")]
+    assert unet.name == "unet" and unet.file_bytes == sum(t.end - t.start for t in unet_tensors)
+
+
+def _never_measure(record: object) -> None:
+    raise AssertionError("the weights were read again")
 
 
 def test_pin_list_and_delete(service: Service, civitai: FakeCivitai) -> None:
