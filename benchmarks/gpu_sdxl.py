@@ -15,7 +15,10 @@ What it measures, in one run:
      the service's time to the first Progress event;
   2. images per second at batch 1, 2 and 4 (one request with number_results = b: one batch of b images);
   3. a pair switch: with a budget that holds one pair only, a request for B (evicts A+R's UNets, loads B's),
-     then A+R again; each against a warm request, with the device's allocated memory before and after.
+     then A+R again; each against a warm request, with the device's allocated memory before and after. B is
+     pulled (registered and measured) beforehand, as an operator would, so only evicting and loading count.
+Beside each client-side figure it reads the server's own timings of the request from its JSON log, which
+tells what happens inside the server from what gRPC and the client add.
 It prints a table and writes the figures as JSON to $OUT/gpu_sdxl.json when $OUT is set.
 """
 
