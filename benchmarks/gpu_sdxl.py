@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,9 @@ class Direct:
 class Service:
     """`refinery serve` in its own process, called over loopback gRPC like any internal client would."""
 
-    def __init__(self, folders: dict[str, Path], args: argparse.Namespace, cache: Path) -> None:
+    def __init__(
+        self, folders: dict[str, Path], args: argparse.Namespace, cache: Path, extra: Sequence[str] = ()
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -168,6 +171,7 @@ class Service:
             "INFO",
             # One JSON object per line: the per-request line carries its timings as fields (read back below).
             "--log-json",
+            *extra,
         ]
         cache.mkdir(parents=True, exist_ok=True)
         self.log_path = cache / "serve.log"

@@ -113,6 +113,9 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         pins=pins,
         max_queue=_positive(pick(getattr(args, "max_queue", None), "REFINERY_MAX_QUEUE", "64"), "max queue"),
         max_batch=_positive(pick(getattr(args, "max_batch", None), "REFINERY_MAX_BATCH", "4"), "max batch"),
+        encode_threads=_non_negative(
+            pick(getattr(args, "encode_threads", None), "REFINERY_ENCODE_THREADS", "2"), "encode threads"
+        ),
         budget_bytes=parse_bytes(pick(getattr(args, "budget", None), "REFINERY_BUDGET", "0")),
         metrics_port=metrics_port,
         grace_period_s=grace,
@@ -140,6 +143,13 @@ def _positive(text: str, what: str) -> int:
     value = _int(text, what)
     if value < 1:
         raise UsageError(f"{what} must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str, what: str) -> int:
+    value = _int(text, what)
+    if value < 0:
+        raise UsageError(f"{what} must be 0 or more, got {value}")
     return value
 
 
@@ -391,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=count, help="requests that may wait (default 64) [REFINERY_MAX_QUEUE]")
     serve.add_argument(
         "--max-batch", type=count, help="images denoised together (default 4; 1 = off) [REFINERY_MAX_BATCH]"
+    )
+    serve.add_argument(
+        "--encode-threads",
+        type=count,
+        help="threads encoding results while the device runs the next batch (default 2; 0 = on the device's "
+        "worker) [REFINERY_ENCODE_THREADS]",
     )
     serve.add_argument(
         "--budget",

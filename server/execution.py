@@ -7,6 +7,7 @@ nothing more; the others go on, and the run itself stops once no request is left
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -80,7 +81,8 @@ def run_batch(worker: DeviceWorker, works: list[Work]) -> None:
         result = _run_with_oom_retry(worker, pair, shape, samples, observer)
         for m in members:
             if m.active:
-                _deliver(worker, m, shape, samples, result)
+                scheduler.deliver(functools.partial(_deliver, worker, m, shape, samples, result))
+                m.active = False  # handed over: the encoder thread alone ends this request now
     except Exception as exc:
         if not isinstance(exc, (ServerError, ModelStoreError)):
             log.error("batch on %s failed unexpectedly", worker.device.name, exc_info=exc)
@@ -206,9 +208,20 @@ class _BatchObserver:
 def _deliver(
     worker: DeviceWorker, member: _Member, shape: RenderShape, samples: list[Sample], result: RunResult
 ) -> None:
+    """Encode and send one request's images, then end it (on an encoder thread, or on the worker's)."""
     work = member.work
-    job = work.job
     work.run_timings = result.timings
+    try:
+        _send_images(work, member, shape, samples, result)
+    except Exception as exc:
+        log.error("sending the images of request %s failed", work.job.request_id, exc_info=exc)
+        worker.scheduler.finish(work, exc, steps_done=member.steps_done)
+        return
+    worker.scheduler.finish(work, None, steps_done=member.steps_done)
+
+
+def _send_images(work: Work, member: _Member, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
+    job = work.job
     encode_started = time.perf_counter()
     for index in range(member.count):
         image = result.images[member.offset + index]
@@ -228,8 +241,6 @@ def _deliver(
             )
         )
     work.encode_s = time.perf_counter() - encode_started
-    member.active = False
-    worker.scheduler.finish(work, None, steps_done=member.steps_done)
 
 
 def outcome_of(error: BaseException | None) -> str:

@@ -160,6 +160,11 @@ class Scheduler:
         self._closed = False
         self._stopping = threading.Event()
         self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refinery-resolve")
+        self._encoders = (
+            ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="refinery-encode")
+            if settings.encode_threads
+            else None
+        )
         devices = _unique([resolve_device(name) for name in settings.devices])
         self.workers = [DeviceWorker(self, device, i) for i, device in enumerate(devices)]
         self.metrics.registry.register(_StatusCollector(self))
@@ -249,6 +254,8 @@ class Scheduler:
         for worker in self.workers:
             worker.stop(timeout_s)
         self._resolver.shutdown(wait=False, cancel_futures=True)
+        if self._encoders is not None:
+            self._encoders.shutdown(wait=True)  # finished images still get sent: each takes well under a second
 
     # ---- views ------------------------------------------------------------------------------------------
 
@@ -266,6 +273,15 @@ class Scheduler:
         }
 
     # ---- used by the workers ----------------------------------------------------------------------------
+
+    def deliver(self, send: Callable[[], None]) -> None:
+        """Run `send` (encode a finished request's images and send them) on an encoder thread, so the device
+        worker goes on to its next batch meanwhile; on the caller's thread when `encode_threads` is 0.
+        Raises RuntimeError once the scheduler is closed."""
+        if self._encoders is None:
+            send()
+        else:
+            self._encoders.submit(send)
 
     def finish(self, work: Work, error: BaseException | None, *, steps_done: int = 0) -> None:
         """End a request exactly once: close its stream, count and log its outcome."""

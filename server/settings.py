@@ -45,6 +45,10 @@ class Settings:
     max_queue: int = 64
     # Images denoised together (requests with the same pair and shape); 1 turns batching off.
     max_batch: int = 4
+    # Threads that encode finished images (PNG/JPEG/WebP) and send them while the device already denoises its
+    # next batch: a 1024x1024 PNG takes about 0.17 s of CPU, 8 % of a request on an H200. 0 encodes on the
+    # device worker's own thread (no overlap; for machines short of CPU cores).
+    encode_threads: int = 2
     # Bytes of model weights per device. 0: the device's memory (RAM for the CPU) less `headroom_fraction`,
     # which is left for activations, the VAE decode and the allocator's slack.
     budget_bytes: int = 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,15 @@ from PIL import Image
 
 from modelstore import StoreSettings
 from refinery.v1 import generation_pb2 as pb
-from server.cli import build_parser, build_request, output_path, parse_refiner_start, parse_size
+from server.cli import (
+    UsageError,
+    build_parser,
+    build_request,
+    output_path,
+    parse_refiner_start,
+    parse_size,
+    server_settings,
+)
 
 from .conftest import ServerThread
 
@@ -85,6 +94,21 @@ def test_flags_become_the_request() -> None:
     plain = build_request(build_parser().parse_args(["generate", "a cat"]))
     assert not plain.HasField("refiner") and not plain.HasField("seed")
     assert plain.output_format == pb.OUTPUT_FORMAT_PNG
+
+
+def test_serve_flags_win_over_the_environment_which_wins_over_the_defaults(tmp_path: Path) -> None:
+    def settings(*flags: str, **env: str) -> Any:
+        args = build_parser().parse_args(["serve", "--cache-dir", str(tmp_path), *flags])
+        return server_settings(args, env, in_process=False)
+
+    defaults = settings()
+    assert (defaults.max_batch, defaults.max_queue, defaults.encode_threads) == (4, 64, 2)
+    from_env = settings(REFINERY_MAX_BATCH="2", REFINERY_ENCODE_THREADS="0")
+    assert (from_env.max_batch, from_env.encode_threads) == (2, 0)
+    flagged = settings("--max-batch", "8", "--encode-threads", "3", REFINERY_ENCODE_THREADS="0")
+    assert (flagged.max_batch, flagged.encode_threads) == (8, 3)
+    with pytest.raises(UsageError, match="encode threads must be 0 or more"):
+        settings(REFINERY_ENCODE_THREADS="-1")
 
 
 # ---- generate ----------------------------------------------------------------------------------------------

@@ -467,3 +467,94 @@ def test_a_request_that_cannot_fit_beside_the_pinned_pair_is_refused_at_once(
     finally:
         runner.release.set()
         scheduler.close(WAIT_S)
+
+
+class BlockingEncoder:
+    """Stands in for `encode_image`: the first image it is given waits until `release`; `fail` makes the
+    first one raise instead."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.encoding = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+        self._first = True
+
+    def __call__(self, image: Image.Image, output_format: ImageFormat) -> bytes:
+        first, self._first = self._first, False
+        if first and self.fail:
+            raise OSError("the encoder broke")
+        if first:
+            self.encoding.set()
+            assert self.release.wait(WAIT_S)
+        return b"encoded"
+
+
+def test_the_device_runs_the_next_batch_while_the_last_one_is_encoded(
+    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler, _, runner = built
+    encoder = BlockingEncoder()
+    monkeypatch.setattr("server.execution.encode_image", encoder)
+    first, second = RecordingSink(), RecordingSink()
+    scheduler.submit(job("first"), first)
+    assert encoder.encoding.wait(WAIT_S)
+    scheduler.submit(job("second"), second)
+
+    # The first request's image is still being encoded, and the device has already denoised the second.
+    assert second.wait().error is None and [r.data for r in second.of(ImageResult)] == [b"encoded"]
+    assert not first.closed.is_set() and first.of(ImageResult) == []
+    encoder.release.set()
+    assert first.wait().error is None and [r.data for r in first.of(ImageResult)] == [b"encoded"]
+    assert [prompts for _, prompts in runner.batches] == [["first"], ["second"]]
+
+
+def test_with_no_encode_threads_the_device_waits_for_the_encoding(
+    store_settings: StoreSettings, model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler, _, runner = make(store_settings, model_store, encode_threads=0)
+    encoder = BlockingEncoder()
+    monkeypatch.setattr("server.execution.encode_image", encoder)
+    try:
+        first, second = RecordingSink(), RecordingSink()
+        scheduler.submit(job("first"), first)
+        assert encoder.encoding.wait(WAIT_S)
+        scheduler.submit(job("second"), second)
+        wait_resolved(scheduler)
+        time.sleep(0.2)  # room for the worker to take the second request, were it free
+        assert [prompts for _, prompts in runner.batches] == [["first"]]
+        encoder.release.set()
+        assert first.wait().error is None and second.wait().error is None
+        assert [prompts for _, prompts in runner.batches] == [["first"], ["second"]]
+    finally:
+        encoder.release.set()
+        scheduler.close(WAIT_S)
+
+
+def test_an_encoding_failure_ends_its_request_and_the_next_one_is_served(
+    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler, _, _ = built
+    monkeypatch.setattr("server.execution.encode_image", BlockingEncoder(fail=True))
+    broken, fine = RecordingSink(), RecordingSink()
+    scheduler.submit(job("broken"), broken)
+    assert isinstance(broken.wait().error, OSError) and broken.of(ImageResult) == []
+    scheduler.submit(job("fine"), fine)
+    assert fine.wait().error is None and len(fine.of(ImageResult)) == 1
+
+
+def test_close_sends_the_images_being_encoded(
+    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler, _, _ = built
+    encoder = BlockingEncoder()
+    monkeypatch.setattr("server.execution.encode_image", encoder)
+    sink = RecordingSink()
+    scheduler.submit(job("finished"), sink)
+    assert encoder.encoding.wait(WAIT_S)
+    closer = threading.Thread(target=scheduler.close, args=(WAIT_S,))
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close waits for the image rather than dropping it
+    encoder.release.set()
+    closer.join(WAIT_S)
+    assert sink.wait().error is None and len(sink.of(ImageResult)) == 1

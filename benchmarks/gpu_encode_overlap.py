@@ -1,0 +1,114 @@
+"""What encoding results off the device worker buys under load: the same burst of concurrent requests against
+two servers side by side, one with `--encode-threads 0` (PNG encoded on the device's worker thread, the device
+idle meanwhile) and one with the default `--encode-threads 2` (the device denoises the next batch while the
+last one is encoded).
+
+    python benchmarks/gpu_encode_overlap.py                      # full size on cuda:0, 1024x1024, 30 steps
+    python benchmarks/gpu_encode_overlap.py --tiny --device cpu  # the same flow on the tiny models (dry run)
+
+Both servers load the same random-weight SDXL base and refiner (benchmarks/_random_sdxl.py) on one GPU, with
+`--max-batch 1` so that every request is its own batch; bursts alternate between them, so both see the same
+machine. Prints images per second for each and their ratio, and writes them as JSON to $OUT when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._random_sdxl import write_random_sdxl
+from benchmarks.gpu_sdxl import Service, log
+
+
+def build_pair(root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    if args.tiny:
+        from modelstore import ModelStore, StoreSettings
+
+        store = ModelStore(StoreSettings(cache_dir=root / "tiny-cache"))
+        folders = {}
+        for name, air in (("A", "builtin:tiny-sdxl-base@1"), ("R", "builtin:tiny-sdxl-refiner@1")):
+            folders[name] = root / name
+            shutil.copytree(store.resolve(air).path, folders[name], symlinks=False)
+        return folders
+    a = write_random_sdxl(root / "A", refiner=False, seed=1, device=args.device)
+    return {"A": a, "R": write_random_sdxl(root / "R", refiner=True, seed=2, device=args.device, share_from=a)}
+
+
+def burst(service: Service, n: int, size: int, steps: int) -> float:
+    """Images per second for `n` one-image requests sent at once."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for _ in pool.map(lambda _: service.generate(size, steps), range(n)):
+            pass
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny built-in models (a CPU dry run)")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--size", type=int, default=None, help="default 1024 (64 with --tiny)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=8, help="requests per burst")
+    parser.add_argument("--reps", type=int, default=2, help="bursts per server")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    size = args.size or (64 if args.tiny else 1024)
+    args.budget = "45MB" if args.tiny else "14GiB"
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    log(f"{device}, {size}x{size}, {args.steps} steps, bursts of {args.requests} requests")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refinery-overlap-"))
+    folders = build_pair(workdir / "models", args)
+
+    configs = {"inline": ["--encode-threads", "0"], "overlapped": ["--encode-threads", "2"]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {
+            name: pool.submit(Service, folders, args, workdir / f"cache-{name}", ["--max-batch", "1", *flags])
+            for name, flags in configs.items()
+        }
+        services = {name: future.result() for name, future in started.items()}
+        # Register, hash and load the pair in both at once (this is also the warm-up).
+        for _ in pool.map(lambda s: s.generate(size, args.steps), services.values()):
+            pass
+    rates: dict[str, list[float]] = {name: [] for name in services}
+    try:
+        for rep in range(args.reps):
+            for name, service in services.items():
+                rates[name].append(burst(service, args.requests, size, args.steps))
+                log(f"rep {rep + 1}, {name}: {rates[name][-1]:.3f} images/s")
+    finally:
+        for service in services.values():
+            service.close()
+
+    results = {
+        "device": device,
+        "size": size,
+        "steps": args.steps,
+        "requests_per_burst": args.requests,
+        **{f"{name}_images_per_s": statistics.median(r) for name, r in rates.items()},
+        **{f"{name}_bursts": r for name, r in rates.items()},
+    }
+    results["ratio"] = results["overlapped_images_per_s"] / results["inline_images_per_s"]
+    print(f"\n{device} · {size}x{size} · {args.steps} steps · {args.requests} concurrent one-image requests")
+    print(f"  encode on the device's worker (--encode-threads 0)  {results['inline_images_per_s']:.3f} images/s")
+    print(f"  encode beside it (--encode-threads 2)               {results['overlapped_images_per_s']:.3f} images/s")
+    print(f"  ratio                                               {results['ratio']:.3f}")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_encode_overlap.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
