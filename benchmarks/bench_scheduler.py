@@ -9,12 +9,16 @@ scheduler itself costs per request.
    pair, requests alternating between two pairs, so every request evicts and loads).
 3. Scheduler overhead per request: submit to finish with stand-in pipelines that do no work, so what is left
    is admission, resolution (cached), placement, events and bookkeeping.
+4. Encoding beside the device: N concurrent requests whose stand-in "device" time is a sleep that leaves the
+   CPU free, as a GPU does, returning 1024x1024 images that are really PNG-encoded; --encode-threads 2 against
+   0, alternating. (benchmarks/gpu_encode_overlap.py is the same comparison with real SDXL on a GPU.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
@@ -136,8 +140,8 @@ class _Sink:
         self.done.set()
 
 
-def overhead(settings: Settings, store: ModelStore, jobs: int) -> float:
-    """Median seconds from submit to finish with pipelines that do nothing."""
+def _stand_in_scheduler(settings: Settings, store: ModelStore, run: Any) -> Scheduler:
+    """The real scheduler with stand-in pipelines: nothing is loaded, `run` plays the device."""
 
     def loader(record: Any, *, role: str, components: Any, **_: Any) -> Any:
         parts = {c.name: components.get(c.name) or object() for c in components_of(record)}
@@ -145,39 +149,73 @@ def overhead(settings: Settings, store: ModelStore, jobs: int) -> float:
             components=parts, unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)), vae_scale_factor=8
         )
 
+    scheduler = Scheduler(replace(settings, max_batch=1), store, loader=loader, run=run)
+    scheduler.start()
+    return scheduler
+
+
+_JOB = GenerationJob(
+    request_id="bench",
+    model=DEFAULT_BASE,
+    refiner=RefinerSpec(DEFAULT_REFINER, StartPercentage(90)),
+    prompt="x",
+    negative_prompt=None,
+    width=64,
+    height=64,
+    steps=20,
+    base_steps=18,
+    cfg_scale=7.0,
+    seed=1,
+    scheduler=SchedulerKind.EULER,
+    number_results=1,
+    output_format=ImageFormat.PNG,
+    preview_every=0,
+)
+
+
+def overhead(settings: Settings, store: ModelStore, jobs: int) -> float:
+    """Median seconds from submit to finish with pipelines that do nothing."""
+
     def run(pair: Any, shape: Any, samples: Any, observer: Any) -> RunResult:
         return RunResult([Image.new("RGB", (8, 8)) for _ in samples], StageTimings())
 
-    scheduler = Scheduler(replace(settings, max_batch=1), store, loader=loader, run=run)
-    scheduler.start()
-    job = GenerationJob(
-        request_id="bench",
-        model=DEFAULT_BASE,
-        refiner=RefinerSpec(DEFAULT_REFINER, StartPercentage(90)),
-        prompt="x",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=20,
-        base_steps=18,
-        cfg_scale=7.0,
-        seed=1,
-        scheduler=SchedulerKind.EULER,
-        number_results=1,
-        output_format=ImageFormat.PNG,
-        preview_every=0,
-    )
+    scheduler = _stand_in_scheduler(settings, store, run)
     times = []
     try:
         for _ in range(jobs):
             sink = _Sink()
             started = time.perf_counter()
-            scheduler.submit(job, sink)
+            scheduler.submit(_JOB, sink)
             assert sink.done.wait(60)
             times.append(time.perf_counter() - started)
     finally:
         scheduler.close(10)
     return statistics.median(times[5:])
+
+
+def encode_overlap(settings: Settings, store: ModelStore, n: int, device_s: float, reps: int) -> dict[int, float]:
+    """Images per second for `n` requests at once, by `encode_threads` (0 and 2), alternating `reps` times."""
+    noise = Image.frombytes("RGB", (1024, 1024), random.Random(0).randbytes(1024 * 1024 * 3))
+
+    def run(pair: Any, shape: Any, samples: Any, observer: Any) -> RunResult:
+        time.sleep(device_s)  # the device computing; like a GPU, it leaves the CPU free
+        return RunResult([noise.copy() for _ in samples], StageTimings())
+
+    rates: dict[int, list[float]] = {0: [], 2: []}
+    for _ in range(reps):
+        for threads in rates:
+            scheduler = _stand_in_scheduler(replace(settings, encode_threads=threads), store, run)
+            try:
+                sinks = [_Sink() for _ in range(n)]
+                started = time.perf_counter()
+                for sink in sinks:
+                    scheduler.submit(_JOB, sink)
+                for sink in sinks:
+                    assert sink.done.wait(600)
+                rates[threads].append(n / (time.perf_counter() - started))
+            finally:
+                scheduler.close(10)
+    return {threads: statistics.median(r) for threads, r in rates.items()}
 
 
 def main() -> None:
@@ -186,6 +224,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--device-s", type=float, default=0.3, help="stand-in device time per request (part 4)")
     args = parser.parse_args()
     quiet_model_libraries()
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,12 +234,19 @@ def main() -> None:
         ips = throughput(settings, store, args.concurrent, args.rounds)
         warm, cold = warm_vs_cold(settings, store, other, args.reps)
         per_job = overhead(settings, store, args.jobs)
+        overlap = encode_overlap(settings, store, args.concurrent, args.device_s, args.rounds)
     print(f"\ntiny SDXL pair, CPU, 64x64, 20 steps (18+2), {args.concurrent} concurrent requests")
     print(f"  {'--max-batch 1':<40} {ips[1]:.2f} images/s")
     print(f"  {'--max-batch 4':<40} {ips[4]:.2f} images/s  ({ips[4] / ips[1]:.2f}x)")
     print(f"  {'warm pair':<40} {warm:.2f} requests/s")
     print(f"  {'pair loaded for every request':<40} {cold:.2f} requests/s  ({warm / cold:.2f}x slower)")
     print(f"  {'scheduler overhead per request':<40} {per_job * 1000:.2f} ms (submit to finish, no-op pipelines)")
+    print(
+        f"\nstand-in device ({args.device_s:.2f} s per request, CPU left free), 1024x1024 PNG results, "
+        f"{args.concurrent} concurrent requests"
+    )
+    print(f"  {'--encode-threads 0':<40} {overlap[0]:.2f} images/s")
+    print(f"  {'--encode-threads 2':<40} {overlap[2]:.2f} images/s  ({overlap[2] / overlap[0]:.2f}x)")
 
 
 def _other_base(store: ModelStore, tmp: Path) -> str:
