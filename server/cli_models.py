@@ -3,6 +3,7 @@
     refinery models pull AIR [--pin] [--server ADDR]   download (if needed) and verify; a progress bar meanwhile
     refinery models list [--server ADDR]               a table of the cached models
     refinery models rm AIR [--server ADDR]             delete one (refused while a job uses it)
+    refinery models pin|unpin AIR [--server ADDR]      exempt a cached model from the quota's eviction, or not
 
 With `--server` (or REFINERY_SERVER) the commands go to that server's ModelService. Without, they go to a
 ModelService started in this process on a free loopback port, over the local cache with the same store
@@ -48,15 +49,19 @@ _BAR_WIDTH = 30
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    models = commands.add_parser("models", help="pull, list and delete models in the cache")
-    actions = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list,rm}")
+    models = commands.add_parser("models", help="pull, list, pin and delete models in the cache")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list,rm,pin,unpin}")
     pull = actions.add_parser("pull", help="download a model into the cache (if needed) and verify it")
     pull.add_argument("model", metavar="AIR", help="e.g. civitai:101055@128078")
     pull.add_argument("--pin", action="store_true", help="keep it regardless of the cache quota")
     listing = actions.add_parser("list", help="the cached models")
     rm = actions.add_parser("rm", help="delete a model from the cache")
     rm.add_argument("model", metavar="AIR")
-    for parser in (pull, listing, rm):
+    pin = actions.add_parser("pin", help="keep a cached model regardless of the cache quota")
+    pin.add_argument("model", metavar="AIR")
+    unpin = actions.add_parser("unpin", help="let the cache quota evict a pinned model again")
+    unpin.add_argument("model", metavar="AIR")
+    for parser in (pull, listing, rm, pin, unpin):
         parser.add_argument(
             "--server",
             help="HOST:PORT of a running server (default: the local cache, in this process) [REFINERY_SERVER]",
@@ -83,6 +88,8 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 await _pull(stub, args.model, pin=args.pin)
             elif args.models_command == "list":
                 await _list(stub)
+            elif args.models_command in ("pin", "unpin"):
+                await _pin(stub, args.model, pinned=args.models_command == "pin")
             else:
                 await _rm(stub, args.model)
         except grpc.aio.AioRpcError as err:
@@ -136,6 +143,14 @@ async def _list(stub: pb_grpc.ModelServiceStub) -> None:
     quota = f" of a {human_bytes(cache.quota_bytes)} quota" if cache.quota_bytes else " (no quota)"
     count = f"{len(cache.models)} model{'' if len(cache.models) == 1 else 's'}"
     print(f"{count}, {human_bytes(cache.total_bytes)} on disk{quota}")
+
+
+async def _pin(stub: pb_grpc.ModelServiceStub, model: str, *, pinned: bool) -> None:
+    if pinned:
+        info: pb.ModelInfo = await stub.PinModel(pb.PinModelRequest(model=model))
+    else:
+        info = await stub.UnpinModel(pb.UnpinModelRequest(model=model))
+    print(f"{'pinned' if info.pinned else 'unpinned'} {info.model} ({human_bytes(info.size_bytes)})")
 
 
 async def _rm(stub: pb_grpc.ModelServiceStub, model: str) -> None:

@@ -98,6 +98,29 @@ class ModelService(pb_grpc.ModelServiceServicer):
             error = exc
         await _abort(context, "DeleteModel", request.model, error)
 
+    async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            return await self._set_pinned(request.model, pinned=True)
+        except Exception as exc:
+            error = exc
+        await _abort(context, "PinModel", request.model, error)
+
+    async def UnpinModel(self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            return await self._set_pinned(request.model, pinned=False)
+        except Exception as exc:
+            error = exc
+        await _abort(context, "UnpinModel", request.model, error)
+
+    async def _set_pinned(self, model: str, *, pinned: bool) -> pb.ModelInfo:
+        air = _model(model)
+
+        def update() -> CachedModel:
+            self._store.pin(air, pinned)  # ModelNotFound unless cached: pinning never downloads
+            return self._store.describe(air)
+
+        return self._info(await asyncio.to_thread(update))
+
     def _info(self, model: CachedModel) -> pb.ModelInfo:
         return model_info(model, resident=model.air in self._resident_models())
 

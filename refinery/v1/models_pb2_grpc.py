@@ -49,6 +49,16 @@ class ModelServiceStub:
                 request_serializer=refinery_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=refinery_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.PinModel = channel.unary_unary(
+                '/refinery.v1.ModelService/PinModel',
+                request_serializer=refinery_dot_v1_dot_models__pb2.PinModelRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnpinModel = channel.unary_unary(
+                '/refinery.v1.ModelService/UnpinModel',
+                request_serializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -77,6 +87,22 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinModel(self, request, context):
+        """Keep a cached model regardless of the quota's least-recently-used eviction (PullModel with `pin` does
+        the same as it downloads). Never downloads: NOT_FOUND if the model is not in the cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinModel(self, request, context):
+        """Make a pinned model evictable again; it stays cached until the quota needs its room. NOT_FOUND if the
+        model is not in the cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +120,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=refinery_dot_v1_dot_models__pb2.DeleteModelRequest.FromString,
                     response_serializer=refinery_dot_v1_dot_models__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'PinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinModel,
+                    request_deserializer=refinery_dot_v1_dot_models__pb2.PinModelRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnpinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinModel,
+                    request_deserializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +213,60 @@ class ModelService:
             '/refinery.v1.ModelService/DeleteModel',
             refinery_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
             refinery_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refinery.v1.ModelService/PinModel',
+            refinery_dot_v1_dot_models__pb2.PinModelRequest.SerializeToString,
+            refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refinery.v1.ModelService/UnpinModel',
+            refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
+            refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,12 @@ def test_pull_list_rm_on_the_local_cache(
     assert row.split()[-2:] == ["yes", "no"]
     assert total == f"1 model, {size} on disk (no quota)"
 
+    unpinned = refinery("unpin", BASE, cache=cache, civitai=civitai)
+    assert (unpinned.returncode, unpinned.stdout) == (0, f"unpinned {BASE} ({size})\n"), unpinned.stderr
+    assert refinery("list", cache=cache, civitai=civitai).stdout.splitlines()[1].split()[-2:] == ["no", "no"]
+    pinned = refinery("pin", BASE, cache=cache, civitai=civitai)
+    assert (pinned.returncode, pinned.stdout) == (0, f"pinned {BASE} ({size})\n"), pinned.stderr
+
     removed = refinery("rm", BASE, cache=cache, civitai=civitai)
     assert (removed.returncode, removed.stdout) == (0, f"deleted {BASE} ({size} freed)\n")
     assert blob_files(cache) == []

@@ -192,6 +192,28 @@ def test_pin_list_and_delete(service: Service, civitai: FakeCivitai) -> None:
     assert caught.value.details() == f"model: {REFINER} is not in the cache"
 
 
+def test_pin_and_unpin_a_cached_model(service: Service, civitai: FakeCivitai, storage: FakeStorage) -> None:
+    add_pair(civitai)
+    assert not pull(service.stub, BASE)[-1].model.pinned
+
+    pinned = service.stub.PinModel(pb.PinModelRequest(model=BASE), timeout=TIMEOUT_S)
+    assert (pinned.model, pinned.pinned) == (BASE, True)
+    assert [(m.model, m.pinned) for m in listing(service.stub).models] == [(BASE, True)]
+    # Another spelling of the same model; unpinning keeps it cached, evictable again.
+    unpinned = service.stub.UnpinModel(
+        pb.UnpinModelRequest(model="urn:air:sdxl:checkpoint:civitai:101055@128078"), timeout=TIMEOUT_S
+    )
+    assert (unpinned.model, unpinned.pinned) == (BASE, False)
+    assert [(m.model, m.pinned) for m in listing(service.stub).models] == [(BASE, False)]
+
+    # Pinning never downloads: a model that is not cached is NOT_FOUND, and nothing is fetched.
+    with pytest.raises(grpc.RpcError) as caught:
+        service.stub.PinModel(pb.PinModelRequest(model=REFINER), timeout=TIMEOUT_S)
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == f"model: {REFINER} is not in the cache"
+    assert len(storage.gets()) == 1 and [m.model for m in listing(service.stub).models] == [BASE]
+
+
 def test_a_model_in_use_is_not_deleted(service: Service, civitai: FakeCivitai) -> None:
     base, _ = add_pair(civitai)
     pull(service.stub, BASE)
@@ -206,13 +228,18 @@ def test_a_model_in_use_is_not_deleted(service: Service, civitai: FakeCivitai) -
     assert service.stub.DeleteModel(pb.DeleteModelRequest(model=BASE), timeout=TIMEOUT_S).freed_bytes == len(base)
 
 
-@pytest.mark.parametrize("rpc", ["PullModel", "DeleteModel"])
+@pytest.mark.parametrize("rpc", ["PullModel", "DeleteModel", "PinModel", "UnpinModel"])
 def test_a_malformed_model_is_an_invalid_argument_naming_the_field(service: Service, rpc: str) -> None:
+    malformed = "civitai:101055@"
     with pytest.raises(grpc.RpcError) as caught:
         if rpc == "PullModel":
-            pull(service.stub, "civitai:101055@")
+            pull(service.stub, malformed)
+        elif rpc == "DeleteModel":
+            service.stub.DeleteModel(pb.DeleteModelRequest(model=malformed), timeout=TIMEOUT_S)
+        elif rpc == "PinModel":
+            service.stub.PinModel(pb.PinModelRequest(model=malformed), timeout=TIMEOUT_S)
         else:
-            service.stub.DeleteModel(pb.DeleteModelRequest(model="civitai:101055@"), timeout=TIMEOUT_S)
+            service.stub.UnpinModel(pb.UnpinModelRequest(model=malformed), timeout=TIMEOUT_S)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == ["model"]
     assert "numeric version" in caught.value.details()
