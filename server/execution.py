@@ -1,4 +1,5 @@
-"""Running one batch on a device worker's thread: load the pair, denoise, report, encode, deliver.
+"""Running one batch on a device worker's thread: load the pair, denoise, report; then hand each request's
+images to `Scheduler.deliver`, which encodes and sends them on an encoder thread while the worker goes on.
 
 Every request of a batch shares the pair and the shape; each gets its own `Progress` (with its own result
 indexes), its own previews and its own images. A request cancelled mid-run is closed at the next step and gets

@@ -18,6 +18,8 @@ A request's life here (the servicer only calls `submit` and `cancel`):
    sizes.
 5. **Execution** on the device's worker thread (`server/execution.py`). A cancelled request leaves the queue,
    or stops receiving events at the next step; its batch mates go on, and the run stops once none is left.
+6. **Delivery.** The finished images are encoded and sent on an encoder thread (`encode_threads`) while the
+   worker already takes its next batch: the device does not wait for PNG compression.
 
 Faults: running out of device memory evicts every idle pair and retries once, then ends the batch with
 RESOURCE_EXHAUSTED; a failing batch never kills its worker; a worker thread that dies anyway is restarted and
