@@ -17,7 +17,8 @@ here has a row there.
     ├── SourceRateLimited     the source asks us to slow down (retry_after_s when known)
     ├── SourceUnavailable     the source could not be reached or failed (retryable)
     ├── QuotaExceeded         the model cannot fit in the cache quota or on the disk
-    └── ModelInUse            the model cannot be deleted while a job uses it
+    ├── ModelInUse            the model cannot be deleted while a job uses it
+    └── DownloadAbandoned     every caller waiting for a download gave up; it stopped, its bytes are kept
 
 Messages never contain tokens or presigned URLs: sources redact them before raising.
 """
@@ -105,3 +106,8 @@ class QuotaExceeded(ModelStoreError):
 
 class ModelInUse(ModelStoreError):
     """The model is in use and cannot be deleted now."""
+
+
+class DownloadAbandoned(ModelStoreError):
+    """Everyone who asked for the model gave up (a cancelled pull or request), so its download stopped; the
+    bytes received are kept, and the next request for it resumes from there."""

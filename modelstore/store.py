@@ -35,7 +35,14 @@ from modelstore.architecture import detect_file, detect_folder
 from modelstore.blobs import sha256_file
 from modelstore.cache import BlobsVanished, Cache, CachedModel, Need
 from modelstore.download import Downloader, RemoteFile, RetryPolicy
-from modelstore.errors import ModelInUse, ModelNotFound, ModelStoreError, SourceUnavailable, WrongArchitecture
+from modelstore.errors import (
+    DownloadAbandoned,
+    ModelInUse,
+    ModelNotFound,
+    ModelStoreError,
+    SourceUnavailable,
+    WrongArchitecture,
+)
 from modelstore.index import IndexEntry
 from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
 from modelstore.record import Architecture, Layout, ModelRecord
@@ -63,15 +70,39 @@ ROLE_ARCHITECTURES = {
 
 ModelRef = str | AIR | ModelRecord
 
+# How soon a caller waiting on someone else's download notices that it gave up.
+_GIVE_UP_POLL_S = 0.1
+
 
 class _Flight:
     """One model being fetched in this process, and everybody waiting for it."""
 
     def __init__(self, canonical: str) -> None:
+        self.canonical = canonical
         self.progress = ProgressFanout(canonical)
         self.done = threading.Event()
         self.record: ModelRecord | None = None
         self.error: BaseException | None = None
+        # One entry per caller: the event it sets when it gives up, or None for a caller that never does.
+        self._wants: list[threading.Event | None] = []
+        self._wants_lock = threading.Lock()
+
+    def join(self, give_up: threading.Event | None) -> None:
+        with self._wants_lock:
+            self._wants.append(give_up)
+
+    def abandoned(self) -> bool:
+        """Whether every caller has given up: then nobody is left to use what the download would bring."""
+        with self._wants_lock:
+            return all(w is not None and w.is_set() for w in self._wants)
+
+    def stop_if_abandoned(self) -> None:
+        if self.abandoned():
+            log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", self.canonical)
+            raise DownloadAbandoned(
+                f"{self.canonical}: everyone waiting for it went away; the download stopped and the bytes "
+                "received are kept for the next request"
+            )
 
 
 class ModelStore:
@@ -93,20 +124,36 @@ class ModelStore:
 
     # --- resolving -----------------------------------------------------------------------------------------
 
-    def resolve(self, model: str | AIR, *, progress: ProgressCallback | None = None) -> ModelRecord:
+    def resolve(
+        self,
+        model: str | AIR,
+        *,
+        progress: ProgressCallback | None = None,
+        give_up: threading.Event | None = None,
+    ) -> ModelRecord:
         """The record of `model`, fetching it into the cache first if needed (blocking).
 
         `progress` receives `DownloadProgress` while a download runs (also when this call joins a download
-        another request started). Raises the `modelstore.errors` tree."""
+        another request started). `give_up` is set by a caller that no longer wants the model (a cancelled
+        request): the download stops once every caller of it has given up, keeping its bytes for the next
+        one, and raises DownloadAbandoned. A call waiting on a download another call runs raises it within
+        a tenth of a second of giving up; the call that runs the download returns when it ends or stops.
+        Raises the `modelstore.errors` tree."""
         air = _air(model)
         record = self._cached(air, touch=True)
         if record is not None:
             return record
-        return self._single_flight(air, progress)
+        return self._single_flight(air, progress, give_up)
 
-    def pull(self, model: str | AIR, progress: ProgressCallback | None = None) -> ModelRecord:
+    def pull(
+        self,
+        model: str | AIR,
+        progress: ProgressCallback | None = None,
+        *,
+        give_up: threading.Event | None = None,
+    ) -> ModelRecord:
         """Make sure `model` is in the cache (an operator's pre-fetch); same as `resolve`."""
-        return self.resolve(model, progress=progress)
+        return self.resolve(model, progress=progress, give_up=give_up)
 
     def lookup(self, model: str | AIR) -> ModelRecord | None:
         """The record of `model` if it is cached and intact, else None. Never touches the network."""
@@ -124,24 +171,31 @@ class ModelStore:
             self._cache.touch(air)
         return self._cache.record(air, entry)
 
-    def _single_flight(self, air: AIR, progress: ProgressCallback | None) -> ModelRecord:
+    def _single_flight(
+        self, air: AIR, progress: ProgressCallback | None, give_up: threading.Event | None
+    ) -> ModelRecord:
         key = air.canonical
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight(key)
+            flight.join(give_up)
         if progress is not None:
             flight.progress.subscribe(progress)
         if not leader:
-            flight.done.wait()
+            while not flight.done.wait(None if give_up is None else _GIVE_UP_POLL_S):
+                if give_up is not None and give_up.is_set():
+                    raise DownloadAbandoned(f"{key}: gave up waiting for its download")
+            if isinstance(flight.error, DownloadAbandoned) and not (give_up is not None and give_up.is_set()):
+                return self._single_flight(air, progress, give_up)  # it stopped as this call joined: go again
             if flight.error is not None:
                 raise _copy(flight.error)
             assert flight.record is not None
             return flight.record
         try:
             # Another flight may have finished between our cache check and taking the lead.
-            flight.record = self._cached(air, touch=True) or self._fetch(air, flight.progress)
+            flight.record = self._cached(air, touch=True) or self._fetch(air, flight)
             return flight.record
         except BaseException as exc:
             flight.error = exc
@@ -151,14 +205,14 @@ class ModelStore:
                 del self._flights[key]
             flight.done.set()
 
-    def _fetch(self, air: AIR, progress: ProgressFanout) -> ModelRecord:
+    def _fetch(self, air: AIR, flight: _Flight) -> ModelRecord:
         if air.source is Source.LOCAL:
             return self._register_local(air)
         if air.source is Source.BUILTIN:
             return self._build_builtin(air)
         if self.settings.offline:
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
-        return self._download(air, self._source(air.source), progress)
+        return self._download(air, self._source(air.source), flight)
 
     def _source(self, source: Source) -> RemoteSource:
         with self._lock:
@@ -176,7 +230,8 @@ class ModelStore:
 
         return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
 
-    def _download(self, air: AIR, source: RemoteSource, progress: ProgressFanout) -> ModelRecord:
+    def _download(self, air: AIR, source: RemoteSource, flight: _Flight) -> ModelRecord:
+        progress = flight.progress
         plan = source.plan(air)
         needs = [Need(f.sha256, f.approx_size) for f in plan.files]
         for attempt in (1, 2):
@@ -190,8 +245,9 @@ class ModelStore:
                 files = {}
                 for file in plan.files:
                     if file in todo:
+                        flight.stop_if_abandoned()
                         progress.start_file(file.label)
-                    files[file.path] = self._downloader.fetch(file, _FileProgress(progress, file))
+                    files[file.path] = self._downloader.fetch(file, _FileProgress(flight, file))
                 try:
                     record = self._cache.commit(
                         air,
@@ -332,15 +388,19 @@ class ModelStore:
 
 
 class _FileProgress:
-    """Feeds one file's byte counts into its model's progress."""
+    """Feeds one file's byte counts into its model's progress, and stops the download (by raising from the
+    downloader's loop, which keeps the partial file) once nobody waits for it any more."""
 
-    def __init__(self, progress: ProgressFanout, file: RemoteFile) -> None:
-        self._progress = progress
+    def __init__(self, flight: _Flight, file: RemoteFile) -> None:
+        self._flight = flight
+        self._progress = flight.progress
         self._file = file
         self._sized = file.size is not None
 
     def advance(self, nbytes: int) -> None:
         self._progress.advance(nbytes)
+        if nbytes > 0:  # never while a failed attempt's count is being taken back
+            self._flight.stop_if_abandoned()
 
     def exact_size(self, nbytes: int) -> None:
         if not self._sized:  # civitai states sizes in KB: correct the total once the server says exactly

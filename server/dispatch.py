@@ -46,6 +46,11 @@ class Ticket:
         return self._cancel_requested.is_set()
 
     @property
+    def cancel_signal(self) -> threading.Event:
+        """Set once the job should stop: for waits that can give up (a model download) rather than poll."""
+        return self._cancel_requested
+
+    @property
     def cancel_error(self) -> ServerError:
         """What a cancelled job ends with: CANCELLED for a client, UNAVAILABLE for a draining server."""
         return self._cancel_error

@@ -155,8 +155,8 @@ class _Pull:
     so `refinery serve` would not exit on SIGTERM until the download ended. A daemon dies with the process;
     its partial file is resumable like after a kill -9.
 
-    A client that goes away stops listening, but the download goes on: other requests may be waiting for the
-    same flight, and the store has no way to stop one.
+    A client that goes away gives up its interest in the download: the store stops it (keeping the bytes for
+    the next pull) unless another pull or a queued request still waits for the same model.
     """
 
     def __init__(self, store: ModelStore, air: AIR, *, pin: bool) -> None:
@@ -164,6 +164,7 @@ class _Pull:
         # Unbounded: progress comes at most ten times a second, so a slow reader costs little.
         self._queue: asyncio.Queue[DownloadProgress | _Done] = asyncio.Queue()
         self._listening = True
+        self._gave_up = threading.Event()
         thread = threading.Thread(target=self._run, args=(store, air, pin), name=f"pull-{air.canonical}", daemon=True)
         thread.start()
 
@@ -171,7 +172,7 @@ class _Pull:
         try:
             # Leased: neither evicted (by another pull's quota) nor deleted between the download and the pin.
             with store.lease(air):
-                record = store.pull(air, progress=self._progress)
+                record = store.pull(air, progress=self._progress, give_up=self._gave_up)
                 # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares
                 # with): this reads the weights once more, which a pre-fetch should pay rather than the first
                 # Generate that uses the model (about 7 s for a 7 GB checkpoint).
@@ -207,3 +208,4 @@ class _Pull:
                 yield item
         finally:
             self._listening = False
+            self._gave_up.set()  # after the end, too: by then the store has nothing left to stop

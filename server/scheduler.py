@@ -317,7 +317,7 @@ class Scheduler:
         """On a resolver thread: make the request's models available and check they can run anywhere."""
         assert work.queue_entry is not None
         try:
-            spec = self._pair_spec(pair_key(work.job), sink=work.handle.sink)
+            spec = self._pair_spec(pair_key(work.job), sink=work.handle.sink, give_up=work.handle.cancel_signal)
             if not any(w.residency.could_ever_fit(spec) for w in self.workers):
                 budgets = ", ".join(
                     f"{w.device.name}: {w.residency.budget_bytes / 2**20:.0f} MiB" for w in self.workers
@@ -332,15 +332,19 @@ class Scheduler:
         work.spec = spec
         self.queue.unblock(work.queue_entry)
 
-    def _pair_spec(self, key: PairKey, sink: EventSink | None) -> PairSpec:
-        base = self._model_spec(key.base, ModelRole.BASE, sink)
-        refiner = None if key.refiner is None else self._model_spec(key.refiner, ModelRole.REFINER, sink)
+    def _pair_spec(self, key: PairKey, sink: EventSink | None, give_up: threading.Event | None = None) -> PairSpec:
+        """Resolve the pair's models (downloading them if needed); a request that is cancelled meanwhile
+        sets `give_up`, which stops a download nobody else waits for."""
+        base = self._model_spec(key.base, ModelRole.BASE, sink, give_up)
+        refiner = None if key.refiner is None else self._model_spec(key.refiner, ModelRole.REFINER, sink, give_up)
         return PairSpec(key, base, refiner)
 
-    def _model_spec(self, model: str, role: ModelRole, sink: EventSink | None) -> ModelSpec:
+    def _model_spec(
+        self, model: str, role: ModelRole, sink: EventSink | None, give_up: threading.Event | None
+    ) -> ModelSpec:
         progress = None if sink is None else _DownloadReporter(model, role, sink)
         try:
-            record = self.store.resolve(model, progress=progress)
+            record = self.store.resolve(model, progress=progress, give_up=give_up)
             require_role(record, role.value)
         except ModelStoreError as exc:
             raise exc.for_field(role.field) from None

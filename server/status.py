@@ -43,6 +43,7 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     store_errors.SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     store_errors.ModelInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.DownloadAbandoned: grpc.StatusCode.CANCELLED,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"

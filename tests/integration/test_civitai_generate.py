@@ -12,6 +12,8 @@ VAE that civitai marks primary, which must never be the file downloaded.
 from __future__ import annotations
 
 import io
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +25,11 @@ from modelstore import ModelStore, StoreSettings
 from modelstore.builtin import BUILTIN_MODELS, build
 from refinery.v1 import generation_pb2 as pb
 from tests.fakes import payloads
+from tests.fakes.cachefs import partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 from tests.fixtures.ldm_layout import write_single_file
 
-from .conftest import ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
 
 BASE = "civitai:101055@128078"
 REFINER = "civitai:101055@128080"
@@ -144,3 +147,47 @@ def test_the_civitai_pair_downloads_once_and_then_runs_with_no_network(
 
     assert [pixels(i) for i in offline] == [pixels(i) for i in online]
     assert pixels(online[0]) != pixels(online[1])  # two seeds, two images: the comparison means something
+
+
+def test_a_request_cancelled_while_its_model_downloads_stops_the_download(
+    tmp_path: Path,
+    civitai: FakeCivitai,
+    storage: FakeStorage,
+    checkpoints: tuple[bytes, bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelstore.store")
+    link = civitai.object_of(128078, BASE_FILE)
+    link.trickle_s = 0.01  # a slow link: the whole file would take seconds
+    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url)
+    store = ModelStore(settings)
+    thread = ServerThread(make_settings(settings, pins=()), store=store)
+    request = pb.GenerateRequest(
+        positive_prompt="a lighthouse", model=BASE, refiner=pb.Refiner(model=REFINER, start_step=4), steps=6
+    )
+    try:
+        with grpc.insecure_channel(thread.address) as channel:
+            stub = new_stub(channel)
+            call = stub.Generate(request, timeout=TIMEOUT_S)
+            for response in call:
+                loading = response.model_loading
+                if response.WhichOneof("event") == "model_loading" and loading.bytes_done > 0:
+                    break  # the base is on its way
+            call.cancel()  # the client gives up while the model downloads
+
+            deadline = time.monotonic() + TIMEOUT_S
+            while f"stopped downloading {BASE}" not in caplog.text:
+                assert time.monotonic() < deadline, "the download never stopped"
+                time.sleep(0.01)
+            (partial,) = partial_files(settings.cache_dir)
+            kept = partial.stat().st_size
+            assert 0 < kept < len(checkpoints[0])
+            assert [r.path for r in storage.gets()] == [f"/bucket/128078-{BASE_FILE}"]  # the refiner never started
+
+            link.trickle_s = 0.0
+            assert len(events(collect(stub, request), "image")) == 1
+            base_gets = [r for r in storage.gets() if r.path == f"/bucket/128078-{BASE_FILE}"]
+            assert [r.headers.get("range") for r in base_gets] == [None, f"bytes={kept}-"]  # resumed
+    finally:
+        thread.close()
+        store.close()

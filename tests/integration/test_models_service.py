@@ -24,7 +24,7 @@ from server.models_convert import ARCHITECTURES
 from server.models_service import ModelService
 from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
-from tests.fakes.cachefs import blob_files
+from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 
 from .conftest import TIMEOUT_S, ServerThread, make_settings
@@ -143,6 +143,34 @@ def test_pull_streams_progress_while_downloading_then_the_record(
     again = pull(service.stub, "urn:air:sdxl:checkpoint:civitai:101055@128078")  # another spelling, same model
     assert [r.WhichOneof("event") for r in again] == ["model"]  # cached: no progress, no download
     assert again[0].model.model == BASE and len(storage.gets()) == 1
+
+
+def test_a_pull_the_client_cancels_stops_its_download_and_the_next_pull_resumes_it(
+    service: Service, civitai: FakeCivitai, storage: FakeStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelstore.store")
+    data, _ = add_pair(civitai, extra_bytes=8_000_000)
+    link = civitai.object_of(128078, 126002)
+    link.hold_after = 1_000_000
+    link.trickle_s = 0.01  # a slow link: the rest would take seconds, the cancel reaches the server in far less
+
+    stream = service.stub.PullModel(pb.PullModelRequest(model=BASE), timeout=TIMEOUT_S)
+    assert next(stream).WhichOneof("event") == "progress"
+    stream.cancel()  # the operator pressed ^C
+    link.release.set()
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while f"stopped downloading {BASE}" not in caplog.text:
+        assert time.monotonic() < deadline, "the download never stopped"
+        time.sleep(0.01)
+    (partial,) = partial_files(service.cache)
+    kept = partial.stat().st_size
+    assert 0 < kept < len(data)  # stopped part-way; what arrived is kept
+    assert listing(service.stub).models == []
+
+    link.trickle_s = 0.0
+    assert pull(service.stub, BASE)[-1].model.sha256 == payloads.sha256(data)
+    assert storage.gets()[-1].headers["range"] == f"bytes={kept}-"  # resumed, not fetched again
 
 
 def test_a_pulled_model_is_measured_so_its_first_generate_reads_no_weights(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from modelstore import ModelRecord, ModelStore
+from modelstore.errors import DownloadAbandoned
 from modelstore.progress import DownloadProgress
 from tests.fakes import payloads
 from tests.fakes.cachefs import partial_files
@@ -184,3 +186,89 @@ def test_a_large_file_cut_off_the_block_grid_resumes_and_verifies(
 
     assert record.path.read_bytes() == data and record.sha256 == payloads.sha256(data)
     assert [r.headers.get("range") for r in storage.gets()] == [None, "bytes=5000003-"]
+
+
+class Caller(threading.Thread):
+    """One `resolve` on its own thread, as a request's resolver runs it; keeps what it returned or raised."""
+
+    def __init__(self, store: ModelStore, give_up: threading.Event | None = None) -> None:
+        super().__init__()
+        self.store, self.give_up = store, give_up
+        self.events: list[DownloadProgress] = []
+        self.record: ModelRecord | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.record = self.store.resolve(MODEL, progress=self.events.append, give_up=self.give_up)
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self) -> Caller:
+        self.join(_DEADLINE_S)
+        assert not self.is_alive(), "resolve never returned"
+        return self
+
+
+def test_a_download_everyone_gave_up_on_stops_and_the_next_request_resumes_it(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage, cache_dir: Path
+) -> None:
+    data, obj = serve_model(civitai, size=8_000_000)
+    obj.hold_after = 1_000_000
+    store = make_store()
+    give_up = threading.Event()
+    caller = Caller(store, give_up)
+    wait_for(lambda: partial_size(cache_dir) >= 1_000_000, "the download to write 1 MB")
+
+    give_up.set()  # the request was cancelled
+    obj.release.set()
+
+    assert isinstance(caller.result().error, DownloadAbandoned)
+    kept = partial_size(cache_dir)
+    assert 1_000_000 <= kept < len(data)  # stopped part-way, and what arrived is kept
+    assert store.lookup(MODEL) is None
+
+    assert store.resolve(MODEL).path.read_bytes() == data
+    assert storage.gets()[-1].headers["range"] == f"bytes={kept}-"
+
+
+def test_a_download_goes_on_while_another_request_still_waits_for_it(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage, cache_dir: Path
+) -> None:
+    data, obj = serve_model(civitai, size=8_000_000)
+    obj.hold_after = 1_000_000
+    store = make_store()
+    give_up = threading.Event()
+    first = Caller(store, give_up)  # it started the download
+    wait_for(lambda: partial_size(cache_dir) >= 1_000_000, "the download to write 1 MB")
+    second = Caller(store)
+    wait_for(lambda: bool(second.events), "the second request to join the download")
+
+    give_up.set()
+    obj.release.set()
+
+    assert second.result().error is None and second.record is not None
+    assert second.record.path.read_bytes() == data
+    assert len(storage.gets()) == 1  # one transfer, never interrupted
+    assert first.result().record == second.record
+
+
+def test_a_request_that_gives_up_waiting_hears_so_at_once(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage, cache_dir: Path
+) -> None:
+    data, obj = serve_model(civitai, size=8_000_000)
+    obj.hold_after = 1_000_000
+    store = make_store()
+    first = Caller(store)
+    wait_for(lambda: partial_size(cache_dir) >= 1_000_000, "the download to write 1 MB")
+    give_up = threading.Event()
+    second = Caller(store, give_up)
+    wait_for(lambda: bool(second.events), "the second request to join the download")
+
+    give_up.set()
+    # While the link is still held: the request that left does not wait for the download to end.
+    assert isinstance(second.result().error, DownloadAbandoned)
+    obj.release.set()
+    assert first.result().error is None and first.record is not None
+    assert first.record.path.read_bytes() == data and len(storage.gets()) == 1
