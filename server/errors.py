@@ -8,7 +8,8 @@
     ├── OutOfDeviceMemory   the job does not fit on the device even after evicting idle models
     │                       (RESOURCE_EXHAUSTED)
     ├── ShuttingDown        the server is draining and takes no new work (UNAVAILABLE)
-    └── WorkerFailed        the device worker died while running the job (UNAVAILABLE)
+    ├── WorkerFailed        the device worker died while running the job (UNAVAILABLE)
+    └── NotPinned           UnpinPair for a pair no device holds pinned (NOT_FOUND)
 
 Model-store errors (`modelstore.errors`) are mapped by the same table. Anything else is a bug: INTERNAL with a
 generic message, and the traceback goes to the log, never to the client.
@@ -69,4 +70,8 @@ class ShuttingDown(ServerError):
 
 
 class WorkerFailed(ServerError):
+    pass
+
+
+class NotPinned(ServerError):
     pass

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
-from grpc_status import rpc_status
 
 from modelstore import AIR, ModelStore, parse_air
 from modelstore.cache import CachedModel
@@ -31,7 +30,7 @@ from modelstore.progress import DownloadProgress
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.models_convert import model_info, pull_progress
-from server.status import rpc_error_for
+from server.status import abort
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +132,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, model: str | No
     """End the RPC with the status `server/status.py` gives `error`; `model`: the request's `model` field."""
     if model is not None and isinstance(error, ModelStoreError):
         error.for_field("model")
-    failure = rpc_error_for(error)  # unexpected errors: logged with traceback, the client gets INTERNAL
     # repr: the model text is the client's, as it was sent, control characters included.
-    target = "" if model is None else f" {model!r}"
-    log.info("%s%s failed: %s: %s", method, target, failure.code.name, failure.message)
-    await context.abort_with_status(rpc_status.to_status(failure.to_status()))
-    raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
+    await abort(context, error, call=method if model is None else f"{method} {model!r}")
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,15 @@ class Residency:
                 pair.active -= 1
                 pair.last_used = self._clock()
 
+    def unpin(self, key: PairKey) -> bool:
+        """Let `key` be evicted again (it stays resident until room is needed); whether it was pinned."""
+        with self._lock:
+            pair = self._pairs.get(key)
+            if pair is None or not pair.pinned:
+                return False
+            pair.pinned = False
+            return True
+
     def evict_idle(self) -> list[PairKey]:
         """Evict every pair no job uses (e.g. to retry after running out of device memory)."""
         with self._lock:

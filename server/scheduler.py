@@ -223,23 +223,46 @@ class Scheduler:
             self.expire()
 
     def pin(self, pins: Sequence[str]) -> Future[None]:
-        """Load each "BASE[+REFINER]" pair on every device and keep it there; the future completes once all
-        are resident (or fails with the first error)."""
+        """Load each "BASE[+REFINER]" pair on every device and keep it there (`--pin`)."""
+        return self.pin_pairs([parse_pin(text) for text in pins])
+
+    def pin_pairs(self, keys: Sequence[PairKey]) -> Future[None]:
+        """Load each pair on every device and keep it there; the future completes once all are resident, or
+        fails with the first error, leaving none of them newly pinned (a pair that cannot fit beside those
+        already pinned is refused before anything loads)."""
         done: Future[None] = Future()
+        pinned_before = {p.key for w in self.workers for p in w.residency.resident() if p.pinned}
 
         def load_all() -> None:
+            specs: list[PairSpec] = []
             try:
-                specs = [self._pair_spec(parse_pin(text), sink=None) for text in pins]
+                specs = [self._pair_spec(key, sink=None) for key in keys]
+                for spec in specs:
+                    for w in self.workers:
+                        if not w.residency.could_ever_fit(spec):
+                            raise OutOfDeviceMemory(
+                                f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
+                                f"(budget {w.residency.budget_bytes / 2**20:.0f} MiB)"
+                            )
                 futures = [w.call(functools.partial(w.pin, spec)) for w in self.workers for spec in specs]
-                for f in futures:
-                    f.result()
+                failures = [f.exception() for f in futures]  # every load ends before any rollback
+                for failure in failures:
+                    if failure is not None:
+                        raise failure
             except BaseException as exc:
+                for spec in specs:
+                    if spec.key not in pinned_before:
+                        self.unpin_pair(spec.key)
                 done.set_exception(exc)
             else:
                 done.set_result(None)
 
         threading.Thread(target=load_all, name="refinery-pin", daemon=True).start()
         return done
+
+    def unpin_pair(self, key: PairKey) -> bool:
+        """Let `key` be evicted again on every device; whether any device held it pinned."""
+        return any([w.residency.unpin(key) for w in self.workers])  # a list: unpin on every device
 
     def close(self, timeout_s: float | None = None) -> None:
         """Refuse new work, end queued requests with UNAVAILABLE, stop running ones at their next step, and

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from modelstore import errors as store_errors
 from server import errors
@@ -29,6 +31,7 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     errors.OutOfDeviceMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.WorkerFailed: grpc.StatusCode.UNAVAILABLE,
+    errors.NotPinned: grpc.StatusCode.NOT_FOUND,
     store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
@@ -108,3 +111,12 @@ def _retry_info(seconds: float) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return packed
+
+
+async def abort(context: grpc.aio.ServicerContext, error: Exception, *, call: str) -> NoReturn:
+    """End a unary or server-streaming RPC with the status this table gives `error`, and log one line
+    (`call` names the RPC and its target)."""
+    failure = rpc_error_for(error)  # unexpected errors: logged with traceback, the client gets INTERNAL
+    log.info("%s failed: %s: %s", call, failure.code.name, failure.message)
+    await context.abort_with_status(rpc_status.to_status(failure.to_status()))
+    raise AssertionError("abort_with_status returned")  # it raises, ending the RPC

@@ -9,6 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PinPairRequest(_message.Message):
+    __slots__ = ("model", "refiner_model")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    refiner_model: str
+    def __init__(self, model: _Optional[str] = ..., refiner_model: _Optional[str] = ...) -> None: ...
+
+class PinPairResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...
+
+class UnpinPairRequest(_message.Message):
+    __slots__ = ("model", "refiner_model")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    refiner_model: str
+    def __init__(self, model: _Optional[str] = ..., refiner_model: _Optional[str] = ...) -> None: ...
+
+class UnpinPairResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,16 @@ class ServerServiceStub:
                 request_serializer=refinery_dot_v1_dot_status__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=refinery_dot_v1_dot_status__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.PinPair = channel.unary_unary(
+                '/refinery.v1.ServerService/PinPair',
+                request_serializer=refinery_dot_v1_dot_status__pb2.PinPairRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_status__pb2.PinPairResponse.FromString,
+                _registered_method=True)
+        self.UnpinPair = channel.unary_unary(
+                '/refinery.v1.ServerService/UnpinPair',
+                request_serializer=refinery_dot_v1_dot_status__pb2.UnpinPairRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_status__pb2.UnpinPairResponse.FromString,
+                _registered_method=True)
 
 
 class ServerServiceServicer:
@@ -50,6 +60,25 @@ class ServerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinPair(self, request, context):
+        """Load a base (+ refiner) pair on every device and keep it there, as `--pin` does at start-up: it is never
+        evicted, and requests for it never wait for a load. Answers once the pair is resident everywhere, with
+        the devices' status. Downloads the models if needed. Errors: INVALID_ARGUMENT or NOT_FOUND (naming
+        `model` or `refiner_model`), FAILED_PRECONDITION (not an SDXL model for the role), RESOURCE_EXHAUSTED
+        (it cannot fit beside the pairs already pinned on some device; nothing is pinned then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinPair(self, request, context):
+        """Let a pinned pair be evicted again, least recently used first, when another pair needs the room. It
+        stays resident until then. NOT_FOUND if no device holds it pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +86,16 @@ def add_ServerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=refinery_dot_v1_dot_status__pb2.GetStatusRequest.FromString,
                     response_serializer=refinery_dot_v1_dot_status__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'PinPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinPair,
+                    request_deserializer=refinery_dot_v1_dot_status__pb2.PinPairRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_status__pb2.PinPairResponse.SerializeToString,
+            ),
+            'UnpinPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinPair,
+                    request_deserializer=refinery_dot_v1_dot_status__pb2.UnpinPairRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_status__pb2.UnpinPairResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +125,60 @@ class ServerService:
             '/refinery.v1.ServerService/GetStatus',
             refinery_dot_v1_dot_status__pb2.GetStatusRequest.SerializeToString,
             refinery_dot_v1_dot_status__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refinery.v1.ServerService/PinPair',
+            refinery_dot_v1_dot_status__pb2.PinPairRequest.SerializeToString,
+            refinery_dot_v1_dot_status__pb2.PinPairResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refinery.v1.ServerService/UnpinPair',
+            refinery_dot_v1_dot_status__pb2.UnpinPairRequest.SerializeToString,
+            refinery_dot_v1_dot_status__pb2.UnpinPairResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -218,3 +218,51 @@ def test_a_resident_model_is_listed_as_such_and_cannot_be_deleted(channel: grpc.
     with pytest.raises(grpc.RpcError) as refused:
         models.DeleteModel(models_pb2.DeleteModelRequest(model=DEFAULT_REFINER), timeout=TIMEOUT_S)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_pin_and_unpin_a_pair_at_run_time(store_settings: StoreSettings, model_store: ModelStore) -> None:
+    thread = ServerThread(make_settings(store_settings, pins=()), store=model_store)
+    try:
+        thread.wait_ready()
+        with grpc.insecure_channel(thread.address) as channel:
+            servers = status_grpc.ServerServiceStub(channel)  # type: ignore[no-untyped-call]
+            pair = status_pb.PinPairRequest(model=DEFAULT_BASE, refiner_model=DEFAULT_REFINER)
+            (device,) = servers.PinPair(pair, timeout=TIMEOUT_S).devices
+            assert [(p.model, p.refiner_model, p.pinned) for p in device.pairs] == [
+                (DEFAULT_BASE, DEFAULT_REFINER, True)
+            ]
+            responses = collect(new_stub(channel), request("a quiet lake", 5))
+            assert events(responses, "model_loading") == [] and len(events(responses, "image")) == 1
+
+            unpin = status_pb.UnpinPairRequest(model=DEFAULT_BASE, refiner_model=DEFAULT_REFINER)
+            (device,) = servers.UnpinPair(unpin, timeout=TIMEOUT_S).devices
+            assert [(p.model, p.pinned) for p in device.pairs] == [(DEFAULT_BASE, False)]  # still resident
+            with pytest.raises(grpc.RpcError) as caught:
+                servers.UnpinPair(unpin, timeout=TIMEOUT_S)
+            assert caught.value.code() is grpc.StatusCode.NOT_FOUND and "is not pinned" in caught.value.details()
+
+            for bad, code, field in (
+                (status_pb.PinPairRequest(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+                (status_pb.PinPairRequest(model="civitai:101055@"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+                (
+                    status_pb.PinPairRequest(model=DEFAULT_BASE, refiner_model="builtin:no-such-model@1"),
+                    grpc.StatusCode.NOT_FOUND,
+                    "refiner_model",
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as caught:
+                    servers.PinPair(bad, timeout=TIMEOUT_S)
+                assert caught.value.code() is code and _fields(caught.value) == [field]
+    finally:
+        thread.close()
+
+
+def _fields(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)
+    assert status is not None, "the error carries no google.rpc.Status details"
+    fields = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields.extend(v.field for v in bad.field_violations)
+    return fields

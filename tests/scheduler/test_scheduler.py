@@ -40,6 +40,7 @@ from server.job import (
     Stage,
     StartPercentage,
 )
+from server.residency import PairKey
 from server.runner import PipelinePair, RunResult, StageTimings, StepObserver, StepState
 from server.scheduler import Scheduler
 from server.settings import Settings
@@ -558,3 +559,44 @@ def test_close_sends_the_images_being_encoded(
     encoder.release.set()
     closer.join(WAIT_S)
     assert sink.wait().error is None and len(sink.of(ImageResult)) == 1
+
+
+def test_a_pair_pinned_at_run_time_stays_until_it_is_unpinned(
+    store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path
+) -> None:
+    other = another_base(model_store, tmp_path)
+    pair = PairKey(TINY_BASE, TINY_REFINER)
+    scheduler, _, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
+    try:
+        scheduler.pin_pairs([pair]).result(WAIT_S)
+        assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, True)]
+        refused = RecordingSink()
+        scheduler.submit(job("another base", refiner=False, model=other), refused)
+        assert isinstance(refused.wait().error, OutOfDeviceMemory)  # no room beside the pinned pair
+
+        assert scheduler.unpin_pair(pair) and not scheduler.unpin_pair(pair)
+        assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, False)]
+        served = RecordingSink()
+        scheduler.submit(job("another base", refiner=False, model=other), served)
+        assert served.wait().error is None
+        assert not scheduler.workers[0].residency.holds(pair)  # evicted for it, as any idle pair
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+
+
+def test_a_pair_that_cannot_fit_beside_the_pinned_ones_is_refused_and_nothing_loads(
+    store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path
+) -> None:
+    other = PairKey(another_base(model_store, tmp_path), None)
+    pair = PairKey(TINY_BASE, TINY_REFINER)
+    scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
+    try:
+        scheduler.pin_pairs([pair]).result(WAIT_S)
+        with pytest.raises(OutOfDeviceMemory):
+            scheduler.pin_pairs([other]).result(WAIT_S)
+        assert loader.count(other.base) == 0
+        assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, True)]
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
