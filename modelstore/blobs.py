@@ -138,11 +138,14 @@ def check_safetensors(path: Path, label: str) -> None:
         parse_header(f, os.fstat(f.fileno()).st_size, name=label)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's SHA256; `on_bytes` hears how many bytes each read brought (progress for large files)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_READ_CHUNK):
             digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return digest.hexdigest()
 
 

@@ -19,6 +19,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelstore.progress import ByteCounter
 from modelstore.record import Layout, ModelRecord
 from modelstore.safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 
@@ -58,14 +59,17 @@ _memo: dict[str, tuple[Component, ...]] = {}
 _lock = threading.Lock()
 
 
-def components_of(record: ModelRecord, cache_dir: Path | None = None) -> tuple[Component, ...]:
-    """The weight-bearing components of `record` (memoised by the record's sha256)."""
+def components_of(
+    record: ModelRecord, cache_dir: Path | None = None, counter: ByteCounter | None = None
+) -> tuple[Component, ...]:
+    """The weight-bearing components of `record` (memoised by the record's sha256). `counter` hears the bytes
+    read when they must be measured; a memoised answer reads nothing and reports nothing."""
     with _lock:
         known = _memo.get(record.sha256)
     if known is not None:
         return known
     stored = _load_memo(record, cache_dir)
-    result = stored if stored is not None else _measure(record)
+    result = stored if stored is not None else _measure(record, counter)
     if stored is None:
         _save_memo(record, cache_dir, result)
     with _lock:
@@ -73,7 +77,7 @@ def components_of(record: ModelRecord, cache_dir: Path | None = None) -> tuple[C
     return result
 
 
-def _measure(record: ModelRecord) -> tuple[Component, ...]:
+def _measure(record: ModelRecord, counter: ByteCounter | None) -> tuple[Component, ...]:
     groups: dict[str, list[tuple[Path, SafetensorsHeader, str, str]]] = {}
     if record.layout is Layout.DIFFUSERS:
         for name in COMPONENTS:
@@ -90,10 +94,14 @@ def _measure(record: ModelRecord) -> tuple[Component, ...]:
                 if key.startswith(prefix):
                     groups.setdefault(name, []).append((record.path, header, key, key[len(prefix) :]))
                     break
-    return tuple(_component(name, groups[name]) for name in COMPONENTS if name in groups)
+    if counter is not None:
+        counter.set_total(sum(h.tensors[k].end - h.tensors[k].start for g in groups.values() for _, h, k, _ in g))
+    return tuple(_component(name, groups[name], counter) for name in COMPONENTS if name in groups)
 
 
-def _component(name: str, tensors: list[tuple[Path, SafetensorsHeader, str, str]]) -> Component:
+def _component(
+    name: str, tensors: list[tuple[Path, SafetensorsHeader, str, str]], counter: ByteCounter | None
+) -> Component:
     digest = hashlib.sha256()
     file_bytes = 0
     half = full = 0
@@ -121,6 +129,8 @@ def _component(name: str, tensors: list[tuple[Path, SafetensorsHeader, str, str]
                     raise OSError(f"{path} is shorter than its header says")
                 digest.update(chunk)
                 remaining -= len(chunk)
+                if counter is not None:
+                    counter.advance(len(chunk))
     finally:
         for f in handles.values():
             f.close()  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Download progress: the value every waiter sees, and the fan-out that delivers it.
+"""Download (and local hashing) progress: the value every waiter sees, and the fan-out that delivers it.
 
 One download may have many waiters (every request for a model that is being fetched joins the same flight),
 so progress is produced once and handed to every subscriber, including those that join late: they get the
@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ _RATE_WINDOW_S = 3.0
 
 @dataclass(frozen=True)
 class DownloadProgress:
-    """Where one model's download stands. Byte counts cover the files that had to be fetched."""
+    """Where one model's download stands. Byte counts cover the files that had to be fetched, or, when
+    `verifying`, the local bytes being read to hash them (registering a local model, or measuring a model's
+    components the first time it is used): no download, but a wait the caller should see."""
 
     model: str  # canonical AIR
     file: str  # the file being transferred (a label for people, never a path)
@@ -34,6 +37,7 @@ class DownloadProgress:
     bytes_total: int  # may grow once the server states exact sizes
     rate_bps: float  # bytes per second over the last few seconds
     finished: bool = False
+    verifying: bool = False
 
     @property
     def fraction(self) -> float:
@@ -54,6 +58,8 @@ class ProgressFanout:
         self._deliver_lock = threading.RLock()
         self._subscribers: list[ProgressCallback] = []
         self._file = ""
+        self._verifying = False
+        self._counted = False
         self._done = 0
         self._total = 0
         self._samples: deque[tuple[float, int]] = deque()
@@ -68,9 +74,21 @@ class ProgressFanout:
             if latest is not None:
                 self._call(callback, latest)
 
+    @property
+    def counted(self) -> bool:
+        """Whether anything was counted yet (a total or bytes)."""
+        with self._lock:
+            return self._counted
+
     def set_total(self, total: int) -> None:
         with self._lock:
             self._total = total
+            self._counted = True
+
+    def set_verifying(self) -> None:
+        """From here on the bytes counted are read from local files to be hashed, not downloaded."""
+        with self._lock:
+            self._verifying = True
 
     def adjust_total(self, delta: int) -> None:
         """Correct the total once a server states a file's exact size (civitai publishes sizes in KB)."""
@@ -85,6 +103,7 @@ class ProgressFanout:
     def advance(self, nbytes: int) -> None:
         with self._lock:
             self._done += nbytes
+            self._counted = True
         self._emit(force=False)
 
     def finish(self) -> None:
@@ -103,7 +122,9 @@ class ProgressFanout:
                 self._samples.popleft()
             t0, d0 = self._samples[0]
             rate = (self._done - d0) / (now - t0) if now > t0 else 0.0
-            snapshot = DownloadProgress(self._model, self._file, self._done, self._total, rate, finished)
+            snapshot = DownloadProgress(
+                self._model, self._file, self._done, self._total, rate, finished, self._verifying
+            )
             self._latest = snapshot
             subscribers = list(self._subscribers)
         with self._deliver_lock:
@@ -116,3 +137,11 @@ class ProgressFanout:
             callback(snapshot)
         except Exception:
             log.exception("progress callback for %s failed; the download continues", self._model)
+
+
+class ByteCounter(Protocol):
+    """What a long read reports to (a `ProgressFanout` is one): the bytes it will read, then as it reads."""
+
+    def set_total(self, total: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...

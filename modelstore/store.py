@@ -98,7 +98,6 @@ class _Flight:
 
     def stop_if_abandoned(self) -> None:
         if self.abandoned():
-            log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", self.canonical)
             raise DownloadAbandoned(
                 f"{self.canonical}: everyone waiting for it went away; the download stopped and the bytes "
                 "received are kept for the next request"
@@ -198,6 +197,8 @@ class ModelStore:
             flight.record = self._cached(air, touch=True) or self._fetch(air, flight)
             return flight.record
         except BaseException as exc:
+            if isinstance(exc, DownloadAbandoned):  # logged once the partial file is closed and complete
+                log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", key)
             flight.error = exc
             raise
         finally:
@@ -207,7 +208,7 @@ class ModelStore:
 
     def _fetch(self, air: AIR, flight: _Flight) -> ModelRecord:
         if air.source is Source.LOCAL:
-            return self._register_local(air)
+            return self._register_local(air, flight.progress)
         if air.source is Source.BUILTIN:
             return self._build_builtin(air)
         if self.settings.offline:
@@ -299,11 +300,13 @@ class ModelStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _register_local(self, air: AIR) -> ModelRecord:
+    def _register_local(self, air: AIR, progress: ProgressFanout) -> ModelRecord:
         path = Path(air.id)
         old = self._cache.index.get(air.canonical)
         previous = old.metadata.get("fingerprint", {}) if old is not None else {}
-        model = local_source.inspect(path, previous, detect_file)
+        progress.set_verifying()  # hashing gigabytes takes seconds: waiters see it as it goes
+        model = local_source.inspect(path, previous, detect_file, progress)
+        progress.finish()
         now = time.time()
         self._cache.register_local(
             IndexEntry(

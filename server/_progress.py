@@ -41,9 +41,10 @@ class ProgressView:
 
     def _loading(self, event: pb.ModelLoading) -> None:
         role = _ROLE_NAMES.get(event.role, "model")
-        if event.phase == pb.ModelLoading.PHASE_DOWNLOADING:
+        if event.phase in (pb.ModelLoading.PHASE_DOWNLOADING, pb.ModelLoading.PHASE_VERIFYING):
             total = f" of {event.bytes_total / 1e6:.1f} MB" if event.bytes_total else ""
-            text = f"downloading {role} {event.model}: {event.bytes_done / 1e6:.1f} MB{total}"
+            doing = "downloading" if event.phase == pb.ModelLoading.PHASE_DOWNLOADING else "verifying"
+            text = f"{doing} {role} {event.model}: {event.bytes_done / 1e6:.1f} MB{total}"
             if self._interactive:  # byte counts would flood a log; the LOADING line follows anyway
                 self._draw(text)
             return

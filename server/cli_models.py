@@ -159,8 +159,9 @@ async def _rm(stub: pb_grpc.ModelServiceStub, model: str) -> None:
 
 
 class PullView:
-    """Download progress of one pull on stderr: a bar redrawn in place on a terminal; elsewhere (pipes, CI
-    logs) one line once the download is done, so logs stay short. Nothing when the model was already cached."""
+    """Download progress of one pull (for a local model: hashing progress) on stderr: a bar redrawn in place
+    on a terminal; elsewhere (pipes, CI logs) one line once done, so logs stay short. Nothing when the model
+    was already cached."""
 
     def __init__(self, model: str, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
         self._model = model
@@ -178,7 +179,9 @@ class PullView:
             bar = f"[{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] {human_bytes(done)} / {human_bytes(total)}"
         else:
             bar = human_bytes(done)
-        self._out.write(f"\r\x1b[2K{self._model} {bar}  {human_bytes(int(progress.bytes_per_second))}/s")
+        doing = "verifying " if progress.verifying else ""
+        rate = human_bytes(int(progress.bytes_per_second))
+        self._out.write(f"\r\x1b[2K{doing}{self._model} {bar}  {rate}/s")
         self._out.flush()
 
     def close(self, *, completed: bool) -> None:
@@ -189,7 +192,8 @@ class PullView:
             self._out.write("\n")  # the bar stays, as far as it got
         elif completed:
             rate = human_bytes(int(self._last.bytes_per_second))
-            self._out.write(f"{self._model}: {human_bytes(self._last.bytes_done)} downloaded ({rate}/s)\n")
+            done = "verified" if self._last.verifying else "downloaded"
+            self._out.write(f"{self._model}: {human_bytes(self._last.bytes_done)} {done} ({rate}/s)\n")
         self._out.flush()
         self._last = None
 

@@ -42,6 +42,7 @@ _STAGES = {domain.Stage.BASE: pb.STAGE_BASE, domain.Stage.REFINER: pb.STAGE_REFI
 _ROLES = {domain.ModelRole.BASE: pb.MODEL_ROLE_BASE, domain.ModelRole.REFINER: pb.MODEL_ROLE_REFINER}
 _PHASES = {
     domain.LoadPhase.DOWNLOADING: pb.ModelLoading.PHASE_DOWNLOADING,
+    domain.LoadPhase.VERIFYING: pb.ModelLoading.PHASE_VERIFYING,
     domain.LoadPhase.LOADING: pb.ModelLoading.PHASE_LOADING,
     domain.LoadPhase.READY: pb.ModelLoading.PHASE_READY,
 }

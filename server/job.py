@@ -138,6 +138,7 @@ class Queued:
 
 class LoadPhase(Enum):
     DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
     LOADING = "loading"
     READY = "ready"
 

@@ -38,5 +38,6 @@ def pull_progress(progress: DownloadProgress) -> pb.PullModelResponse:
             bytes_done=max(progress.bytes_done, 0),
             bytes_total=max(progress.bytes_total, 0),
             bytes_per_second=max(progress.rate_bps, 0.0),
+            verifying=progress.verifying,
         )
     )

@@ -44,7 +44,7 @@ from modelstore import ModelStore, require_role
 from modelstore.components import components_of
 from modelstore.errors import ModelStoreError
 from modelstore.loading import load_pipeline
-from modelstore.progress import DownloadProgress
+from modelstore.progress import DownloadProgress, ProgressFanout
 from server import execution, runner
 from server.admission import Entry as QueueEntry
 from server.admission import JobQueue
@@ -371,11 +371,20 @@ class Scheduler:
             require_role(record, role.value)
         except ModelStoreError as exc:
             raise exc.for_field(role.field) from None
-        return ModelSpec(record, role.value, components_of(record, self.settings.store.cache_dir))
+        # The first use of a model reads all its weights to fingerprint its components: a wait worth showing.
+        measuring = ProgressFanout(record.canonical)
+        measuring.set_verifying()
+        if progress is not None:
+            measuring.subscribe(progress)
+        components = components_of(record, self.settings.store.cache_dir, measuring)
+        if measuring.counted:
+            measuring.finish()
+        return ModelSpec(record, role.value, components)
 
 
 class _DownloadReporter:
-    """Turns the store's download progress into `ModelLoading` DOWNLOADING events, a few per second."""
+    """Turns the store's progress into `ModelLoading` DOWNLOADING (or VERIFYING: local bytes being hashed)
+    events, a few per second."""
 
     def __init__(self, model: str, role: ModelRole, sink: EventSink) -> None:
         self._model, self._role, self._sink = model, role, sink
@@ -390,7 +399,7 @@ class _DownloadReporter:
             ModelLoading(
                 self._model,
                 self._role,
-                LoadPhase.DOWNLOADING,
+                LoadPhase.VERIFYING if progress.verifying else LoadPhase.DOWNLOADING,
                 bytes_done=progress.bytes_done,
                 bytes_total=progress.bytes_total or 0,
                 bytes_per_second=progress.rate_bps,

@@ -14,6 +14,7 @@ from typing import Any
 from modelstore.architecture import detect_folder
 from modelstore.blobs import check_safetensors, sha256_file
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
+from modelstore.progress import ByteCounter
 from modelstore.record import Architecture, Layout
 from modelstore.snapshots import content_digest
 
@@ -41,8 +42,14 @@ def fingerprint_matches(path: Path, fingerprint: Mapping[str, list[Any]]) -> boo
     return current.keys() == fingerprint.keys() and all(list(current[p]) == list(fingerprint[p][:2]) for p in current)
 
 
-def inspect(path: Path, previous: Mapping[str, list[Any]], detect_file: Callable[[Path], Architecture]) -> LocalModel:
-    """Check and describe the model at `path`, re-using hashes of files unchanged since `previous`."""
+def inspect(
+    path: Path,
+    previous: Mapping[str, list[Any]],
+    detect_file: Callable[[Path], Architecture],
+    counter: ByteCounter | None = None,
+) -> LocalModel:
+    """Check and describe the model at `path`, re-using hashes of files unchanged since `previous`;
+    `counter` hears how many bytes must be hashed and how far hashing has got."""
     if not path.exists():
         raise ModelNotFound(f"{path} does not exist")
     if not path.is_file() and not path.is_dir():
@@ -55,11 +62,20 @@ def inspect(path: Path, previous: Mapping[str, list[Any]], detect_file: Callable
             check_safetensors(path / relative if relative else path, relative or path.name)
     if path.is_dir():
         _check_components(path, files)
+
+    def unchanged(relative: str, size: int, mtime_ns: int) -> bool:
+        old = previous.get(relative)
+        return old is not None and old[0] == size and old[1] == mtime_ns
+
+    if counter is not None:
+        counter.set_total(sum(size for r, (size, mtime) in files.items() if not unchanged(r, size, mtime)))
     fingerprint: dict[str, list[Any]] = {}
     for relative, (size, mtime_ns) in files.items():
-        old = previous.get(relative)
-        unchanged = old is not None and old[0] == size and old[1] == mtime_ns
-        sha256 = old[2] if unchanged and old is not None else sha256_file(path / relative if relative else path)
+        if unchanged(relative, size, mtime_ns):
+            sha256 = previous[relative][2]
+        else:
+            on_bytes = None if counter is None else counter.advance
+            sha256 = sha256_file(path / relative if relative else path, on_bytes)
         fingerprint[relative] = [size, mtime_ns, sha256]
     if path.is_file():
         layout, architecture, digest = Layout.SINGLE_FILE, detect_file(path), fingerprint[""][2]

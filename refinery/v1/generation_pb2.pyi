@@ -132,10 +132,12 @@ class ModelLoading(_message.Message):
         PHASE_DOWNLOADING: _ClassVar[ModelLoading.Phase]
         PHASE_LOADING: _ClassVar[ModelLoading.Phase]
         PHASE_READY: _ClassVar[ModelLoading.Phase]
+        PHASE_VERIFYING: _ClassVar[ModelLoading.Phase]
     PHASE_UNSPECIFIED: ModelLoading.Phase
     PHASE_DOWNLOADING: ModelLoading.Phase
     PHASE_LOADING: ModelLoading.Phase
     PHASE_READY: ModelLoading.Phase
+    PHASE_VERIFYING: ModelLoading.Phase
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]

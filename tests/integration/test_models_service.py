@@ -26,6 +26,7 @@ from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
+from tests.fixtures.tiny import another_base
 
 from .conftest import TIMEOUT_S, ServerThread, make_settings
 
@@ -218,6 +219,18 @@ def test_pin_list_and_delete(service: Service, civitai: FakeCivitai) -> None:
         service.stub.DeleteModel(pb.DeleteModelRequest(model=REFINER), timeout=TIMEOUT_S)
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     assert caught.value.details() == f"model: {REFINER} is not in the cache"
+
+
+def test_pulling_a_local_model_streams_its_hashing_as_verifying_progress(service: Service, tmp_path: Path) -> None:
+    local = another_base(service.store, tmp_path)
+    size = sum(p.stat().st_size for p in Path(local.removeprefix("local:")).rglob("*") if p.is_file())
+
+    responses = pull(service.stub, local)
+
+    progress = [r.progress for r in responses if r.WhichOneof("event") == "progress"]
+    assert progress and all(p.verifying for p in progress)  # hashed in place, nothing downloaded
+    assert (progress[-1].bytes_done, progress[-1].bytes_total) == (size, size)
+    assert responses[-1].model.model == local and responses[-1].model.size_bytes == size
 
 
 def test_pin_and_unpin_a_cached_model(service: Service, civitai: FakeCivitai, storage: FakeStorage) -> None:

@@ -9,6 +9,7 @@ import urllib.request
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from modelstore import ModelRecord, ModelStore, StoreSettings
+from modelstore import ModelRecord, ModelStore, StoreSettings, components
 from modelstore.components import components_of
 from modelstore.loading import load_pipeline
 from refinery.v1 import generation_pb2 as pb
@@ -266,3 +267,32 @@ def _fields(err: grpc.RpcError) -> list[str]:
         if detail.Unpack(bad):
             fields.extend(v.field for v in bad.field_violations)
     return fields
+
+
+def test_the_first_use_of_a_local_model_shows_its_hashing(
+    store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registering a local model and measuring its components read every weight: seconds per GB that the
+    client sees as VERIFYING progress rather than as a silent queue."""
+    monkeypatch.setattr(components, "_memo", {})  # as in a fresh process: nothing measured yet
+    local = another_base(model_store, tmp_path)
+    weights = sum(p.stat().st_size for p in Path(local.removeprefix("local:")).rglob("*") if p.is_file())
+    fresh = ModelStore(replace(store_settings, cache_dir=tmp_path / "fresh-cache"))  # no memo on disk either
+    thread = ServerThread(make_settings(fresh.settings, pins=()), store=fresh)
+    try:
+        with grpc.insecure_channel(thread.address) as channel:
+            first = collect(new_stub(channel), pb.GenerateRequest(positive_prompt="a fox", model=local, steps=4))
+            again = collect(new_stub(channel), pb.GenerateRequest(positive_prompt="a fox", model=local, steps=4))
+    finally:
+        thread.close()
+        fresh.close()
+
+    phases = [(m.model, m.phase) for m in events(first, "model_loading")]
+    verifying = [m for m in events(first, "model_loading") if m.phase == pb.ModelLoading.PHASE_VERIFYING]
+    assert verifying and all(m.model == local and m.role == pb.MODEL_ROLE_BASE for m in verifying)
+    # The files were hashed (every byte of the folder), then the weights read to fingerprint the components.
+    finished = [m for m in verifying if m.bytes_done == m.bytes_total > 0]
+    assert len(finished) == 2 and finished[0].bytes_total == weights
+    assert phases.index((local, pb.ModelLoading.PHASE_VERIFYING)) < phases.index((local, pb.ModelLoading.PHASE_LOADING))
+    assert len(events(first, "image")) == 1
+    assert not [m for m in events(again, "model_loading") if m.phase == pb.ModelLoading.PHASE_VERIFYING]
