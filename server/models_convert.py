@@ -26,6 +26,7 @@ def model_info(model: CachedModel, *, resident: bool) -> pb.ModelInfo:
         pinned=model.pinned,
         resident=resident,
         sha256=model.sha256,
+        in_use=model.in_use,
     )
     info.added.FromDatetime(model.added)
     info.last_used.FromDatetime(model.last_used)

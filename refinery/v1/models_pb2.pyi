@@ -58,7 +58,7 @@ class PullProgress(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256")
+    __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class ModelInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
     model: str
     size_bytes: int
     architecture: Architecture
@@ -75,7 +76,8 @@ class ModelInfo(_message.Message):
     pinned: bool
     resident: bool
     sha256: str
-    def __init__(self, model: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[_Union[Architecture, str]] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., resident: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
+    in_use: bool
+    def __init__(self, model: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[_Union[Architecture, str]] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., resident: _Optional[bool] = ..., sha256: _Optional[str] = ..., in_use: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -259,7 +259,9 @@ def test_a_model_in_use_is_not_deleted(service: Service, civitai: FakeCivitai) -
     base, _ = add_pair(civitai)
     pull(service.stub, BASE)
 
+    assert [m.in_use for m in listing(service.stub).models] == [False]
     with service.store.lease(BASE):  # what a job holds while it uses the model
+        assert [m.in_use for m in listing(service.stub).models] == [True]
         with pytest.raises(grpc.RpcError) as caught:
             service.stub.DeleteModel(pb.DeleteModelRequest(model=BASE), timeout=TIMEOUT_S)
         assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
