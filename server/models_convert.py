@@ -40,5 +40,6 @@ def pull_progress(progress: DownloadProgress) -> pb.PullModelResponse:
             bytes_total=max(progress.bytes_total, 0),
             bytes_per_second=max(progress.rate_bps, 0.0),
             verifying=progress.verifying,
+            file=progress.file,
         )
     )

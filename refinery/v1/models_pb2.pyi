@@ -46,16 +46,18 @@ class PullModelResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[PullProgress, _Mapping]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class PullProgress(_message.Message):
-    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying")
+    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying", "file")
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     VERIFYING_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
     bytes_done: int
     bytes_total: int
     bytes_per_second: float
     verifying: bool
-    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ...) -> None: ...
+    file: str
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use")

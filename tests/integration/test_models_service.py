@@ -130,6 +130,7 @@ def test_pull_streams_progress_while_downloading_then_the_record(
     assert any(0 < d < len(data) for d in done), done  # seen part-way, not only at the start and the end
     assert (progress[-1].bytes_done, progress[-1].bytes_total) == (len(data), len(data))
     assert all(p.bytes_per_second >= 0 for p in progress) and progress[-1].bytes_per_second > 0
+    assert {p.file for p in progress} == {"civitai:101055@128078+126002"} and not any(p.verifying for p in progress)
 
     info = responses[-1].model
     assert info.model == BASE
