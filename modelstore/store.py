@@ -24,7 +24,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from modelstore.errors import (
     WrongArchitecture,
 )
 from modelstore.index import IndexEntry
+from modelstore.leases import Leases
 from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.settings import StoreSettings
@@ -115,10 +115,11 @@ class ModelStore:
         self._sources: dict[Source, RemoteSource] = {}
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
-        self._leases: Counter[str] = Counter()
+        self._leases = Leases(settings.cache_dir / "leases")
 
     def close(self) -> None:
         self._client.close()
+        self._leases.close()
         self._cache.close()
 
     # --- resolving -----------------------------------------------------------------------------------------
@@ -361,8 +362,9 @@ class ModelStore:
 
     @contextlib.contextmanager
     def lease(self, model: ModelRef) -> Iterator[None]:
-        """Mark `model` in use for the duration of the block (reference counted, thread-safe): it is never
-        evicted and cannot be deleted meanwhile. May be taken before the model is resolved."""
+        """Mark `model` in use for the duration of the block (reference counted, thread-safe, and seen by every
+        process sharing the cache): it is never evicted and cannot be deleted meanwhile. May be taken before
+        the model is resolved."""
         key = self.acquire(model)
         try:
             yield
@@ -372,22 +374,17 @@ class ModelStore:
     def acquire(self, model: ModelRef) -> str:
         """Mark `model` in use until a matching `release`; returns its canonical AIR."""
         key = _canonical(model)
-        with self._lock:
-            self._leases[key] += 1
+        self._leases.acquire(key)
         return key
 
     def release(self, model: ModelRef) -> None:
-        key = _canonical(model)
-        with self._lock:
-            if self._leases[key] <= 0:
-                raise ValueError(f"{key} was released more often than acquired")
-            self._leases[key] -= 1
-            if not self._leases[key]:
-                del self._leases[key]
+        self._leases.release(_canonical(model))
 
     def _in_use(self, canonical: str) -> bool:
         with self._lock:
-            return self._leases[canonical] > 0 or canonical in self._flights
+            if canonical in self._flights:
+                return True
+        return self._leases.held_anywhere(canonical)
 
 
 class _FileProgress:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -229,3 +232,57 @@ def test_a_builtin_model_is_cached_and_loads_from_its_folder(model_store: ModelS
     )
     model_store.delete(f"local:{record.path}")
     assert model_store.resolve(TINY_BASE).path.is_dir()  # forgetting the local model removed none of its files
+
+
+def test_a_model_another_process_uses_is_neither_evicted_nor_deleted(
+    make_store: MakeStore, civitai: FakeCivitai
+) -> None:
+    # Two stores over one folder share nothing but the file system, as two server processes do.
+    a, b, c = three_models(civitai)
+    serving, other = make_store(max_bytes=int(2.5 * SIZE)), make_store(max_bytes=int(2.5 * SIZE))
+    serving.resolve(a)
+    serving.resolve(b)  # a is the least recently used
+
+    with serving.lease(a):  # loaded for a job in the serving process
+        assert other.describe(a).in_use and not other.describe(b).in_use
+        with pytest.raises(ModelInUse):
+            other.delete(a)
+        other.resolve(c)  # needs room: takes it from b, not from a
+        assert cached(other) == [a, c]
+
+    assert not other.describe(a).in_use
+    assert other.delete(a) > 0
+
+
+def test_a_process_that_dies_holds_no_lease(make_store: MakeStore, civitai: FakeCivitai, cache_dir: Path) -> None:
+    a, _, _ = three_models(civitai)
+    store = make_store()
+    store.resolve(a)
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_LEASE, str(cache_dir), a],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            assert store.describe(a).in_use
+            with pytest.raises(ModelInUse):
+                store.delete(a)
+        finally:
+            holder.kill()  # SIGKILL: no clean-up code runs
+    assert not store.describe(a).in_use  # the kernel dropped the dead process's lock
+    assert store.delete(a) > 0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+_HOLD_A_LEASE = """
+import sys, time
+from pathlib import Path
+from modelstore import ModelStore, StoreSettings
+store = ModelStore(StoreSettings(cache_dir=Path(sys.argv[1])))
+store.acquire(sys.argv[2])
+print("held", flush=True)
+time.sleep(60)
+"""
