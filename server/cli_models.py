@@ -13,8 +13,9 @@ the error lines and the exit codes are the same for a local cache and a remote s
 statuses a gRPC client of the server would see. That in-process service needs neither torch nor a device,
 so `list` answers at once.
 
-A running server keeps leases on the models its jobs use; only it knows them, so to delete from the cache a
-server uses, go through it (`--server`).
+A running server holds leases on the models it has loaded and those its requests use. Every process sharing
+the cache sees them (a shared file lock per model, `modelstore/leases.py`), so `rm` on the local cache refuses
+such a model too; `--server` gives that server's own view (which models are resident).
 """
 
 from __future__ import annotations
