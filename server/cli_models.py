@@ -131,10 +131,11 @@ async def _pull(stub: pb_grpc.ModelServiceStub, model: str, *, pin: bool) -> Non
 
 async def _list(stub: pb_grpc.ModelServiceStub) -> None:
     cache: pb.ListModelsResponse = await stub.ListModels(pb.ListModelsRequest())
-    rows = [("MODEL", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT")]
+    rows = [("MODEL", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT", "IN USE")]
     for m in cache.models:
         last_used = m.last_used.ToDatetime().strftime("%Y-%m-%d %H:%M")
-        rows.append((m.model, _architecture(m), human_bytes(m.size_bytes), last_used, _yes(m.pinned), _yes(m.resident)))
+        size = human_bytes(m.size_bytes)
+        rows.append((m.model, _architecture(m), size, last_used, _yes(m.pinned), _yes(m.resident), _yes(m.in_use)))
     if cache.models:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:

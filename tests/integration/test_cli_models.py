@@ -75,14 +75,25 @@ def test_pull_list_rm_on_the_local_cache(
     listed = refinery("list", cache=cache, civitai=civitai)
     assert listed.returncode == 0, listed.stderr
     header, row, total = listed.stdout.splitlines()
-    assert header.split() == ["MODEL", "ARCHITECTURE", "SIZE", "LAST", "USED", "(UTC)", "PINNED", "RESIDENT"]
+    assert header.split() == [
+        "MODEL",
+        "ARCHITECTURE",
+        "SIZE",
+        "LAST",
+        "USED",
+        "(UTC)",
+        "PINNED",
+        "RESIDENT",
+        "IN",
+        "USE",
+    ]
     assert row.split()[:4] == [BASE, "SDXL", "base", size.split()[0]]
-    assert row.split()[-2:] == ["yes", "no"]
+    assert row.split()[-3:] == ["yes", "no", "no"]
     assert total == f"1 model, {size} on disk (no quota)"
 
     unpinned = refinery("unpin", BASE, cache=cache, civitai=civitai)
     assert (unpinned.returncode, unpinned.stdout) == (0, f"unpinned {BASE} ({size})\n"), unpinned.stderr
-    assert refinery("list", cache=cache, civitai=civitai).stdout.splitlines()[1].split()[-2:] == ["no", "no"]
+    assert refinery("list", cache=cache, civitai=civitai).stdout.splitlines()[1].split()[-3:] == ["no", "no", "no"]
     pinned = refinery("pin", BASE, cache=cache, civitai=civitai)
     assert (pinned.returncode, pinned.stdout) == (0, f"pinned {BASE} ({size})\n"), pinned.stderr
 
