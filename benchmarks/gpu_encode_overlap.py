@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -28,22 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._random_sdxl import write_random_sdxl
-from benchmarks.gpu_sdxl import Service, log
-
-
-def build_pair(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    if args.tiny:
-        from modelstore import ModelStore, StoreSettings
-
-        store = ModelStore(StoreSettings(cache_dir=root / "tiny-cache"))
-        folders = {}
-        for name, air in (("A", "builtin:tiny-sdxl-base@1"), ("R", "builtin:tiny-sdxl-refiner@1")):
-            folders[name] = root / name
-            shutil.copytree(store.resolve(air).path, folders[name], symlinks=False)
-        return folders
-    a = write_random_sdxl(root / "A", refiner=False, seed=1, device=args.device)
-    return {"A": a, "R": write_random_sdxl(root / "R", refiner=True, seed=2, device=args.device, share_from=a)}
+from benchmarks.gpu_sdxl import Service, build_pair, log
 
 
 def burst(service: Service, n: int, size: int, steps: int) -> float:

@@ -59,8 +59,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
-    started = time.perf_counter()
+def build_pair(root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """A (a base) and R (a refiner sharing A's VAE and OpenCLIP files): random full-size weights, or copies of
+    the tiny built-in pair with --tiny."""
     if args.tiny:
         from modelstore import ModelStore, StoreSettings
 
@@ -69,10 +70,18 @@ def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         for name, air in (("A", "builtin:tiny-sdxl-base@1"), ("R", "builtin:tiny-sdxl-refiner@1")):
             folders[name] = root / name
             shutil.copytree(store.resolve(air).path, folders[name], symlinks=False)
+        return folders
+    a = write_random_sdxl(root / "A", refiner=False, seed=1, device=args.device)
+    return {"A": a, "R": write_random_sdxl(root / "R", refiner=True, seed=2, device=args.device, share_from=a)}
+
+
+def build_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """The pair, and B: another base sharing everything with A but its UNet."""
+    started = time.perf_counter()
+    folders = build_pair(root, args)
+    if args.tiny:
         folders["B"] = write_variant_base(folders["A"], root / "B")
     else:
-        folders = {"A": write_random_sdxl(root / "A", refiner=False, seed=1, device=args.device)}
-        folders["R"] = write_random_sdxl(root / "R", refiner=True, seed=2, device=args.device, share_from=folders["A"])
         folders["B"] = write_random_sdxl(root / "B", refiner=False, seed=3, device=args.device, share_from=folders["A"])
     size = sum(
         p.stat().st_size for f in folders.values() for p in f.rglob("*") if p.is_file() and p.stat().st_nlink == 1
@@ -214,30 +223,35 @@ class Service:
         return time.perf_counter() - started, first_progress
 
     def timings(self) -> dict[str, float]:
-        """The server's own timings (queued, loading, base, refiner, decode, encode) of the last request."""
+        """The server's own timings (queued, loading, base, refiner, decode, encode) of the request that just
+        ended; its log line is written as the stream ends, so it may take a moment to appear."""
         deadline = time.monotonic() + 5
-        while True:
-            with self.log_path.open("rb") as f:
-                f.seek(self._log_offset)
-                text = f.read().decode(errors="replace")
-            found = None
-            for line in text.splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and "timings" in entry:
-                    found = entry["timings"]
-            if found is not None or time.monotonic() > deadline:
-                self._log_offset += len(text.encode())
-                return dict(found or {})
-            time.sleep(0.05)  # the line is written as the stream ends; give the file a moment
+        while (found := self._new_timings()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found or {}
 
     def timed(self, size: int, steps: int, **kwargs: Any) -> tuple[float, float, dict[str, float]]:
         """`generate`, plus the server's timings of that request."""
-        self.timings()  # skip what earlier requests logged
+        self._new_timings()  # skip what earlier requests logged
         total, first = self.generate(size, steps, **kwargs)
         return total, first, self.timings()
+
+    def _new_timings(self) -> dict[str, float] | None:
+        """The last request timings logged since the previous call (whole lines only), or None."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_offset)
+            data = f.read()
+        data = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._log_offset += len(data)
+        found = None
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "timings" in entry:
+                found = dict(entry["timings"])
+        return found
 
     def pull(self, model: str) -> float:
         """PullModel: registers (hashes) and measures `model` without loading it, as an operator pre-fetches."""

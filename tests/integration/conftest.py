@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from modelstore import ModelRecord, ModelStore, StoreSettings
 from modelstore.loading import load_pipeline
@@ -120,3 +123,23 @@ def collect(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) ->
 
 def events(responses: list[pb.GenerateResponse], kind: str) -> list[Any]:
     return [getattr(r, kind) for r in responses if r.WhichOneof("event") == kind]
+
+
+def bad_request_fields(err: grpc.RpcError) -> list[str]:
+    """The fields an error's google.rpc.BadRequest details name."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "the error carries no google.rpc.Status details"
+    fields: list[str] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields.extend(v.field for v in bad.field_violations)
+    return fields
+
+
+def wait_for_download_to_stop(caplog: pytest.LogCaptureFixture, model: str) -> None:
+    """Until the store logs that it stopped downloading `model` (its partial file is closed by then)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while f"stopped downloading {model}" not in caplog.text:
+        assert time.monotonic() < deadline, "the download never stopped"
+        time.sleep(0.01)

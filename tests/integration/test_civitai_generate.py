@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tests.fakes.cachefs import partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 from tests.fixtures.ldm_layout import write_single_file
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub, wait_for_download_to_stop
 
 BASE = "civitai:101055@128078"
 REFINER = "civitai:101055@128080"
@@ -175,10 +174,7 @@ def test_a_request_cancelled_while_its_model_downloads_stops_the_download(
                     break  # the base is on its way
             call.cancel()  # the client gives up while the model downloads
 
-            deadline = time.monotonic() + TIMEOUT_S
-            while f"stopped downloading {BASE}" not in caplog.text:
-                assert time.monotonic() < deadline, "the download never stopped"
-                time.sleep(0.01)
+            wait_for_download_to_stop(caplog, BASE)
             (partial,) = partial_files(settings.cache_dir)
             kept = partial.stat().st_size
             assert 0 < kept < len(checkpoints[0])

@@ -22,8 +22,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
 from modelstore import ModelStore, StoreSettings
@@ -34,7 +32,7 @@ from server.job import RenderShape, Sample
 from server.runner import PipelinePair, RunResult, StepObserver
 from server.status import INTERNAL_MESSAGE
 
-from .conftest import TIMEOUT_S, GatedLoader, ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, GatedLoader, ServerThread, bad_request_fields, collect, events, make_settings, new_stub
 
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -43,17 +41,6 @@ TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
 def request(**fields: Any) -> pb.GenerateRequest:
     defaults: dict[str, Any] = {"positive_prompt": "a lighthouse on a cliff", "steps": 8, "seed": 42}
     return pb.GenerateRequest(**{**defaults, **fields})
-
-
-def bad_request_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "the error carries no google.rpc.Status details"
-    fields: list[str] = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
 
 
 def decode(data: bytes) -> Image.Image:

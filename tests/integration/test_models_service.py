@@ -11,8 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from modelstore import ModelStore, StoreSettings, components
 from modelstore.progress import _MIN_INTERVAL_S
@@ -28,7 +26,7 @@ from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 from tests.fixtures.tiny import another_base
 
-from .conftest import TIMEOUT_S, ServerThread, make_settings
+from .conftest import TIMEOUT_S, ServerThread, bad_request_fields, make_settings, wait_for_download_to_stop
 
 TOKEN = CIVITAI_TOKEN
 BASE = "civitai:101055@128078"
@@ -93,17 +91,6 @@ def listing(stub: pb_grpc.ModelServiceStub) -> pb.ListModelsResponse:
     return response
 
 
-def field_violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "the error carries no google.rpc.Status details"
-    fields = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
-
-
 # ---- PullModel ---------------------------------------------------------------------------------------------
 
 
@@ -161,10 +148,7 @@ def test_a_pull_the_client_cancels_stops_its_download_and_the_next_pull_resumes_
     stream.cancel()  # the operator pressed ^C
     link.release.set()
 
-    deadline = time.monotonic() + TIMEOUT_S
-    while f"stopped downloading {BASE}" not in caplog.text:
-        assert time.monotonic() < deadline, "the download never stopped"
-        time.sleep(0.01)
+    wait_for_download_to_stop(caplog, BASE)
     (partial,) = partial_files(service.cache)
     kept = partial.stat().st_size
     assert 0 < kept < len(data)  # stopped part-way; what arrived is kept
@@ -285,7 +269,7 @@ def test_a_malformed_model_is_an_invalid_argument_naming_the_field(service: Serv
         else:
             service.stub.UnpinModel(pb.UnpinModelRequest(model=malformed), timeout=TIMEOUT_S)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert field_violations(caught.value) == ["model"]
+    assert bad_request_fields(caught.value) == ["model"]
     assert "numeric version" in caught.value.details()
 
 

@@ -29,7 +29,7 @@ from refinery.v1 import status_pb2_grpc as status_grpc
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER
 from tests.fixtures.tiny import another_base
 
-from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, new_stub
+from .conftest import TIMEOUT_S, ServerThread, bad_request_fields, collect, events, make_settings, new_stub
 
 PAIR = f"{DEFAULT_BASE}+{DEFAULT_REFINER}"
 
@@ -253,20 +253,9 @@ def test_pin_and_unpin_a_pair_at_run_time(store_settings: StoreSettings, model_s
             ):
                 with pytest.raises(grpc.RpcError) as caught:
                     servers.PinPair(bad, timeout=TIMEOUT_S)
-                assert caught.value.code() is code and _fields(caught.value) == [field]
+                assert caught.value.code() is code and bad_request_fields(caught.value) == [field]
     finally:
         thread.close()
-
-
-def _fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "the error carries no google.rpc.Status details"
-    fields = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
 
 
 def test_the_first_use_of_a_local_model_shows_its_hashing(
