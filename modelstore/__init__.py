@@ -1,21 +1,35 @@
 """Refinery's model store: AIR identifiers, sources, the verified content-addressed cache, safe loading.
 
-It knows nothing of gRPC; errors are the `modelstore.errors` tree.
+`ModelStore` is the front door; this module exports everything a caller needs (the server imports nothing
+else from this package but `modelstore.errors`). It knows nothing of gRPC; errors are the `modelstore.errors`
+tree.
 """
 
 from modelstore.air import AIR, Source, parse_air
-from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.cache import CachedModel
+from modelstore.components import Component
+from modelstore.loading import Loader, load_pipeline, preferred_dtype
+from modelstore.progress import DownloadProgress, ProgressCallback
+from modelstore.record import Architecture, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 
 __all__ = [
     "AIR",
     "Architecture",
+    "CachedModel",
+    "Component",
+    "DownloadProgress",
     "Layout",
+    "Loader",
     "ModelRecord",
     "ModelStore",
+    "ProgressCallback",
+    "Role",
     "Source",
     "StoreSettings",
+    "load_pipeline",
     "parse_air",
+    "preferred_dtype",
     "require_role",
 ]

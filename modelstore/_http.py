@@ -134,7 +134,9 @@ def error_for_status(
 
     `message` is the server's own text (already short); `token_hint` names the setting that carries
     credentials (e.g. "CIVITAI_TOKEN")."""
-    said = f": {message}" if message else ""
+    # The server's text may echo a token back: redacted before it becomes part of an error.
+    said = redact(f": {message}", secrets) if message else ""
+    what = redact(what, secrets)
     if status == 401:
         error: ModelStoreError = SourceUnauthenticated(
             f"{source} needs credentials to download {what} (set {token_hint}){said}"
@@ -151,6 +153,4 @@ def error_for_status(
         )
     else:
         error = SourceUnavailable(f"{source} failed with HTTP {status} for {what}{said}")
-    error.message = redact(error.message, secrets)
-    error.args = (error.message,)
     return error

@@ -105,7 +105,15 @@ class AIR:
 
 
 def parse_air(text: str) -> AIR:
-    """Parse an AIR, a built-in name or a local path; raise InvalidModelId saying what is wrong."""
+    """Parse an AIR, a built-in name or a local path; raise InvalidModelId saying what is wrong (its `air` is
+    `text` as given)."""
+    try:
+        return _parse(text)
+    except InvalidModelId as exc:
+        raise exc.about(text) from None
+
+
+def _parse(text: str) -> AIR:
     if not text:
         raise InvalidModelId("model identifier is empty")
     if text != text.strip() or any(c.isspace() or ord(c) < 32 for c in text):

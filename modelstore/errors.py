@@ -20,34 +20,80 @@ here has a row there.
     ├── ModelInUse            the model cannot be deleted while a job uses it
     └── DownloadAbandoned     every caller waiting for a download gave up; it stopped, its bytes are kept
 
+Errors are values: they carry structured attributes (`air`, the canonical identifier of the model concerned
+when it is known, and `source`) and are never changed once raised. The store's front door attaches the AIR it
+was asked about, as a new error, to one raised below it without one; the gRPC edge, which knows the request,
+names the request field from the AIR.
+
 Messages never contain tokens or presigned URLs: sources redact them before raising.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelstore.record import Role
+
 
 class ModelStoreError(Exception):
-    """Root of the model store's errors.
+    """Root of the model store's errors. `air`: the canonical AIR (or, for a malformed one, the text as given)
+    of the model concerned, when known."""
 
-    `field` names the request field the failing identifier came from ("model", "refiner.model"); the
-    store does not know it, so the server sets it with `for_field` before mapping the error to a status.
-    """
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, air: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
-        self.field = field
+        self._message = message
+        self._air = air
 
-    def for_field(self, field: str) -> ModelStoreError:
-        self.field = field
-        return self
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @property
+    def air(self) -> str | None:
+        return self._air
+
+    @property
+    def source(self) -> str | None:
+        """The source of `air` ("civitai", "huggingface", "builtin", "local"), when it is a well-formed AIR."""
+        from modelstore.air import parse_air  # air.py raises these errors: imported late
+
+        if self._air is None:
+            return None
+        try:
+            return parse_air(self._air).source.value
+        except InvalidModelId:
+            return None
+
+    def about(self, air: str) -> ModelStoreError:
+        """This error as a new value concerning `air` (this one is left as it is: other callers may hold it)."""
+        # Not copy.copy: it rebuilds exceptions from `args`, which cannot carry the keyword-only attributes.
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.args = self.args
+        clone._air = air
+        return clone
 
     def __str__(self) -> str:
-        return self.message
+        return self._message
+
+
+@contextlib.contextmanager
+def concerning(air: str) -> Iterator[None]:
+    """Errors raised in the block without an AIR leave it as new errors concerning `air` (a front door's way of
+    saying which model its callers asked about)."""
+    try:
+        yield
+    except ModelStoreError as exc:
+        if exc.air is not None:
+            raise
+        raise exc.about(air) from exc.__cause__
 
 
 class InvalidModelId(ModelStoreError):
-    """The model identifier (AIR or path) is malformed."""
+    """The model identifier (AIR or path) is malformed. `air` is the text as given."""
 
 
 class ModelNotFound(ModelStoreError):
@@ -55,12 +101,15 @@ class ModelNotFound(ModelStoreError):
 
 
 class WrongArchitecture(ModelStoreError):
-    """The model is not of the architecture its role needs."""
+    """The model is not of the architecture `role` needs (None: not a checkpoint at all)."""
 
-    def __init__(self, message: str, *, expected: str, found: str, field: str | None = None) -> None:
-        super().__init__(message, field=field)
+    def __init__(
+        self, message: str, *, expected: str, found: str, role: Role | None = None, air: str | None = None
+    ) -> None:
+        super().__init__(message, air=air)
         self.expected = expected
         self.found = found
+        self.role = role
 
 
 class UnsafeCheckpoint(ModelStoreError):
@@ -91,8 +140,8 @@ class SourcePermissionDenied(ModelStoreError):
 class SourceRateLimited(ModelStoreError):
     """The source asked us to slow down."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, field: str | None = None) -> None:
-        super().__init__(message, field=field)
+    def __init__(self, message: str, *, retry_after_s: float | None = None, air: str | None = None) -> None:
+        super().__init__(message, air=air)
         self.retry_after_s = retry_after_s
 
 

@@ -31,19 +31,33 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from modelstore import config_families, model_dims
 from modelstore.architecture import detect_folder, detect_header
-from modelstore.errors import CorruptModel, WrongArchitecture
+from modelstore.errors import CorruptModel, WrongArchitecture, concerning
 from modelstore.pipeline_checks import check_pipeline
-from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.record import Architecture, Layout, ModelRecord, Role
 from modelstore.safetensors_header import SafetensorsHeader, read_header
 from modelstore.store import ROLE_ARCHITECTURES, require_role
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
+
+
+class Loader(Protocol):
+    """Builds a pipeline for a record on a device: `load_pipeline`, or a test's stand-in."""
+
+    def __call__(
+        self,
+        record: ModelRecord,
+        *,
+        role: Role,
+        device: str,
+        dtype: Any = None,
+        components: Mapping[str, Any] | None = None,
+    ) -> Any: ...
 
 
 def preferred_dtype(device: str) -> Any:
@@ -54,9 +68,9 @@ def preferred_dtype(device: str) -> Any:
 
 
 def load_pipeline(
-    record: ModelRecord, *, role: str, device: str, dtype: Any = None, components: Mapping[str, Any] | None = None
+    record: ModelRecord, *, role: Role, device: str, dtype: Any = None, components: Mapping[str, Any] | None = None
 ) -> Any:
-    """A checked StableDiffusionXLPipeline (role "base") or StableDiffusionXLImg2ImgPipeline ("refiner").
+    """A checked StableDiffusionXLPipeline (`Role.BASE`) or StableDiffusionXLImg2ImgPipeline (`Role.REFINER`).
 
     `dtype` None means `preferred_dtype(device)`. `components` are modules already on `device` to use instead
     of loading those parts (e.g. the VAE and OpenCLIP encoder a refiner shares with its base); the caller
@@ -64,9 +78,26 @@ def load_pipeline(
     UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or match no
     known configuration.
     """
-    _check_role(role)
-    dtype = preferred_dtype(device) if dtype is None else dtype
     started = time.perf_counter()
+    with concerning(record.canonical):
+        pipe, architecture = _load(record, Role(role), preferred_dtype(device) if dtype is None else dtype, components)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log.info(
+        "loaded %s (%s, %s) as %s on %s in %.2f s",
+        record.canonical,
+        architecture.label,
+        record.layout.value,
+        role,
+        device,
+        time.perf_counter() - started,
+    )
+    return pipe
+
+
+def _load(
+    record: ModelRecord, role: Role, dtype: Any, components: Mapping[str, Any] | None
+) -> tuple[Any, Architecture]:
     if record.layout is Layout.DIFFUSERS:
         architecture = detect_folder(record.path)
         _require_role(record, architecture, role)
@@ -86,27 +117,16 @@ def load_pipeline(
             dtype=dtype,
             reuse=components,
         )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    log.info(
-        "loaded %s (%s, %s) as %s on %s in %.2f s",
-        record.canonical,
-        architecture.label,
-        record.layout.value,
-        role,
-        device,
-        time.perf_counter() - started,
-    )
-    return pipe
+    return pipe, architecture
 
 
-def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
+def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any:
     """Load a single-file checkpoint on the CPU with an explicit config folder, checked like `load_pipeline`.
 
     For callers that bring their own configs (e.g. a fine-tune with a v-prediction scheduler); `load_pipeline`
     chooses the config folder itself.
     """
-    _check_role(role)
+    role = Role(role)
     header = _single_file_header(path)
     architecture = detect_header(header, name=path.name)
     if architecture not in ROLE_ARCHITECTURES[role]:
@@ -114,16 +134,12 @@ def load_single_file(path: Path, *, config: Path, role: str, dtype: Any) -> Any:
             f"{path.name} is {architecture.label}; it cannot be the {role}",
             expected=" or ".join(a.label for a in ROLE_ARCHITECTURES[role]),
             found=architecture.label,
+            role=role,
         )
     return _load_with_config(path, config, name=path.name, role=role, architecture=architecture, dtype=dtype)
 
 
-def _check_role(role: str) -> None:
-    if role not in ROLE_ARCHITECTURES:
-        raise ValueError(f"role must be one of {sorted(ROLE_ARCHITECTURES)}, got {role!r}")
-
-
-def _require_role(record: ModelRecord, architecture: Architecture, role: str) -> None:
+def _require_role(record: ModelRecord, architecture: Architecture, role: Role) -> None:
     if architecture is not record.architecture:
         log.warning(
             "%s was recorded as %s but its weights read as %s now",
@@ -134,14 +150,14 @@ def _require_role(record: ModelRecord, architecture: Architecture, role: str) ->
     require_role(dataclasses.replace(record, architecture=architecture), role)
 
 
-def _pipeline_class(role: str) -> Any:
+def _pipeline_class(role: Role) -> Any:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if role == "base" else StableDiffusionXLImg2ImgPipeline
+    return StableDiffusionXLPipeline if role == Role.BASE else StableDiffusionXLImg2ImgPipeline
 
 
 def _pipeline_kwargs(
-    role: str, architecture: Architecture, dtype: Any, reuse: Mapping[str, Any] | None = None
+    role: Role, architecture: Architecture, dtype: Any, reuse: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         # Passed components are used as they are and not loaded again (diffusers' documented way to share a
@@ -154,7 +170,7 @@ def _pipeline_kwargs(
         "image_encoder": None,
         "feature_extractor": None,
     }
-    if role == "refiner":
+    if role == Role.REFINER:
         # From the weights, not the config: a refiner's 5 time ids need the flag, and a base serving as
         # refiner (6 time ids) must not have it (P9). Only the img2img pipeline takes this argument.
         kwargs["requires_aesthetics_score"] = architecture is Architecture.SDXL_REFINER
@@ -165,7 +181,7 @@ def _from_folder(
     folder: Path,
     *,
     name: str,
-    role: str,
+    role: Role,
     architecture: Architecture,
     dtype: Any,
     reuse: Mapping[str, Any] | None = None,
@@ -189,7 +205,7 @@ def _from_single_file(
     header: SafetensorsHeader,
     *,
     name: str,
-    role: str,
+    role: Role,
     architecture: Architecture,
     dtype: Any,
     reuse: Mapping[str, Any] | None = None,
@@ -223,7 +239,7 @@ def _load_with_config(
     config: Path,
     *,
     name: str,
-    role: str,
+    role: Role,
     architecture: Architecture,
     dtype: Any,
     reuse: Mapping[str, Any] | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 
 from modelstore.architecture import BASE_TIME_IDS, REFINER_TIME_IDS
 from modelstore.errors import CorruptModel
-from modelstore.record import Architecture
+from modelstore.record import Architecture, Role
 
 # Both SDXL text encoders read 77 tokens; the UNet was trained on exactly that many hidden states.
 SDXL_TOKENS = 77
@@ -25,7 +25,7 @@ _TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 _EXAMPLES = 3
 
 
-def check_pipeline(pipe: Any, *, name: str, role: str, architecture: Architecture) -> None:
+def check_pipeline(pipe: Any, *, name: str, role: Role, architecture: Architecture) -> None:
     """Raise CorruptModel unless `pipe` (loaded from `name` for `role`) is complete and consistent."""
     check_no_meta_tensors(pipe, name=name)
     check_tokenizers(pipe, name=name)
@@ -68,10 +68,10 @@ def check_tokenizers(pipe: Any, *, name: str) -> None:
             )
 
 
-def check_time_ids(pipe: Any, *, name: str, role: str, architecture: Architecture) -> None:
+def check_time_ids(pipe: Any, *, name: str, role: Role, architecture: Architecture) -> None:
     """The pipeline must build as many time ids as the UNet's text-and-time embedding was trained on."""
     aesthetics = bool(getattr(pipe.config, "requires_aesthetics_score", False))
-    if role == "refiner" and aesthetics != (architecture is Architecture.SDXL_REFINER):
+    if role == Role.REFINER and aesthetics != (architecture is Architecture.SDXL_REFINER):
         raise CorruptModel(f"{name}: requires_aesthetics_score is {aesthetics} but the model is {architecture.label}")
     unet = pipe.unet.config
     built = REFINER_TIME_IDS if aesthetics else BASE_TIME_IDS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 
 from modelstore.air import AIR
@@ -34,6 +34,15 @@ _LABELS = {
     Architecture.FLUX: "FLUX",
     Architecture.UNKNOWN: "an unrecognised architecture",
 }
+
+
+class Role(StrEnum):
+    """What a model does in a pair: the base denoises from noise, the refiner continues the base's latent.
+
+    A `StrEnum`, so the role reads as "base" / "refiner" in logs, memos and diffusers' own vocabulary."""
+
+    BASE = "base"
+    REFINER = "refiner"
 
 
 class Layout(Enum):

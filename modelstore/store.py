@@ -33,19 +33,21 @@ from modelstore.air import AIR, Source, parse_air
 from modelstore.architecture import detect_file, detect_folder
 from modelstore.blobs import sha256_file
 from modelstore.cache import BlobsVanished, Cache, CachedModel, Need
+from modelstore.components import Component, components_of
 from modelstore.download import Downloader, RemoteFile, RetryPolicy
 from modelstore.errors import (
     DownloadAbandoned,
     ModelInUse,
     ModelNotFound,
     ModelStoreError,
+    concerning,
     SourceUnavailable,
     WrongArchitecture,
 )
 from modelstore.index import IndexEntry
 from modelstore.leases import Leases
 from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.record import Architecture, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
 from modelstore.sources import RemoteSource
 from modelstore.sources import local as local_source
@@ -64,8 +66,8 @@ __all__ = [
 # What each role accepts: any SDXL model can continue a latent as refiner (diffusers' own mixture-of-denoisers
 # example uses the base for both), but only a base can start from noise.
 ROLE_ARCHITECTURES = {
-    "base": (Architecture.SDXL_BASE,),
-    "refiner": (Architecture.SDXL_REFINER, Architecture.SDXL_BASE),
+    Role.BASE: (Architecture.SDXL_BASE,),
+    Role.REFINER: (Architecture.SDXL_REFINER, Architecture.SDXL_BASE),
 }
 
 ModelRef = str | AIR | ModelRecord
@@ -140,10 +142,11 @@ class ModelStore:
         a tenth of a second of giving up; the call that runs the download returns when it ends or stops.
         Raises the `modelstore.errors` tree."""
         air = _air(model)
-        record = self._cached(air, touch=True)
-        if record is not None:
-            return record
-        return self._single_flight(air, progress, give_up)
+        with concerning(air.canonical):
+            record = self._cached(air, touch=True)
+            if record is not None:
+                return record
+            return self._single_flight(air, progress, give_up)
 
     def pull(
         self,
@@ -189,8 +192,10 @@ class ModelStore:
                     raise DownloadAbandoned(f"{key}: gave up waiting for its download")
             if isinstance(flight.error, DownloadAbandoned) and not (give_up is not None and give_up.is_set()):
                 return self._single_flight(air, progress, give_up)  # it stopped as this call joined: go again
+            if isinstance(flight.error, ModelStoreError):
+                raise flight.error.about(key)  # each waiter raises its own value (tracebacks are per raise)
             if flight.error is not None:
-                raise _copy(flight.error)
+                raise flight.error
             assert flight.record is not None
             return flight.record
         try:
@@ -338,8 +343,21 @@ class ModelStore:
         air = _air(model)
         described = self._cache.model(air, self._in_use)
         if described is None:
-            raise ModelNotFound(f"{air.canonical} is not in the cache")
+            raise ModelNotFound(f"{air.canonical} is not in the cache", air=air.canonical)
         return described
+
+    def components(self, record: ModelRecord, progress: ProgressCallback | None = None) -> tuple[Component, ...]:
+        """What `record` is made of on a device (sizes, content fingerprints); see `modelstore/components.py`.
+        The first call for a model reads all its weights: `progress` hears it as VERIFYING progress. Later
+        calls (in any process sharing the cache) read a memo and report nothing."""
+        measuring = ProgressFanout(record.canonical)
+        measuring.set_verifying()
+        if progress is not None:
+            measuring.subscribe(progress)
+        components = components_of(record, self.settings.cache_dir, measuring)
+        if measuring.counted:
+            measuring.finish()
+        return components
 
     def used_bytes(self) -> int:
         """What the cache holds on disk, as the quota (`settings.max_bytes`) counts it: each distinct file once."""
@@ -350,13 +368,16 @@ class ModelStore:
         ModelInUse while it is leased or downloading; ModelNotFound if it is not cached. A local model is only
         forgotten (0 bytes freed)."""
         air = _air(model)
-        if self._in_use(air.canonical):
-            raise ModelInUse(f"{air.canonical} is in use and cannot be deleted now")
-        return self._cache.delete(air, self._in_use)
+        with concerning(air.canonical):
+            if self._in_use(air.canonical):
+                raise ModelInUse(f"{air.canonical} is in use and cannot be deleted now")
+            return self._cache.delete(air, self._in_use)
 
     def pin(self, model: str | AIR, pinned: bool = True) -> None:
         """Exempt `model` from eviction (or make it evictable again)."""
-        self._cache.pin(_air(model), pinned)
+        air = _air(model)
+        with concerning(air.canonical):
+            self._cache.pin(air, pinned)
 
     # --- in use --------------------------------------------------------------------------------------------
 
@@ -408,8 +429,8 @@ class _FileProgress:
             self._progress.adjust_total(nbytes - self._file.approx_size)
 
 
-def require_role(record: ModelRecord, role: str) -> None:
-    """Raise WrongArchitecture unless `record` can serve as `role` ("base" or "refiner")."""
+def require_role(record: ModelRecord, role: Role) -> None:
+    """Raise WrongArchitecture unless `record` can serve as `role`."""
     allowed = ROLE_ARCHITECTURES[role]
     if record.architecture not in allowed:
         expected = " or ".join(a.label for a in allowed)
@@ -417,6 +438,8 @@ def require_role(record: ModelRecord, role: str) -> None:
             f"{record.canonical} is {record.architecture.label}; the {role} must be {expected}",
             expected=expected,
             found=record.architecture.label,
+            role=role,
+            air=record.canonical,
         )
 
 
@@ -432,14 +455,3 @@ def _canonical(model: ModelRef) -> str:
     if isinstance(model, ModelRecord):
         return model.canonical
     return _air(model).canonical
-
-
-def _copy(error: BaseException) -> BaseException:
-    """A copy of a flight's error for one waiter: the server sets `field` on the error it gets, and two
-    requests waiting for one model may name it in different fields."""
-    if not isinstance(error, ModelStoreError):
-        return error
-    clone = type(error).__new__(type(error))
-    clone.__dict__.update(error.__dict__)
-    clone.args = error.args
-    return clone
