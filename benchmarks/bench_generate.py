@@ -40,10 +40,10 @@ from PIL import Image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
-from server.device import leave_a_core_for_io, resolve_device
+from server.generation.split import StartPercentage, base_step_count
 from server.logs import quiet_model_libraries
+from server.scheduling.devices import cpu_threads, resolve_device
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER
-from server.split import StartPercentage, base_step_count
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky"
 
@@ -181,7 +181,7 @@ def main() -> None:
     service = Service(args)
     # The same device, dtype and torch thread count that the server chose for itself.
     device = resolve_device(args.device)
-    leave_a_core_for_io(device)
+    torch.set_num_threads(cpu_threads())
     direct = Direct(store, device.name, device.dtype)
     p = Params(args.size, args.steps, base_step_count(args.steps, StartPercentage(args.refiner_start)), 7, 7.0)
 

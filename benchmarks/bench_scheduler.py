@@ -41,10 +41,10 @@ from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
-from server.job import GenerationJob, ImageFormat, RefinerSpec, SchedulerKind, StartPercentage
+from server.domain import ImageFormat, Job, RefinerSpec, Sampler, StartPercentage
+from server.generation.runner import RunResult, StageTimings
 from server.logs import quiet_model_libraries
-from server.runner import RunResult, StageTimings
-from server.scheduler import Scheduler
+from server.scheduling.scheduler import Scheduler
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 
 PAIR = f"{DEFAULT_BASE}+{DEFAULT_REFINER}"
@@ -154,7 +154,7 @@ def _stand_in_scheduler(settings: Settings, store: ModelStore, run: Any) -> Sche
     return scheduler
 
 
-_JOB = GenerationJob(
+_JOB = Job(
     request_id="bench",
     model=DEFAULT_BASE,
     refiner=RefinerSpec(DEFAULT_REFINER, StartPercentage(90)),
@@ -166,7 +166,7 @@ _JOB = GenerationJob(
     base_steps=18,
     cfg_scale=7.0,
     seed=1,
-    scheduler=SchedulerKind.EULER,
+    scheduler=Sampler.EULER,
     number_results=1,
     output_format=ImageFormat.PNG,
     preview_every=0,

@@ -40,9 +40,9 @@ from modelstore.errors import (
     ModelInUse,
     ModelNotFound,
     ModelStoreError,
-    concerning,
     SourceUnavailable,
     WrongArchitecture,
+    concerning,
 )
 from modelstore.index import IndexEntry
 from modelstore.leases import Leases

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -26,19 +25,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelstore import ModelStore
-from modelstore.loading import load_pipeline
-from refinery.v1 import generation_pb2_grpc as pb_grpc
-from refinery.v1 import models_pb2_grpc, status_pb2_grpc
-from server import runner
-from server.execution import PipelineRunner
+from modelstore import Loader, ModelStore, load_pipeline
+from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
+from server.api import generation_service, model_service, server_service
+from server.generation import runner
+from server.generation.encoding import Encoder, encode_image
+from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
-from server.models_service import SERVICE_NAME as MODELS_SERVICE_NAME
-from server.models_service import ModelService
-from server.scheduler import Scheduler
-from server.service import SERVICE_NAME, GenerationService
+from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
-from server.status_service import STATUS_SERVICE_NAME, StatusService
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +69,14 @@ class RefineryServer:
         settings: Settings,
         *,
         store: ModelStore | None = None,
-        loader: Callable[..., Any] = load_pipeline,
+        loader: Loader = load_pipeline,
         run: PipelineRunner = runner.run,
+        encode: Encoder = encode_image,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, metrics=self.metrics)
+        self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, encode=encode, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -93,20 +89,20 @@ class RefineryServer:
         """Bind `settings.host:settings.port` (0: a free port), start serving, and begin loading the pinned
         pairs. Returns the bound port."""
         server = grpc.aio.server(options=grpc_options(self.settings))
-        pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GenerationService(self.scheduler, self.settings), server
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            generation_service.GenerationService(self.scheduler, self.settings), server
         )
         status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            StatusService(self.scheduler), server
+            server_service.ServerService(self.scheduler), server
         )
         # The model cache, for operators; a model resident on a device is reported so and cannot be deleted.
-        models = ModelService(self.store, resident_models=self.scheduler.resident_models)
+        models = model_service.ModelService(self.store, resident_models=self.scheduler.resident_models)
         models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (
-            SERVICE_NAME,
-            STATUS_SERVICE_NAME,
-            MODELS_SERVICE_NAME,
+            generation_service.SERVICE_NAME,
+            server_service.SERVICE_NAME,
+            model_service.SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -117,7 +113,7 @@ class RefineryServer:
         except RuntimeError as exc:  # grpc's way of saying the address is taken or does not resolve
             raise OSError(f"cannot listen on {address}: {exc}") from None
         await self.health.set("", _SERVING)
-        await self.health.set(SERVICE_NAME, _NOT_SERVING)
+        await self.health.set(generation_service.SERVICE_NAME, _NOT_SERVING)
         self.scheduler.start()
         await server.start()
         self._server = server
@@ -172,9 +168,9 @@ class RefineryServer:
 
     async def _preload(self) -> None:
         if self.settings.pins:
-            log.info("pinning %s", ", ".join(self.settings.pins))
+            log.info("pinning %s", ", ".join(str(pin) for pin in self.settings.pins))
             await asyncio.wrap_future(self.scheduler.pin(self.settings.pins))
-        await self.health.set(SERVICE_NAME, _SERVING)
+        await self.health.set(generation_service.SERVICE_NAME, _SERVING)
         log.info("ready")
 
 

@@ -1,6 +1,7 @@
-"""Prometheus metrics for operators: the queue, job outcomes, time in queue, step time, model loads and
-evictions, resident bytes per device. Gauges of current state (queue depth per priority, resident bytes, jobs
-running) are read from the scheduler at scrape time (`server/scheduler.py`, `_StatusCollector`).
+"""Prometheus metrics for operators: the queue, request outcomes, time in queue, step time, model loads and
+evictions, resident bytes per device. Gauges of current state (queue depth per priority, resident bytes,
+requests running) are read from the scheduler's snapshot at scrape time (`watch`), so they never drift from
+the truth.
 
 Each server owns its registry (several servers can live in one test process); `serve` exposes it on
 `--metrics-port` at /metrics.
@@ -8,9 +9,14 @@ Each server owns its registry (several servers can live in one test process); `s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.scheduling.snapshot import SchedulerSnapshot
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -20,7 +26,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue_depth = Gauge("refinery_queue_depth", "Requests waiting for a device", ["priority"], registry=r)
         self.jobs = Counter(
             "refinery_jobs_total",
             "Requests by outcome (ok, cancelled, deadline_exceeded, rejected, failed)",
@@ -58,7 +63,28 @@ class Metrics:
             "refinery_budget_bytes", "Memory budget for model weights on a device", ["device"], registry=r
         )
 
+    def watch(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
+        """Read the gauges of current state from `snapshot` at every scrape."""
+        self.registry.register(_SnapshotCollector(snapshot))
+
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:
         """Expose /metrics over HTTP; returns the server (call `.shutdown()` to stop it)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self._snapshot()
+        depth = GaugeMetricFamily("refinery_queue_depth", "Requests waiting for a device", labels=["priority"])
+        for priority, count in sorted(status.depth_by_priority.items()):
+            depth.add_metric([str(priority)], count)
+        resident = GaugeMetricFamily("refinery_resident_bytes", "Model weights resident on a device", labels=["device"])
+        running = GaugeMetricFamily("refinery_jobs_running", "Requests running on a device", labels=["device"])
+        for device in status.devices:
+            resident.add_metric([device.name], device.resident_bytes)
+            running.add_metric([device.name], device.jobs_running)
+        yield from (depth, resident, running)

@@ -1,11 +1,12 @@
-"""The server's one settings object, built in `server/cli.py` from flags and the environment and passed down.
-Nothing else reads the environment."""
+"""The server's one settings object, built by the CLI (`server/cli/serve.py`) from flags and the environment
+and passed down. Nothing else reads the environment."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from modelstore import StoreSettings
+from server.domain import PairKey
 
 DEFAULT_BASE = "builtin:tiny-sdxl-base@1"
 DEFAULT_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -40,7 +41,7 @@ class Settings:
     default_refiner: str | None = DEFAULT_REFINER
     # "BASE[+REFINER]" pairs loaded on every device at start-up and never evicted; health turns SERVING once
     # they are resident.
-    pins: tuple[str, ...] = (f"{DEFAULT_BASE}+{DEFAULT_REFINER}",)
+    pins: tuple[PairKey, ...] = (PairKey(DEFAULT_BASE, DEFAULT_REFINER),)
     # Requests waiting for a device; beyond this a request is refused at once (RESOURCE_EXHAUSTED + RetryInfo).
     max_queue: int = 64
     # Images denoised together (requests with the same pair and shape); 1 turns batching off.

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from server.encode import encode_image
-from server.job import ImageFormat
+from server.domain import ImageFormat
+from server.generation.encoding import encode_image
 
 
 @pytest.mark.parametrize(

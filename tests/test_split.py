@@ -10,10 +10,11 @@ import torch
 
 from modelstore import ModelStore
 from modelstore.loading import load_pipeline
-from server import runner
-from server.job import RenderShape, Sample, SchedulerKind, Stage, StartPercentage, StartStep
-from server.runner import PipelinePair, StepState
-from server.split import base_step_count
+from server.domain import RenderShape, Sample, Sampler, Stage, StartPercentage, StartStep
+from server.generation import runner
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import StepState
+from server.generation.split import base_step_count
 
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -100,7 +101,7 @@ def pair(model_store: ModelStore) -> Iterator[PipelinePair]:
         torch.set_num_threads(threads)
 
 
-def _run_counts(pair: PipelinePair, scheduler: SchedulerKind, steps: int, base_steps: int) -> None:
+def _run_counts(pair: PipelinePair, scheduler: Sampler, steps: int, base_steps: int) -> None:
     # cfg 1.0 skips classifier-free guidance: half the UNet work, the same schedule.
     shape = RenderShape(64, 64, steps, base_steps, 1.0, scheduler)
     counter = _Counter()
@@ -112,9 +113,9 @@ def _run_counts(pair: PipelinePair, scheduler: SchedulerKind, steps: int, base_s
     assert len(result.images) == 1
 
 
-@pytest.mark.parametrize("scheduler", list(SchedulerKind), ids=lambda k: k.value)
+@pytest.mark.parametrize("scheduler", list(Sampler), ids=lambda k: k.value)
 @pytest.mark.parametrize("steps", [2, 3, 5])
-def test_runner_runs_exact_counts_for_every_start(pair: PipelinePair, scheduler: SchedulerKind, steps: int) -> None:
+def test_runner_runs_exact_counts_for_every_start(pair: PipelinePair, scheduler: Sampler, steps: int) -> None:
     for start in range(2, steps + 1):
         _run_counts(pair, scheduler, steps, base_step_count(steps, StartStep(start)))
 
@@ -123,9 +124,9 @@ def test_runner_runs_exact_counts_for_every_start(pair: PipelinePair, scheduler:
 def test_dpmpp_2m_karras_50_steps_late_starts(pair: PipelinePair, start: int) -> None:
     # From 45 steps up, neighbouring Karras timesteps share an integer, so no noise-level cutoff can split
     # there; the runner splits by index and still gives exactly what was asked.
-    _run_counts(pair, SchedulerKind.DPMPP_2M_KARRAS, 50, base_step_count(50, StartStep(start)))
+    _run_counts(pair, Sampler.DPMPP_2M_KARRAS, 50, base_step_count(50, StartStep(start)))
 
 
-@pytest.mark.parametrize("scheduler", list(SchedulerKind), ids=lambda k: k.value)
-def test_default_split_at_25_steps(pair: PipelinePair, scheduler: SchedulerKind) -> None:
+@pytest.mark.parametrize("scheduler", list(Sampler), ids=lambda k: k.value)
+def test_default_split_at_25_steps(pair: PipelinePair, scheduler: Sampler) -> None:
     _run_counts(pair, scheduler, 25, base_step_count(25, None))

@@ -9,9 +9,10 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2
 
+from modelstore import Role
 from modelstore import errors as store_errors
 from server import errors
-from server.status import INTERNAL_MESSAGE, rpc_error_for, status_code_for
+from server.api.boundary import INTERNAL_MESSAGE, ModelField, rpc_error_for, status_code_for
 
 
 def _subclasses(root: type[BaseException]) -> list[type[BaseException]]:
@@ -36,7 +37,7 @@ def test_both_trees_are_walked() -> None:
 def test_every_error_class_has_a_row(cls: type[BaseException]) -> None:
     # The lookup only looks at the class, so an instance needs none of its constructor's arguments.
     code = status_code_for(cls.__new__(cls))
-    assert code is not None, f"{cls.__name__} has no row in server/status.py"
+    assert code is not None, f"{cls.__name__} has no row in server/api/boundary.py"
     assert code is not grpc.StatusCode.INTERNAL
 
 
@@ -60,11 +61,30 @@ def test_invalid_request_carries_field_violations() -> None:
     assert status.code == code_pb2.INVALID_ARGUMENT and status.message == rpc.message
 
 
+FIELDS = (
+    ModelField("model", "builtin:tiny-sdxl-base@1", Role.BASE),
+    ModelField("refiner.model", "", Role.REFINER, default="builtin:tiny-sdxl-refiner@1"),
+)
+
+
 def test_model_errors_name_their_field() -> None:
-    rpc = rpc_error_for(store_errors.ModelNotFound("no such model").for_field("refiner.model"))
+    # The store's error carries the AIR; the request's fields say where that AIR came from (here: a default).
+    rpc = rpc_error_for(store_errors.ModelNotFound("no such model", air="builtin:tiny-sdxl-refiner@1"), FIELDS)
     assert rpc.code is grpc.StatusCode.NOT_FOUND
     assert rpc.message == "refiner.model: no such model"
     assert _bad_request(rpc.details) == [("refiner.model", "ModelNotFound")]
+
+
+def test_a_model_in_both_roles_is_named_by_the_role_it_cannot_serve() -> None:
+    base = "builtin:tiny-sdxl-base@1"
+    fields = (ModelField("model", base, Role.BASE), ModelField("refiner.model", base, Role.REFINER))
+    wrong = store_errors.WrongArchitecture("not a refiner", expected="x", found="y", role=Role.REFINER, air=base)
+    assert _bad_request(rpc_error_for(wrong, fields).details) == [("refiner.model", "WrongArchitecture")]
+
+
+def test_a_store_error_about_no_field_of_the_request_names_none() -> None:
+    rpc = rpc_error_for(store_errors.SourceUnavailable("civitai is down", air="civitai:1@2"), FIELDS)
+    assert rpc.message == "civitai is down" and rpc.details == ()
 
 
 def test_overload_says_when_to_retry() -> None:

@@ -7,15 +7,15 @@ from typing import Any
 import pytest
 
 from refinery.v1 import generation_pb2 as pb
-from server import job as domain
-from server.convert import job_from_request
+from server import domain
+from server.api.validation import job_from_request
 from server.errors import InvalidRequest
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits
 
 LIMITS = Limits()
 
 
-def validate(default_refiner: str | None = DEFAULT_REFINER, **fields: Any) -> domain.GenerationJob:
+def validate(default_refiner: str | None = DEFAULT_REFINER, **fields: Any) -> domain.Job:
     request = pb.GenerateRequest(**{"positive_prompt": "a cat", **fields})
     return job_from_request(
         request,
@@ -103,7 +103,7 @@ def test_defaults() -> None:
     assert (job.width, job.height) == (0, 0)  # the model's native size, resolved when it is loaded
     assert job.seed == 1234
     assert job.number_results == 1
-    assert job.scheduler is domain.SchedulerKind.EULER
+    assert job.sampler is domain.Sampler.EULER
     assert job.output_format is domain.ImageFormat.PNG
     assert job.negative_prompt is None
     assert job.preview_every == 0
@@ -137,6 +137,6 @@ def test_explicit_values_are_kept() -> None:
     assert (job.base_steps, job.refiner_steps) == (26, 4)  # 85 % of 30
     assert (job.width, job.height, job.cfg_scale, job.seed) == (1024, 768, 5.5, 0)
     assert [s.seed for s in job.samples()] == list(range(8))
-    assert job.scheduler is domain.SchedulerKind.DPMPP_2M_KARRAS
+    assert job.sampler is domain.Sampler.DPMPP_2M_KARRAS
     assert job.output_format is domain.ImageFormat.WEBP
     assert job.negative_prompt == "blurry"

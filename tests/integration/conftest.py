@@ -19,11 +19,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from modelstore import ModelRecord, ModelStore, StoreSettings
-from modelstore.loading import load_pipeline
+from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
+from server.domain import PairKey
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class GatedLoader:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def __call__(self, record: ModelRecord, *, role: str, device: str, dtype: Any, **kwargs: Any) -> Any:
+    def __call__(self, record: ModelRecord, *, role: Role, device: str, dtype: Any = None, **kwargs: Any) -> Any:
         assert self.release.wait(TIMEOUT_S)
         return load_pipeline(record, role=role, device=device, dtype=dtype, **kwargs)
 
@@ -84,7 +84,7 @@ def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
         devices=("cpu",),
         default_model=DEFAULT_BASE,
         default_refiner=DEFAULT_REFINER,
-        pins=(f"{DEFAULT_BASE}+{DEFAULT_REFINER}",),
+        pins=(PairKey(DEFAULT_BASE, DEFAULT_REFINER),),
         grace_period_s=10.0,
     )
     return replace(settings, **overrides)

@@ -19,15 +19,9 @@ from PIL import Image
 
 from modelstore import StoreSettings
 from refinery.v1 import generation_pb2 as pb
-from server.cli import (
-    UsageError,
-    build_parser,
-    build_request,
-    output_path,
-    parse_refiner_start,
-    parse_size,
-    server_settings,
-)
+from server.cli.generate import build_request, output_path, parse_refiner_start, parse_size
+from server.cli.main import build_parser
+from server.cli.serve import server_settings
 
 from .conftest import ServerThread
 
@@ -76,7 +70,7 @@ def test_output_paths_get_an_index_with_several_results() -> None:
 
 
 def test_flags_become_the_request() -> None:
-    args = build_parser().parse_args(
+    args = build_parser({}).parse_args(
         ["generate", "a cat", "--refiner-start", "80%", "--steps", "25", "--seed", "0", "-n", "2",
          "--size", "128x64", "--scheduler", "dpmpp_2m_karras", "-o", "x.webp",
          "--negative", "blurry", "--cfg", "5"]
@@ -91,14 +85,16 @@ def test_flags_become_the_request() -> None:
     assert request.output_format == pb.OUTPUT_FORMAT_WEBP  # from the file name
     assert (request.negative_prompt, request.cfg_scale) == ("blurry", 5.0)
 
-    plain = build_request(build_parser().parse_args(["generate", "a cat"]))
+    plain = build_request(build_parser({}).parse_args(["generate", "a cat"]))
     assert not plain.HasField("refiner") and not plain.HasField("seed")
     assert plain.output_format == pb.OUTPUT_FORMAT_PNG
 
 
-def test_serve_flags_win_over_the_environment_which_wins_over_the_defaults(tmp_path: Path) -> None:
+def test_serve_flags_win_over_the_environment_which_wins_over_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def settings(*flags: str, **env: str) -> Any:
-        args = build_parser().parse_args(["serve", "--cache-dir", str(tmp_path), *flags])
+        args = build_parser(env).parse_args(["serve", "--cache-dir", str(tmp_path), *flags])
         return server_settings(args, env, in_process=False)
 
     defaults = settings()
@@ -107,8 +103,10 @@ def test_serve_flags_win_over_the_environment_which_wins_over_the_defaults(tmp_p
     assert (from_env.max_batch, from_env.encode_threads) == (2, 0)
     flagged = settings("--max-batch", "8", "--encode-threads", "3", REFINERY_ENCODE_THREADS="0")
     assert (flagged.max_batch, flagged.encode_threads) == (8, 3)
-    with pytest.raises(UsageError, match="encode threads must be 0 or more"):
+    with pytest.raises(SystemExit) as refused:  # argparse: one line, exit code 2
         settings(REFINERY_ENCODE_THREADS="-1")
+    assert refused.value.code == 2
+    assert "--encode-threads: must be 0 or more, got -1 (from REFINERY_ENCODE_THREADS)" in capsys.readouterr().err
 
 
 # ---- generate ----------------------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from PIL import Image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
-from server import runner
-from server.job import RenderShape, Sample
-from server.runner import PipelinePair, RunResult, StepObserver
-from server.status import INTERNAL_MESSAGE
+from server.api.boundary import INTERNAL_MESSAGE
+from server.domain import RenderShape, Sample
+from server.generation import runner
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import RunResult, StepObserver
+from server.scheduling.devices import cpu_threads
 
 from .conftest import TIMEOUT_S, GatedLoader, ServerThread, bad_request_fields, collect, events, make_settings, new_stub
 
@@ -303,7 +305,7 @@ def test_model_loading_is_reported_only_when_a_model_loads(
 def test_cancelling_stops_the_job_and_frees_the_worker(
     stub: pb_grpc.GenerationServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.execution")
+    caplog.set_level(logging.INFO, logger="server.scheduling.ticket")
     long_job = stub.Generate(request(request_id="to-cancel", steps=150), timeout=TIMEOUT_S)
     seen = 0
     for response in long_job:
@@ -330,7 +332,7 @@ def test_cancelling_stops_the_job_and_frees_the_worker(
 def test_a_missed_deadline_frees_the_worker(
     store_settings: StoreSettings, model_store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.execution")
+    caplog.set_level(logging.INFO, logger="server.scheduling.ticket")
     loader = GatedLoader()  # the job cannot get past loading before its deadline
     thread = ServerThread(make_settings(store_settings, pins=()), store=model_store, loader=loader)
     try:
@@ -406,6 +408,8 @@ class _ByHand:
         self.scheduler_config = self.base.scheduler.config
 
     def generate(self, prompt: str, steps: int, base_steps: int, seed: int, scheduler: int) -> Image.Image:
+        # The server's CPU workers compute with this many threads; another count sums in another order.
+        torch.set_num_threads(cpu_threads())
         cls, overrides = _SCHEDULERS[scheduler]
         config = self.scheduler_config
         timesteps = cls.from_config(config, **overrides)

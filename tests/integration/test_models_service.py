@@ -18,8 +18,8 @@ from modelstore.record import Architecture
 from modelstore.safetensors_header import read_header
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
-from server.models_convert import ARCHITECTURES
-from server.models_service import ModelService
+from server.api.convert import ARCHITECTURES
+from server.api.model_service import ModelService
 from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files, partial_files

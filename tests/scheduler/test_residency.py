@@ -15,8 +15,10 @@ from modelstore import ModelStore
 from modelstore.air import parse_air
 from modelstore.components import Component, components_of
 from modelstore.record import Architecture, Layout, ModelRecord
+from server.domain import PairKey
 from server.errors import OutOfDeviceMemory
-from server.residency import ModelSpec, PairKey, PairSpec, Residency
+from server.scheduling.pairs import ModelSpec, PairSpec
+from server.scheduling.residency import Residency
 from tests.conftest import TINY_BASE, TINY_REFINER
 
 MB = 1_000_000
@@ -96,10 +98,10 @@ def residency(budget_mb: int, loader: FakeLoader | None = None) -> tuple[Residen
 def test_a_pair_loads_together_and_shared_components_are_held_once() -> None:
     res, loader, _ = residency(1000)
     pipes, report = res.acquire(pair("a", "r"), set())
-    assert set(pipes) == {"base", "refiner"}
+    assert pipes.base is not None and pipes.refiner is not None
     # The refiner received the base's VAE and OpenCLIP encoder instead of loading them again...
     assert loader.loaded == [("builtin:a@1", "base", ()), ("builtin:r@1", "refiner", ("text_encoder_2", "vae"))]
-    assert pipes["refiner"].components["vae"] is pipes["base"].components["vae"]
+    assert pipes.refiner.components["vae"] is pipes.base.components["vae"]
     # ...and they are counted once: 50 + 10 + 20 + 5 for the base, 40 for the refiner's UNet.
     assert report.loaded_bytes == res.used_bytes == 125 * MB
 
@@ -148,8 +150,8 @@ def test_a_pair_larger_than_the_budget_can_never_fit() -> None:
 def test_evicted_modules_are_freed() -> None:
     res, _, _ = residency(130)
     pipes, _ = res.acquire(pair("a", "r"), set())
-    unet = weakref.ref(pipes["base"].components["unet"])
-    vae = weakref.ref(pipes["base"].components["vae"])
+    unet = weakref.ref(pipes.base.components["unet"])
+    vae = weakref.ref(pipes.base.components["vae"])
     del pipes
     res.release(pair("a", "r").key)
     res.acquire(pair("b"), set())  # needs a's UNet and CLIP-L space, keeps the shared VAE

@@ -19,30 +19,31 @@ import pytest
 import torch
 from PIL import Image
 
-from modelstore import ModelRecord, ModelStore, StoreSettings
+from modelstore import ModelRecord, ModelStore, Role, StoreSettings
 from modelstore.components import components_of
 from modelstore.errors import ModelNotFound, WrongArchitecture
-from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, Overloaded, ShuttingDown, WorkerFailed
-from server.job import (
-    GenerationJob,
+from server.domain import (
     ImageFormat,
     ImageResult,
+    Job,
     JobEvent,
     LoadPhase,
     ModelLoading,
-    ModelRole,
+    PairKey,
     Progress,
     Queued,
     RefinerSpec,
     RenderShape,
     Sample,
-    SchedulerKind,
+    Sampler,
     Stage,
     StartPercentage,
 )
-from server.residency import PairKey
-from server.runner import PipelinePair, RunResult, StageTimings, StepObserver, StepState
-from server.scheduler import Scheduler
+from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, Overloaded, ShuttingDown, WorkerFailed
+from server.generation.encoding import Encoder, encode_image
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import RunResult, StageTimings, StepObserver, StepState
+from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
 from tests.conftest import TINY_BASE, TINY_REFINER
 from tests.fixtures.tiny import another_base
@@ -136,7 +137,7 @@ class Runner:
         return RunResult(images, StageTimings())
 
 
-def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> GenerationJob:
+def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> Job:
     values: dict[str, Any] = {
         "request_id": prompt,
         "model": TINY_BASE,
@@ -149,21 +150,21 @@ def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> Genera
         "base_steps": 3 if refiner else 4,
         "cfg_scale": 7.0,
         "seed": 10,
-        "scheduler": SchedulerKind.EULER,
+        "sampler": Sampler.EULER,
         "number_results": 1,
         "output_format": ImageFormat.PNG,
         "preview_every": 0,
     }
     values.update(fields)
-    return GenerationJob(**values)
+    return Job(**values)
 
 
 def make(
-    store_settings: StoreSettings, model_store: ModelStore, **overrides: Any
+    store_settings: StoreSettings, model_store: ModelStore, *, encode: Encoder = encode_image, **overrides: Any
 ) -> tuple[Scheduler, FakeLoader, Runner]:
     settings = Settings(store=store_settings, devices=("cpu",), pins=(), max_batch=1, budget_bytes=10**9)
     loader, runner = FakeLoader(), Runner()
-    scheduler = Scheduler(replace(settings, **overrides), model_store, loader=loader, run=runner)
+    scheduler = Scheduler(replace(settings, **overrides), model_store, loader=loader, run=runner, encode=encode)
     scheduler.start()
     return scheduler, loader, runner
 
@@ -179,9 +180,13 @@ def built(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[tu
 def wait_resolved(scheduler: Scheduler) -> None:
     """Until every queued request's models are resolved (a blocked request cannot run yet)."""
     deadline = time.monotonic() + WAIT_S
-    while any(t.blocked for t in scheduler.queue.snapshot()):
+    while any(t.spec is None for t in scheduler.queue.snapshot()):
         assert time.monotonic() < deadline, "requests never resolved"
         time.sleep(0.01)
+
+
+def jobs(scheduler: Scheduler, outcome: str) -> float | None:
+    return scheduler.metrics.registry.get_sample_value("refinery_jobs_total", {"outcome": outcome})
 
 
 def positions(sink: RecordingSink) -> list[tuple[int, int]]:
@@ -194,10 +199,10 @@ def test_a_request_reports_loading_progress_and_images(built: tuple[Scheduler, F
     scheduler.submit(job(number_results=2, preview_every=2), sink)
     assert sink.wait().error is None
     assert sink.of(ModelLoading) == [
-        ModelLoading(TINY_BASE, ModelRole.BASE, LoadPhase.LOADING),
-        ModelLoading(TINY_BASE, ModelRole.BASE, LoadPhase.READY),
-        ModelLoading(TINY_REFINER, ModelRole.REFINER, LoadPhase.LOADING),
-        ModelLoading(TINY_REFINER, ModelRole.REFINER, LoadPhase.READY),
+        ModelLoading(TINY_BASE, Role.BASE, LoadPhase.LOADING),
+        ModelLoading(TINY_BASE, Role.BASE, LoadPhase.READY),
+        ModelLoading(TINY_REFINER, Role.REFINER, LoadPhase.LOADING),
+        ModelLoading(TINY_REFINER, Role.REFINER, LoadPhase.READY),
     ]
     # The refiner got the base's VAE and OpenCLIP encoder instead of loading them again.
     assert loader.loads[1][2:] == ("refiner", ("text_encoder_2", "vae"))
@@ -221,10 +226,10 @@ def test_model_errors_end_the_request_before_any_device_work(built: tuple[Schedu
     scheduler, loader, runner = built
     unknown = RecordingSink()
     scheduler.submit(job(refiner=False, model="builtin:nope@1"), unknown)
-    assert isinstance(unknown.wait().error, ModelNotFound) and unknown.error.field == "model"  # type: ignore[union-attr]
+    assert isinstance(unknown.wait().error, ModelNotFound) and unknown.error.air == "builtin:nope@1"
     wrong = RecordingSink()
     scheduler.submit(job(refiner=False, model=TINY_REFINER), wrong)
-    assert isinstance(wrong.wait().error, WrongArchitecture) and wrong.error.field == "model"  # type: ignore[union-attr]
+    assert isinstance(wrong.wait().error, WrongArchitecture) and wrong.error.role is Role.BASE
     assert loader.loads == [] and runner.batches == []
 
 
@@ -245,7 +250,7 @@ def test_overload_is_refused_at_once_and_every_admitted_request_completes(
         runner.release.set()
         for sink in [running, *admitted]:
             assert sink.wait().error is None and len(sink.of(ImageResult)) == 1
-        assert scheduler.metrics.jobs.labels("rejected")._value.get() == 1
+        assert jobs(scheduler, "rejected") == 1
     finally:
         runner.release.set()
         scheduler.close(WAIT_S)
@@ -300,7 +305,7 @@ def test_a_deadline_that_passes_in_the_queue_never_reaches_a_device(
     runner.release.set()
     running.wait()
     assert [p[0] for _, p in runner.batches] == ["hold"]
-    assert scheduler.metrics.jobs.labels("deadline_exceeded")._value.get() == 1
+    assert jobs(scheduler, "deadline_exceeded") == 1
 
 
 def test_compatible_requests_run_as_one_batch_and_each_gets_its_own_results(
@@ -459,7 +464,7 @@ def test_a_request_that_cannot_fit_beside_the_pinned_pair_is_refused_at_once(
     pair = f"{TINY_BASE}+{TINY_REFINER}"
     scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
     try:
-        scheduler.pin([pair]).result(WAIT_S)
+        scheduler.pin([PairKey.parse(pair)]).result(WAIT_S)
         refused, fine = RecordingSink(), RecordingSink()
         scheduler.submit(job("another base", refiner=False, model=other), refused)
         assert isinstance(refused.wait().error, OutOfDeviceMemory)  # RESOURCE_EXHAUSTED, not a hang
@@ -478,10 +483,13 @@ class BlockingEncoder:
         self.encoding = threading.Event()
         self.release = threading.Event()
         self.fail = fail
+        self.thread: threading.Thread | None = None  # where the first image was encoded
         self._first = True
 
     def __call__(self, image: Image.Image, output_format: ImageFormat) -> bytes:
         first, self._first = self._first, False
+        if first:
+            self.thread = threading.current_thread()
         if first and self.fail:
             raise OSError("the encoder broke")
         if first:
@@ -491,11 +499,18 @@ class BlockingEncoder:
 
 
 def test_the_device_runs_the_next_batch_while_the_last_one_is_encoded(
-    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
+    store_settings: StoreSettings, model_store: ModelStore
 ) -> None:
-    scheduler, _, runner = built
     encoder = BlockingEncoder()
-    monkeypatch.setattr("server.execution.encode_image", encoder)
+    scheduler, _, runner = make(store_settings, model_store, encode=encoder)
+    try:
+        _next_batch_while_encoding(scheduler, runner, encoder)
+    finally:
+        encoder.release.set()
+        scheduler.close(WAIT_S)
+
+
+def _next_batch_while_encoding(scheduler: Scheduler, runner: Runner, encoder: BlockingEncoder) -> None:
     first, second = RecordingSink(), RecordingSink()
     scheduler.submit(job("first"), first)
     assert encoder.encoding.wait(WAIT_S)
@@ -510,18 +525,18 @@ def test_the_device_runs_the_next_batch_while_the_last_one_is_encoded(
 
 
 def test_with_no_encode_threads_the_device_waits_for_the_encoding(
-    store_settings: StoreSettings, model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+    store_settings: StoreSettings, model_store: ModelStore
 ) -> None:
-    scheduler, _, runner = make(store_settings, model_store, encode_threads=0)
     encoder = BlockingEncoder()
-    monkeypatch.setattr("server.execution.encode_image", encoder)
+    scheduler, _, runner = make(store_settings, model_store, encode_threads=0, encode=encoder)
     try:
         first, second = RecordingSink(), RecordingSink()
         scheduler.submit(job("first"), first)
         assert encoder.encoding.wait(WAIT_S)
         scheduler.submit(job("second"), second)
         wait_resolved(scheduler)
-        time.sleep(0.2)  # room for the worker to take the second request, were it free
+        # The encoding holds the device's own worker thread, so that worker cannot take the second request.
+        assert encoder.thread is not None and encoder.thread.name == f"refinery-{scheduler.workers[0].device.name}"
         assert [prompts for _, prompts in runner.batches] == [["first"]]
         encoder.release.set()
         assert first.wait().error is None and second.wait().error is None
@@ -532,10 +547,16 @@ def test_with_no_encode_threads_the_device_waits_for_the_encoding(
 
 
 def test_an_encoding_failure_ends_its_request_and_the_next_one_is_served(
-    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
+    store_settings: StoreSettings, model_store: ModelStore
 ) -> None:
-    scheduler, _, _ = built
-    monkeypatch.setattr("server.execution.encode_image", BlockingEncoder(fail=True))
+    scheduler, _, _ = make(store_settings, model_store, encode=BlockingEncoder(fail=True))
+    try:
+        _failure_then_fine(scheduler)
+    finally:
+        scheduler.close(WAIT_S)
+
+
+def _failure_then_fine(scheduler: Scheduler) -> None:
     broken, fine = RecordingSink(), RecordingSink()
     scheduler.submit(job("broken"), broken)
     assert isinstance(broken.wait().error, OSError) and broken.of(ImageResult) == []
@@ -543,12 +564,9 @@ def test_an_encoding_failure_ends_its_request_and_the_next_one_is_served(
     assert fine.wait().error is None and len(fine.of(ImageResult)) == 1
 
 
-def test_close_sends_the_images_being_encoded(
-    built: tuple[Scheduler, FakeLoader, Runner], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    scheduler, _, _ = built
+def test_close_sends_the_images_being_encoded(store_settings: StoreSettings, model_store: ModelStore) -> None:
     encoder = BlockingEncoder()
-    monkeypatch.setattr("server.execution.encode_image", encoder)
+    scheduler, _, _ = make(store_settings, model_store, encode=encoder)
     sink = RecordingSink()
     scheduler.submit(job("finished"), sink)
     assert encoder.encoding.wait(WAIT_S)
@@ -568,13 +586,13 @@ def test_a_pair_pinned_at_run_time_stays_until_it_is_unpinned(
     pair = PairKey(TINY_BASE, TINY_REFINER)
     scheduler, _, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
     try:
-        scheduler.pin_pairs([pair]).result(WAIT_S)
+        scheduler.pin([pair]).result(WAIT_S)
         assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, True)]
         refused = RecordingSink()
         scheduler.submit(job("another base", refiner=False, model=other), refused)
         assert isinstance(refused.wait().error, OutOfDeviceMemory)  # no room beside the pinned pair
 
-        assert scheduler.unpin_pair(pair) and not scheduler.unpin_pair(pair)
+        assert scheduler.unpin(pair) and not scheduler.unpin(pair)
         assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, False)]
         served = RecordingSink()
         scheduler.submit(job("another base", refiner=False, model=other), served)
@@ -592,9 +610,9 @@ def test_a_pair_that_cannot_fit_beside_the_pinned_ones_is_refused_and_nothing_lo
     pair = PairKey(TINY_BASE, TINY_REFINER)
     scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
     try:
-        scheduler.pin_pairs([pair]).result(WAIT_S)
+        scheduler.pin([pair]).result(WAIT_S)
         with pytest.raises(OutOfDeviceMemory):
-            scheduler.pin_pairs([other]).result(WAIT_S)
+            scheduler.pin([other]).result(WAIT_S)
         assert loader.count(other.base) == 0
         assert [(p.key, p.pinned) for p in scheduler.workers[0].residency.resident()] == [(pair, True)]
     finally:

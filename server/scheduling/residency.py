@@ -23,45 +23,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from modelstore.components import Component
-from modelstore.record import ModelRecord
+from modelstore import Role
+from server.domain import PairKey
 from server.errors import OutOfDeviceMemory
+from server.generation.pipelines import PipelinePair
+from server.scheduling.pairs import ModelSpec, PairSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PairKey:
-    base: str  # canonical AIRs
-    refiner: str | None
-
-    def __str__(self) -> str:
-        return self.base if self.refiner is None else f"{self.base}+{self.refiner}"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    record: ModelRecord
-    role: str  # "base" or "refiner"
-    components: tuple[Component, ...]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.record.canonical, self.role)
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    key: PairKey
-    base: ModelSpec
-    refiner: ModelSpec | None
-
-    def models(self) -> list[ModelSpec]:
-        return [self.base] if self.refiner is None else [self.base, self.refiner]
-
-
-class Loader(Protocol):
-    """Builds a pipeline for `spec` on this device, using the given already-resident modules as its
+class LoadOnDevice(Protocol):
+    """Builds a pipeline for `spec` on this residency's device, using the given already-resident modules as its
     components instead of loading them again."""
 
     def __call__(self, spec: ModelSpec, reuse: Mapping[str, Any]) -> Any: ...
@@ -71,7 +43,7 @@ class Loader(Protocol):
 class _Component:
     module: Any
     nbytes: int
-    users: set[tuple[str, str]] = field(default_factory=set)  # model keys
+    users: set[tuple[str, Role]] = field(default_factory=set)  # model keys
 
 
 @dataclass
@@ -117,7 +89,7 @@ class Residency:
         budget_bytes: int,
         *,
         half: bool,
-        load: Loader,
+        load: LoadOnDevice,
         release_memory: Callable[[], None] = lambda: None,
         on_unload: Callable[[ModelSpec], None] = lambda _spec: None,
         clock: Callable[[], float] = time.monotonic,
@@ -131,7 +103,7 @@ class Residency:
         self._clock = clock
         self._lock = threading.Lock()
         self._components: dict[str, _Component] = {}
-        self._models: dict[tuple[str, str], _Model] = {}
+        self._models: dict[tuple[str, Role], _Model] = {}
         self._pairs: dict[PairKey, _Pair] = {}
 
     # ---- reads (any thread) -----------------------------------------------------------------------------
@@ -194,8 +166,8 @@ class Residency:
         *,
         pin: bool = False,
         on_load: Callable[[ModelSpec, bool], None] = lambda _spec, _done: None,
-    ) -> tuple[dict[str, Any], LoadReport]:
-        """Make `spec` resident (evicting if needed), mark it in use, and return its pipelines by role.
+    ) -> tuple[PipelinePair, LoadReport]:
+        """Make `spec` resident (evicting if needed), mark it in use, and return its pipelines.
         `on_load(model, done)` hears about each model that really loads, before (False) and after (True)."""
         with self._lock:
             pair = self._pairs.get(spec.key)
@@ -266,8 +238,9 @@ class Residency:
 
     # ---- internals --------------------------------------------------------------------------------------
 
-    def _pipelines(self, spec: PairSpec) -> dict[str, Any]:
-        return {m.role: self._models[m.key].pipeline for m in spec.models()}
+    def _pipelines(self, spec: PairSpec) -> PipelinePair:
+        refiner = None if spec.refiner is None else self._models[spec.refiner.key].pipeline
+        return PipelinePair(self._models[spec.base.key].pipeline, refiner)
 
     def _unique_bytes(self, spec: PairSpec) -> int:
         seen: dict[str, int] = {}

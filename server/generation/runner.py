@@ -11,9 +11,10 @@ How the split is made exact (shared/research/diffusers.md §1.2-1.4):
   also stops diffusers from adding noise, and starts at index `k` of the grid. diffusers would derive the start
   from an integer-timestep cutoff instead; on DPM++ 2M Karras grids from 45 steps up, neighbouring timesteps
   share an integer and no cutoff can split there, so `_IndexedRefinerPipeline` takes the index directly.
-  Wherever a cutoff exists, both give the same slice (tests/test_equivalence.py proves the images equal).
+  Wherever a cutoff exists, both give the same slice (tests/integration/test_generate.py proves the images
+  equal diffusers' own `denoising_end` / `denoising_start` run by hand).
 
-Only this module and the loader talk to diffusers.
+Only this room (`server/generation/`) and the model store's loader talk to diffusers.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from server.job import RenderShape, Sample, Stage
-from server.schedulers import make_scheduler
+from server.domain import RenderShape, Sample, Stage
+from server.generation.pipelines import PipelinePair
+from server.generation.samplers import make_scheduler
 
 
 class _IndexedRefinerPipeline(StableDiffusionXLImg2ImgPipeline):  # type: ignore[misc]
@@ -86,12 +88,12 @@ class RunResult:
     timings: StageTimings = field(default_factory=StageTimings)
 
 
-@dataclass(frozen=True)
-class PipelinePair:
-    """Loaded pipelines for one request: a base and, optionally, a refiner (both on the same device)."""
+class PipelineRunner(Protocol):
+    """`run`'s signature; tests substitute runners that fail or wait on purpose."""
 
-    base: StableDiffusionXLPipeline
-    refiner: StableDiffusionXLImg2ImgPipeline | None = None
+    def __call__(
+        self, pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
+    ) -> RunResult: ...
 
 
 def native_size(base: StableDiffusionXLPipeline) -> tuple[int, int]:
@@ -120,7 +122,7 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     use_cfg = shape.cfg_scale > 1.0
     clock = _Clock()
 
-    base.scheduler = make_scheduler(shape.scheduler, base.scheduler.config)
+    base.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     base_embeds = _encode(base, samples, device, use_cfg)
     base_output = "latent" if shape.refiner_steps else "pil"
     base_result = base(
@@ -140,7 +142,7 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
         return RunResult(list(base_result.images), timings)
 
     refiner = _indexed(pair.refiner)
-    refiner.scheduler = make_scheduler(shape.scheduler, base.scheduler.config)
+    refiner.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     refiner.start_index = shape.base_steps
     refiner_embeds = _encode(refiner, samples, device, use_cfg)
     refiner_start = clock.mark()

@@ -7,13 +7,13 @@ The contract (Runware-compatible) counts steps, not noise: with `steps = N`,
 - neither: 90 %.
 
 diffusers' own `denoising_end` is a fraction of the noise axis, which gives other counts on Karras grids (16/9
-instead of 20/5 at 25 steps, shared/research/diffusers.md §1.4); `server/runner.py` therefore cuts the
+instead of 20/5 at 25 steps, shared/research/diffusers.md §1.4); `server/generation/runner.py` therefore cuts the
 schedule by index, and this module only does the arithmetic.
 """
 
 from __future__ import annotations
 
-from server.job import DEFAULT_REFINER_START, RefinerStart, StartPercentage, StartStep
+from server.domain import DEFAULT_REFINER_START, RefinerStart, StartPercentage, StartStep
 
 MIN_REFINER_TOTAL_STEPS = 2
 
@@ -21,7 +21,7 @@ MIN_REFINER_TOTAL_STEPS = 2
 def base_step_count(steps: int, start: RefinerStart | None) -> int:
     """Steps the base runs out of `steps` when a refiner takes over at `start` (None: the default, 90 %).
 
-    The caller validates ranges first (server/convert.py reports them as field violations); this raises
+    The caller validates ranges first (server/api/validation.py reports them as field violations); this raises
     ValueError on anything outside them so a bug cannot silently produce a wrong split.
     """
     if steps < MIN_REFINER_TOTAL_STEPS:

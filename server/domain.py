@@ -1,7 +1,9 @@
-"""The domain of a generation: what a client asked for and what happens to it.
+"""The words every room of the server speaks: what a client asked for (`Job`), the pair of models it runs on
+(`PairKey`), and the events that report what happens to it.
 
-Protobuf types stop at `server/convert.py`; everything past it (scheduler, workers, the two-stage runner)
-speaks these frozen values.
+Protobuf types stop at `server/api/`; everything past it (scheduling, the device workers, the two-stage runner)
+speaks these frozen values. One request has two names: the `Job` it asked for (a value, fixed once validated)
+and the `server.scheduling.ticket.Ticket` that tracks it while it is admitted.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from modelstore import Role, parse_air
 
-class SchedulerKind(Enum):
+
+class Sampler(Enum):
+    """The denoising algorithm (diffusers calls these schedulers; the device scheduler is something else)."""
+
     EULER = "euler"
     EULER_ANCESTRAL = "euler_ancestral"
     DDIM = "ddim"
@@ -34,14 +40,37 @@ class Stage(Enum):
     REFINER = "refiner"
 
 
-class ModelRole(Enum):
-    BASE = "base"
-    REFINER = "refiner"
+@dataclass(frozen=True)
+class PairKey:
+    """The models a request runs on: a base and, optionally, a refiner (canonical AIRs)."""
 
-    @property
-    def field(self) -> str:
-        """The request field that names a model of this role."""
-        return "model" if self is ModelRole.BASE else "refiner.model"
+    base: str
+    refiner: str | None
+
+    def __str__(self) -> str:
+        return self.base if self.refiner is None else f"{self.base}+{self.refiner}"
+
+    @classmethod
+    def parse(cls, text: str) -> PairKey:
+        """ "BASE[+REFINER]" as operators write pairs (`--pin`). A '+' starts the refiner only where what follows
+        is an AIR or a path of its own: civitai's "+fileId" and Hugging Face's "+file" belong to the AIR before
+        them. Raises ValueError, or `modelstore.errors.InvalidModelId` for a malformed AIR."""
+        parts = text.split("+")
+        models: list[str] = [parts[0]]
+        for part in parts[1:]:
+            if ":" in part or part.startswith("/"):
+                models.append(part)
+            else:
+                models[-1] += "+" + part
+        if len(models) > 2:
+            raise ValueError(f"{text!r}: a pair is BASE or BASE+REFINER")
+        base = parse_air(models[0]).canonical
+        refiner = parse_air(models[1]).canonical if len(models) == 2 else None
+        return cls(base, refiner)
+
+    def roles(self) -> list[tuple[Role, str]]:
+        """Each model with its role, the base first."""
+        return [(Role.BASE, self.base)] + ([] if self.refiner is None else [(Role.REFINER, self.refiner)])
 
 
 @dataclass(frozen=True)
@@ -87,7 +116,7 @@ class RenderShape:
     steps: int
     base_steps: int  # == steps without a refiner
     cfg_scale: float
-    scheduler: SchedulerKind
+    sampler: Sampler
 
     @property
     def refiner_steps(self) -> int:
@@ -95,7 +124,7 @@ class RenderShape:
 
 
 @dataclass(frozen=True)
-class GenerationJob:
+class Job:
     """A validated request. `width`/`height` of 0 mean the base model's native size, resolved on load."""
 
     request_id: str
@@ -109,7 +138,7 @@ class GenerationJob:
     base_steps: int
     cfg_scale: float
     seed: int
-    scheduler: SchedulerKind
+    sampler: Sampler
     number_results: int
     output_format: ImageFormat
     preview_every: int
@@ -123,11 +152,15 @@ class GenerationJob:
         """Result i uses seed + i, so any one result can be reproduced alone."""
         return [Sample(self.prompt, self.negative_prompt, self.seed + i) for i in range(self.number_results)]
 
+    @property
+    def pair(self) -> PairKey:
+        return PairKey(self.model, self.refiner.model if self.refiner is not None else None)
+
     def shape(self, width: int, height: int) -> RenderShape:
-        return RenderShape(width, height, self.steps, self.base_steps, self.cfg_scale, self.scheduler)
+        return RenderShape(width, height, self.steps, self.base_steps, self.cfg_scale, self.sampler)
 
 
-# ---- events: what a running job reports, in order -------------------------------------------------------
+# ---- events: what a running request reports, in order -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -146,7 +179,7 @@ class LoadPhase(Enum):
 @dataclass(frozen=True)
 class ModelLoading:
     model: str
-    role: ModelRole
+    role: Role
     phase: LoadPhase
     bytes_done: int = 0
     bytes_total: int = 0

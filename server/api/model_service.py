@@ -4,35 +4,30 @@
   and then the model's `ModelInfo`; `pin` exempts it from the quota's eviction.
 - `ListModels` lists the cache: every model, the bytes it holds and the quota.
 - `DeleteModel` removes a model; refused with FAILED_PRECONDITION while it is in use: leased in the store (a
-  job or a pull holds it) or loaded on a device (`resident_models`, which whoever runs the jobs provides).
+  request or a pull holds it) or loaded on a device (`resident_models`, which whoever runs requests provides).
+- `PinModel` / `UnpinModel` exempt a cached model from the quota's eviction, or not.
 
-Errors map to statuses through `server/status.py`; model errors name the request field `model`.
+Errors map to statuses through `boundary.py`; model errors name the request field `model`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Protocol
 
 import grpc
 
-from modelstore import AIR, ModelStore, parse_air
-from modelstore.cache import CachedModel
-from modelstore.components import components_of
-from modelstore.errors import ModelInUse, ModelStoreError
-from modelstore.progress import DownloadProgress
+from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, parse_air
+from modelstore.errors import ModelInUse
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
-from server.models_convert import model_info, pull_progress
-from server.status import abort
-
-log = logging.getLogger(__name__)
+from server.api.boundary import ModelField, rpc
+from server.api.convert import model_info, pull_progress
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 
@@ -45,74 +40,69 @@ def nothing_resident() -> AbstractSet[str]:
     return frozenset()
 
 
+class _NamesAModel(Protocol):
+    model: str
+
+
+def _model_field(_servicer: object, request: _NamesAModel) -> Sequence[ModelField]:
+    return (ModelField("model", request.model),)
+
+
+def _target(request: _NamesAModel) -> str:
+    return repr(request.model)  # repr: the text is the client's, as it was sent, control characters included
+
+
 class ModelService(pb_grpc.ModelServiceServicer):
     def __init__(self, store: ModelStore, *, resident_models: ResidentModels = nothing_resident) -> None:
         self._store = store
         self._resident_models = resident_models
 
+    @rpc("PullModel", describe=_target, models=_model_field)
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
-        try:
-            air = _model(request.model)
-            async for event in _Pull(self._store, air, pin=request.pin).events():
-                if isinstance(event, DownloadProgress):
-                    yield pull_progress(event)
-                else:
-                    yield pb.PullModelResponse(model=self._info(event))
-            return
-        except Exception as exc:  # CancelledError (client gone) is a BaseException and skips this
-            error = exc
-        await _abort(context, "PullModel", request.model, error)
+        async for event in _Pull(self._store, parse_air(request.model), pin=request.pin).events():
+            if isinstance(event, DownloadProgress):
+                yield pull_progress(event)
+            else:
+                yield pb.PullModelResponse(model=self._info(event))
 
+    @rpc("ListModels")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        try:
-            # SQLite reads and a stat per file: off the event loop.
-            models = await asyncio.to_thread(self._store.list_models)
-            used = await asyncio.to_thread(self._store.used_bytes)
-            resident = self._resident_models()
-            return pb.ListModelsResponse(
-                models=[model_info(m, resident=m.air in resident) for m in models],
-                total_bytes=used,
-                quota_bytes=self._store.settings.max_bytes,
-            )
-        except Exception as exc:
-            error = exc
-        await _abort(context, "ListModels", None, error)
+        # SQLite reads and a stat per file: off the event loop.
+        models = await asyncio.to_thread(self._store.list_models)
+        used = await asyncio.to_thread(self._store.used_bytes)
+        resident = self._resident_models()
+        return pb.ListModelsResponse(
+            models=[model_info(m, resident=m.air in resident) for m in models],
+            total_bytes=used,
+            quota_bytes=self._store.settings.max_bytes,
+        )
 
+    @rpc("DeleteModel", describe=_target, models=_model_field)
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModelResponse:
-        try:
-            air = _model(request.model)
-            # The store refuses models that are leased; this covers a device that loaded a model without
-            # holding a lease on it.
-            if air.canonical in self._resident_models():
-                raise ModelInUse(f"{air.canonical} is loaded on a device and cannot be deleted now")
-            freed = await asyncio.to_thread(self._store.delete, air)
-            return pb.DeleteModelResponse(freed_bytes=freed)
-        except Exception as exc:
-            error = exc
-        await _abort(context, "DeleteModel", request.model, error)
+        air = parse_air(request.model)
+        # The store refuses models that are leased; this covers a device that loaded a model without holding
+        # a lease on it.
+        if air.canonical in self._resident_models():
+            raise ModelInUse(f"{air.canonical} is loaded on a device and cannot be deleted now", air=air.canonical)
+        freed = await asyncio.to_thread(self._store.delete, air)
+        return pb.DeleteModelResponse(freed_bytes=freed)
 
+    @rpc("PinModel", describe=_target, models=_model_field)
     async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
-            return await self._set_pinned(request.model, pinned=True)
-        except Exception as exc:
-            error = exc
-        await _abort(context, "PinModel", request.model, error)
+        return await self._set_pinned(request.model, pinned=True)
 
+    @rpc("UnpinModel", describe=_target, models=_model_field)
     async def UnpinModel(self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
-            return await self._set_pinned(request.model, pinned=False)
-        except Exception as exc:
-            error = exc
-        await _abort(context, "UnpinModel", request.model, error)
+        return await self._set_pinned(request.model, pinned=False)
 
     async def _set_pinned(self, model: str, *, pinned: bool) -> pb.ModelInfo:
-        air = _model(model)
+        air = parse_air(model)
 
         def update() -> CachedModel:
             self._store.pin(air, pinned)  # ModelNotFound unless cached: pinning never downloads
@@ -122,18 +112,6 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
     def _info(self, model: CachedModel) -> pb.ModelInfo:
         return model_info(model, resident=model.air in self._resident_models())
-
-
-def _model(text: str) -> AIR:
-    return parse_air(text)  # InvalidModelId: INVALID_ARGUMENT, named `model` by _abort
-
-
-async def _abort(context: grpc.aio.ServicerContext, method: str, model: str | None, error: Exception) -> NoReturn:
-    """End the RPC with the status `server/status.py` gives `error`; `model`: the request's `model` field."""
-    if model is not None and isinstance(error, ModelStoreError):
-        error.for_field("model")
-    # repr: the model text is the client's, as it was sent, control characters included.
-    await abort(context, error, call=method if model is None else f"{method} {model!r}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +149,7 @@ class _Pull:
                 # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares
                 # with): this reads the weights once more, which a pre-fetch should pay rather than the first
                 # Generate that uses the model (about 7 s for a 7 GB checkpoint).
-                components_of(record, store.settings.cache_dir)
+                store.components(record)
                 if pin:
                     store.pin(air)
                 described = store.describe(air)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 from PIL import Image
 
-from server.job import ImageFormat
+from server.domain import ImageFormat
 
 # Lossy formats at qualities where artefacts are hard to see: callers who want smaller files re-encode, but
 # they cannot get back detail we threw away.
@@ -25,3 +26,7 @@ def encode_image(image: Image.Image, image_format: ImageFormat) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=pil_format, **options)
     return buffer.getvalue()
+
+
+# How finished images become bytes: `encode_image`, or a test's stand-in that waits or fails on purpose.
+Encoder = Callable[[Image.Image, ImageFormat], bytes]

@@ -24,18 +24,16 @@ import argparse
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
-from typing import TextIO
 
 import grpc
 
 from modelstore import ModelStore, StoreSettings
+from modelstore.units import format_bytes
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
-from server.models_service import ModelService
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # also INVALID_ARGUMENT from the server: the request as given can never work
+from server.api.model_service import ModelService
+from server.cli import serve
+from server.cli.terminal import PullView, describe_rpc_error, print_table
 
 _ARCHITECTURES = {
     pb.ARCHITECTURE_SDXL_BASE: "SDXL base",
@@ -46,10 +44,9 @@ _ARCHITECTURES = {
     pb.ARCHITECTURE_FLUX: "FLUX",
     pb.ARCHITECTURE_UNKNOWN: "unknown",
 }
-_BAR_WIDTH = 30
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
     models = commands.add_parser("models", help="pull, list, pin and delete models in the cache")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list,rm,pin,unpin}")
     pull = actions.add_parser("pull", help="download a model into the cache (if needed) and verify it")
@@ -65,23 +62,18 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for parser in (pull, listing, rm, pin, unpin):
         parser.add_argument(
             "--server",
+            default=env.get("REFINERY_SERVER"),
             help="HOST:PORT of a running server (default: the local cache, in this process) [REFINERY_SERVER]",
         )
-        parser.add_argument("--cache-dir", type=Path, help="model cache without --server [REFINERY_CACHE_DIR]")
-        parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-        parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+        serve.add_store_flags(parser)
+        serve.add_log_flags(parser, env)
 
 
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    address = args.server or env.get("REFINERY_SERVER")
+    address = args.server
     async with contextlib.AsyncExitStack() as stack:
         if not address:
-            try:
-                settings = StoreSettings.from_env(env, cache_dir=args.cache_dir)
-            except ValueError as exc:  # REFINERY_CACHE_MAX_BYTES that is not a number
-                print(f"refinery: error: {exc}", file=sys.stderr)
-                return EXIT_USAGE
-            address = await stack.enter_async_context(_local_service(settings))
+            address = await stack.enter_async_context(_local_service(serve.store_settings(args, env)))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         stub = pb_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
@@ -94,8 +86,8 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             else:
                 await _rm(stub, args.model)
         except grpc.aio.AioRpcError as err:
-            print(f"error: {err.code().name}: {err.details() or ''}", file=sys.stderr)
-            return EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+            print(describe_rpc_error(err), file=sys.stderr)
+            return serve.EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
     return 0
 
 
@@ -126,7 +118,7 @@ async def _pull(stub: pb_grpc.ModelServiceStub, model: str, *, pin: bool) -> Non
         view.close(completed=info is not None)
     if info is not None:
         pinned = ", pinned" if info.pinned else ""
-        print(f"pulled {info.model} ({_architecture(info)}, {human_bytes(info.size_bytes)}{pinned})")
+        print(f"pulled {info.model} ({_architecture(info)}, {format_bytes(info.size_bytes)}{pinned})")
 
 
 async def _list(stub: pb_grpc.ModelServiceStub) -> None:
@@ -134,17 +126,15 @@ async def _list(stub: pb_grpc.ModelServiceStub) -> None:
     rows = [("MODEL", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT", "IN USE")]
     for m in cache.models:
         last_used = m.last_used.ToDatetime().strftime("%Y-%m-%d %H:%M")
-        size = human_bytes(m.size_bytes)
+        size = format_bytes(m.size_bytes)
         rows.append((m.model, _architecture(m), size, last_used, _yes(m.pinned), _yes(m.resident), _yes(m.in_use)))
     if cache.models:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print_table(rows)
     else:
         print("no models in the cache")
-    quota = f" of a {human_bytes(cache.quota_bytes)} quota" if cache.quota_bytes else " (no quota)"
+    quota = f" of a {format_bytes(cache.quota_bytes)} quota" if cache.quota_bytes else " (no quota)"
     count = f"{len(cache.models)} model{'' if len(cache.models) == 1 else 's'}"
-    print(f"{count}, {human_bytes(cache.total_bytes)} on disk{quota}")
+    print(f"{count}, {format_bytes(cache.total_bytes)} on disk{quota}")
 
 
 async def _pin(stub: pb_grpc.ModelServiceStub, model: str, *, pinned: bool) -> None:
@@ -152,59 +142,12 @@ async def _pin(stub: pb_grpc.ModelServiceStub, model: str, *, pinned: bool) -> N
         info: pb.ModelInfo = await stub.PinModel(pb.PinModelRequest(model=model))
     else:
         info = await stub.UnpinModel(pb.UnpinModelRequest(model=model))
-    print(f"{'pinned' if info.pinned else 'unpinned'} {info.model} ({human_bytes(info.size_bytes)})")
+    print(f"{'pinned' if info.pinned else 'unpinned'} {info.model} ({format_bytes(info.size_bytes)})")
 
 
 async def _rm(stub: pb_grpc.ModelServiceStub, model: str) -> None:
     deleted: pb.DeleteModelResponse = await stub.DeleteModel(pb.DeleteModelRequest(model=model))
-    print(f"deleted {model} ({human_bytes(deleted.freed_bytes)} freed)")
-
-
-class PullView:
-    """Download progress of one pull (for a local model: hashing progress) on stderr: a bar redrawn in place
-    on a terminal; elsewhere (pipes, CI logs) one line once done, so logs stay short. Nothing when the model
-    was already cached."""
-
-    def __init__(self, model: str, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
-        self._model = model
-        self._out = stream if stream is not None else sys.stderr
-        self._interactive = self._out.isatty() if interactive is None else interactive
-        self._last: pb.PullProgress | None = None
-
-    def show(self, progress: pb.PullProgress) -> None:
-        self._last = progress
-        if not self._interactive:
-            return
-        done, total = progress.bytes_done, progress.bytes_total
-        if total:
-            filled = min(_BAR_WIDTH, round(_BAR_WIDTH * done / total))
-            bar = f"[{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] {human_bytes(done)} / {human_bytes(total)}"
-        else:
-            bar = human_bytes(done)
-        doing = "verifying " if progress.verifying else ""
-        rate = human_bytes(int(progress.bytes_per_second))
-        self._out.write(f"\r\x1b[2K{doing}{self._model} {bar}  {rate}/s")
-        self._out.flush()
-
-    def close(self, *, completed: bool) -> None:
-        """End the bar; `completed`: the model is in the cache (else the error line follows)."""
-        if self._last is None:
-            return
-        if self._interactive:
-            self._out.write("\n")  # the bar stays, as far as it got
-        elif completed:
-            rate = human_bytes(int(self._last.bytes_per_second))
-            done = "verified" if self._last.verifying else "downloaded"
-            self._out.write(f"{self._model}: {human_bytes(self._last.bytes_done)} {done} ({rate}/s)\n")
-        self._out.flush()
-        self._last = None
-
-
-def human_bytes(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    print(f"deleted {model} ({format_bytes(deleted.freed_bytes)} freed)")
 
 
 def _architecture(info: pb.ModelInfo) -> str:

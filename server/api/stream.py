@@ -1,7 +1,7 @@
 """Events cross from the worker thread to an RPC's event loop through an unbounded asyncio queue.
 
 Unbounded on purpose: the worker hands an event over in microseconds and never waits for the client, so a
-slow reader cannot stall the device. What piles up is bounded by one job (a few hundred small progress
+slow reader cannot stall the device. What piles up is bounded by one request (a few hundred small progress
 messages, its previews and its images).
 """
 
@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from server.job import JobEvent
+from server.api.boundary import Logged
+from server.domain import JobEvent
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,8 @@ class _End:
 class AsyncEventStream:
     """An `EventSink` for the worker thread and an async iterator of the same events for the event loop.
 
-    Iteration ends after the job's last event, or raises the exception the job ended with.
-    Create it on the loop that will read it.
+    Iteration ends after the request's last event, or raises `Logged(error)` with the error it ended with (the
+    scheduler has logged it in the request's own line). Create it on the loop that will read it.
     """
 
     def __init__(self) -> None:
@@ -56,6 +57,6 @@ class AsyncEventStream:
         if isinstance(item, _End):
             self._ended = True
             if item.error is not None:
-                raise item.error
+                raise Logged(item.error)
             raise StopAsyncIteration
         return item

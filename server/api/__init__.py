@@ -1,0 +1,1 @@
+"""The gRPC edge: servicers, proto <-> domain conversion, and the one error boundary."""

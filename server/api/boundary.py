@@ -1,0 +1,215 @@
+"""The one error boundary: every exception an RPC raises becomes a gRPC status through one table.
+
+Servicer methods are straight-line code under the `rpc` decorator; it catches what they raise, maps it here,
+logs one line, and ends the call with the status and its `google.rpc` details:
+
+- a message that names the problem (never a traceback or a token);
+- `BadRequest` field violations for INVALID_ARGUMENT, and for model-store errors about a model the request
+  named (the store's errors carry the AIR; the decorator's `models` says which request field holds which AIR,
+  so errors name `model`, `refiner.model` or `refiner_model` as the request spells it);
+- `RetryInfo` for RESOURCE_EXHAUSTED when retrying helps.
+
+Anything not in the table is a bug: INTERNAL with a generic message, and the traceback goes to the log.
+tests/test_status.py checks that every error class of both packages has a row here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from modelstore import Role, parse_air
+from modelstore import errors as store_errors
+from server import errors
+
+log = logging.getLogger(__name__)
+
+# Lookup walks each exception's MRO, so a subclass needs no row of its own.
+STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.JobCancelled: grpc.StatusCode.CANCELLED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OutOfDeviceMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.WorkerFailed: grpc.StatusCode.UNAVAILABLE,
+    errors.NotPinned: grpc.StatusCode.NOT_FOUND,
+    store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
+    store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.UnsafeCheckpoint: grpc.StatusCode.FAILED_PRECONDITION,
+    # The cached files are incomplete or inconsistent; no retry helps until the model is pulled again.
+    store_errors.CorruptModel: grpc.StatusCode.FAILED_PRECONDITION,
+    # The bytes we got were wrong; the source may serve them right next time.
+    store_errors.IntegrityError: grpc.StatusCode.UNAVAILABLE,
+    store_errors.SourceUnauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    store_errors.SourcePermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    store_errors.SourceRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    store_errors.SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
+    store_errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    store_errors.ModelInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    store_errors.DownloadAbandoned: grpc.StatusCode.CANCELLED,
+}
+
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+@dataclass(frozen=True)
+class ModelField:
+    """A request field that names a model: its path as the request spells it, the text it holds (empty: the
+    server's default, `default`), and the role the model plays."""
+
+    field: str
+    text: str
+    role: Role | None = None
+    default: str | None = None
+
+    def names(self, error: store_errors.ModelStoreError) -> bool:
+        if error.air is None:
+            return False
+        wrong_role = isinstance(error, store_errors.WrongArchitecture) and error.role not in (None, self.role)
+        if wrong_role and self.role is not None:
+            return False
+        text = self.text or self.default or ""
+        if error.air == text:
+            return True
+        try:
+            return bool(text) and parse_air(text).canonical == error.air
+        except store_errors.InvalidModelId:
+            return False
+
+
+class Logged(Exception):
+    """Carries an error that was already logged where it happened (an admitted request's own log line): the
+    boundary maps `cause` to the status and does not log it again."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class RpcError:
+    """What the client receives for an exception."""
+
+    code: grpc.StatusCode
+    message: str
+    details: tuple[any_pb2.Any, ...] = ()
+
+    def to_status(self) -> status_pb2.Status:
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=list(self.details)
+        )
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
+    for cls in type(exc).__mro__:
+        code = STATUS_TABLE.get(cls)
+        if code is not None:
+            return code
+    return None
+
+
+def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcError:
+    """Map an exception to the client's status. Unknown exceptions are logged with their traceback."""
+    code = status_code_for(exc)
+    if code is None:
+        log.error("unexpected error", exc_info=exc)
+        return RpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    details: list[any_pb2.Any] = []
+    message = str(exc)
+    if isinstance(exc, errors.InvalidRequest):
+        details.append(_bad_request([(v.field, v.description, v.reason) for v in exc.violations]))
+    elif isinstance(exc, store_errors.ModelStoreError):
+        field = next((m.field for m in models if m.names(exc)), None)
+        if field is not None:
+            details.append(_bad_request([(field, message, type(exc).__name__)]))
+            message = f"{field}: {message}"
+    retry_after = getattr(exc, "retry_after_s", None)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None:
+        details.append(_retry_info(float(retry_after)))
+    return RpcError(code, message, tuple(details))
+
+
+def _bad_request(violations: list[tuple[str, str, str]]) -> any_pb2.Any:
+    detail = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d, reason=r) for f, d, r in violations
+        ]
+    )
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return packed
+
+
+# ---- the decorator ----------------------------------------------------------------------------------------
+
+Servicer = Any
+Request = Any
+Models = Callable[[Servicer, Request], Sequence[ModelField]]
+Describe = Callable[[Request], str]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(name: str, *, describe: Describe | None = None, models: Models | None = None) -> Callable[[F], F]:
+    """Decorate a servicer method (unary, or server-streaming as an async generator): every exception it
+    raises ends the call with the status this module's table gives it, and one log line
+    "`name` `describe(request)` failed: CODE: message". `models(servicer, request)` lists the request's model
+    fields, so that a model-store error names the field of the model it concerns."""
+
+    def decorate(method: F) -> F:
+        async def fail(
+            servicer: Servicer, request: Request, context: grpc.aio.ServicerContext, exc: Exception
+        ) -> NoReturn:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise exc  # the call was already ended with a status of its own choosing
+            logged = isinstance(exc, Logged)
+            cause = exc.cause if isinstance(exc, Logged) else exc
+            failure = rpc_error_for(cause, models(servicer, request) if models is not None else ())
+            if not logged:
+                target = f" {describe(request)}" if describe is not None else ""
+                log.info("%s%s failed: %s: %s", name, target, failure.code.name, failure.message)
+            await context.abort_with_status(rpc_status.to_status(failure.to_status()))
+            raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
+
+        if inspect.isasyncgenfunction(method):
+
+            @functools.wraps(method)
+            async def streaming(
+                servicer: Servicer, request: Request, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for response in method(servicer, request, context):
+                        yield response
+                except Exception as exc:  # CancelledError (the client went away) is a BaseException: not caught
+                    await fail(servicer, request, context, exc)
+
+            return streaming  # type: ignore[return-value]
+
+        @functools.wraps(method)
+        async def unary(servicer: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await method(servicer, request, context)
+            except Exception as exc:
+                await fail(servicer, request, context, exc)
+
+        return unary  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,60 @@
+"""The `refinery.v1.GenerationService` servicer (grpc.aio).
+
+Per request: validate (INVALID_ARGUMENT naming every bad field, before any work), submit to the scheduler,
+and stream its events as they come. The call ends with OK, or with the status `boundary.py` gives the error
+the request ended with. A client that cancels or disconnects cancels its request, which stops at the next
+step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from modelstore import Role
+from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.api.boundary import ModelField, rpc
+from server.api.convert import generate_response
+from server.api.stream import AsyncEventStream
+from server.api.validation import job_from_request
+from server.scheduling.scheduler import Scheduler
+from server.settings import Settings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    def __init__(self, scheduler: Scheduler, settings: Settings) -> None:
+        self._scheduler = scheduler
+        self._settings = settings
+
+    def _models(self, request: pb.GenerateRequest) -> Sequence[ModelField]:
+        base = ModelField("model", request.model, Role.BASE, self._settings.default_model)
+        refiner = ModelField("refiner.model", request.refiner.model, Role.REFINER, self._settings.default_refiner)
+        return (base, refiner) if request.HasField("refiner") else (base,)
+
+    @rpc("Generate", describe=lambda request: repr(request.request_id or "-"), models=_models)
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        settings = self._settings
+        job = job_from_request(
+            request,
+            limits=settings.limits,
+            default_model=settings.default_model,
+            default_refiner=settings.default_refiner,
+        )
+        stream = AsyncEventStream()
+        remaining = context.time_remaining()
+        # A deadline lets the scheduler drop the request while queued instead of running it for nobody.
+        deadline = None if remaining is None else time.monotonic() + remaining
+        ticket = self._scheduler.submit(job, stream, deadline=deadline)
+        try:
+            async for event in stream:
+                yield generate_response(job.request_id, event)
+        finally:
+            # A no-op for a finished request; for a client that went away, it stops at its next step.
+            self._scheduler.cancel(ticket)

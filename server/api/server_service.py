@@ -1,0 +1,75 @@
+"""`refinery.v1.ServerService`: what the server is doing right now, for operators and dashboards, and which
+pairs it keeps loaded (PinPair / UnpinPair: `--pin` at run time)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from modelstore import Role, parse_air
+from refinery.v1 import status_pb2 as pb
+from refinery.v1 import status_pb2_grpc as pb_grpc
+from server.api.boundary import ModelField, rpc
+from server.api.convert import device_status
+from server.domain import PairKey
+from server.errors import FieldViolation, InvalidRequest, NotPinned
+from server.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ServerService"].full_name
+
+
+def _pair_fields(_servicer: object, request: pb.PinPairRequest) -> Sequence[ModelField]:
+    return (
+        ModelField("model", request.model, Role.BASE),
+        ModelField("refiner_model", request.refiner_model, Role.REFINER),
+    )
+
+
+def _target(request: pb.PinPairRequest) -> str:
+    return repr(f"{request.model}+{request.refiner_model}")
+
+
+class ServerService(pb_grpc.ServerServiceServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    @rpc("GetStatus")
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        status = self._scheduler.snapshot()
+        queue = pb.QueueStatus(
+            depth=status.queue_depth, max_queue=status.max_queue, depth_by_priority=status.depth_by_priority
+        )
+        return pb.GetStatusResponse(
+            devices=[device_status(d) for d in status.devices], queue=queue, jobs_running=status.jobs_running
+        )
+
+    @rpc("PinPair", describe=_target, models=_pair_fields)
+    async def PinPair(self, request: pb.PinPairRequest, context: grpc.aio.ServicerContext) -> pb.PinPairResponse:
+        key = _pair(request)
+        await asyncio.wrap_future(self._scheduler.pin([key]))
+        log.info("pinned %s on every device", key)
+        return pb.PinPairResponse(devices=self._devices())
+
+    @rpc("UnpinPair", describe=_target, models=_pair_fields)
+    async def UnpinPair(self, request: pb.UnpinPairRequest, context: grpc.aio.ServicerContext) -> pb.UnpinPairResponse:
+        key = _pair(request)
+        if not self._scheduler.unpin(key):
+            raise NotPinned(f"{key} is not pinned on any device")
+        log.info("unpinned %s", key)
+        return pb.UnpinPairResponse(devices=self._devices())
+
+    def _devices(self) -> list[pb.DeviceStatus]:
+        return [device_status(d) for d in self._scheduler.snapshot().devices]
+
+
+def _pair(request: pb.PinPairRequest | pb.UnpinPairRequest) -> PairKey:
+    """The request's pair as canonical AIRs (a malformed AIR raises InvalidModelId, named by the boundary)."""
+    if not request.model:
+        raise InvalidRequest([FieldViolation("model", "required: the base's AIR")])
+    base = parse_air(request.model).canonical
+    return PairKey(base, parse_air(request.refiner_model).canonical if request.refiner_model else None)

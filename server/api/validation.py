@@ -1,0 +1,188 @@
+"""A `GenerateRequest` becomes a validated `Job`, or INVALID_ARGUMENT naming every bad field, before any work.
+
+Validation collects every bad field before refusing and names each by its path in the request
+(`refiner.start_step`). Responses go the other way in `convert.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Callable
+
+from modelstore import parse_air
+from modelstore.errors import InvalidModelId
+from refinery.v1 import generation_pb2 as pb
+from server import domain
+from server.errors import FieldViolation, InvalidRequest
+from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
+from server.settings import Limits
+
+MAX_SEED = 2**64 - 1
+
+SAMPLERS = {
+    pb.SCHEDULER_UNSPECIFIED: domain.Sampler.EULER,
+    pb.SCHEDULER_EULER: domain.Sampler.EULER,
+    pb.SCHEDULER_EULER_ANCESTRAL: domain.Sampler.EULER_ANCESTRAL,
+    pb.SCHEDULER_DDIM: domain.Sampler.DDIM,
+    pb.SCHEDULER_DPMPP_2M: domain.Sampler.DPMPP_2M,
+    pb.SCHEDULER_DPMPP_2M_KARRAS: domain.Sampler.DPMPP_2M_KARRAS,
+    pb.SCHEDULER_UNIPC: domain.Sampler.UNIPC,
+}
+FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: domain.ImageFormat.PNG,
+    pb.OUTPUT_FORMAT_PNG: domain.ImageFormat.PNG,
+    pb.OUTPUT_FORMAT_JPEG: domain.ImageFormat.JPEG,
+    pb.OUTPUT_FORMAT_WEBP: domain.ImageFormat.WEBP,
+}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def random_seed() -> int:
+    # 32 bits: easy to read back, type and share, and exact in every client language (JS numbers included).
+    return secrets.randbelow(2**32)
+
+
+class _Violations:
+    def __init__(self) -> None:
+        self.found: list[FieldViolation] = []
+
+    def __call__(self, field: str, description: str, reason: str = "INVALID_VALUE") -> None:
+        self.found.append(FieldViolation(field, description, reason))
+
+
+def job_from_request(
+    request: pb.GenerateRequest,
+    *,
+    limits: Limits,
+    default_model: str,
+    default_refiner: str | None,
+    make_request_id: Callable[[], str] = new_request_id,
+    make_seed: Callable[[], int] = random_seed,
+) -> domain.Job:
+    """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field."""
+    bad = _Violations()
+    request_id = request.request_id or make_request_id()
+    if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
+        bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
+    _check_prompts(request, limits, bad)
+    model = _model(request.model or default_model, "model", bad)
+    _check_size(request, limits, bad)
+    steps = request.steps or limits.default_steps
+    if steps > limits.max_steps:
+        bad("steps", f"must be 0 (= {limits.default_steps}) or 1..{limits.max_steps}, got {steps}")
+    cfg_scale = float(request.cfg_scale) if request.cfg_scale else limits.default_cfg_scale
+    if not math.isfinite(cfg_scale) or not 0 < cfg_scale <= limits.max_cfg_scale:
+        bad("cfg_scale", f"must be 0 (= {limits.default_cfg_scale}) or in (0, {limits.max_cfg_scale}]")
+    number_results = request.number_results or 1
+    if number_results > limits.max_results:
+        bad("number_results", f"must be 0 (= 1) or 1..{limits.max_results}, got {number_results}")
+    seed = request.seed if request.HasField("seed") else make_seed()
+    if seed + number_results - 1 > MAX_SEED:
+        bad("seed", f"seed + number_results - 1 must not exceed {MAX_SEED}")
+    sampler, output_format = _check_enums(request, bad)
+    if request.preview_every > limits.max_steps:
+        bad("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
+    if abs(request.priority) > limits.max_priority:
+        bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
+    refiner, base_steps = None, steps
+    if request.HasField("refiner"):
+        refiner, base_steps = _refiner(request.refiner, steps, default_refiner, bad)
+    if bad.found:
+        raise InvalidRequest(bad.found)
+    assert model is not None and sampler is not None and output_format is not None
+    return domain.Job(
+        request_id=request_id,
+        model=model,
+        refiner=refiner,
+        prompt=request.positive_prompt,
+        negative_prompt=request.negative_prompt or None,
+        width=request.width,
+        height=request.height,
+        steps=steps,
+        base_steps=base_steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        sampler=sampler,
+        number_results=number_results,
+        output_format=output_format,
+        preview_every=request.preview_every,
+        priority=request.priority,
+    )
+
+
+def _check_prompts(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
+    prompt = request.positive_prompt
+    if not prompt.strip():
+        bad("positive_prompt", "is required and must not be blank", "REQUIRED")
+    elif len(prompt) > limits.max_prompt_chars:
+        bad("positive_prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if len(request.negative_prompt) > limits.max_prompt_chars:
+        bad("negative_prompt", f"must be at most {limits.max_prompt_chars} characters")
+
+
+def _check_size(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value and (value % 8 or not limits.min_side <= value <= limits.max_side):
+            bad(
+                name,
+                f"must be 0 (the model's native size) or a multiple of 8 in "
+                f"{limits.min_side}..{limits.max_side}, got {value}",
+            )
+
+
+def _check_enums(
+    request: pb.GenerateRequest, bad: _Violations
+) -> tuple[domain.Sampler | None, domain.ImageFormat | None]:
+    sampler = SAMPLERS.get(request.scheduler)
+    if sampler is None:
+        bad("scheduler", f"unknown scheduler value {request.scheduler}")
+    output_format = FORMATS.get(request.output_format)
+    if output_format is None:
+        bad("output_format", f"unknown output format value {request.output_format}")
+    return sampler, output_format
+
+
+def _model(text: str, field: str, bad: _Violations) -> str | None:
+    try:
+        return parse_air(text).canonical
+    except InvalidModelId as exc:
+        bad(field, str(exc), "MALFORMED_AIR")
+        return None
+
+
+def _refiner(
+    message: pb.Refiner, steps: int, default_refiner: str | None, bad: _Violations
+) -> tuple[domain.RefinerSpec | None, int]:
+    model: str | None
+    if message.model:
+        model = _model(message.model, "refiner.model", bad)
+    elif default_refiner is not None:
+        model = default_refiner
+    else:
+        bad("refiner.model", "is required (this server has no default refiner)", "REQUIRED")
+        model = None
+    start: domain.RefinerStart = domain.DEFAULT_REFINER_START
+    which = message.WhichOneof("start")
+    if which == "start_step":
+        if not 2 <= message.start_step <= steps:
+            bad("refiner.start_step", f"must be in 2..steps (2..{steps}), got {message.start_step}")
+        start = domain.StartStep(message.start_step)
+    elif which == "start_step_percentage":
+        if not 1 <= message.start_step_percentage <= 99:
+            bad("refiner.start_step_percentage", f"must be in 1..99, got {message.start_step_percentage}")
+        start = domain.StartPercentage(message.start_step_percentage)
+    if steps < MIN_REFINER_TOTAL_STEPS:
+        bad("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")
+    if model is None:
+        return None, steps
+    try:
+        base_steps = base_step_count(steps, start)
+    except ValueError:
+        return None, steps  # already reported above
+    return domain.RefinerSpec(model, start), base_steps

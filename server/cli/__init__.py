@@ -1,0 +1,1 @@
+"""The `refinery` command line: `serve`, `generate` and `models` (see `main.py`)."""

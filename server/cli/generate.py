@@ -1,0 +1,224 @@
+"""`refinery generate`: one request, its progress on the terminal, its images written to files.
+
+Without `--server` it starts a server in this process on a free loopback port and talks to it over real gRPC,
+so it behaves exactly like a remote call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.cli import options, serve
+from server.cli.terminal import ProgressView, describe_rpc_error
+from server.logs import quiet_model_libraries
+
+SAMPLERS = {
+    "euler": pb.SCHEDULER_EULER,
+    "euler_ancestral": pb.SCHEDULER_EULER_ANCESTRAL,
+    "ddim": pb.SCHEDULER_DDIM,
+    "dpmpp_2m": pb.SCHEDULER_DPMPP_2M,
+    "dpmpp_2m_karras": pb.SCHEDULER_DPMPP_2M_KARRAS,
+    "unipc": pb.SCHEDULER_UNIPC,
+}
+FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
+_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
+    gen = commands.add_parser("generate", help="generate images and write them to files")
+    count = _argparse_type(options.count)
+    gen.add_argument("prompt")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--model", help="base model AIR (default: the server's)")
+    gen.add_argument("--refiner", help="refiner AIR; without it (and without --refiner-start) no refiner runs")
+    gen.add_argument(
+        "--refiner-start",
+        type=parse_refiner_start,
+        metavar="90%|STEP",
+        help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
+    )
+    gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
+    gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
+    gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
+    gen.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's native size")
+    gen.add_argument("-n", "--number", type=count, default=1, help="how many images (seeds seed, seed+1, ...)")
+    gen.add_argument("--scheduler", choices=sorted(SAMPLERS), help="default euler")
+    gen.add_argument("--format", choices=sorted(FORMATS), help="default: from -o's suffix, else png")
+    gen.add_argument("-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ...")
+    gen.add_argument("--preview-every", type=count, help="ask for a preview every N steps")
+    gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
+    gen.add_argument(
+        "--server",
+        default=env.get("REFINERY_SERVER"),
+        help="HOST:PORT of a running server (default: start one in this process) [REFINERY_SERVER]",
+    )
+    serve.add_device_flags(gen, env)
+    serve.add_store_flags(gen)
+    serve.add_log_flags(gen, env)
+
+
+def _argparse_type(convert: options.Convert) -> options.Convert:
+    """A converter whose ValueError argparse reports with its own message."""
+
+    def checked(text: str) -> object:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return checked
+
+
+def parse_refiner_start(text: str) -> tuple[str, int]:
+    """ "90%" -> start_step_percentage 90; "18" -> start_step 18 (the refiner's first step, 1-based)."""
+    value = text.strip()
+    field = "start_step"
+    if value.endswith("%"):
+        field, value = "start_step_percentage", value[:-1].strip()
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a percentage like 90% or a step number, got {text!r}")
+    return field, int(value)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "WxH", or one number for a square."""
+    width, sep, height = text.lower().partition("x")
+    if not sep:
+        height = width
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 1024x768, got {text!r}")
+    return int(width), int(height)
+
+
+def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        positive_prompt=args.prompt,
+        negative_prompt=args.negative or "",
+        model=args.model or "",
+        steps=args.steps or 0,
+        cfg_scale=args.cfg or 0.0,
+        number_results=args.number,
+        scheduler=SAMPLERS[args.scheduler] if args.scheduler else pb.SCHEDULER_UNSPECIFIED,
+        output_format=FORMATS[output_format(args)],
+        preview_every=args.preview_every or (1 if args.previews else 0),
+    )
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.size is not None:
+        request.width, request.height = args.size
+    if args.refiner is not None or args.refiner_start is not None:
+        # --refiner-start alone uses the server's default refiner.
+        request.refiner.model = args.refiner or ""
+        if args.refiner_start is not None:
+            field, value = args.refiner_start
+            setattr(request.refiner, field, value)
+    return request
+
+
+def output_format(args: argparse.Namespace) -> str:
+    """--format, else the output file's suffix, else PNG."""
+    if args.format:
+        return str(args.format)
+    return _SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "png")
+
+
+def output_path(base: Path, index: int, count: int) -> Path:
+    """PATH for one result; PATH-0, PATH-1, ... (before the suffix) for several."""
+    if count == 1:
+        return base
+    return base.with_name(f"{base.stem}-{index}{base.suffix}")
+
+
+@dataclass
+class _Written:
+    path: Path
+    image: pb.Image
+
+
+async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    try:
+        request = build_request(args)
+    except ValueError as exc:  # protobuf refuses a number its field cannot hold
+        raise serve.UsageError(f"a value is out of range: {exc}") from None
+    address = args.server
+    async with contextlib.AsyncExitStack() as stack:
+        if not address:
+            address = await stack.enter_async_context(_in_process_server(args, env))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=_channel_options()))
+        try:
+            stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+            written = await _stream_to_files(stub, request, args)
+        except grpc.aio.AioRpcError as err:
+            print(describe_rpc_error(err), file=sys.stderr)
+            return serve.EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
+    _report(written)
+    return 0
+
+
+async def _stream_to_files(
+    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, args: argparse.Namespace
+) -> list[_Written]:
+    view = ProgressView()
+    written: list[_Written] = []
+    count = max(request.number_results, 1)
+    out = Path(args.output)
+    previews = Path(args.previews) if args.previews else None
+    try:
+        async for response in stub.Generate(request):
+            view.show(response)
+            kind = response.WhichOneof("event")
+            if kind == "preview" and previews is not None:
+                p = response.preview
+                previews.mkdir(parents=True, exist_ok=True)
+                (previews / f"{out.stem}-preview-{p.overall_step:03d}-{p.image_index}.jpg").write_bytes(p.data)
+            elif kind == "image":
+                path = output_path(out, response.image.index, count)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(response.image.data)
+                written.append(_Written(path, response.image))
+    finally:
+        view.close()
+    return written
+
+
+def _report(written: Sequence[_Written]) -> None:
+    if not written:
+        return
+    first = written[0].image
+    models = first.model + (f" + refiner {first.refiner_model}" if first.refiner_model else "")
+    steps = f"{first.base_steps} base" + (f" + {first.refiner_steps} refiner" if first.refiner_steps else "")
+    print(f"model {models}; {steps} steps")
+    for item in sorted(written, key=lambda w: w.image.index):
+        image = item.image
+        print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
+
+
+def _channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        # Ping every 30 s so NATs and proxies keep a quiet stream open (the server accepts every 10 s).
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -> AsyncIterator[str]:
+    settings = serve.server_settings(args, env, in_process=True)
+    quiet_model_libraries()
+    from server.app import RefineryServer  # torch and diffusers load only when a server runs here
+
+    try:
+        server = RefineryServer(settings)
+    except ValueError as exc:  # e.g. --device cuda on a machine without one
+        raise serve.UsageError(str(exc)) from None
+    async with server:
+        yield f"127.0.0.1:{server.port}"

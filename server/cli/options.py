@@ -1,0 +1,132 @@
+"""Flags that may also come from the environment, and the converters that check them.
+
+Each such flag names its variable: a flag on the command line wins over the variable, which wins over the
+default. A bad value, from either, is refused by argparse in one line with exit code 2 before anything starts
+(`refinery serve: error: argument --max-batch: must be at least 1, got 0 (from REFINERY_MAX_BATCH)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from modelstore import parse_air
+from modelstore.errors import InvalidModelId
+from modelstore.units import parse_bytes
+from server.domain import PairKey
+
+Convert = Callable[[str], Any]
+
+
+def env_flag(
+    parser: argparse.ArgumentParser,
+    env: Mapping[str, str],
+    flag: str,
+    *,
+    var: str,
+    convert: Convert,
+    default: str | None,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """`flag`, defaulting to the environment variable `var`, then to `default`; both go through `convert`."""
+    from_env = env.get(var)
+    where = f" (from {var})" if from_env is not None else ""
+
+    def checked(text: str) -> Any:
+        try:
+            return convert(text)
+        except (ValueError, InvalidModelId) as exc:
+            raise argparse.ArgumentTypeError(f"{exc}{where if text == from_env else ''}") from None
+
+    checked.__name__ = convert.__name__  # argparse names the converter in some messages
+    parser.add_argument(
+        flag, type=checked, default=from_env if from_env is not None else default, help=f"{help} [{var}]", **kwargs
+    )
+
+
+# ---- converters: each raises ValueError with a message that reads after "argument --flag: " ------------------
+
+
+def count(text: str) -> int:
+    """A whole number >= 0."""
+    if not text.strip().isdigit():
+        raise ValueError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def size(text: str) -> int:
+    """Bytes: "40GiB", "512MB", "1000000"; 0 means unset."""
+    return parse_bytes(text)
+
+
+def flag_on(text: str) -> bool:
+    return text.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def air(text: str) -> str:
+    return parse_air(text).canonical
+
+
+def optional_air(text: str) -> str | None:
+    """An AIR, or "none" / "" for no model."""
+    return None if text.strip().lower() in ("", "none") else air(text)
+
+
+def devices(text: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in text.split(",") if d.strip()) or ("auto",)
+
+
+def pins(text: str) -> tuple[PairKey, ...] | None:
+    """Comma-separated "BASE[+REFINER]" pairs; "none" for no pins; "" for the default pair (None)."""
+    texts = [p.strip() for p in text.split(",") if p.strip()]
+    if not texts:
+        return None
+    if any(p.lower() == "none" for p in texts):
+        return ()
+    return tuple(PairKey.parse(p) for p in texts)
+
+
+def directory(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None

@@ -1,0 +1,162 @@
+"""`refinery serve`: run the gRPC server until SIGTERM or SIGINT, and the server settings every command builds.
+
+The server's one settings object comes from here: flags, else REFINERY_* variables, else defaults, each checked
+by argparse as it is read (`options.py`). `refinery generate` without `--server` builds the same settings for a
+server inside the command (loopback, a free port, nothing pinned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+
+from modelstore import StoreSettings
+from modelstore.errors import ModelStoreError
+from server.cli import options
+from server.cli.options import env_flag
+from server.domain import PairKey
+from server.logs import quiet_model_libraries
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad setting found after parsing; reported in one line with exit code 2."""
+
+
+def add_device_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Flags of every command that may run a server in this process."""
+    env_flag(
+        parser,
+        env,
+        "--devices",
+        var="REFINERY_DEVICES",
+        convert=options.devices,
+        default="auto",
+        help="comma-separated: auto (default), cpu, cuda, cuda:N; one worker each",
+    )
+    parser.add_argument("--device", dest="devices", type=options.devices, help=argparse.SUPPRESS)
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
+    serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+
+    def flag(name: str, var: str, convert: options.Convert, default: str | None, help: str) -> None:
+        env_flag(serve, env, name, var=var, convert=convert, default=default, help=help)
+
+    flag("--host", "REFINERY_HOST", str, "0.0.0.0", "address to bind (default 0.0.0.0)")
+    flag("--port", "REFINERY_PORT", options.port, "50051", "port (default 50051; 0 = any free port)")
+    flag("--model", "REFINERY_MODEL", options.air, DEFAULT_BASE, f"default base model (default {DEFAULT_BASE})")
+    flag(
+        "--refiner",
+        "REFINERY_REFINER",
+        options.optional_air,
+        DEFAULT_REFINER,
+        f"default refiner, or 'none' (default {DEFAULT_REFINER})",
+    )
+    serve.add_argument(
+        "--pin",
+        action="append",
+        type=options.pins,
+        metavar="BASE[+REFINER]",
+        help="keep this pair resident on every device from start-up (repeatable; 'none' for no pins; default: "
+        "the default base+refiner); health is SERVING once pinned pairs are loaded",
+    )
+    flag("--pins", "REFINERY_PINS", options.pins, "", "the same as --pin, comma-separated")
+    flag("--max-queue", "REFINERY_MAX_QUEUE", options.positive, "64", "requests that may wait (default 64)")
+    flag("--max-batch", "REFINERY_MAX_BATCH", options.positive, "4", "images denoised together (default 4; 1 = off)")
+    flag(
+        "--encode-threads",
+        "REFINERY_ENCODE_THREADS",
+        options.non_negative,
+        "2",
+        "threads encoding results while the device runs the next batch (default 2; 0 = on the device's worker)",
+    )
+    flag(
+        "--budget",
+        "REFINERY_BUDGET",
+        options.size,
+        "0",
+        "model memory per device, e.g. 40GiB (default: the device's memory less 25%%)",
+    )
+    flag("--metrics-port", "REFINERY_METRICS_PORT", options.port, "0", "serve Prometheus /metrics here (default off)")
+    flag("--grace", "REFINERY_GRACE_PERIOD", options.seconds, "30", "seconds running requests get on shutdown")
+    add_device_flags(serve, env)
+    add_store_flags(serve)
+    add_log_flags(serve, env)
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=options.directory, help="model cache [REFINERY_CACHE_DIR]")
+
+
+def add_log_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    parser.add_argument(
+        "--log-json",
+        action="store_const",
+        const=True,
+        default=options.flag_on(env.get("REFINERY_LOG_JSON", "")),
+        help="log one JSON object per line [REFINERY_LOG_JSON]",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+
+def store_settings(args: argparse.Namespace, env: Mapping[str, str]) -> StoreSettings:
+    try:
+        return StoreSettings.from_env(env, cache_dir=args.cache_dir)
+    except ValueError as exc:  # e.g. REFINERY_CACHE_MAX_BYTES that is not a size
+        raise UsageError(str(exc)) from None
+
+
+def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_process: bool) -> Settings:
+    """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
+    common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
+    if in_process:
+        # Loopback only, any free port; nothing pinned, so the stream shows the models loading.
+        return Settings(**common, host="127.0.0.1", port=0, pins=())
+    pins = _pins(args)
+    return Settings(
+        **common,
+        host=args.host,
+        port=args.port,
+        default_model=args.model,
+        default_refiner=args.refiner,
+        pins=pins if pins is not None else (PairKey(args.model, args.refiner),),
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        encode_threads=args.encode_threads,
+        budget_bytes=args.budget,
+        metrics_port=args.metrics_port,
+        grace_period_s=args.grace,
+    )
+
+
+def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:
+    """--pin (each may list several), else --pins / REFINERY_PINS, else None (the default pair)."""
+    if args.pin:
+        if any(group == () for group in args.pin):
+            return ()
+        return tuple(pair for group in args.pin if group for pair in group)
+    pinned: tuple[PairKey, ...] | None = args.pins
+    return pinned
+
+
+async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = server_settings(args, env, in_process=False)
+    quiet_model_libraries()
+    from server.app import serve  # torch and diffusers load only when a server runs here
+
+    try:
+        await serve(settings)
+    except ValueError as exc:  # e.g. --device cuda on a machine without one
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # the port is taken
+        print(f"refinery: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ModelStoreError as exc:  # a pinned model is unknown, unsafe or of the wrong kind
+        print(f"refinery: error: cannot load a pinned pair: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

@@ -1,0 +1,177 @@
+"""What the CLI shows at a terminal, shared by every command: progress bars (tqdm), tables, byte counts and the
+one-line error for a failed call.
+
+On a terminal a bar redraws in place; elsewhere (pipes, CI logs) a view prints one line per finished stage or
+download, so logs stay short.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import MutableMapping, Sequence
+from typing import Any, TextIO
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from tqdm import tqdm
+
+from modelstore.units import format_bytes
+from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import models_pb2 as models_pb
+
+_STAGE_NAMES = {pb.STAGE_BASE: "base", pb.STAGE_REFINER: "refiner"}
+_ROLE_NAMES = {pb.MODEL_ROLE_BASE: "base", pb.MODEL_ROLE_REFINER: "refiner"}
+_BAR_WIDTH = 30
+
+
+class _Bar(tqdm):  # type: ignore[type-arg]
+    """A tqdm bar whose numbers are ours (`text`): the server's byte counts and rates, in our byte format."""
+
+    text = ""
+
+    @property
+    def format_dict(self) -> MutableMapping[str, Any]:
+        values = super().format_dict
+        values["text"] = self.text
+        return values
+
+
+def _bar(desc: str, total: int, out: TextIO) -> _Bar:
+    return _Bar(
+        total=total,
+        desc=desc,
+        file=out,
+        bar_format="{desc} [{bar:" + str(_BAR_WIDTH) + "}] {text}",
+        ascii=".#",
+        mininterval=0,
+        leave=True,
+    )
+
+
+class _View:
+    """One bar at a time on a terminal; `interactive=False` draws nothing (the subclass prints lines)."""
+
+    def __init__(self, stream: TextIO | None, interactive: bool | None) -> None:
+        self._out = stream if stream is not None else sys.stderr
+        self._interactive = self._out.isatty() if interactive is None else interactive
+        self._bar: _Bar | None = None
+
+    def _draw(self, desc: str, done: int, total: int, text: str) -> None:
+        total = max(total, 1)
+        if self._bar is None or self._bar.desc != desc or self._bar.total != total:
+            self._end_bar()
+            self._bar = _bar(desc, total, self._out)
+        self._bar.text = text
+        self._bar.n = min(done, total)
+        self._bar.refresh()
+
+    def _end_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _line(self, text: str) -> None:
+        self._end_bar()
+        self._out.write(text + "\n")
+        self._out.flush()
+
+
+class ProgressView(_View):
+    """A `Generate` stream: queue position, model loading, a bar per stage."""
+
+    def __init__(self, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
+        super().__init__(stream, interactive)
+
+    def show(self, response: pb.GenerateResponse) -> None:
+        kind = response.WhichOneof("event")
+        if kind == "queued":
+            q = response.queued
+            ahead = "runs next" if q.position == 0 else f"{q.position} ahead"
+            self._line(f"queued: {ahead} ({q.queue_depth} waiting)")
+        elif kind == "model_loading":
+            self._loading(response.model_loading)
+        elif kind == "progress":
+            self._progress(response.progress)
+
+    def close(self) -> None:
+        self._end_bar()
+        self._out.flush()
+
+    def _loading(self, event: pb.ModelLoading) -> None:
+        role = _ROLE_NAMES.get(event.role, "model")
+        if event.phase in (pb.ModelLoading.PHASE_DOWNLOADING, pb.ModelLoading.PHASE_VERIFYING):
+            doing = "downloading" if event.phase == pb.ModelLoading.PHASE_DOWNLOADING else "verifying"
+            total = f" / {format_bytes(event.bytes_total)}" if event.bytes_total else ""
+            if self._interactive:  # byte counts would flood a log; the LOADING line follows anyway
+                text = f"{format_bytes(event.bytes_done)}{total}"
+                self._draw(f"{doing} {role} {event.model}", event.bytes_done, event.bytes_total, text)
+            return
+        if event.phase == pb.ModelLoading.PHASE_LOADING:
+            self._line(f"loading {role} {event.model} ...")
+        elif event.phase == pb.ModelLoading.PHASE_READY:
+            self._line(f"loaded {role} {event.model}")
+
+    def _progress(self, p: pb.Progress) -> None:
+        stage = _STAGE_NAMES.get(p.stage, "step")
+        elapsed = p.elapsed.ToTimedelta().total_seconds()
+        text = f"{p.step}/{p.stage_steps}  step {p.overall_step}/{p.total_steps}  {elapsed:.1f}s"
+        if self._interactive:
+            self._draw(f"{stage:<7}", p.step, p.stage_steps, text)
+            if p.step == p.stage_steps:
+                self._end_bar()
+        elif p.step == p.stage_steps:
+            filled = "#" * _BAR_WIDTH
+            self._line(f"{stage:<7} [{filled}] {text}")
+
+
+class PullView(_View):
+    """Download progress of one pull (for a local model: hashing progress): nothing when the model was already
+    cached; on a terminal a bar; elsewhere one line once done."""
+
+    def __init__(self, model: str, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
+        super().__init__(stream, interactive)
+        self._model = model
+        self._last: models_pb.PullProgress | None = None
+
+    def show(self, progress: models_pb.PullProgress) -> None:
+        self._last = progress
+        if not self._interactive:
+            return
+        done, total = progress.bytes_done, progress.bytes_total
+        amount = f"{format_bytes(done)} / {format_bytes(total)}" if total else format_bytes(done)
+        doing = "verifying " if progress.verifying else ""
+        rate = format_bytes(int(progress.bytes_per_second))
+        self._draw(f"{doing}{self._model}", done, total, f"{amount}  {rate}/s")
+
+    def close(self, *, completed: bool) -> None:
+        """End the bar; `completed`: the model is in the cache (else the error line follows)."""
+        if self._last is None:
+            return
+        if self._interactive:
+            self._end_bar()  # the bar stays, as far as it got
+        elif completed:
+            rate = format_bytes(int(self._last.bytes_per_second))
+            done = "verified" if self._last.verifying else "downloaded"
+            self._out.write(f"{self._model}: {format_bytes(self._last.bytes_done)} {done} ({rate}/s)\n")
+        self._out.flush()
+        self._last = None
+
+
+def print_table(rows: Sequence[Sequence[str]], out: TextIO | None = None) -> None:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def describe_rpc_error(err: grpc.RpcError) -> str:
+    """One line: the status code, and each field violation if the server named fields."""
+    violations: list[str] = []
+    status = rpc_status.from_call(err)
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            violations.extend(f"{v.field}: {v.description}" for v in bad.field_violations)
+    text = "; ".join(violations) if violations else (err.details() or "")
+    return f"error: {err.code().name}: {text}"

@@ -1,0 +1,17 @@
+"""The pipelines one request runs on, as the device's residency hands them to the two-stage runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # diffusers loads in seconds; the types are only for readers and mypy
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+
+@dataclass(frozen=True)
+class PipelinePair:
+    """Loaded pipelines for one request: a base and, optionally, a refiner (both on the same device)."""
+
+    base: StableDiffusionXLPipeline
+    refiner: StableDiffusionXLImg2ImgPipeline | None = None

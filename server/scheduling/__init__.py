@@ -1,0 +1,1 @@
+"""Admission, resolution, placement, batching and the per-device workers with their residency."""

@@ -1,0 +1,252 @@
+"""Running one batch on its device worker's thread: load the pair, denoise, report each step; then hand each
+request's images to the host's `deliver`, which encodes and sends them off the device's thread while the worker
+goes on.
+
+Every request of a batch shares the pair and the shape; each gets its own `Progress` (with its own result
+indexes), its own previews and its own images. A request cancelled mid-run is ended at the next step and gets
+nothing more; the others go on, and the run itself stops once no request is left to serve.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from modelstore.errors import ModelStoreError
+from server.domain import (
+    ImageResult,
+    JobEvent,
+    LoadPhase,
+    ModelLoading,
+    PairKey,
+    Preview,
+    Progress,
+    RenderShape,
+    Sample,
+)
+from server.errors import JobCancelled, OutOfDeviceMemory, ServerError
+from server.generation import previews
+from server.generation.encoding import Encoder
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
+from server.metrics import Metrics
+from server.scheduling.devices import DeviceSpec
+from server.scheduling.pairs import ModelSpec
+from server.scheduling.residency import LoadReport, Residency
+from server.scheduling.ticket import Ticket
+
+log = logging.getLogger(__name__)
+
+
+class BatchHost(Protocol):
+    """What a batch asks of the scheduler: the pairs not to evict, and how to end or deliver a request."""
+
+    def waiting_pairs(self) -> set[PairKey]: ...
+
+    def finish(self, ticket: Ticket, error: BaseException | None) -> None: ...
+
+    def deliver(self, send: Callable[[], None]) -> None: ...
+
+
+class BatchDevice(Protocol):
+    """What a batch uses of the device worker that runs it."""
+
+    @property
+    def host(self) -> BatchHost: ...
+
+    @property
+    def device(self) -> DeviceSpec: ...
+
+    @property
+    def residency(self) -> Residency: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def run_pipeline(self) -> PipelineRunner: ...
+
+    @property
+    def encode(self) -> Encoder: ...
+
+    def observe_load(self, report: LoadReport) -> None: ...
+
+
+class Batch:
+    """Requests with the same pair and shape, denoised together on one device. `run()` once; every request
+    ends through the host's `finish` (directly, or after its images are delivered)."""
+
+    def __init__(self, worker: BatchDevice, tickets: list[Ticket]) -> None:
+        self._worker = worker
+        self._host = worker.host
+        self._tickets = tickets
+        self._active = list(tickets)  # not yet ended, nor handed over for delivery
+        offset = 0
+        for ticket in tickets:
+            ticket.batch_offset = offset
+            offset += ticket.job.number_results
+        self._started = self._last_step = time.perf_counter()
+        self._replay_until = 0
+
+    def run(self) -> None:
+        metrics = self._worker.metrics
+        now = time.perf_counter()
+        for ticket in self._tickets:
+            ticket.timings.started = now
+            metrics.queue_wait.observe(now - ticket.timings.submitted)
+        spec = self._tickets[0].spec
+        assert spec is not None, "only resolved requests reach a device"
+        acquired = False
+        try:
+            self._drop_cancelled()
+            pair = self._acquire()
+            acquired = True
+            for ticket in self._tickets:
+                ticket.timings.loading_s = time.perf_counter() - now
+            job = self._tickets[0].job
+            native_width, native_height = native_size(pair.base)
+            shape = job.shape(job.width or native_width, job.height or native_height)
+            samples = [s for t in self._tickets for s in t.job.samples()]
+            metrics.batch_images.observe(len(samples))
+            self._started = self._last_step = time.perf_counter()
+            result = self._run_with_oom_retry(pair, shape, samples)
+            for ticket in self._active:
+                self._host.deliver(functools.partial(self._deliver, ticket, shape, samples, result))
+            self._active = []  # handed over: the delivery alone ends these requests now
+        except Exception as exc:
+            if not isinstance(exc, (ServerError, ModelStoreError)):
+                log.error("batch on %s failed unexpectedly", self._worker.device.name, exc_info=exc)
+            for ticket in self._active:
+                self._host.finish(ticket, exc)
+            self._active = []
+        finally:
+            if acquired:
+                self._worker.residency.release(spec.key)
+
+    # ---- on the worker's thread -------------------------------------------------------------------------
+
+    def _acquire(self) -> PipelinePair:
+        spec = self._tickets[0].spec
+        assert spec is not None
+
+        def on_load(model: ModelSpec, done: bool) -> None:
+            self._emit_all(
+                ModelLoading(model.record.canonical, model.role, LoadPhase.READY if done else LoadPhase.LOADING)
+            )
+
+        protected = self._host.waiting_pairs() - {spec.key}
+        pair, report = self._worker.residency.acquire(spec, protected, on_load=on_load)
+        self._worker.observe_load(report)
+        return pair
+
+    def _run_with_oom_retry(self, pair: PipelinePair, shape: RenderShape, samples: list[Sample]) -> RunResult:
+        """Out of device memory: evict every idle pair, try once more, then give up with RESOURCE_EXHAUSTED."""
+        worker = self._worker
+        try:
+            return worker.run_pipeline(pair, shape, samples, self)
+        except torch.OutOfMemoryError:
+            evicted = worker.residency.evict_idle()
+            log.warning("out of memory on %s; evicted %d idle pair(s), retrying once", worker.device.name, len(evicted))
+        # The retry repeats steps already reported; they are not reported twice.
+        self._replay_until = max(t.steps_done for t in self._tickets)
+        try:
+            return worker.run_pipeline(pair, shape, samples, self)
+        except torch.OutOfMemoryError:
+            raise OutOfDeviceMemory(
+                f"{len(samples)} image(s) of {shape.width}x{shape.height} do not fit on {worker.device.name}; "
+                "try fewer results or a smaller size"
+            ) from None
+
+    def _emit_all(self, event: JobEvent) -> None:
+        for ticket in self._active:
+            ticket.sink.emit(event)
+
+    def _drop_cancelled(self) -> None:
+        for ticket in [t for t in self._active if t.cancel_requested]:
+            self._active.remove(ticket)
+            self._host.finish(ticket, ticket.cancel_error)
+        if not self._active:
+            raise JobCancelled("every request of the batch was cancelled")
+
+    def on_step(self, state: StepState) -> None:
+        """The runner's `StepObserver`: close cancelled requests, report progress and previews to the others."""
+        now = time.perf_counter()
+        self._worker.metrics.step_time.labels(state.stage.value).observe(now - self._last_step)
+        self._last_step = now
+        self._drop_cancelled()  # raising here unwinds out of diffusers: the device is free at once
+        if state.overall_step <= self._replay_until:
+            return
+        latents = None
+        for ticket in self._active:
+            ticket.steps_done = state.overall_step
+            ticket.sink.emit(
+                Progress(
+                    stage=state.stage,
+                    step=state.step,
+                    stage_steps=state.stage_steps,
+                    overall_step=state.overall_step,
+                    total_steps=state.total_steps,
+                    elapsed_s=now - self._started,
+                    image_indices=tuple(range(ticket.job.number_results)),
+                )
+            )
+            every = ticket.job.preview_every
+            if every and state.overall_step % every == 0:
+                latents = state.normalized_latents() if latents is None else latents
+                self._preview(ticket, state, latents)
+
+    def _preview(self, ticket: Ticket, state: StepState, latents: torch.Tensor) -> None:
+        start = ticket.batch_offset
+        images = previews.latents_to_images(latents[start : start + ticket.job.number_results])
+        for index, image in enumerate(images):
+            ticket.sink.emit(
+                Preview(
+                    stage=state.stage,
+                    step=state.step,
+                    overall_step=state.overall_step,
+                    image_index=index,
+                    data=previews.encode_preview(image),
+                    mime_type=previews.PREVIEW_MIME,
+                    width=image.width,
+                    height=image.height,
+                )
+            )
+
+    # ---- on an encoder thread (or the worker's, with encode_threads 0) ----------------------------------
+
+    def _deliver(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
+        """Encode and send one request's images, then end it."""
+        ticket.timings.run = result.timings
+        try:
+            self._send_images(ticket, shape, samples, result)
+        except Exception as exc:
+            log.error("sending the images of request %s failed", ticket.job.request_id, exc_info=exc)
+            self._host.finish(ticket, exc)
+            return
+        self._host.finish(ticket, None)
+
+    def _send_images(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
+        job = ticket.job
+        encode_started = time.perf_counter()
+        for index in range(job.number_results):
+            image = result.images[ticket.batch_offset + index]
+            ticket.sink.emit(
+                ImageResult(
+                    data=self._worker.encode(image, job.output_format),
+                    mime_type=job.output_format.mime_type,
+                    seed=samples[ticket.batch_offset + index].seed,
+                    index=index,
+                    width=image.width,
+                    height=image.height,
+                    base_steps=shape.base_steps,
+                    refiner_steps=shape.refiner_steps,
+                    model=job.model,
+                    refiner_model=job.refiner.model if job.refiner is not None else "",
+                )
+            )
+        ticket.timings.encode_s = time.perf_counter() - encode_started

@@ -1,0 +1,288 @@
+"""The device scheduler: admission, resolution, placement and batching in front of one worker per device.
+
+A request's life here (the API calls only `submit` and `cancel`):
+
+1. **Admission.** `submit` puts it in the bounded priority queue (`queue.py`) at once, or refuses it with
+   RESOURCE_EXHAUSTED + RetryInfo when the queue is full. Nothing waits unboundedly.
+2. **Resolution** (`resolver.py`). While it waits, a resolver thread leases its models in the cache, resolves
+   them (downloading if needed), checks their roles and measures them. Until then it is *blocked*: no device
+   takes it. A model that is unknown, of the wrong architecture, or too large for every device ends the
+   request here, before it costs a device anything.
+3. **Placement** (`placement.py`): affinity to a device that holds the pair, then no thrash, then the cheapest
+   load.
+4. **Batching.** With it come up to `max_batch` images of requests with the same pair and the same shape (size,
+   steps, split, sampler, guidance); each keeps its own prompt, seed and generator, so each image equals the
+   one it would get alone, up to float rounding between batch sizes.
+5. **Execution** on the device's worker thread (`worker.py`, `batch.py`). A cancelled request leaves the queue,
+   or stops receiving events at the next step; its batch mates go on, and the run stops once none is left.
+6. **Delivery.** Finished images are encoded and sent on an encoder thread (`encode_threads`) while the
+   worker already takes its next batch: the device does not wait for PNG compression.
+
+Faults: running out of device memory evicts every idle pair and retries once, then ends the batch with
+RESOURCE_EXHAUSTED; a failing batch never kills its worker; a worker thread that dies anyway is restarted and
+the requests it held end with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from modelstore import Loader, ModelStore, load_pipeline
+from modelstore.errors import ModelStoreError
+from server.domain import Job, PairKey, Queued
+from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown
+from server.generation import runner
+from server.generation.encoding import Encoder, encode_image
+from server.generation.runner import PipelineRunner
+from server.metrics import Metrics
+from server.scheduling import placement
+from server.scheduling.devices import cpu_threads, device_budget, is_cuda, resolve_devices
+from server.scheduling.leases import LeaseSet
+from server.scheduling.pairs import PairSpec
+from server.scheduling.queue import AdmissionQueue, Waiting
+from server.scheduling.resolver import Resolver
+from server.scheduling.snapshot import SchedulerSnapshot
+from server.scheduling.ticket import EventSink, Ticket, log_outcome, outcome_of
+from server.scheduling.worker import TICK_S, DeviceWorker
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def batch_key(job: Job) -> Hashable:
+    """Requests with equal keys can be denoised together (prompts, seeds and result counts may differ)."""
+    return (job.pair, job.width, job.height, job.steps, job.base_steps, job.cfg_scale, job.sampler)
+
+
+class Scheduler:
+    """`start()` once, `close()` at the end."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        *,
+        loader: Loader = load_pipeline,
+        run: PipelineRunner = runner.run,
+        encode: Encoder = encode_image,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue)
+        self._resolver = Resolver(store)
+        self._lock = threading.Lock()
+        self._tickets: set[Ticket] = set()  # every request not yet ended
+        self._closed = False
+        self._stopping = threading.Event()
+        self._resolving = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refinery-resolve")
+        self._encoders = (
+            ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="refinery-encode")
+            if settings.encode_threads
+            else None
+        )
+        self.workers = [
+            DeviceWorker(
+                self,
+                device,
+                budget_bytes=device_budget(
+                    device, budget_bytes=settings.budget_bytes, headroom_fraction=settings.headroom_fraction
+                ),
+                loader=loader,
+                leases=store,
+                run=run,
+                encode=encode,
+                metrics=self.metrics,
+            )
+            for device in resolve_devices(settings.devices)
+        ]
+        self.metrics.watch(self.snapshot)
+
+    # ---- the API's side ---------------------------------------------------------------------------------
+
+    def submit(self, job: Job, sink: EventSink, *, deadline: float | None = None) -> Ticket:
+        """Admit `job`; its events go to `sink`. `deadline` (time.monotonic()) is when the client stops
+        waiting. Raises ShuttingDown while draining, Overloaded when the queue is full."""
+        ticket = Ticket(job, sink, leases=LeaseSet(self.store), deadline=deadline)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            self._tickets.add(ticket)
+        try:
+            self.queue.submit(
+                ticket,
+                priority=job.priority,
+                batch_key=batch_key(job),
+                pair=job.pair,
+                deadline=deadline,
+                on_position=lambda position, depth: self._announce(ticket, position, depth),
+                blocked=True,
+            )
+        except Exception:
+            with self._lock:
+                self._tickets.discard(ticket)
+            self.metrics.jobs.labels("rejected").inc()
+            raise
+        self._resolving.submit(self._resolve, ticket)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop `ticket`: dropped if still queued, stopped at its next step if running; a no-op once ended."""
+        ticket.request_cancel()
+        if self.queue.cancel(ticket):
+            self.finish(ticket, ticket.cancel_error)  # never started; a running one stops at its next step
+
+    # ---- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        threads = cpu_threads()
+        if any(not is_cuda(w.device) for w in self.workers):
+            log.info("using %d CPU thread(s) per CPU worker, leaving a core for serving", threads)
+        for worker in self.workers:
+            worker.start(cpu_threads=threads)
+        threading.Thread(target=self._reap, name="refinery-deadlines", daemon=True).start()
+
+    def pin(self, pairs: Sequence[PairKey]) -> Future[None]:
+        """Load each pair on every device and keep it there (`--pin`, PinPair); the future completes once all
+        are resident, or fails with the first error, leaving none of them newly pinned (a pair that cannot fit
+        beside those already pinned is refused before anything loads)."""
+        done: Future[None] = Future()
+        pinned_before = {p.key for w in self.workers for p in w.residency.resident() if p.pinned}
+        threading.Thread(target=self._pin, args=(pairs, pinned_before, done), name="refinery-pin", daemon=True).start()
+        return done
+
+    def unpin(self, key: PairKey) -> bool:
+        """Let `key` be evicted again on every device; whether any device held it pinned."""
+        return any([w.residency.unpin(key) for w in self.workers])  # a list: unpin on every device
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new work, end queued requests with UNAVAILABLE, stop running ones at their next step, and
+        wait up to `timeout_s` for the workers."""
+        with self._lock:
+            self._closed = True
+            tickets = list(self._tickets)
+        stopping = ShuttingDown("the server is shutting down; retry on another replica")
+        for ticket in tickets:
+            ticket.request_cancel(stopping)
+        for ticket in self.queue.close():
+            self.finish(ticket, stopping)
+        self._stopping.set()
+        for worker in self.workers:
+            worker.stop(timeout_s)
+        self._resolving.shutdown(wait=False, cancel_futures=True)
+        if self._encoders is not None:
+            self._encoders.shutdown(wait=True)  # finished images still get sent: each takes well under a second
+
+    # ---- views ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> SchedulerSnapshot:
+        devices = tuple(w.snapshot() for w in self.workers)
+        return SchedulerSnapshot(devices, self.queue.depth(), self.queue.max_queue, self.queue.depth_by_priority())
+
+    def resident_models(self) -> set[str]:
+        return {model for w in self.workers for pair in w.residency.resident() for _, model in pair.key.roles()}
+
+    # ---- the workers' side (`WorkerHost`) ---------------------------------------------------------------
+
+    def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
+        peers = [w for w in self.workers if w is not worker]
+
+        def choose(runnable: list[Waiting[Ticket]]) -> Waiting[Ticket] | None:
+            if not worker.accepting:
+                return None  # control calls (pins) go first; take() is retried after the tick
+            return placement.choose(worker, peers, runnable, time.monotonic())
+
+        return self.queue.take(
+            choose, max_batch=self.settings.max_batch, weight=lambda t: t.job.number_results, timeout=timeout
+        )
+
+    def waiting_pairs(self) -> set[PairKey]:
+        return {pair for pair in self.queue.waiting_pairs() if isinstance(pair, PairKey)}
+
+    def deliver(self, send: Callable[[], None]) -> None:
+        """Run `send` on an encoder thread, so the device worker goes on to its next batch meanwhile; on the
+        caller's thread when `encode_threads` is 0. Raises RuntimeError once the scheduler is closed."""
+        if self._encoders is None:
+            send()
+        else:
+            self._encoders.submit(send)
+
+    def finish(self, ticket: Ticket, error: BaseException | None) -> None:
+        """End a request exactly once: close its stream, release its models, count and log its outcome."""
+        with self._lock:
+            if ticket not in self._tickets:
+                return
+            self._tickets.discard(ticket)
+        ticket.sink.close(error)
+        ticket.leases.release_all()
+        outcome = outcome_of(error)
+        self.metrics.jobs.labels(outcome).inc()
+        log_outcome(ticket, error, outcome)
+
+    def wake(self) -> None:
+        self.queue.notify()
+
+    # ---- internals --------------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """End queued requests whose deadline passed, even while every device is busy."""
+        while not self._stopping.wait(TICK_S):
+            for ticket in self.queue.expire():
+                self.finish(ticket, DeadlineExceeded("the deadline passed while the request was queued"))
+
+    def _announce(self, ticket: Ticket, position: int, depth: int) -> None:
+        if not ticket.cancel_requested:
+            ticket.sink.emit(Queued(position=position, queue_depth=depth))
+
+    def _resolve(self, ticket: Ticket) -> None:
+        """On a resolver thread: make the request's models available and check they can run somewhere."""
+        try:
+            spec = self._resolver.pair_spec(
+                ticket.job.pair, ticket.leases, sink=ticket.sink, give_up=ticket.cancel_signal
+            )
+            self._check_fits_somewhere(spec)
+        except BaseException as exc:
+            if not isinstance(exc, (ModelStoreError, OutOfDeviceMemory)):
+                log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
+            if self.queue.cancel(ticket):
+                self.finish(ticket, exc)
+            return
+        ticket.spec = spec
+        self.queue.unblock(ticket)
+
+    def _check_fits_somewhere(self, spec: PairSpec) -> None:
+        if not any(w.residency.could_ever_fit(spec) for w in self.workers):
+            budgets = ", ".join(f"{w.device.name}: {w.residency.budget_bytes / 2**20:.0f} MiB" for w in self.workers)
+            raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
+
+    def _pin(self, pairs: Sequence[PairKey], pinned_before: set[PairKey], done: Future[None]) -> None:
+        leases = LeaseSet(self.store)  # held until every device has loaded them
+        specs: list[PairSpec] = []
+        try:
+            specs = [self._resolver.pair_spec(key, leases) for key in pairs]
+            for spec in specs:
+                for w in self.workers:
+                    if not w.residency.could_ever_fit(spec):
+                        raise OutOfDeviceMemory(
+                            f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
+                            f"(budget {w.residency.budget_bytes / 2**20:.0f} MiB)"
+                        )
+            futures = [w.pin(spec) for w in self.workers for spec in specs]
+            failures = [f.exception() for f in futures]  # every load ends before any rollback
+            for failure in failures:
+                if failure is not None:
+                    raise failure
+        except BaseException as exc:
+            for spec in specs:
+                if spec.key not in pinned_before:
+                    self.unpin(spec.key)
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        finally:
+            leases.release_all()

@@ -1,0 +1,199 @@
+"""One device's worker: a thread that takes batches from the queue and runs them, and the device's residency.
+
+The route is one way. The scheduler owns the workers and the queue; a worker asks the scheduler for what it
+needs only through `WorkerHost` (its next batch, the pairs queued requests wait for, and how to end or deliver
+a request) and never reaches into it. Residency changes (loads, evictions, pins) happen only on this thread:
+other threads hand them over with `call`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from modelstore import Loader
+from server.errors import WorkerFailed
+from server.generation.encoding import Encoder
+from server.generation.runner import PipelineRunner
+from server.metrics import Metrics
+from server.scheduling.batch import Batch, BatchHost
+from server.scheduling.devices import DeviceSpec, allocated_bytes, is_cuda, memory_releaser
+from server.scheduling.leases import Leases
+from server.scheduling.pairs import ModelSpec, PairSpec
+from server.scheduling.residency import LoadReport, Residency
+from server.scheduling.snapshot import DeviceSnapshot
+from server.scheduling.ticket import Ticket
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# How often an idle worker wakes to run control calls and notice it should stop.
+TICK_S = 0.25
+
+
+class WorkerHost(BatchHost, Protocol):
+    """What a worker asks of its scheduler: a batch's needs (`BatchHost`: the pairs queued requests wait for,
+    ending and delivering requests), its next batch, and a wake-up."""
+
+    def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
+        """Requests for this worker to run together ([] after `timeout`)."""
+        ...
+
+    def wake(self) -> None:
+        """Make a worker blocked in `next_batch` look again (a control call arrived, or it should stop)."""
+        ...
+
+
+class DeviceWorker:
+    """One thread, one device, its residency. The thread is restarted if it ever dies."""
+
+    def __init__(
+        self,
+        host: WorkerHost,
+        device: DeviceSpec,
+        *,
+        budget_bytes: int,
+        loader: Loader,
+        leases: Leases,
+        run: PipelineRunner,
+        encode: Encoder,
+        metrics: Metrics,
+    ) -> None:
+        self.host = host
+        self.device = device
+        self.run_pipeline = run
+        self.encode = encode
+        self.metrics = metrics
+        self._loader = loader
+        self._leases = leases
+        self.residency = Residency(
+            device.name,
+            budget_bytes,
+            half=device.dtype in (torch.float16, torch.bfloat16),
+            load=self._load,
+            release_memory=memory_releaser(device),
+            on_unload=self._unload,
+        )
+        self.busy = False
+        self.running: list[Ticket] = []
+        self.restarts = 0
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._calls_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        metrics.budget_bytes.labels(device.name).set(budget_bytes)
+
+    # ---- life cycle -------------------------------------------------------------------------------------
+
+    def start(self, *, cpu_threads: int) -> None:
+        """Start the thread; on a CPU device it computes with `cpu_threads` intra-op threads."""
+        self._thread = threading.Thread(
+            target=self._supervise, args=(cpu_threads,), name=f"refinery-{self.device.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None) -> None:
+        self._stopping.set()
+        self.host.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether this worker takes requests now (not while control calls wait or it is stopping)."""
+        return not self._calls and not self._stopping.is_set()
+
+    def call(self, fn: Callable[[], R]) -> Future[R]:
+        """Run `fn` on this worker's thread between batches (residency changes only happen there)."""
+        future: Future[R] = Future()
+        with self._calls_lock:
+            self._calls.append((fn, future))
+        self.host.wake()
+        return future
+
+    def pin(self, spec: PairSpec) -> Future[None]:
+        """Load `spec` on this device and keep it there (on the worker's thread)."""
+        return self.call(functools.partial(self._pin, spec))
+
+    def snapshot(self) -> DeviceSnapshot:
+        return DeviceSnapshot(
+            self.device.name,
+            self.residency.budget_bytes,
+            self.residency.used_bytes,
+            allocated_bytes(self.device),
+            tuple(self.residency.resident()),
+            len(self.running),
+        )
+
+    def observe_load(self, report: LoadReport) -> None:
+        if report.loaded_bytes:
+            self.metrics.loads.labels(self.device.name).observe(report.load_s)
+        if report.evicted:
+            self.metrics.evictions.labels(self.device.name).observe(report.evict_s)
+
+    # ---- the thread -------------------------------------------------------------------------------------
+
+    def _supervise(self, cpu_threads: int) -> None:
+        if not is_cuda(self.device):
+            torch.set_num_threads(cpu_threads)  # a per-thread setting: see devices.cpu_threads
+        while not self._stopping.is_set():
+            try:
+                self._loop()
+            except BaseException as exc:  # a bug outside any one batch: never leave requests hanging
+                self.restarts += 1
+                log.critical("device worker %s died; restarting it", self.device.name, exc_info=exc)
+                failed = WorkerFailed(f"the worker for {self.device.name} failed; retry the request")
+                for ticket in self.running:
+                    self.host.finish(ticket, failed)
+                self.running = []
+                self.busy = False
+                time.sleep(0.1)  # do not spin if the failure repeats at once
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._run_calls()
+            tickets = self.host.next_batch(self, TICK_S)
+            if not tickets:
+                continue
+            # Cleared only when the batch returns: if the thread dies inside it, _supervise still knows
+            # which requests to end.
+            self.running = tickets
+            self.busy = True
+            Batch(self, tickets).run()
+            self.running = []
+            self.busy = False
+
+    def _run_calls(self) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _pin(self, spec: PairSpec) -> None:
+        _, report = self.residency.acquire(spec, self.host.waiting_pairs(), pin=True)
+        self.residency.release(spec.key)
+        self.observe_load(report)
+
+    def _load(self, spec: ModelSpec, reuse: Mapping[str, Any]) -> Any:
+        self._leases.acquire(spec.record.canonical)  # a resident model is never evicted from the cache
+        try:
+            return self._loader(
+                spec.record, role=spec.role, device=self.device.name, dtype=self.device.dtype, components=dict(reuse)
+            )
+        except BaseException:
+            self._leases.release(spec.record.canonical)
+            raise
+
+    def _unload(self, spec: ModelSpec) -> None:
+        self._leases.release(spec.record.canonical)
