@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from server.job import RenderShape, Sample, SchedulerKind
-from server.runner import PipelinePair, StepState, run
+from server.domain import RenderShape, Sample, Sampler
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import StepState, run
 
 from modelstore import Architecture, ModelRecord, ModelStore
 from modelstore.config_families import known_families
@@ -86,7 +87,7 @@ def test_single_file_loads_the_folders_exact_weights(
 
 def _generate(base: Any, refiner: Any) -> np.ndarray:
     shape = RenderShape(
-        width=64, height=64, steps=6, base_steps=4, cfg_scale=5.0, scheduler=SchedulerKind.EULER_ANCESTRAL
+        width=64, height=64, steps=6, base_steps=4, cfg_scale=5.0, sampler=Sampler.EULER_ANCESTRAL
     )
     samples = [Sample("a lighthouse on a cliff", None, 7)]
     result = run(PipelinePair(base, refiner), shape, samples, _Quiet())
