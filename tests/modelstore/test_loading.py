@@ -86,9 +86,7 @@ def test_single_file_loads_the_folders_exact_weights(
 
 
 def _generate(base: Any, refiner: Any) -> np.ndarray:
-    shape = RenderShape(
-        width=64, height=64, steps=6, base_steps=4, cfg_scale=5.0, sampler=Sampler.EULER_ANCESTRAL
-    )
+    shape = RenderShape(width=64, height=64, steps=6, base_steps=4, cfg_scale=5.0, sampler=Sampler.EULER_ANCESTRAL)
     samples = [Sample("a lighthouse on a cliff", None, 7)]
     result = run(PipelinePair(base, refiner), shape, samples, _Quiet())
     return np.stack([np.asarray(image) for image in result.images])

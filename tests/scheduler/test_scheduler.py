@@ -21,7 +21,7 @@ from PIL import Image
 
 from modelstore import ModelRecord, ModelStore, Role, StoreSettings
 from modelstore.components import components_of
-from modelstore.errors import ModelNotFound, WrongArchitecture
+from modelstore.errors import ModelNotFound, QuotaExceeded, WrongArchitecture
 from server.domain import (
     ImageFormat,
     ImageResult,
@@ -46,6 +46,8 @@ from server.generation.runner import RunResult, StageTimings, StepObserver, Step
 from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
 from tests.conftest import TINY_BASE, TINY_REFINER
+from tests.fakes import payloads
+from tests.fakes.civitai import FakeCivitai, FakeFile
 from tests.fixtures.tiny import another_base
 
 WAIT_S = 60  # a hang fails the test; never an expectation about speed
@@ -618,3 +620,37 @@ def test_a_pair_that_cannot_fit_beside_the_pinned_ones_is_refused_and_nothing_lo
     finally:
         runner.release.set()
         scheduler.close(WAIT_S)
+
+
+def test_a_queued_request_holds_its_models_against_a_pull_under_quota_pressure(
+    tmp_path: Path, civitai: FakeCivitai
+) -> None:
+    """From the moment a request's models are resolved until it ends, they are in use: a pull that needs their
+    room is refused (QuotaExceeded) instead of evicting them from under the waiting request."""
+    size = 400_000
+    for n in (1, 2, 3):
+        checkpoint = payloads.checkpoint("base", seed=n, extra_bytes=size)
+        civitai.add_version(n, n * 10, [(FakeFile(n * 100, f"m{n}.safetensors"), checkpoint)])
+    running, queued, pulled = "civitai:1@10", "civitai:2@20", "civitai:3@30"
+    settings = StoreSettings(
+        cache_dir=tmp_path / "cache", civitai_api=civitai.url, max_bytes=int(2 * (size + 4_500_000))
+    )
+    store = ModelStore(settings)
+    scheduler, _, runner = make(settings, store)
+    try:
+        first, second = RecordingSink(), RecordingSink()
+        scheduler.submit(job("hold", refiner=False, model=running), first)
+        assert runner.holding.wait(WAIT_S)  # the device is busy with the first model
+        scheduler.submit(job("waiting", refiner=False, model=queued), second)
+        wait_resolved(scheduler)  # the second model is in the cache; its request waits for the device
+
+        with pytest.raises(QuotaExceeded):
+            store.pull(pulled)  # the least recently used model is the queued request's, and it is in use
+        assert store.lookup(queued) is not None
+
+        runner.release.set()
+        assert first.wait().error is None and second.wait().error is None
+    finally:
+        runner.release.set()
+        scheduler.close(WAIT_S)
+        store.close()
