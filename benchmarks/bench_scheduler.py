@@ -41,13 +41,13 @@ from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
-from server.domain import ImageFormat, Job, RefinerSpec, Sampler, StartPercentage
+from server.domain import ImageFormat, Job, PairKey, RefinerSpec, Sampler, StartPercentage
 from server.generation.runner import RunResult, StageTimings
 from server.logs import quiet_model_libraries
 from server.scheduling.scheduler import Scheduler
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 
-PAIR = f"{DEFAULT_BASE}+{DEFAULT_REFINER}"
+PAIR = PairKey(DEFAULT_BASE, DEFAULT_REFINER)
 
 
 class InProcess:
@@ -166,7 +166,7 @@ _JOB = Job(
     base_steps=18,
     cfg_scale=7.0,
     seed=1,
-    scheduler=Sampler.EULER,
+    sampler=Sampler.EULER,
     number_results=1,
     output_format=ImageFormat.PNG,
     preview_every=0,

@@ -16,9 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from server.domain import RenderShape, Sample, Sampler
-from server.generation.pipelines import PipelinePair
-from server.generation.runner import StepState, run
 
 from modelstore import Architecture, ModelRecord, ModelStore
 from modelstore.config_families import known_families
@@ -26,6 +23,9 @@ from modelstore.errors import CorruptModel, UnsafeCheckpoint, WrongArchitecture
 from modelstore.loading import load_pipeline, load_single_file
 from modelstore.pipeline_checks import check_pipeline
 from modelstore.record import Layout
+from server.domain import RenderShape, Sample, Sampler
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import StepState, run
 from tests.fixtures.headers import write_header_only
 from tests.fixtures.tiny import TINY_BASE, TINY_REFINER, file_record, single_file_records
 
