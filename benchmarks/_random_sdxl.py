@@ -77,16 +77,3 @@ def write_random_sdxl(dest: Path, *, refiner: bool, seed: int, device: str, shar
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(staging, dest)
     return dest
-
-
-def write_variant_base(source: Path, dest: Path) -> Path:
-    """A copy of the base folder `source` whose UNet weights differ (doubled): another "fine-tune" that shares
-    its text encoders and VAE with `source` by content, for placement, switching and eviction measurements."""
-    from safetensors.torch import load_file
-
-    shutil.copytree(source, dest, symlinks=False)
-    unet = dest / "unet" / "diffusion_pytorch_model.safetensors"
-    weights = {k: v * 2 for k, v in load_file(unet).items()}
-    unet.unlink()
-    save_file(weights, str(unet), metadata={"format": "pt"})
-    return dest

@@ -35,7 +35,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._random_sdxl import write_variant_base
 from modelstore import ModelStore, StoreSettings
 from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
@@ -46,6 +45,7 @@ from server.generation.runner import RunResult, StageTimings
 from server.logs import quiet_model_libraries
 from server.scheduling.scheduler import Scheduler
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from tests.fixtures.variants import write_variant_base
 
 PAIR = PairKey(DEFAULT_BASE, DEFAULT_REFINER)
 

@@ -45,10 +45,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._random_sdxl import write_random_sdxl, write_variant_base
+from benchmarks._random_sdxl import write_random_sdxl
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import models_pb2, models_pb2_grpc, status_pb2, status_pb2_grpc
+from tests.fixtures.variants import write_variant_base
 
 _SERVER_PHASES = ("queued_s", "loading_s", "base_s", "refiner_s", "decode_s", "encode_s")
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed"

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelstore import Loader, ModelStore, load_pipeline
+from modelstore.units import format_bytes
 from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
 from server.api import generation_service, model_service, server_service
 from server.generation import runner
@@ -122,7 +123,7 @@ class RefineryServer:
             self.metrics_port = int(self._metrics_server.server_address[1])
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         devices = ", ".join(
-            f"{w.device.label} (budget {w.residency.budget_bytes / 2**30:.1f} GiB)" for w in self.scheduler.workers
+            f"{w.device.label} (budget {format_bytes(w.residency.budget_bytes)})" for w in self.scheduler.workers
         )
         log.info("listening on %s:%d; devices: %s", self.settings.host, self.port, devices)
         self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from modelstore import Role
+from modelstore.units import format_bytes
 from server.domain import PairKey
 from server.errors import OutOfDeviceMemory
 from server.generation.pipelines import PipelinePair
@@ -180,8 +181,8 @@ class Residency:
             if plan is None:
                 needed = self._unique_bytes(spec)
                 raise OutOfDeviceMemory(
-                    f"{spec.key} needs {needed / 2**20:.0f} MiB on {self.device}; "
-                    f"the budget is {self.budget_bytes / 2**20:.0f} MiB and the rest is in use"
+                    f"{spec.key} needs {format_bytes(needed)} on {self.device}; "
+                    f"the budget is {format_bytes(self.budget_bytes)} and the rest is in use"
                 )
         # Components the incoming pair shares with an evicted one stay resident and are handed over.
         keep = {c.fingerprint for m in spec.models() for c in m.components}
@@ -203,10 +204,10 @@ class Residency:
             self._pairs[spec.key] = _Pair(spec, self._clock(), active=1, pinned=pin)
         report = LoadReport(loaded, self._clock() - load_start, tuple(plan), evict_s)
         log.info(
-            "device %s: loaded %s (%.0f MiB in %.2fs), evicted %s",
+            "device %s: loaded %s (%s in %.2fs), evicted %s",
             self.device,
             spec.key,
-            loaded / 2**20,
+            format_bytes(loaded),
             report.load_s,
             [str(k) for k in plan] or "nothing",
         )

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from modelstore import Loader, ModelStore, load_pipeline
 from modelstore.errors import ModelStoreError
+from modelstore.units import format_bytes
 from server.domain import Job, PairKey, Queued
 from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown
 from server.generation import runner
@@ -257,7 +258,7 @@ class Scheduler:
 
     def _check_fits_somewhere(self, spec: PairSpec) -> None:
         if not any(w.residency.could_ever_fit(spec) for w in self.workers):
-            budgets = ", ".join(f"{w.device.name}: {w.residency.budget_bytes / 2**20:.0f} MiB" for w in self.workers)
+            budgets = ", ".join(f"{w.device.name}: {format_bytes(w.residency.budget_bytes)}" for w in self.workers)
             raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
 
     def _pin(self, pairs: Sequence[PairKey], pinned_before: set[PairKey], done: Future[None]) -> None:
@@ -270,7 +271,7 @@ class Scheduler:
                     if not w.residency.could_ever_fit(spec):
                         raise OutOfDeviceMemory(
                             f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
-                            f"(budget {w.residency.budget_bytes / 2**20:.0f} MiB)"
+                            f"(budget {format_bytes(w.residency.budget_bytes)})"
                         )
             futures = [w.pin(spec) for w in self.workers for spec in specs]
             failures = [f.exception() for f in futures]  # every load ends before any rollback
