@@ -77,8 +77,11 @@ def test_batched_requests_each_equal_their_solo_run(batching_server: ServerThrea
             futures = {p: pool.submit(collect, stub, request(p, s)) for p, s in prompts}
             results = {p: f.result(TIMEOUT_S) for p, f in futures.items()}
             blocker.result(TIMEOUT_S)
-    batches = batching_server.server.metrics.batch_images
-    assert batches._sum.get() >= 5 and max(b for b, c in _histogram(batches).items() if c) >= 2, "nothing batched"
+    registry = batching_server.server.metrics.registry
+    images = registry.get_sample_value("refinery_batch_images_sum")
+    assert images is not None and images >= 5 and max(b for b, c in _histogram(registry).items() if c) >= 2, (
+        "nothing batched"
+    )
     for prompt, responses in results.items():
         assert [p.image_indices for p in events(responses, "progress")] == [[0]] * 6  # its own progress
         got, want = rgb(events(responses, "image")[0].data), rgb(solo[prompt])
@@ -88,15 +91,15 @@ def test_batched_requests_each_equal_their_solo_run(batching_server: ServerThrea
         assert (got != want).mean() < 0.01
 
 
-def _histogram(histogram: Any) -> dict[float, float]:
-    """Bucket upper bound -> count in that bucket (not cumulative)."""
-    samples = [s for m in histogram.collect() for s in m.samples if s.name.endswith("_bucket")]
+def _histogram(registry: Any) -> dict[float, float]:
+    """refinery_batch_images: bucket upper bound -> count in that bucket (not cumulative)."""
+    bounds = (1, 2, 3, 4, 6, 8, 12, 16)
     counts: dict[float, float] = {}
     previous = 0.0
-    for sample in samples:
-        bound = float(sample.labels["le"])
-        counts[bound] = sample.value - previous
-        previous = sample.value
+    for bound in bounds:
+        value = registry.get_sample_value("refinery_batch_images_bucket", {"le": f"{float(bound)}"}) or 0.0
+        counts[float(bound)] = value - previous
+        previous = value
     return counts
 
 
