@@ -8,7 +8,7 @@ tree.
 from modelstore.air import AIR, Source, parse_air
 from modelstore.cache import CachedModel
 from modelstore.components import Component
-from modelstore.loading import Loader, load_pipeline, preferred_dtype
+from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.progress import DownloadProgress, ProgressCallback
 from modelstore.record import Architecture, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
@@ -29,6 +29,7 @@ __all__ = [
     "Source",
     "StoreSettings",
     "load_pipeline",
+    "native_size",
     "parse_air",
     "preferred_dtype",
     "require_role",

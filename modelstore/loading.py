@@ -26,6 +26,7 @@ Only this module and `server/runner.py` talk to diffusers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 
 from modelstore import config_families, model_dims
 from modelstore.architecture import detect_folder, detect_header
-from modelstore.errors import CorruptModel, WrongArchitecture, concerning
+from modelstore.errors import CorruptModel, ModelStoreError, WrongArchitecture, concerning
 from modelstore.pipeline_checks import check_pipeline
 from modelstore.record import Architecture, Layout, ModelRecord, Role
 from modelstore.safetensors_header import SafetensorsHeader, read_header
@@ -275,3 +276,23 @@ def _diffusers_call(name: str, load: Any) -> Any:
         ) from exc
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise CorruptModel(f"{name} could not be loaded: {exc.__class__.__name__}: {exc}") from exc
+
+
+def native_size(record: ModelRecord) -> tuple[int, int] | None:
+    """The model's training resolution as (width, height), read from its configs without touching a weight
+    (1024x1024 for SDXL, 64x64 for the built-in tiny models); None if the configs do not say."""
+    try:
+        if record.layout is Layout.DIFFUSERS:
+            folder = record.path
+        else:
+            dims = model_dims.from_single_file(_single_file_header(record.path).tensors)
+            family = config_families.family_for(dims, record.architecture)
+            if family is None:
+                return None
+            folder = family.folder
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError, ModelStoreError):
+        return None
+    return side, side

@@ -16,6 +16,7 @@ readiness probe). Both are NOT_SERVING from the moment the server starts drainin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from types import TracebackType
@@ -28,7 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from modelstore import Loader, ModelStore, load_pipeline
 from modelstore.units import format_bytes
 from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
-from server.api import generation_service, model_service, server_service
+from server.api import generation_service, model_service, server_service, transport
+from server.api.access import AccessInterceptor
 from server.generation import runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
@@ -40,26 +42,6 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    limit = settings.max_message_bytes
-    return [
-        # Images travel whole, one per message: gRPC's 4 MiB default receive limit is too small for them.
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        # Long generations are quiet between events and clients keep their connections alive with pings.
-        # gRPC's server default (no pings more often than every 5 minutes, GOAWAY "too_many_pings" after 2)
-        # drops clients that ping every 10-60 s, so accept pings every 10 s, also with no call running.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Our own pings find clients that vanished without closing (their jobs are then cancelled).
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would silently share it.
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 class RefineryServer:
@@ -85,34 +67,22 @@ class RefineryServer:
         self._metrics_server: Any = None
         self._preloading: asyncio.Task[None] | None = None
         self._draining = False
+        self._stop_now = asyncio.Event()
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
 
     async def start(self) -> int:
         """Bind `settings.host:settings.port` (0: a free port), start serving, and begin loading the pinned
         pairs. Returns the bound port."""
-        server = grpc.aio.server(options=grpc_options(self.settings))
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            generation_service.GenerationService(self.scheduler, self.settings), server
-        )
-        status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            server_service.ServerService(self.scheduler), server
-        )
-        # The model cache, for operators; a model resident on a device is reported so and cannot be deleted.
-        models = model_service.ModelService(self.store, resident_models=self.scheduler.resident_models)
-        models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = (
-            generation_service.SERVICE_NAME,
-            server_service.SERVICE_NAME,
-            model_service.SERVICE_NAME,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(services, server)
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc's way of saying the address is taken or does not resolve
-            raise OSError(f"cannot listen on {address}: {exc}") from None
+        settings = self.settings
+        creds = transport.credentials(settings.security)  # first: a bad certificate stops the start at once
+        server = self._grpc_server()
+        self.port = transport.bind(server, f"{settings.host}:{settings.port}", creds)
+        if settings.health_port:
+            self._health_server, self.health_port = transport.health_only_server(
+                self.health, f"{settings.host}:{settings.health_port}"
+            )
+            await self._health_server.start()
         await self.health.set("", _SERVING)
         await self.health.set(generation_service.SERVICE_NAME, _NOT_SERVING)
         self.scheduler.start()
@@ -125,9 +95,39 @@ class RefineryServer:
         devices = ", ".join(
             f"{w.device.label} (budget {format_bytes(w.residency.budget_bytes)})" for w in self.scheduler.workers
         )
-        log.info("listening on %s:%d; devices: %s", self.settings.host, self.port, devices)
+        tls = "TLS" + (" with client certificates" if settings.security.tls_client_ca else "") if creds else "plaintext"
+        log.info("listening on %s:%d (%s); devices: %s", settings.host, self.port, tls, devices)
+        _announce_access(settings)
         self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")
         return self.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        settings = self.settings
+        server = grpc.aio.server(
+            options=transport.grpc_options(settings), interceptors=[AccessInterceptor(settings.security)]
+        )
+        roots = settings.security.local_model_roots
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            generation_service.GenerationService(self.scheduler, settings), server
+        )
+        status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            server_service.ServerService(self.scheduler, local_roots=roots), server
+        )
+        # The model cache, for operators; a model resident on a device is reported so and cannot be deleted.
+        models = model_service.ModelService(
+            self.store, resident_models=self.scheduler.resident_models, local_roots=roots
+        )
+        models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (
+            generation_service.SERVICE_NAME,
+            server_service.SERVICE_NAME,
+            model_service.SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+        return server
 
     async def wait_ready(self) -> None:
         """Wait until the pinned pairs are resident; raises what a failed load raised."""
@@ -142,8 +142,11 @@ class RefineryServer:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         first = not self._draining
         self._draining = True
+        if grace_s == 0:
+            self._stop_now.set()
         if first:
             await self.health.enter_graceful_shutdown()
+            await self._announce_drain(grace_s is None)
             log.info("draining: running requests have %.1fs to finish", grace)
         if self._server is not None:
             # Stops accepting at once; RPCs still running after `grace` are cancelled, and their jobs too.
@@ -156,7 +159,18 @@ class RefineryServer:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             log.info("stopped")
+
+    async def _announce_drain(self, graceful: bool) -> None:
+        """Keep accepting calls for the drain delay while health says NOT_SERVING, so a balancer that polls
+        health moves traffic away before the port closes (a second signal ends the wait)."""
+        delay = self.settings.drain_delay_s if graceful else 0.0
+        if delay > 0:
+            log.info("draining: NOT_SERVING; still accepting calls for %.1fs", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_now.wait(), delay)
 
     async def __aenter__(self) -> RefineryServer:
         await self.start()
@@ -173,6 +187,19 @@ class RefineryServer:
             await asyncio.wrap_future(self.scheduler.pin(self.settings.pins))
         await self.health.set(generation_service.SERVICE_NAME, _SERVING)
         log.info("ready")
+
+
+def _announce_access(settings: Settings) -> None:
+    security = settings.security
+    if security.admin_token is None:
+        log.warning(
+            "no admin token (REFINERY_ADMIN_TOKEN): pull, pin, unpin, delete, PinPair and UnpinPair are allowed "
+            "only from this machine (loopback)"
+        )
+    if security.token is None and security.admin_token is None:
+        log.warning("no tokens: anyone who can reach %s:%d may generate", settings.host, settings.port)
+    roots = ", ".join(str(r) for r in security.local_model_roots)
+    log.info("local models from requests: %s", f"under {roots}" if roots else "none")
 
 
 async def serve(settings: Settings) -> None:

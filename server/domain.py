@@ -152,6 +152,10 @@ class Job:
         """Result i uses seed + i, so any one result can be reproduced alone."""
         return [Sample(self.prompt, self.negative_prompt, self.seed + i) for i in range(self.number_results)]
 
+    def work(self, width: int, height: int) -> float:
+        """What the request costs a device, in megapixel-steps: width x height x results x steps."""
+        return width * height * self.number_results * self.steps / 1e6
+
     @property
     def pair(self) -> PairKey:
         return PairKey(self.model, self.refiner.model if self.refiner is not None else None)

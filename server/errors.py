@@ -42,9 +42,21 @@ class InvalidRequest(ServerError):
     def __init__(self, violations: list[FieldViolation]) -> None:
         if not violations:
             raise ValueError("InvalidRequest needs at least one violation")
-        self.violations = violations
+        self.violations = tuple(violations)
         fields = ", ".join(v.field for v in violations)
         super().__init__(f"invalid request: {fields}: " + "; ".join(v.description for v in violations))
+
+
+def too_much_work(work: float, limit: float) -> InvalidRequest:
+    """The refusal of a request that asks for more than `limit` megapixel-steps; it names every field that
+    makes up the work, since reducing any of them helps."""
+    text = (
+        f"the request asks for {work:.1f} megapixel-steps (width x height x number_results x steps); "
+        f"this server allows {limit:.1f} per request"
+    )
+    return InvalidRequest(
+        [FieldViolation(f, text, "TOO_MUCH_WORK") for f in ("width", "height", "number_results", "steps")]
+    )
 
 
 class JobCancelled(ServerError):

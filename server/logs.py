@@ -12,6 +12,16 @@ import sys
 from typing import Any
 
 _EXTRA_FIELDS = ("request_id", "outcome", "timings", "steps_done")
+# Client-supplied text in a log line is cut to this many characters (a 32 MiB request id once wrote 32 MiB).
+MAX_LOGGED_CHARS = 200
+
+
+def quoted(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Client-supplied `text` as it may appear in a log line: quoted with every control character escaped (a
+    newline cannot forge a line), and cut to `limit` characters with a note of how long it was."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}...({len(text)} characters)"
 
 
 class JsonFormatter(logging.Formatter):

@@ -4,6 +4,7 @@ and passed down. Nothing else reads the environment."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modelstore import StoreSettings
 from server.domain import PairKey
@@ -26,6 +27,47 @@ class Limits:
     max_prompt_chars: int = 4000
     max_request_id_chars: int = 128
     max_priority: int = 100
+    # Work one request may ask for: width x height x number_results x steps, in megapixel-steps (a 1024x1024
+    # image of 30 steps is 31.5). None: the default of the devices' kind (`WORK_LIMITS`).
+    max_work: float | None = None
+
+    def work_limit(self, device_kinds: set[str]) -> float:
+        """The limit for a server with devices of these kinds ("cuda", "cpu"): the most permissive one's."""
+        if self.max_work is not None:
+            return self.max_work
+        return max(WORK_LIMITS.get(kind, WORK_LIMITS["cpu"]) for kind in device_kinds or {"cpu"})
+
+
+# Default work limits per device kind, in megapixel-steps. On an H200 SDXL runs about 14 per second, so 600 is
+# some 45 s of one GPU (2048x2048, 4 results, 30 steps fits; 8 results do not). On a CPU even the tiny models
+# take tens of seconds at 256x256: 40 keeps one request to minutes.
+WORK_LIMITS = {"cuda": 600.0, "cpu": 40.0}
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may reach what (README "Security"). Tokens come from the environment or mounted files, never
+    flags (a command line is visible to every user of the machine), and never reach a log."""
+
+    # TLS for the gRPC port; with `tls_client_ca`, clients must present a certificate it signed (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # `authorization: Bearer <token>`: `token` for generation and status, `admin_token` for everything
+    # (pull, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
+    # from loopback.
+    token: str | None = None
+    admin_token: str | None = None
+    # Folders whose files remote requests may name as local models; none: no local models from requests.
+    local_model_roots: tuple[Path, ...] = ()
+
+    def __repr__(self) -> str:
+        hidden = ("token", "admin_token")
+        fields = ", ".join(
+            f"{name}={'<redacted>' if name in hidden and value else repr(value)}"
+            for name, value in self.__dict__.items()
+        )
+        return f"Security({fields})"
 
 
 @dataclass(frozen=True)
@@ -56,9 +98,17 @@ class Settings:
     headroom_fraction: float = 0.25
     # Serve Prometheus metrics on this port (0: off).
     metrics_port: int = 0
+    # A plaintext port that answers only grpc.health.v1 (0: off): for probes that cannot speak TLS.
+    health_port: int = 0
     limits: Limits = field(default_factory=Limits)
-    # On SIGTERM/SIGINT: stop accepting, let running requests finish for this long, then cancel them.
+    # On SIGTERM/SIGINT: report NOT_SERVING but keep accepting calls for `drain_delay_s` (so a balancer
+    # that polls health moves traffic away first), then stop accepting, let running requests finish for
+    # `grace_period_s`, then cancel them.
+    drain_delay_s: float = 5.0
     grace_period_s: float = 30.0
     # Images of several MB travel in one message; gRPC's default 4 MiB receive limit is too small.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Requests are small (a valid one is under 10 KB): anything larger is refused before it is read whole.
+    max_request_bytes: int = 64 * 1024
+    security: Security = field(default_factory=Security)
     log_json: bool = False

@@ -185,7 +185,8 @@ def rpc(name: str, *, describe: Describe | None = None, models: Models | None = 
             failure = rpc_error_for(cause, models(servicer, request) if models is not None else ())
             if not logged:
                 target = f" {describe(request)}" if describe is not None else ""
-                log.info("%s%s failed: %s: %s", name, target, failure.code.name, failure.message)
+                message = failure.message if len(failure.message) <= 1000 else failure.message[:1000] + "..."
+                log.info("%s%s failed: %s: %s", name, target, failure.code.name, message)
             await context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
 

@@ -20,6 +20,7 @@ from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_response
 from server.api.stream import AsyncEventStream
 from server.api.validation import job_from_request
+from server.logs import quoted
 from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
 
@@ -36,7 +37,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         refiner = ModelField("refiner.model", request.refiner.model, Role.REFINER, self._settings.default_refiner)
         return (base, refiner) if request.HasField("refiner") else (base,)
 
-    @rpc("Generate", describe=lambda request: repr(request.request_id or "-"), models=_models)
+    @rpc("Generate", describe=lambda request: quoted(request.request_id or "-"), models=_models)
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -46,6 +47,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             limits=settings.limits,
             default_model=settings.default_model,
             default_refiner=settings.default_refiner,
+            work_limit=self._scheduler.work_limit,
+            local_roots=settings.security.local_model_roots,
         )
         stream = AsyncEventStream()
         remaining = context.time_remaining()

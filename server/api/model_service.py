@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -26,8 +27,10 @@ from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, parse_air
 from modelstore.errors import ModelInUse
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
+from server.api import local_models
 from server.api.boundary import ModelField, rpc
 from server.api.convert import model_info, pull_progress
+from server.logs import quoted
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 
@@ -49,18 +52,26 @@ def _model_field(_servicer: object, request: _NamesAModel) -> Sequence[ModelFiel
 
 
 def _target(request: _NamesAModel) -> str:
-    return repr(request.model)  # repr: the text is the client's, as it was sent, control characters included
+    return quoted(request.model)  # the client's text: escaped and cut to a bounded length
 
 
 class ModelService(pb_grpc.ModelServiceServicer):
-    def __init__(self, store: ModelStore, *, resident_models: ResidentModels = nothing_resident) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        resident_models: ResidentModels = nothing_resident,
+        local_roots: Sequence[Path] = (),
+    ) -> None:
         self._store = store
         self._resident_models = resident_models
+        self._local_roots = tuple(local_roots)
 
     @rpc("PullModel", describe=_target, models=_model_field)
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
+        local_models.check([("model", request.model)], self._local_roots)
         async for event in _Pull(self._store, parse_air(request.model), pin=request.pin).events():
             if isinstance(event, DownloadProgress):
                 yield pull_progress(event)

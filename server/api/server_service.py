@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
 from modelstore import Role, parse_air
 from refinery.v1 import status_pb2 as pb
 from refinery.v1 import status_pb2_grpc as pb_grpc
+from server.api import local_models
 from server.api.boundary import ModelField, rpc
 from server.api.convert import device_status
 from server.domain import PairKey
 from server.errors import FieldViolation, InvalidRequest, NotPinned
+from server.logs import quoted
 from server.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,13 @@ def _pair_fields(_servicer: object, request: pb.PinPairRequest) -> Sequence[Mode
 
 
 def _target(request: pb.PinPairRequest) -> str:
-    return repr(f"{request.model}+{request.refiner_model}")
+    return quoted(f"{request.model}+{request.refiner_model}")
 
 
 class ServerService(pb_grpc.ServerServiceServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, *, local_roots: Sequence[Path] = ()) -> None:
         self._scheduler = scheduler
+        self._local_roots = tuple(local_roots)
 
     @rpc("GetStatus")
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
@@ -50,6 +54,7 @@ class ServerService(pb_grpc.ServerServiceServicer):
 
     @rpc("PinPair", describe=_target, models=_pair_fields)
     async def PinPair(self, request: pb.PinPairRequest, context: grpc.aio.ServicerContext) -> pb.PinPairResponse:
+        local_models.check([("model", request.model), ("refiner_model", request.refiner_model)], self._local_roots)
         key = _pair(request)
         await asyncio.wrap_future(self._scheduler.pin([key]))
         log.info("pinned %s on every device", key)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from server import domain
-from server.errors import FieldViolation, InvalidRequest
+from server.api import local_models
+from server.errors import FieldViolation, InvalidRequest, too_much_work
 from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
 from server.settings import Limits
 
@@ -61,10 +63,15 @@ def job_from_request(
     limits: Limits,
     default_model: str,
     default_refiner: str | None,
+    work_limit: float | None = None,
+    local_roots: Sequence[Path] = (),
     make_request_id: Callable[[], str] = new_request_id,
     make_seed: Callable[[], int] = random_seed,
 ) -> domain.Job:
-    """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field."""
+    """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field. `work_limit`
+    (megapixel-steps) is checked here when the request gives its size; at the model's native size, once the
+    model is resolved. Local models are accepted only under `local_roots`."""
+    local_models.check([("model", request.model), ("refiner.model", request.refiner.model)], local_roots)
     bad = _Violations()
     request_id = request.request_id or make_request_id()
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
@@ -72,19 +79,12 @@ def job_from_request(
     _check_prompts(request, limits, bad)
     model = _model(request.model or default_model, "model", bad)
     _check_size(request, limits, bad)
-    steps = request.steps or limits.default_steps
-    if steps > limits.max_steps:
-        bad("steps", f"must be 0 (= {limits.default_steps}) or 1..{limits.max_steps}, got {steps}")
-    cfg_scale = float(request.cfg_scale) if request.cfg_scale else limits.default_cfg_scale
-    if not math.isfinite(cfg_scale) or not 0 < cfg_scale <= limits.max_cfg_scale:
-        bad("cfg_scale", f"must be 0 (= {limits.default_cfg_scale}) or in (0, {limits.max_cfg_scale}]")
-    number_results = request.number_results or 1
-    if number_results > limits.max_results:
-        bad("number_results", f"must be 0 (= 1) or 1..{limits.max_results}, got {number_results}")
-    seed = request.seed if request.HasField("seed") else make_seed()
-    if seed + number_results - 1 > MAX_SEED:
-        bad("seed", f"seed + number_results - 1 must not exceed {MAX_SEED}")
+    steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
     sampler, output_format = _check_enums(request, bad)
+    if work_limit is not None and request.width and request.height and not bad.found:
+        work = request.width * request.height * number_results * steps / 1e6
+        if work > work_limit:
+            bad.found.extend(too_much_work(work, work_limit).violations)
     if request.preview_every > limits.max_steps:
         bad("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
     if abs(request.priority) > limits.max_priority:
@@ -117,12 +117,36 @@ def job_from_request(
 
 def _check_prompts(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
     prompt = request.positive_prompt
-    if not prompt.strip():
+    if not visible(prompt).strip():
         bad("positive_prompt", "is required and must not be blank", "REQUIRED")
     elif len(prompt) > limits.max_prompt_chars:
         bad("positive_prompt", f"must be at most {limits.max_prompt_chars} characters")
     if len(request.negative_prompt) > limits.max_prompt_chars:
         bad("negative_prompt", f"must be at most {limits.max_prompt_chars} characters")
+
+
+def _numbers(
+    request: pb.GenerateRequest, limits: Limits, make_seed: Callable[[], int], bad: _Violations
+) -> tuple[int, float, int, int]:
+    """steps, cfg_scale, number_results and seed, defaults applied."""
+    steps = request.steps or limits.default_steps
+    if steps > limits.max_steps:
+        bad("steps", f"must be 0 (= {limits.default_steps}) or 1..{limits.max_steps}, got {steps}")
+    cfg_scale = float(request.cfg_scale) if request.cfg_scale else limits.default_cfg_scale
+    if not math.isfinite(cfg_scale) or not 0 < cfg_scale <= limits.max_cfg_scale:
+        bad("cfg_scale", f"must be 0 (= {limits.default_cfg_scale}) or in (0, {limits.max_cfg_scale}]")
+    number_results = request.number_results or 1
+    if number_results > limits.max_results:
+        bad("number_results", f"must be 0 (= 1) or 1..{limits.max_results}, got {number_results}")
+    seed = request.seed if request.HasField("seed") else make_seed()
+    if seed + number_results - 1 > MAX_SEED:
+        bad("seed", f"seed + number_results - 1 must not exceed {MAX_SEED}")
+    return steps, cfg_scale, number_results, seed
+
+
+def visible(text: str) -> str:
+    """`text` without control characters (NUL, escapes, ...), which no tokenizer turns into meaning."""
+    return "".join(ch for ch in text if ch.isprintable() or ch.isspace())
 
 
 def _check_size(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:

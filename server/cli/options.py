@@ -89,6 +89,19 @@ def seconds(text: str) -> float:
     return value
 
 
+def megapixel_steps(text: str) -> float | None:
+    """A positive number of megapixel-steps; "" for the default of the devices' kind."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of megapixel-steps, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number of megapixel-steps, got {text!r}")
+    return value
+
+
 def size(text: str) -> int:
     """Bytes: "40GiB", "512MB", "1000000"; 0 means unset."""
     return parse_bytes(text)

@@ -8,8 +8,10 @@ server inside the command (loopback, a free port, nothing pinned).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from modelstore import StoreSettings
 from modelstore.errors import ModelStoreError
@@ -17,7 +19,7 @@ from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
 from server.logs import quiet_model_libraries
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -84,9 +86,37 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     )
     flag("--metrics-port", "REFINERY_METRICS_PORT", options.port, "0", "serve Prometheus /metrics here (default off)")
     flag("--grace", "REFINERY_GRACE_PERIOD", options.seconds, "30", "seconds running requests get on shutdown")
+    flag(
+        "--drain-delay",
+        "REFINERY_DRAIN_DELAY",
+        options.seconds,
+        "5",
+        "seconds of NOT_SERVING before the port closes on shutdown, for balancers (0 = close at once)",
+    )
+    flag("--health-port", "REFINERY_HEALTH_PORT", options.port, "0", "plaintext port with only grpc.health (probes)")
+    flag("--max-work", "REFINERY_MAX_WORK", options.megapixel_steps, "", "megapixel-steps one request may ask for")
+    add_security_flags(serve, env)
     add_device_flags(serve, env)
     add_store_flags(serve)
     add_log_flags(serve, env)
+
+
+def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """TLS files and local-model roots; tokens come only from the environment or files it names."""
+    for name, var, what in (
+        ("--tls-cert", "REFINERY_TLS_CERT", "TLS certificate chain (PEM) for the gRPC port"),
+        ("--tls-key", "REFINERY_TLS_KEY", "its private key (PEM)"),
+        ("--tls-client-ca", "REFINERY_TLS_CLIENT_CA", "require client certificates signed by this CA (mTLS)"),
+    ):
+        env_flag(parser, env, name, var=var, convert=options.directory, default=None, help=what)
+    parser.add_argument(
+        "--local-models",
+        action="append",
+        type=options.directory,
+        metavar="DIR",
+        help="a folder whose files requests may name as local models (repeatable; default: none) "
+        f"[REFINERY_LOCAL_MODELS, separated by {os.pathsep!r}]",
+    )
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -115,9 +145,14 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
     common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
     if in_process:
-        # Loopback only, any free port; nothing pinned, so the stream shows the models loading.
-        return Settings(**common, host="127.0.0.1", port=0, pins=())
+        # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
+        # in the current folder, or named on this command line, are the caller's own files.
+        named = [m for m in (getattr(args, "model", None), getattr(args, "refiner", None)) if m]
+        roots = (Path.cwd(), *(Path(m.removeprefix("local:")).parent for m in named if _is_path(m)))
+        security = Security(local_model_roots=roots)
+        return Settings(**common, host="127.0.0.1", port=0, pins=(), drain_delay_s=0.0, security=security)
     pins = _pins(args)
+    limits = Limits(max_work=args.max_work)
     return Settings(
         **common,
         host=args.host,
@@ -130,8 +165,44 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         encode_threads=args.encode_threads,
         budget_bytes=args.budget,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
         grace_period_s=args.grace,
+        drain_delay_s=args.drain_delay,
+        limits=limits,
+        security=security_settings(args, env),
     )
+
+
+def security_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Security:
+    roots = args.local_models or [
+        options.directory(p) for p in env.get("REFINERY_LOCAL_MODELS", "").split(os.pathsep) if p
+    ]
+    return Security(
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        token=secret(env, "REFINERY_TOKEN"),
+        admin_token=secret(env, "REFINERY_ADMIN_TOKEN"),
+        local_model_roots=tuple(roots),
+    )
+
+
+def secret(env: Mapping[str, str], var: str) -> str | None:
+    """A token from `var`, or from the file `var`_FILE names (a mounted secret); surrounding whitespace is
+    dropped. UsageError when the file cannot be read; the token itself never appears in a message."""
+    path = env.get(f"{var}_FILE")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"{var}_FILE {path}: {exc.strerror or exc}") from None
+    else:
+        text = env.get(var, "")
+    return text.strip() or None
+
+
+def _is_path(model: str) -> bool:
+    return model.startswith(("/", "local:"))
 
 
 def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:

@@ -29,7 +29,7 @@ from server.domain import (
     RenderShape,
     Sample,
 )
-from server.errors import JobCancelled, OutOfDeviceMemory, ServerError
+from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
 from server.generation import previews
 from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
@@ -51,6 +51,10 @@ class BatchHost(Protocol):
     def finish(self, ticket: Ticket, error: BaseException | None) -> None: ...
 
     def deliver(self, send: Callable[[], None]) -> None: ...
+
+    def observe_pace(self, work: float, seconds: float) -> None:
+        """A batch of `work` megapixel-steps took `seconds` on a device."""
+        ...
 
 
 class BatchDevice(Protocol):
@@ -115,6 +119,9 @@ class Batch:
             metrics.batch_images.observe(len(samples))
             self._started = self._last_step = time.perf_counter()
             result = self._run_with_oom_retry(pair, shape, samples)
+            work = shape.width * shape.height * len(samples) * shape.steps / 1e6
+            self._host.observe_pace(work, time.perf_counter() - self._started)
+            self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:
                 self._host.deliver(functools.partial(self._deliver, ticket, shape, samples, result))
             self._active = []  # handed over: the delivery alone ends these requests now
@@ -170,8 +177,17 @@ class Batch:
         for ticket in [t for t in self._active if t.cancel_requested]:
             self._active.remove(ticket)
             self._host.finish(ticket, ticket.cancel_error)
+        self._drop_expired()
+
+    def _drop_expired(self) -> None:
+        """End the requests whose deadline passed (checked at every step, so also just before the decode,
+        and after it); the run stops once no request is left."""
+        now = time.monotonic()
+        for ticket in [t for t in self._active if t.deadline is not None and t.deadline <= now]:
+            self._active.remove(ticket)
+            self._host.finish(ticket, DeadlineExceeded("the deadline passed while the request was running"))
         if not self._active:
-            raise JobCancelled("every request of the batch was cancelled")
+            raise JobCancelled("no request of the batch is waiting for its images any more")
 
     def on_step(self, state: StepState) -> None:
         """The runner's `StepObserver`: close cancelled requests, report progress and previews to the others."""

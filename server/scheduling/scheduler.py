@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from modelstore import Loader, ModelStore, load_pipeline
+from modelstore import Loader, ModelStore, load_pipeline, native_size
 from modelstore.errors import ModelStoreError
 from modelstore.units import format_bytes
 from server.domain import Job, PairKey, Queued
-from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown
+from server.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError, ShuttingDown, too_much_work
 from server.generation import runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
@@ -43,6 +43,7 @@ from server.metrics import Metrics
 from server.scheduling import placement
 from server.scheduling.devices import cpu_threads, device_budget, is_cuda, resolve_devices
 from server.scheduling.leases import LeaseSet
+from server.scheduling.pace import Pace
 from server.scheduling.pairs import PairSpec
 from server.scheduling.queue import AdmissionQueue, Waiting
 from server.scheduling.resolver import Resolver
@@ -77,6 +78,7 @@ class Scheduler:
         self.metrics = metrics if metrics is not None else Metrics()
         self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue)
         self._resolver = Resolver(store)
+        self._pace = Pace()  # how fast a device gets through work: to refuse what cannot meet its deadline
         self._lock = threading.Lock()
         self._tickets: set[Ticket] = set()  # every request not yet ended
         self._closed = False
@@ -103,6 +105,8 @@ class Scheduler:
             for device in resolve_devices(settings.devices)
         ]
         self.metrics.watch(self.snapshot)
+        # Megapixel-steps one request may ask for (server.settings.WORK_LIMITS).
+        self.work_limit = settings.limits.work_limit({"cuda" if is_cuda(w.device) else "cpu" for w in self.workers})
 
     # ---- the API's side ---------------------------------------------------------------------------------
 
@@ -228,6 +232,9 @@ class Scheduler:
     def wake(self) -> None:
         self.queue.notify()
 
+    def observe_pace(self, work: float, seconds: float) -> None:
+        self._pace.observe(work, seconds)
+
     # ---- internals --------------------------------------------------------------------------------------
 
     def _reap(self) -> None:
@@ -247,14 +254,43 @@ class Scheduler:
                 ticket.job.pair, ticket.leases, sink=ticket.sink, give_up=ticket.cancel_signal
             )
             self._check_fits_somewhere(spec)
+            self._check_work(ticket.job, spec)
+            self._check_deadline(ticket, spec)
         except BaseException as exc:
-            if not isinstance(exc, (ModelStoreError, OutOfDeviceMemory)):
+            if not isinstance(exc, (ModelStoreError, ServerError)):
                 log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
             if self.queue.cancel(ticket):
                 self.finish(ticket, exc)
             return
         ticket.spec = spec
         self.queue.unblock(ticket)
+
+    def _check_deadline(self, ticket: Ticket, spec: PairSpec) -> None:
+        """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet."""
+        if ticket.deadline is None:
+            return
+        own = self._work(ticket.job, spec)
+        ahead = sum(
+            self._work(t.job, t.spec)
+            for t in self.queue.snapshot()
+            if t is not ticket and t.spec is not None and t.job.priority >= ticket.job.priority
+        )
+        self._pace.check(own, ahead, len(self.workers), ticket.deadline - time.monotonic())
+
+    def _work(self, job: Job, spec: PairSpec) -> float:
+        if job.width and job.height:
+            return job.work(job.width, job.height)
+        native = native_size(spec.base.record) or (0, 0)
+        return job.work(job.width or native[0], job.height or native[1])
+
+    def _check_work(self, job: Job, spec: PairSpec) -> None:
+        """At the model's native size, the request's work is known only once the model is: checked here,
+        still before any device work (a size given in the request was checked on arrival)."""
+        if job.width and job.height:
+            return
+        work = self._work(job, spec)
+        if work > self.work_limit:
+            raise too_much_work(work, self.work_limit)
 
     def _check_fits_somewhere(self, spec: PairSpec) -> None:
         if not any(w.residency.could_ever_fit(spec) for w in self.workers):
