@@ -149,9 +149,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler  # unknown methods get UNIMPLEMENTED from gRPC; no client-streaming RPCs exist
         method: str = details.method
+        if handler is None or handler.request_streaming or access_of(method) is Access.OPEN:
+            # Unknown methods get UNIMPLEMENTED from gRPC; health and reflection are open and are not ours
+            # (health's Watch writes through its context rather than yielding).
+            return handler
         metadata = tuple(details.invocation_metadata or ())
         return _guarded(handler, method, self._gate, access_of(method), metadata)
 

@@ -223,11 +223,12 @@ class Scheduler:
             if ticket not in self._tickets:
                 return
             self._tickets.discard(ticket)
-        ticket.sink.close(error)
         ticket.leases.release_all()
         outcome = outcome_of(error)
         self.metrics.jobs.labels(outcome).inc()
         log_outcome(ticket, error, outcome)
+        # Last: once the client sees its stream end, the metrics and the log already say how it ended.
+        ticket.sink.close(error)
 
     def wake(self) -> None:
         self.queue.notify()

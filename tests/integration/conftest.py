@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -24,7 +26,7 @@ from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
 from server.domain import PairKey
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Security, Settings
 
 T = TypeVar("T")
 TIMEOUT_S = 120  # a hang fails the test instead of the whole run; never an expectation about speed
@@ -86,6 +88,9 @@ def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
         default_refiner=DEFAULT_REFINER,
         pins=(PairKey(DEFAULT_BASE, DEFAULT_REFINER),),
         grace_period_s=10.0,
+        drain_delay_s=0.0,  # tests of the delay set it
+        # The tests' own files (under the temp folder) are local models the operator allows.
+        security=Security(local_model_roots=(Path(tempfile.gettempdir()),)),
     )
     return replace(settings, **overrides)
 
