@@ -97,16 +97,18 @@ class ModelService(pb_grpc.ModelServiceServicer):
             error = exc
         await _abort(context, "DeleteModel", request.model, error)
 
-    async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.PinModelResponse:
         try:
-            return await self._set_pinned(request.model, pinned=True)
+            return pb.PinModelResponse(model=await self._set_pinned(request.model, pinned=True))
         except Exception as exc:
             error = exc
         await _abort(context, "PinModel", request.model, error)
 
-    async def UnpinModel(self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def UnpinModel(
+        self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnpinModelResponse:
         try:
-            return await self._set_pinned(request.model, pinned=False)
+            return pb.UnpinModelResponse(model=await self._set_pinned(request.model, pinned=False))
         except Exception as exc:
             error = exc
         await _abort(context, "UnpinModel", request.model, error)
