@@ -1,0 +1,35 @@
+"""A small typed client for Refinery's `GenerationService.Generate` (see client.py for an example)."""
+
+from __future__ import annotations
+
+from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS
+from refinery.client.chunks import ImageAssembler
+from refinery.client.client import DEFAULT_TARGET, Client, OutputFormat, Refiner, Scheduler, token_from_env
+from refinery.client.errors import FieldViolation, RefineryError
+from refinery.client.events import Event, Image, ModelLoading, Phase, Preview, Progress, Queued, Role, Stage
+from refinery.client.metadata import PAIR_HEADER, pair_affinity
+
+__all__ = [
+    "DEFAULT_MAX_RECEIVE_BYTES",
+    "DEFAULT_TARGET",
+    "PAIR_HEADER",
+    "TLS",
+    "Client",
+    "Event",
+    "FieldViolation",
+    "Image",
+    "ImageAssembler",
+    "ModelLoading",
+    "OutputFormat",
+    "Phase",
+    "Preview",
+    "Progress",
+    "Queued",
+    "Refiner",
+    "RefineryError",
+    "Role",
+    "Scheduler",
+    "Stage",
+    "pair_affinity",
+    "token_from_env",
+]
