@@ -125,7 +125,7 @@ def test_a_refined_generation_arrives_as_typed_events_in_order(fake: FakeServer)
         expected_image(1, b"small"),
         expected_image(0, big),
     ]
-    assert events[3].stage == "refiner"  # type: ignore[union-attr]  # StrEnum: compares as text
+    assert events[3].stage == "refiner"  # StrEnum: compares as text
 
 
 def test_the_request_carries_what_was_asked(fake: FakeServer) -> None:

@@ -1,4 +1,4 @@
-"""Opening a channel to a Refinery server: plaintext or TLS (optionally mutual), with a receive limit."""
+"""How the clients open their channels: plaintext or TLS (optionally mutual), with a receive limit."""
 
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ class TLS:
         return cls(read(ca), read(cert), read(key))
 
 
-def open_channel(target: str, *, tls: TLS | None, max_receive_bytes: int) -> grpc.Channel:
-    options = [
+def channel_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    return [
         ("grpc.max_receive_message_length", max_receive_bytes),
         # A generation can stream nothing for a while (a big model loading); pings notice a vanished server
         # instead of waiting forever. The server accepts pings every 10 s or more.
         ("grpc.keepalive_time_ms", 30_000),
     ]
-    if tls is None:
-        return grpc.insecure_channel(target, options=options)
-    credentials = grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
-    return grpc.secure_channel(target, credentials, options=options)
+
+
+def channel_credentials(tls: TLS) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
