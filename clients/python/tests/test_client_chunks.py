@@ -82,11 +82,11 @@ BROKEN = {
     "truncated": (lambda: chunked(0, DATA)[:-1], "the stream ended before its last chunk"),
     "another event inside": (
         lambda: [*chunked(0, DATA)[:2], progress(), *chunked(0, DATA)[2:]],
-        "a progress event arrived before its last chunk",
+        "another event (progress) arrived before its last chunk",
     ),
     "a whole image inside": (
         lambda: [*chunked(0, DATA)[:2], pb.GenerateResponse(image=meta(1, data=b"x")), *chunked(0, DATA)[2:]],
-        "a image event arrived before its last chunk",
+        "another event (image) arrived before its last chunk",
     ),
     "two results interleaved": (
         lambda: [chunked(0, DATA)[0], chunked(1, DATA)[0], *chunked(0, DATA)[1:], *chunked(1, DATA)[1:]],

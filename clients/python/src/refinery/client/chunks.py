@@ -40,7 +40,7 @@ class ImageAssembler:
         if kind == "image_chunk":
             return self._chunk(response.image_chunk)
         if self._open:
-            self._broken(f"a {kind or 'new'} event arrived before its last chunk")
+            self._broken(f"another event ({kind or 'unknown'}) arrived before its last chunk")
         return response.image if kind == "image" else None
 
     def finish(self) -> None:
