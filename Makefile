@@ -7,7 +7,7 @@ PROMPT ?= a lighthouse on a cliff at dusk, dramatic sky
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh $(VENV)
 
 demo: setup

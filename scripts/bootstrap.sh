@@ -22,5 +22,8 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" install "torch==2.13.0"
   fi
 fi
+# The contract and the Python client are their own distribution (refinery-client, no torch); the server
+# depends on it by name, so it is installed from the tree first and pip never looks for it on an index.
+"${pip[@]}" install -e clients/python
 "${pip[@]}" install -e ".[dev]"
 touch "$venv/.installed"

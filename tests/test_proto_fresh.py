@@ -1,4 +1,5 @@
-"""The committed protobuf/gRPC code in refinery/v1 is what scripts/gen_proto.py generates from proto/."""
+"""What scripts/gen_proto.py owns in the client package (clients/python/src/refinery: the generated code in v1/
+and the shipped copy of the buf module in proto/) is exactly what it makes from proto/ now."""
 
 from __future__ import annotations
 

@@ -105,12 +105,14 @@ class ModelService(pb_grpc.ModelServiceServicer):
         return pb.DeleteModelResponse(freed_bytes=freed)
 
     @rpc("PinModel", describe=_target, models=_model_field)
-    async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return await self._set_pinned(request.model, pinned=True)
+    async def PinModel(self, request: pb.PinModelRequest, context: grpc.aio.ServicerContext) -> pb.PinModelResponse:
+        return pb.PinModelResponse(model=await self._set_pinned(request.model, pinned=True))
 
     @rpc("UnpinModel", describe=_target, models=_model_field)
-    async def UnpinModel(self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return await self._set_pinned(request.model, pinned=False)
+    async def UnpinModel(
+        self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnpinModelResponse:
+        return pb.UnpinModelResponse(model=await self._set_pinned(request.model, pinned=False))
 
     async def _set_pinned(self, model: str, *, pinned: bool) -> pb.ModelInfo:
         air = parse_air(model)

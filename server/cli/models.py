@@ -139,9 +139,9 @@ async def _list(stub: pb_grpc.ModelServiceStub) -> None:
 
 async def _pin(stub: pb_grpc.ModelServiceStub, model: str, *, pinned: bool) -> None:
     if pinned:
-        info: pb.ModelInfo = await stub.PinModel(pb.PinModelRequest(model=model))
+        info: pb.ModelInfo = (await stub.PinModel(pb.PinModelRequest(model=model))).model
     else:
-        info = await stub.UnpinModel(pb.UnpinModelRequest(model=model))
+        info = (await stub.UnpinModel(pb.UnpinModelRequest(model=model))).model
     print(f"{'pinned' if info.pinned else 'unpinned'} {info.model} ({format_bytes(info.size_bytes)})")
 
 

@@ -222,13 +222,13 @@ def test_pin_and_unpin_a_cached_model(service: Service, civitai: FakeCivitai, st
     add_pair(civitai)
     assert not pull(service.stub, BASE)[-1].model.pinned
 
-    pinned = service.stub.PinModel(pb.PinModelRequest(model=BASE), timeout=TIMEOUT_S)
+    pinned = service.stub.PinModel(pb.PinModelRequest(model=BASE), timeout=TIMEOUT_S).model
     assert (pinned.model, pinned.pinned) == (BASE, True)
     assert [(m.model, m.pinned) for m in listing(service.stub).models] == [(BASE, True)]
     # Another spelling of the same model; unpinning keeps it cached, evictable again.
     unpinned = service.stub.UnpinModel(
         pb.UnpinModelRequest(model="urn:air:sdxl:checkpoint:civitai:101055@128078"), timeout=TIMEOUT_S
-    )
+    ).model
     assert (unpinned.model, unpinned.pinned) == (BASE, False)
     assert [(m.model, m.pinned) for m in listing(service.stub).models] == [(BASE, False)]
 

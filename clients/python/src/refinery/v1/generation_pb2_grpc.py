@@ -50,8 +50,9 @@ class GenerationServiceServicer:
 
     def Generate(self, request, context):
         """Generate streams the life of one request: Queued, ModelLoading (only when a model must be fetched or
-        loaded), one Progress per denoising step of each stage, optional Previews, then one Image per result.
-        The stream ends with OK after the last Image, or with a status:
+        loaded), one Progress per denoising step of each stage, optional Previews, then one Image per result
+        (a result larger than 3 MiB comes as a run of ImageChunk events instead; see ImageChunk).
+        The stream ends with OK after the last result, or with a status:
         INVALID_ARGUMENT (google.rpc.BadRequest names each bad field, e.g. "refiner.start_step"),
         NOT_FOUND (unknown model), FAILED_PRECONDITION (model of the wrong architecture),
         RESOURCE_EXHAUSTED (overloaded; google.rpc.RetryInfo says when to retry), CANCELLED,

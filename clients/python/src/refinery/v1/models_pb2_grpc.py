@@ -52,12 +52,12 @@ class ModelServiceStub:
         self.PinModel = channel.unary_unary(
                 '/refinery.v1.ModelService/PinModel',
                 request_serializer=refinery_dot_v1_dot_models__pb2.PinModelRequest.SerializeToString,
-                response_deserializer=refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                response_deserializer=refinery_dot_v1_dot_models__pb2.PinModelResponse.FromString,
                 _registered_method=True)
         self.UnpinModel = channel.unary_unary(
                 '/refinery.v1.ModelService/UnpinModel',
                 request_serializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
-                response_deserializer=refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                response_deserializer=refinery_dot_v1_dot_models__pb2.UnpinModelResponse.FromString,
                 _registered_method=True)
 
 
@@ -126,12 +126,12 @@ def add_ModelServiceServicer_to_server(servicer, server):
             'PinModel': grpc.unary_unary_rpc_method_handler(
                     servicer.PinModel,
                     request_deserializer=refinery_dot_v1_dot_models__pb2.PinModelRequest.FromString,
-                    response_serializer=refinery_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+                    response_serializer=refinery_dot_v1_dot_models__pb2.PinModelResponse.SerializeToString,
             ),
             'UnpinModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UnpinModel,
                     request_deserializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.FromString,
-                    response_serializer=refinery_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+                    response_serializer=refinery_dot_v1_dot_models__pb2.UnpinModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -241,7 +241,7 @@ class ModelService:
             target,
             '/refinery.v1.ModelService/PinModel',
             refinery_dot_v1_dot_models__pb2.PinModelRequest.SerializeToString,
-            refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            refinery_dot_v1_dot_models__pb2.PinModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,7 +268,7 @@ class ModelService:
             target,
             '/refinery.v1.ModelService/UnpinModel',
             refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
-            refinery_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            refinery_dot_v1_dot_models__pb2.UnpinModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,20 +101,22 @@ class Refiner(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "queued", "model_loading", "progress", "preview", "image")
+    __slots__ = ("request_id", "queued", "model_loading", "progress", "preview", "image", "image_chunk")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADING_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queued: Queued
     model_loading: ModelLoading
     progress: Progress
     preview: Preview
     image: Image
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    image_chunk: ImageChunk
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., image_chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position", "queue_depth")
@@ -213,3 +215,17 @@ class Image(_message.Message):
     model: str
     refiner_model: str
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ...) -> None: ...
+
+class ImageChunk(_message.Message):
+    __slots__ = ("index", "offset", "total_size", "data", "image")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    offset: int
+    total_size: int
+    data: bytes
+    image: Image
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,160 @@
+"""What `Client.generate` yields: one small immutable value per event of the Generate stream, in its order
+(Queued, ModelLoading while a model is fetched or loaded, Progress per denoising step of each stage, Preview
+when asked for, then one Image per result, reassembled when it came in chunks).
+
+Enumerations are `StrEnum`s, so `event.stage == "refiner"` reads as it should; a value this client does not
+know yet (a newer server) reads as UNSPECIFIED rather than failing the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import TypeVar
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from refinery.v1 import generation_pb2 as pb
+
+
+class Stage(StrEnum):
+    UNSPECIFIED = "unspecified"
+    BASE = "base"
+    REFINER = "refiner"
+
+
+class Role(StrEnum):
+    UNSPECIFIED = "unspecified"
+    BASE = "base"
+    REFINER = "refiner"
+
+
+class Phase(StrEnum):
+    UNSPECIFIED = "unspecified"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class Queued:
+    request_id: str
+    position: int  # 0: runs next
+    queue_depth: int
+
+
+@dataclass(frozen=True)
+class ModelLoading:
+    request_id: str
+    model: str
+    role: Role
+    phase: Phase
+    bytes_done: int  # while DOWNLOADING or VERIFYING
+    bytes_total: int  # 0 when unknown
+    bytes_per_second: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    request_id: str
+    stage: Stage
+    step: int  # 1-based within the stage
+    stage_steps: int
+    overall_step: int  # 1-based over both stages
+    total_steps: int
+    elapsed: timedelta
+    image_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Preview:
+    request_id: str
+    stage: Stage
+    step: int
+    overall_step: int
+    image_index: int
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Image:
+    request_id: str
+    index: int
+    data: bytes
+    mime_type: str
+    seed: int  # reproduces this result alone
+    width: int
+    height: int
+    base_steps: int
+    refiner_steps: int  # 0 without a refiner
+    model: str
+    refiner_model: str  # "" without a refiner
+
+
+Event = Queued | ModelLoading | Progress | Preview | Image
+
+_E = TypeVar("_E", Stage, Role, Phase)
+
+
+def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | None:
+    """The event a response carries; `image` is the whole result when this response completed one (see
+    chunks.ImageAssembler). None for a chunk that completes nothing and for events this client does not know."""
+    rid = response.request_id
+    if image is not None:
+        return Image(
+            rid,
+            image.index,
+            image.data,
+            image.mime_type,
+            image.seed,
+            image.width,
+            image.height,
+            image.base_steps,
+            image.refiner_steps,
+            image.model,
+            image.refiner_model,
+        )
+    kind = response.WhichOneof("event")
+    if kind == "queued":
+        q = response.queued
+        return Queued(rid, q.position, q.queue_depth)
+    if kind == "model_loading":
+        m = response.model_loading
+        return ModelLoading(
+            rid,
+            m.model,
+            _enum(Role, pb.ModelRole, "MODEL_ROLE_", m.role),
+            _enum(Phase, pb.ModelLoading.Phase, "PHASE_", m.phase),
+            m.bytes_done,
+            m.bytes_total,
+            m.bytes_per_second,
+        )
+    if kind == "progress":
+        p = response.progress
+        return Progress(
+            rid,
+            _enum(Stage, pb.Stage, "STAGE_", p.stage),
+            p.step,
+            p.stage_steps,
+            p.overall_step,
+            p.total_steps,
+            p.elapsed.ToTimedelta(),
+            tuple(p.image_indices),
+        )
+    if kind == "preview":
+        v = response.preview
+        stage = _enum(Stage, pb.Stage, "STAGE_", v.stage)
+        return Preview(rid, stage, v.step, v.overall_step, v.image_index, v.data, v.mime_type, v.width, v.height)
+    return None
+
+
+def _enum(cls: type[_E], proto: EnumTypeWrapper, prefix: str, value: int) -> _E:
+    try:
+        return cls(proto.Name(value).removeprefix(prefix).lower())
+    except ValueError:  # a value added to the contract after this client was built
+        return cls("unspecified")

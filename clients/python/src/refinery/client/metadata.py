@@ -1,0 +1,31 @@
+"""Request metadata the client sends: the pair-affinity header and the bearer token.
+
+`refinery-pair: <model>+<refiner model>` lets an L7 load balancer hash requests for one model pair onto the
+replica that already holds it (consistent hashing on a header). The value is built from the request's own
+model strings, not canonical AIRs (a client cannot canonicalise without asking a server), so every client of
+every language must build it the same way: each string as sent, empty when unset (`+` when both are the
+server's defaults), the whole value percent-encoded with the same safe set so that it is printable ASCII, as
+gRPC metadata must be.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from refinery.v1 import generation_pb2 as pb
+
+PAIR_HEADER = "refinery-pair"
+_PAIR_SAFE = ":@+/._-~"
+
+
+def pair_affinity(model: str, refiner_model: str) -> str:
+    return quote(f"{model}+{refiner_model}", safe=_PAIR_SAFE)
+
+
+def auth_metadata(token: str | None) -> list[tuple[str, str]]:
+    """`authorization: Bearer <token>`, or nothing without a token."""
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def generate_metadata(request: pb.GenerateRequest, token: str | None) -> list[tuple[str, str]]:
+    return [(PAIR_HEADER, pair_affinity(request.model, request.refiner.model)), *auth_metadata(token)]

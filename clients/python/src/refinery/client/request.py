@@ -1,0 +1,106 @@
+"""Building a GenerateRequest from keyword arguments, for `Client.generate` and `AsyncClient.generate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypedDict, Unpack
+
+from refinery.v1 import generation_pb2 as pb
+
+
+class Scheduler(StrEnum):
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    DDIM = "ddim"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    UNIPC = "unipc"
+
+
+class OutputFormat(StrEnum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+
+_SCHEDULERS = {
+    Scheduler.EULER: pb.SCHEDULER_EULER,
+    Scheduler.EULER_ANCESTRAL: pb.SCHEDULER_EULER_ANCESTRAL,
+    Scheduler.DDIM: pb.SCHEDULER_DDIM,
+    Scheduler.DPMPP_2M: pb.SCHEDULER_DPMPP_2M,
+    Scheduler.DPMPP_2M_KARRAS: pb.SCHEDULER_DPMPP_2M_KARRAS,
+    Scheduler.UNIPC: pb.SCHEDULER_UNIPC,
+}
+_FORMATS = {
+    OutputFormat.PNG: pb.OUTPUT_FORMAT_PNG,
+    OutputFormat.JPEG: pb.OUTPUT_FORMAT_JPEG,
+    OutputFormat.WEBP: pb.OUTPUT_FORMAT_WEBP,
+}
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """Hand the last steps to an SDXL refiner. `model` empty: the server's default refiner. Where it takes
+    over: `start_step` (it runs start_step..steps), or `start_percentage` of the steps for the base, or 90 %."""
+
+    model: str = ""
+    start_step: int | None = None
+    start_percentage: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.start_step is not None and self.start_percentage is not None:
+            raise ValueError("give start_step or start_percentage, not both")
+
+    def to_proto(self) -> pb.Refiner:
+        refiner = pb.Refiner(model=self.model)
+        if self.start_step is not None:
+            refiner.start_step = self.start_step
+        if self.start_percentage is not None:
+            refiner.start_step_percentage = self.start_percentage
+        return refiner
+
+
+class GenerateOptions(TypedDict, total=False):
+    """A request's fields besides the prompt (generation.proto, GenerateRequest). Absent, zero, empty or None:
+    the server's default."""
+
+    negative_prompt: str
+    model: str  # AIR of the base model
+    refiner: Refiner | None  # None: the base runs every step
+    width: int
+    height: int
+    steps: int  # both stages together
+    cfg_scale: float
+    seed: int | None  # None: a random seed, reported on every Image
+    scheduler: Scheduler | str | None
+    number_results: int
+    output_format: OutputFormat | str | None
+    preview_every: int  # a Preview every n steps
+    priority: int  # -100..100, higher first
+    request_id: str  # echoed on every event and in the server's log; empty: the server assigns one
+
+
+def generate_request(prompt: str, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        positive_prompt=prompt,
+        negative_prompt=options.get("negative_prompt", ""),
+        model=options.get("model", ""),
+        width=options.get("width", 0),
+        height=options.get("height", 0),
+        steps=options.get("steps", 0),
+        cfg_scale=options.get("cfg_scale", 0.0),
+        number_results=options.get("number_results", 0),
+        preview_every=options.get("preview_every", 0),
+        priority=options.get("priority", 0),
+        request_id=options.get("request_id", ""),
+    )
+    if (seed := options.get("seed")) is not None:
+        request.seed = seed
+    if (scheduler := options.get("scheduler")) is not None:
+        request.scheduler = _SCHEDULERS[Scheduler(scheduler)]
+    if (output_format := options.get("output_format")) is not None:
+        request.output_format = _FORMATS[OutputFormat(output_format)]
+    if (refiner := options.get("refiner")) is not None:
+        request.refiner.CopyFrom(refiner.to_proto())
+    return request

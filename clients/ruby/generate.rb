@@ -1,0 +1,65 @@
+# frozen_string_literal: true
+
+# Refinery from Ruby: stream a refined generation with its progress, save the image, then show how a bad
+# request is refused (google.rpc.BadRequest names the field).
+#
+#   ruby generate.rb [HOST:PORT] [OUT.png]      (after: make -C clients/ruby, which generates lib/gen)
+$LOAD_PATH.unshift(File.join(__dir__, "lib"), File.join(__dir__, "lib", "gen"))
+require "grpc"
+require "google/protobuf/well_known_types"
+require "google/rpc/error_details_pb" # from googleapis-common-protos-types, which ruby-grpc depends on
+require "refinery/v1/generation_services_pb"
+require "image_assembler"
+
+target = ARGV[0] || "localhost:50051"
+out = ARGV[1] || "lighthouse.png"
+# The default 4 MiB receive limit is enough: Refinery sends images over 3 MiB in chunks.
+stub = Refinery::V1::GenerationService::Stub.new(target, :this_channel_is_insecure)
+
+# Every call says which model pair it wants, so that a load balancer can send it to a replica that already
+# holds the pair: "<model>+<refiner model>" as given in the request ("" for the server's default), with every
+# byte outside [A-Za-z0-9:@+/._~-] percent-encoded. The token, if the server asks for one, goes along.
+def metadata(request)
+  pair = "#{request.model}+#{request.refiner&.model}".b.gsub(%r{[^A-Za-z0-9:@+/._~-]}) { |c| format("%%%02X", c.ord) }
+  token = ENV.fetch("REFINERY_TOKEN", "")
+  token.empty? ? { "refinery-pair" => pair } : { "refinery-pair" => pair, "authorization" => "Bearer #{token}" }
+end
+
+request = Refinery::V1::GenerateRequest.new(
+  request_id: "example-ruby-1", # echoed on every response and in the server's log; empty: one is assigned
+  positive_prompt: "a lighthouse on a cliff at dusk",
+  steps: 20,
+  seed: 7, # uint64: an Integer in Ruby
+  refiner: Refinery::V1::Refiner.new(start_step_percentage: 90) # no model: the server's default refiner
+)
+images = ImageAssembler.new
+stub.generate(request, metadata: metadata(request), deadline: Time.now + 600).each do |response|
+  case response.event
+  when :queued
+    puts "queued: position #{response.queued.position} of #{response.queued.queue_depth}"
+  when :progress
+    step = response.progress
+    puts "#{step.stage} #{step.step}/#{step.stage_steps} (step #{step.overall_step}/#{step.total_steps})"
+  end
+  image = images.feed(response) # a whole image: from an image event or its last chunk
+  next unless image
+
+  File.binwrite(out, image.data)
+  puts "wrote #{out} (#{image.width}x#{image.height}, seed #{image.seed}, request #{response.request_id})"
+  puts "#{image.base_steps} base + #{image.refiner_steps} refiner steps"
+end
+images.finish
+
+# A bad request: the refiner cannot take over at step 30 of 20.
+bad = Refinery::V1::GenerateRequest.new(positive_prompt: "a cat", steps: 20,
+                                        refiner: Refinery::V1::Refiner.new(start_step: 30))
+begin
+  stub.generate(bad, metadata: metadata(bad)).each { |_| nil }
+  abort "the server accepted a bad request"
+rescue GRPC::BadStatus => e
+  puts "refused: #{e.code} (#{e.class.name.split('::').last}): #{e.details}"
+  e.to_rpc_status&.details&.each do |detail|
+    bad_request = detail.unpack(Google::Rpc::BadRequest)
+    bad_request&.field_violations&.each { |v| puts "  #{v.field}: #{v.description}" }
+  end
+end

@@ -1,0 +1,93 @@
+// Refinery from TypeScript: stream a refined generation with its progress, save the image, then show how a
+// bad request is refused (google.rpc.BadRequest names the field).
+//
+//   npm ci && npm run build && node dist/generate.js [HOST:PORT] [OUT.png]
+import { writeFileSync } from "node:fs";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import {
+  GenerateRequestSchema,
+  GenerationService,
+  Stage,
+  type GenerateRequest,
+} from "./gen/refinery/v1/generation_pb.js";
+import { ImageAssembler } from "./image_assembler.js";
+
+const [target = "localhost:50051", out = "lighthouse.png"] = process.argv.slice(2);
+
+const transport = createGrpcTransport({
+  baseUrl: `http://${target}`, // https:// for TLS
+  // Connect-ES accepts messages up to 4 GiB unless told otherwise. Refinery never sends one over 3 MiB
+  // (large images come in chunks), so the 4 MiB every other gRPC library defaults to is plenty.
+  readMaxBytes: 4 << 20,
+});
+const client = createClient(GenerationService, transport);
+
+// Every call says which model pair it wants, so that a load balancer can send it to a replica that already
+// holds the pair: "<model>+<refiner model>" as given in the request ("" for the server's default), with
+// every byte outside [A-Za-z0-9:@+/._~-] percent-encoded. The token, if the server asks for one, goes along.
+function headers(request: GenerateRequest): Record<string, string> {
+  const pair = `${request.model}+${request.refiner?.model ?? ""}`;
+  const encoded = Array.from(new TextEncoder().encode(pair), (byte) => {
+    const c = String.fromCharCode(byte);
+    return /[A-Za-z0-9:@+\/._~-]/.test(c) ? c : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }).join("");
+  const token = process.env.REFINERY_TOKEN;
+  return { "refinery-pair": encoded, ...(token ? { authorization: `Bearer ${token}` } : {}) };
+}
+
+async function generate(): Promise<void> {
+  const request = create(GenerateRequestSchema, {
+    requestId: "example-typescript-1", // echoed on every response and in the server's log; empty: one is assigned
+    positivePrompt: "a lighthouse on a cliff at dusk",
+    steps: 20,
+    seed: 7n, // uint64: a bigint in Connect-ES
+    refiner: { start: { case: "startStepPercentage", value: 90 } }, // no model: the server's default refiner
+  });
+  const images = new ImageAssembler();
+  for await (const response of client.generate(request, { headers: headers(request), timeoutMs: 600_000 })) {
+    const event = response.event;
+    if (event.case === "queued") {
+      console.log(`queued: position ${event.value.position} of ${event.value.queueDepth}`);
+    } else if (event.case === "progress") {
+      const p = event.value;
+      console.log(`${Stage[p.stage]} ${p.step}/${p.stageSteps} (step ${p.overallStep}/${p.totalSteps})`);
+    }
+    const image = images.feed(response); // a whole image: from an `image` event or its last chunk
+    if (image) {
+      writeFileSync(out, image.data);
+      console.log(`wrote ${out} (${image.width}x${image.height}, seed ${image.seed}, request ${response.requestId})`);
+      console.log(`${image.baseSteps} base + ${image.refinerSteps} refiner steps`);
+    }
+  }
+  images.finish();
+}
+
+async function badRequest(): Promise<void> {
+  // The refiner cannot take over at step 30 of 20.
+  const request = create(GenerateRequestSchema, {
+    positivePrompt: "a cat",
+    steps: 20,
+    refiner: { start: { case: "startStep", value: 30 } },
+  });
+  try {
+    for await (const _ of client.generate(request, { headers: headers(request) })) {
+      // nothing arrives: a bad request is refused before any work
+    }
+  } catch (err) {
+    const error = ConnectError.from(err);
+    console.log(`refused: ${Code[error.code]}: ${error.rawMessage}`);
+    for (const bad of error.findDetails(BadRequestSchema)) {
+      for (const violation of bad.fieldViolations) {
+        console.log(`  ${violation.field}: ${violation.description}`);
+      }
+    }
+    return;
+  }
+  throw new Error("the server accepted a bad request");
+}
+
+await generate();
+await badRequest();
