@@ -9,6 +9,8 @@
     │                       (RESOURCE_EXHAUSTED)
     ├── ShuttingDown        the server is draining and takes no new work (UNAVAILABLE)
     ├── WorkerFailed        the device worker died while running the job (UNAVAILABLE)
+    ├── DeliveryFailed      the request's images were made, but its client did not take the whole stream
+    │                       (only logged and counted: the client is gone)
     └── NotPinned           UnpinPair for a pair no device holds pinned (NOT_FOUND)
 
 Model-store errors (`modelstore.errors`) are mapped by the same table. Anything else is a bug: INTERNAL with a
@@ -82,6 +84,10 @@ class ShuttingDown(ServerError):
 
 
 class WorkerFailed(ServerError):
+    pass
+
+
+class DeliveryFailed(ServerError):
     pass
 
 

@@ -106,8 +106,10 @@ class Settings:
     # `grace_period_s`, then cancel them.
     drain_delay_s: float = 5.0
     grace_period_s: float = 30.0
-    # Images of several MB travel in one message; gRPC's default 4 MiB receive limit is too small.
+    # The largest message the server sends. A result larger than `image_chunk_bytes` is sent as a run of
+    # chunks (proto: ImageChunk), so that clients with gRPC's default 4 MiB receive limit get every image.
     max_message_bytes: int = 64 * 1024 * 1024
+    image_chunk_bytes: int = 3 * 1024 * 1024
     # Requests are small (a valid one is under 10 KB): anything larger is refused before it is read whole.
     max_request_bytes: int = 64 * 1024
     security: Security = field(default_factory=Security)

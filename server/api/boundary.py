@@ -42,6 +42,7 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     errors.OutOfDeviceMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.WorkerFailed: grpc.StatusCode.UNAVAILABLE,
+    errors.DeliveryFailed: grpc.StatusCode.UNAVAILABLE,
     errors.NotPinned: grpc.StatusCode.NOT_FOUND,
     store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,

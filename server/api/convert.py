@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from modelstore import Architecture, CachedModel, DownloadProgress, Role
@@ -34,8 +37,26 @@ ARCHITECTURES: dict[Architecture, models_pb.Architecture] = {
 # ---- GenerationService ------------------------------------------------------------------------------------
 
 
+def generate_responses(request_id: str, event: domain.JobEvent, chunk_bytes: int) -> Iterator[gen_pb.GenerateResponse]:
+    """The stream messages for one event: one, or for a result larger than `chunk_bytes` (settings:
+    `image_chunk_bytes`, under gRPC's default 4 MiB receive limit) a run of `image_chunk` messages, the last
+    carrying the Image's fields with empty data. Nothing else of the stream comes between them: a request's
+    images are emitted after its last step, from one thread."""
+    if not isinstance(event, domain.ImageResult) or len(event.data) <= chunk_bytes:
+        yield generate_response(request_id, event)
+        return
+    total = len(event.data)
+    for offset in range(0, total, chunk_bytes):
+        data = event.data[offset : offset + chunk_bytes]
+        last = offset + len(data) == total
+        chunk = gen_pb.ImageChunk(index=event.index, offset=offset, total_size=total, data=data)
+        if last:
+            chunk.image.CopyFrom(_image(dataclasses.replace(event, data=b"")))
+        yield gen_pb.GenerateResponse(request_id=request_id, image_chunk=chunk)
+
+
 def generate_response(request_id: str, event: domain.JobEvent) -> gen_pb.GenerateResponse:
-    """The stream message for one event."""
+    """The stream message for one event (an image whole, whatever its size)."""
     if isinstance(event, domain.Queued):
         queued = gen_pb.Queued(position=event.position, queue_depth=event.queue_depth)
         return gen_pb.GenerateResponse(request_id=request_id, queued=queued)

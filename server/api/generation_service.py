@@ -17,9 +17,10 @@ from modelstore import Role
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.api.boundary import ModelField, rpc
-from server.api.convert import generate_response
+from server.api.convert import generate_responses
 from server.api.stream import AsyncEventStream
 from server.api.validation import job_from_request
+from server.errors import DeliveryFailed
 from server.logs import quoted
 from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
@@ -57,7 +58,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         ticket = self._scheduler.submit(job, stream, deadline=deadline)
         try:
             async for event in stream:
-                yield generate_response(job.request_id, event)
+                for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
+                    yield response  # a client that cannot take a message ends the generator here
+            stream.settle(None)
         finally:
+            stream.settle(DeliveryFailed("the client did not receive the whole stream"))  # unless settled
             # A no-op for a finished request; for a client that went away, it stops at its next step.
             self._scheduler.cancel(ticket)

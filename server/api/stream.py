@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from server.api.boundary import Logged
@@ -31,6 +32,7 @@ class AsyncEventStream:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[JobEvent | _End] = asyncio.Queue()
         self._ended = False
+        self._delivered: Future[BaseException | None] = Future()
 
     # ---- the worker thread's side --------------------------------------------------------------------
 
@@ -45,7 +47,15 @@ class AsyncEventStream:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    def delivered(self) -> Future[BaseException | None]:
+        return self._delivered
+
     # ---- the event loop's side -----------------------------------------------------------------------
+
+    def settle(self, error: BaseException | None) -> None:
+        """Say whether every event reached the client (None) or not; the first word counts."""
+        with contextlib.suppress(InvalidStateError):
+            self._delivered.set_result(error)
 
     def __aiter__(self) -> AsyncEventStream:
         return self

@@ -48,7 +48,7 @@ from server.scheduling.pairs import PairSpec
 from server.scheduling.queue import AdmissionQueue, Waiting
 from server.scheduling.resolver import Resolver
 from server.scheduling.snapshot import SchedulerSnapshot
-from server.scheduling.ticket import EventSink, Ticket, log_outcome, outcome_of
+from server.scheduling.ticket import ConfirmingSink, EventSink, Ticket, log_outcome, outcome_of
 from server.scheduling.worker import TICK_S, DeviceWorker
 from server.settings import Settings
 
@@ -224,11 +224,18 @@ class Scheduler:
                 return
             self._tickets.discard(ticket)
         ticket.leases.release_all()
+        if error is None and isinstance(ticket.sink, ConfirmingSink):
+            # Its outcome is known once the client has taken the images, or has not.
+            ticket.sink.delivered().add_done_callback(lambda done: self._record(ticket, done.result()))
+        else:
+            self._record(ticket, error)
+        ticket.sink.close(error)
+
+    def _record(self, ticket: Ticket, error: BaseException | None) -> None:
+        """Count and log a request's outcome (before its client sees the stream end)."""
         outcome = outcome_of(error)
         self.metrics.jobs.labels(outcome).inc()
         log_outcome(ticket, error, outcome)
-        # Last: once the client sees its stream end, the metrics and the log already say how it ended.
-        ticket.sink.close(error)
 
     def wake(self) -> None:
         self.queue.notify()

@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from server.domain import Job, JobEvent
 from server.errors import DeadlineExceeded, JobCancelled, ServerError
@@ -38,6 +39,16 @@ class EventSink(Protocol):
     def emit(self, event: JobEvent) -> None: ...
 
     def close(self, error: BaseException | None) -> None: ...
+
+
+@runtime_checkable
+class ConfirmingSink(EventSink, Protocol):
+    """A sink that learns whether its events reached the client: a request whose images were made but not
+    received is a failure, never `ok`."""
+
+    def delivered(self) -> Future[BaseException | None]:
+        """Settled with None once every event was handed to the client, or with the error that stopped it."""
+        ...
 
 
 @dataclass
