@@ -6,11 +6,10 @@ tree.
 """
 
 from modelstore.air import AIR, Source, parse_air
-from modelstore.cache import CachedModel
 from modelstore.components import Component
 from modelstore.loading import Loader, load_pipeline, preferred_dtype
 from modelstore.progress import DownloadProgress, ProgressCallback
-from modelstore.record import Architecture, Layout, ModelRecord, Role
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 

@@ -19,9 +19,9 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelstore._safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 from modelstore.progress import ByteCounter
 from modelstore.record import Layout, ModelRecord
-from modelstore.safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _FLOATS = {"F16", "BF16", "F32", "F64"}

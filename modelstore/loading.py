@@ -33,12 +33,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelstore import config_families, model_dims
-from modelstore.architecture import detect_folder, detect_header
+from modelstore import _model_dims
+from modelstore._architecture import detect_folder, detect_header
+from modelstore._config_families import family_for, known_families
+from modelstore._pipeline_checks import check_pipeline
+from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import CorruptModel, WrongArchitecture, concerning
-from modelstore.pipeline_checks import check_pipeline
 from modelstore.record import Architecture, Layout, ModelRecord, Role
-from modelstore.safetensors_header import SafetensorsHeader, read_header
 from modelstore.store import ROLE_ARCHITECTURES, require_role
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def _from_single_file(
     dtype: Any,
     reuse: Mapping[str, Any] | None = None,
 ) -> Any:
-    dims = model_dims.from_single_file(header.tensors)
+    dims = _model_dims.from_single_file(header.tensors)
     if dims.bigg is None or dims.unet is None or dims.vae is None:
         # diffusers cannot build the missing parts from configs alone (single-file.md P11).
         missing = [
@@ -219,11 +220,9 @@ def _from_single_file(
             if value is None
         ]
         raise CorruptModel(f"{name} has no {' and no '.join(missing)}; only complete checkpoints are loaded")
-    family = config_families.family_for(dims, architecture)
+    family = family_for(dims, architecture)
     if family is None:
-        known = "; ".join(
-            f"{f.name}: {f.dims.describe()}" for f in config_families.known_families() if f.architecture is architecture
-        )
+        known = "; ".join(f"{f.name}: {f.dims.describe()}" for f in known_families() if f.architecture is architecture)
         raise CorruptModel(
             f"{name} is {architecture.label} by its header but fits no known configuration "
             f"({dims.describe()}); known: {known}"

@@ -27,30 +27,30 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from modelstore import builtin
+from modelstore import _builtin
+from modelstore._architecture import detect_file, detect_folder
+from modelstore._blobs import sha256_file
+from modelstore._cache import BlobsVanished, Cache, Need
+from modelstore._download import Downloader, RemoteFile, RetryPolicy
 from modelstore._http import new_client
+from modelstore._index import IndexEntry
+from modelstore._leases import Leases
+from modelstore._sources import RemoteSource
+from modelstore._sources import local as local_source
 from modelstore.air import AIR, Source, parse_air
-from modelstore.architecture import detect_file, detect_folder
-from modelstore.blobs import sha256_file
-from modelstore.cache import BlobsVanished, Cache, CachedModel, Need
 from modelstore.components import Component, components_of
-from modelstore.download import Downloader, RemoteFile, RetryPolicy
 from modelstore.errors import (
     DownloadAbandoned,
     ModelInUse,
     ModelNotFound,
     ModelStoreError,
-    concerning,
     SourceUnavailable,
     WrongArchitecture,
+    concerning,
 )
-from modelstore.index import IndexEntry
-from modelstore.leases import Leases
 from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, Layout, ModelRecord, Role
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
-from modelstore.sources import RemoteSource
-from modelstore.sources import local as local_source
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,10 @@ class ModelStore:
     def _new_source(self, source: Source) -> RemoteSource:
         # Imported here: huggingface_hub is only needed by those who download from the Hub.
         if source is Source.CIVITAI:
-            from modelstore.sources.civitai import CivitaiSource
+            from modelstore._sources.civitai import CivitaiSource
 
             return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._client)
-        from modelstore.sources.huggingface import HuggingFaceSource
+        from modelstore._sources.huggingface import HuggingFaceSource
 
         return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
 
@@ -279,14 +279,14 @@ class ModelStore:
         raise AssertionError("unreachable")
 
     def _build_builtin(self, air: AIR) -> ModelRecord:
-        spec = builtin.BUILTIN_MODELS.get(air.canonical)
+        spec = _builtin.BUILTIN_MODELS.get(air.canonical)
         if spec is None:
-            names = ", ".join(sorted(builtin.BUILTIN_MODELS))
+            names = ", ".join(sorted(_builtin.BUILTIN_MODELS))
             raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
         staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=self._cache.root / "tmp"))
         try:
             folder = staging / "model"
-            builtin.build(spec, folder)
+            _builtin.build(spec, folder)
             paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
             shas = {relative: sha256_file(path) for relative, path in paths.items()}
             needs = [Need(shas[r], p.stat().st_size) for r, p in paths.items()]

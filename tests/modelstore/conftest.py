@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelstore import ModelStore, StoreSettings
-from modelstore.download import RetryPolicy
+from modelstore._download import RetryPolicy
 from tests.conftest import CIVITAI_TOKEN, HF_TOKEN
 from tests.fakes.civitai import FakeCivitai
 from tests.fakes.hub import FakeHub

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelstore import Architecture, Layout
+from modelstore._sources.civitai import choose_file
 from modelstore.air import parse_air
 from modelstore.errors import (
     IntegrityError,
@@ -21,7 +22,6 @@ from modelstore.errors import (
     WrongArchitecture,
 )
 from modelstore.progress import DownloadProgress
-from modelstore.sources.civitai import choose_file
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage

@@ -28,10 +28,11 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from modelstore._download import Location, RemoteFile
 from modelstore._http import error_for_status, retry_after_s, server_message
 from modelstore._redact import redact, redact_url
+from modelstore._sources import RemotePlan
 from modelstore.air import AIR
-from modelstore.download import Location, RemoteFile
 from modelstore.errors import (
     IntegrityError,
     ModelNotFound,
@@ -41,7 +42,6 @@ from modelstore.errors import (
     WrongArchitecture,
 )
 from modelstore.record import Layout
-from modelstore.sources import RemotePlan
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modelstore._safetensors_header import TensorInfo, read_header
 from modelstore.errors import CorruptModel, UnsafeCheckpoint
-from modelstore.safetensors_header import TensorInfo, read_header
 
 # diffusers models, then transformers models.
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from modelstore._download import RemoteFile
 from modelstore.air import AIR
-from modelstore.download import RemoteFile
 from modelstore.record import Layout
 
 

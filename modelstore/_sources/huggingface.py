@@ -32,10 +32,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
+from modelstore._download import Location, RemoteFile
 from modelstore._http import error_for_status
 from modelstore._redact import redact
+from modelstore._sources import RemotePlan
 from modelstore.air import AIR
-from modelstore.download import Location, RemoteFile
 from modelstore.errors import (
     ModelNotFound,
     ModelStoreError,
@@ -45,7 +46,6 @@ from modelstore.errors import (
     UnsafeCheckpoint,
 )
 from modelstore.record import Layout
-from modelstore.sources import RemotePlan
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore.architecture import detect_folder
-from modelstore.blobs import check_safetensors, sha256_file
+from modelstore._architecture import detect_folder
+from modelstore._blobs import check_safetensors, sha256_file
+from modelstore._snapshots import content_digest
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
 from modelstore.progress import ByteCounter
 from modelstore.record import Architecture, Layout
-from modelstore.snapshots import content_digest
 
 _WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
 _LOADED_SUFFIXES = {".json", ".txt", ".model", ".safetensors"}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from modelstore._safetensors_header import parse_header
 from modelstore.errors import UnsafeCheckpoint
-from modelstore.safetensors_header import parse_header
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_KEY = re.compile(r"[0-9a-z\-]{3,80}")

@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelstore._blobs import BlobStore
+from modelstore._index import Index, IndexEntry
+from modelstore._snapshots import Snapshots, content_digest
 from modelstore.air import AIR
-from modelstore.blobs import BlobStore
 from modelstore.errors import ModelNotFound, QuotaExceeded
-from modelstore.index import Index, IndexEntry
-from modelstore.record import Architecture, Layout, ModelRecord
-from modelstore.snapshots import Snapshots, content_digest
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,6 @@ SINGLE_FILE_NAME = "model.safetensors"
 # another process that has not committed yet): collected only once it is this old.
 _ORPHAN_GRACE_S = 3600.0
 _STALE_PARTIAL_S = 14 * 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class CachedModel:
-    """One row of `ModelStore.list_models()`."""
-
-    air: str
-    source: str
-    layout: Layout
-    architecture: Architecture
-    size_bytes: int
-    added: datetime
-    last_used: datetime
-    pinned: bool
-    in_use: bool
-    path: Path
-    sha256: str  # of the file, or of the folder's files (see snapshots.content_digest)
 
 
 @dataclass(frozen=True)

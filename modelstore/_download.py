@@ -34,9 +34,9 @@ from typing import Any, BinaryIO, Protocol
 
 import httpx
 
+from modelstore._blobs import BlobStore
 from modelstore._http import error_for_status, retry_after_s, server_message
 from modelstore._redact import redact, redact_url
-from modelstore.blobs import BlobStore
 from modelstore.errors import IntegrityError, ModelStoreError, SourceUnavailable
 
 log = logging.getLogger(__name__)
