@@ -38,6 +38,7 @@ from modelstore._snapshots import Snapshots, content_digest
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound, QuotaExceeded
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
+from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,9 @@ class Cache:
         untouchable = sum(on_disk.get(sha, 0) for sha in protected_blobs - wanted) + reserved_bytes
         if model_bytes + untouchable > self.max_bytes:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(model_bytes)}, but the cache quota is "
-                f"{_human(self.max_bytes)}, and {_human(untouchable)} of it is pinned, in use or downloading"
+                f"{air.canonical} needs {format_bytes(model_bytes)}, but the cache quota is "
+                f"{format_bytes(self.max_bytes)}, and {format_bytes(untouchable)} of it is pinned, in use or "
+                "downloading"
             )
         used = sum(on_disk.values()) + reserved_bytes
         if used + missing <= self.max_bytes:
@@ -189,15 +191,15 @@ class Cache:
             used -= self._evict(victim, protected_blobs)
         if used + missing > self.max_bytes:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(missing)} more, and the cache quota of "
-                f"{_human(self.max_bytes)} cannot make room for it"
+                f"{air.canonical} needs {format_bytes(missing)} more, and the cache quota of "
+                f"{format_bytes(self.max_bytes)} cannot make room for it"
             )
 
     def _check_disk(self, air: AIR, missing: int) -> None:
         free = shutil.disk_usage(self.root).free
         if missing > free:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(missing)}, but only {_human(free)} is free on the disk "
+                f"{air.canonical} needs {format_bytes(missing)}, but only {format_bytes(free)} is free on the disk "
                 f"holding {self.root}"
             )
 
@@ -278,7 +280,7 @@ class Cache:
             self.index.put(entry)
             if old is not None and old.path != entry.path and not Path(old.path).is_absolute():
                 self._drop_folder(old)
-        log.info("cached %s (%s, %s)", air.canonical, architecture.label, _human(entry.size_bytes))
+        log.info("cached %s (%s, %s)", air.canonical, architecture.label, format_bytes(entry.size_bytes))
         return self.record(air, entry)
 
     def register_local(self, entry: IndexEntry) -> None:
@@ -295,7 +297,7 @@ class Cache:
                 return 0
             keep: set[str] = set().union(*(r.blobs for r in self._reservations))
             freed = self._evict(entry, keep)
-        log.info("deleted %s from the cache (%s freed)", air.canonical, _human(freed))
+        log.info("deleted %s from the cache (%s freed)", air.canonical, format_bytes(freed))
         return freed
 
     def pin(self, air: AIR, pinned: bool) -> None:
@@ -316,12 +318,3 @@ def _distinct(needs: list[Need]) -> list[Need]:
             if need.sha256:
                 seen.add(need.sha256)
     return result
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"

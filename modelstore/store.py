@@ -51,6 +51,7 @@ from modelstore.errors import (
 from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
+from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class ModelStore:
             progress.finish()
             if todo:
                 elapsed = max(time.monotonic() - started, 1e-6)
-                log.info("downloaded %s in %.1f s (%.1f MB/s)", air, elapsed, total / elapsed / 1e6)
+                log.info("downloaded %s in %.1f s (%s/s)", air, elapsed, format_bytes(int(total / elapsed)))
             return record
         raise AssertionError("unreachable")
 
