@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from modelstore._download import RemoteFile
+from modelstore._remote import RemoteFile
 from modelstore.air import AIR
 from modelstore.record import Layout
 
