@@ -36,7 +36,7 @@ from modelstore.errors import (
 _HEADERS = {"User-Agent": "refinery-modelstore/0.1 (+https://github.com/refinery)", "Accept-Encoding": "identity"}
 # (connect, read) seconds. Long transfers are normal on a slow link; what matters is that bytes keep arriving,
 # and requests' read timeout is exactly that: the longest wait for the next bytes.
-TIMEOUT = (15.0, 60.0)
+_TIMEOUT = (15.0, 60.0)
 _MAX_REDIRECTS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Error bodies are read only this far: they are messages, never models.
@@ -58,12 +58,13 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
     BrokenTransfer,
 )
 
+_LIBRARY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+
 # The HTTP libraries log every request's URL (urllib3 at DEBUG; httpx, which huggingface_hub uses, at INFO) and
 # httpcore every response's headers (Location included); a presigned storage URL is a credential (modelstore.md
 # §4.3). Logger filters are not inherited, so each logger these libraries (and huggingface_hub's httpx2 fork)
 # write to is named.
 _HTTP_LOGGERS = [
-    "requests",
     *(
         f"urllib3.{module}"
         for module in ("connectionpool", "connection", "poolmanager", "response", "util.retry", "http2.connection")
@@ -126,7 +127,7 @@ def get(
     a token, and R2/B2 refuse presigned requests that carry one). Raises TRANSPORT_ERRORS."""
     sent = {**_HEADERS, **headers}
     for _ in range(_MAX_REDIRECTS + 1):
-        response = session.get(url, headers=sent, stream=True, timeout=TIMEOUT, allow_redirects=False, auth=_NO_NETRC)
+        response = session.get(url, headers=sent, stream=True, timeout=_TIMEOUT, allow_redirects=False, auth=_NO_NETRC)
         if not (follow_redirects and response.is_redirect):
             return response
         response.close()
@@ -141,13 +142,16 @@ def receive(response: requests.Response, chunk: int) -> Iterator[bytes]:
     """The body as it arrives: each piece as soon as the socket has it (at most `chunk` bytes), never held back
     to fill a chunk, so what arrived before a drop is in the caller's hands. Raises TRANSPORT_ERRORS, and
     urllib3 raises for a body shorter than its Content-Length."""
-    while data := response.raw.read1(chunk):
+    # We ask for identity; a server that encodes anyway is decoded (as httpx did), but only then: urllib3's
+    # decoding path copies every chunk once more.
+    decode = response.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    while data := response.raw.read1(chunk, decode_content=decode):
         yield data
 
 
 def read_capped(response: requests.Response, limit: int) -> bytes:
     """At most `limit` bytes of an unread streamed body."""
-    data: bytes = response.raw.read(limit)
+    data: bytes = response.raw.read(limit, decode_content=True)
     return data
 
 
@@ -172,10 +176,20 @@ def server_message(response: requests.Response) -> str:
 
 
 def describe(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
-    """What went wrong with a connection, for a log line or an error: one line, redacted (requests names the
-    URL, query and all, in its messages)."""
-    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return redact(text, secrets)
+    """What went wrong with a connection, for a log line or an error: the innermost cause ("[Errno 111]
+    Connection refused", "timed out"), in one redacted line. requests and urllib3 wrap it in layers that
+    repeat the host and the URL, query and all."""
+    cause = exc
+    seen = {id(cause)}
+    while isinstance(cause, _LIBRARY_ERRORS):  # anything else says what it means itself
+        reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError keeps the error that happened here
+        inner = reason if isinstance(reason, BaseException) else cause.__cause__ or cause.__context__
+        if inner is None or id(inner) in seen:
+            break
+        cause = inner
+        seen.add(id(cause))
+    text = str(cause).strip()
+    return redact(text.splitlines()[0] if text else cause.__class__.__name__, secrets)
 
 
 def retry_after_s(response: requests.Response) -> float | None:
