@@ -1,8 +1,9 @@
 """Refinery's model store: AIR identifiers, sources, the verified content-addressed cache, safe loading.
 
-`ModelStore` is the front door; this module exports everything a caller needs (the server imports nothing
-else from this package but `modelstore.errors`). It knows nothing of gRPC; errors are the `modelstore.errors`
-tree.
+`ModelStore` is the front door, and this module exports everything a caller needs. It knows nothing of gRPC;
+errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `record`, `settings`, `store`,
+`loading`, `progress`, `components` and `units`; modules whose names start with an underscore (and the
+`_sources` package) are internal and change without notice.
 """
 
 from modelstore.air import AIR, Source, parse_air

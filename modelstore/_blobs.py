@@ -108,12 +108,6 @@ class BlobStore:
         fsync_dir(target.parent)
         return target
 
-    def ingest(self, source: Path, *, check_safetensors_as: str | None = None) -> str:
-        """Hash a local file and move it in as a blob (for models built on this machine); its sha256."""
-        sha256 = sha256_file(source)
-        self.adopt(source, sha256, check_safetensors_as=check_safetensors_as)
-        return sha256
-
     def remove(self, sha256: str) -> int:
         """Delete a blob; the bytes freed (0 if it was not there)."""
         path = self.path(sha256)

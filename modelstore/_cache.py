@@ -2,9 +2,9 @@
 
 On disk, under `settings.cache_dir`:
 
-    index.sqlite                 which models are cached (see index.py)
-    blobs/sha256/ab/ab…          their files, by content (see blobs.py)
-    models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see snapshots.py)
+    index.sqlite                 which models are cached (see _index.py)
+    blobs/sha256/ab/ab…          their files, by content (see _blobs.py)
+    models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see _snapshots.py)
     partial/<sha256>.part        downloads in progress, resumable
     locks/                       file locks shared with other processes using the same folder
     tmp/                         staging for folders and built-in models, renamed into place when complete

@@ -4,14 +4,14 @@ Two layouts load:
 
 - a diffusers folder: `from_pretrained(folder, local_files_only=True, use_safetensors=True)`;
 - a single file in the original (civitai / sgm) key layout: `from_single_file(path, config=<folder>)`, where
-  the config folder is chosen by the checkpoint's header (`modelstore.config_families`) and is always local,
+  the config folder is chosen by the checkpoint's header (`_config_families`) and is always local,
   because without it diffusers goes to the Hub even with `local_files_only=True` (shared/research/
   single-file.md P7).
 
 Before anything reaches diffusers, every weight file is checked to be safetensors by its content (diffusers
 would `torch.load` any file not named `.safetensors`) and the architecture is read from the headers, so a
 model that cannot serve the role is refused with WrongArchitecture before any tensor is read. After loading,
-`pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
+`_pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
 aesthetics flag) and raises CorruptModel.
 
 Precision: `dtype` is passed explicitly every time (transformers 5 would otherwise keep the file's dtype,
@@ -20,7 +20,7 @@ in float16; its config has `force_upcast`, and the pipelines then decode in floa
 flips the shared VAE's dtype during each decode, so two pipelines sharing one VAE must not decode at once:
 the server runs one job at a time per device.
 
-Only this module and `server/runner.py` talk to diffusers.
+Only this module and the server's two-stage runner talk to diffusers.
 """
 
 from __future__ import annotations
