@@ -68,16 +68,23 @@ class Flights:
         give_up: threading.Event | None,
     ) -> ModelRecord:
         """`fetch(flight)`'s record, run by this call or by the one already fetching `canonical`."""
-        with self._lock:
-            flight = self._flights.get(canonical)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[canonical] = Flight(canonical)
-            flight.join(give_up)
-        if progress is not None:
-            flight.progress.subscribe(progress)
-        if not leader:
-            return self._follow(flight, fetch, progress, give_up)
+        while True:
+            with self._lock:
+                flight = self._flights.get(canonical)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[canonical] = Flight(canonical)
+                flight.join(give_up)
+            if progress is not None:
+                flight.progress.subscribe(progress)
+            if leader:
+                return self._lead(flight, fetch)
+            record = self._follow(flight, give_up)
+            if record is not None:
+                return record
+            # The others gave up and the fetch stopped just as this call joined it: start one again.
+
+    def _lead(self, flight: Flight, fetch: Callable[[Flight], ModelRecord]) -> ModelRecord:
         try:
             flight.record = fetch(flight)
             return flight.record
@@ -86,22 +93,17 @@ class Flights:
             raise
         finally:
             with self._lock:
-                del self._flights[canonical]
+                del self._flights[flight.canonical]
             flight.done.set()
 
-    def _follow(
-        self,
-        flight: Flight,
-        fetch: Callable[[Flight], ModelRecord],
-        progress: ProgressCallback | None,
-        give_up: threading.Event | None,
-    ) -> ModelRecord:
-        """Wait for another call's fetch and take its outcome as ours."""
+    def _follow(self, flight: Flight, give_up: threading.Event | None) -> ModelRecord | None:
+        """Wait for another call's fetch and take its outcome as ours; None if it stopped because everyone
+        else gave up while this call still wants the model."""
         while not flight.done.wait(None if give_up is None else _GIVE_UP_POLL_S):
             if give_up is not None and give_up.is_set():
                 raise DownloadAbandoned(f"{flight.canonical}: gave up waiting for its download")
         if isinstance(flight.error, DownloadAbandoned) and not (give_up is not None and give_up.is_set()):
-            return self.run(flight.canonical, fetch, progress, give_up)  # it stopped as this call joined: go again
+            return None
         if isinstance(flight.error, ModelStoreError):
             raise flight.error.about(flight.canonical)  # each waiter raises its own value (tracebacks are per raise)
         if flight.error is not None:
