@@ -249,7 +249,7 @@ class _Partial:
 
 
 class _Batched:
-    """Passes byte counts on in batches: a 64 KB chunk arrives every few microseconds on a fast link, and the
+    """Passes byte counts on in batches: a chunk arrives every few microseconds on a fast link, and the
     progress fan-out (locks, a clock, a rate window) per chunk is CPU taken from receiving and hashing.
     Leaving the block passes on the rest, so the count is exact before a discarded attempt rewinds it."""
 

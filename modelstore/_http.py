@@ -4,7 +4,10 @@ status into a `modelstore.errors` class (huggingface_hub's `hf_raise_for_status`
 
 The client is a `requests.Session` (the project's HTTP client; diffusers installs it anyway), given by the
 caller or made by `ModelStore`. Nothing here changes the session: what every request needs (timeouts, headers,
-no automatic redirects, no `~/.netrc`) is passed with each request, so an injected session behaves the same.
+no automatic redirects, no `~/.netrc`) is passed with each request, so an injected session behaves the same,
+and the threads that share it only send requests through it (urllib3's connection pools, which do the work,
+are thread-safe). Bodies are read from `Response.raw` as they arrive (`receive`), the way the downloader needs:
+no re-chunking, so whatever arrived before a connection drops is kept.
 """
 
 from __future__ import annotations

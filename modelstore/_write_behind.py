@@ -24,8 +24,9 @@ class WriteBehind:
     The writer writes every chunk the moment it arrives: on a stalled link everything delivered is already in
     the file (and survives a kill -9). The hasher reads back what the writer wrote, from the page cache, in
     `_HASH_BLOCK` pieces: it hashes exactly the bytes that will become the blob, and it takes the GIL once per
-    4 MB instead of twice per 64 KB chunk; those hand-overs, fought over with the receiving thread, cost more
-    than the hashing itself on a 2-core machine (benchmarks/bench_download.py measures all this).
+    4 MB instead of twice per received chunk (64 KB to 1 MB, as the socket delivers them); those hand-overs,
+    fought over with the receiving thread, cost more than the hashing itself on a 2-core machine
+    (benchmarks/bench_download.py measures all this).
 
     Every `_FLUSH_BYTES` written, a flusher thread asks the disk to write them out (fdatasync): the fsync
     that must precede the blob's rename (`BlobStore.adopt`) then finds a few MB left to write instead of the
@@ -48,7 +49,7 @@ class WriteBehind:
         self._room_left = hasher.room()  # None: no exact size known
         # The file holds `hasher.count` bytes, all hashed; new ones are appended after them.
         self._base = out.seek(hasher.count)
-        # SimpleQueue: C-level put/get, cheap enough for one hand-over per 64 KB chunk; None ends the writer.
+        # SimpleQueue: C-level put/get, cheap enough for one hand-over per received chunk; None ends the writer.
         self._to_write: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         # Each counter has one writing thread; the others only read it (atomic under the GIL).
         self._received = 0
