@@ -141,10 +141,10 @@ class Downloader:
             if offset:
                 log.info("%s: resuming at byte %d", file.label, offset)
                 progress.advance(offset)
-            self._stream(file, out, hasher, progress)
+            self._stream(file, _Partial(out, hasher, progress))
         return hasher.verify()  # durability comes with BlobStore.adopt's fsync, for verified bytes only
 
-    def _stream(self, file: RemoteFile, out: BinaryIO, hasher: Hasher, progress: ProgressSink) -> None:
+    def _stream(self, file: RemoteFile, partial: _Partial) -> None:
         """Request the missing bytes until the partial file is complete: resuming after drops, asking the source
         for a fresh link when storage says the old one expired, pausing after server errors."""
         location: Location | None = None
@@ -153,23 +153,24 @@ class Downloader:
             if location is None:
                 location = file.locate()
                 fresh_urls += 1
-            before = hasher.count
+            before = partial.hasher.count
             try:
                 outcome = self._attempt(
                     file,
                     location,
-                    _Partial(out, hasher, progress),
+                    partial,
                     relocate=fresh_urls <= self._retry.relocations,
                     retry=failures < self._retry.attempts,
                 )
             except TRANSPORT_ERRORS as exc:
-                failures = 1 if hasher.count > before else failures + 1  # patience resets while bytes arrive
+                kept = partial.hasher.count
+                failures = 1 if kept > before else failures + 1  # patience resets while bytes arrive
                 if failures > self._retry.attempts:
                     raise SourceUnavailable(
                         f"downloading {file.label} from {file.source} failed ({describe(exc, self._secrets)}); "
-                        f"{hasher.count} bytes are kept and the next attempt resumes from there"
+                        f"{kept} bytes are kept and the next attempt resumes from there"
                     ) from None
-                log.warning("%s: cut at byte %d (%s); resuming", file.label, hasher.count, describe(exc, self._secrets))
+                log.warning("%s: cut at byte %d (%s); resuming", file.label, kept, describe(exc, self._secrets))
                 time.sleep(self._retry.delay(failures))
                 continue
             if outcome is _Outcome.COMPLETE:
