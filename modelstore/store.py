@@ -39,6 +39,7 @@ from modelstore._leases import Leases
 from modelstore._model_download import download_model
 from modelstore._sources import RemoteSource
 from modelstore._sources import local as local_source
+from modelstore._sources.civitai import CivitaiSource
 from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component, components_of
 from modelstore.errors import (
@@ -176,11 +177,9 @@ class ModelStore:
             return self._sources[source]
 
     def _new_source(self, source: Source) -> RemoteSource:
-        # Imported here: huggingface_hub is only needed by those who download from the Hub.
         if source is Source.CIVITAI:
-            from modelstore._sources.civitai import CivitaiSource
-
             return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._session)
+        # Imported here: huggingface_hub (and its own HTTP stack) is only needed by those who use the Hub.
         from modelstore._sources.huggingface import HuggingFaceSource
 
         return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
