@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from modelstore._remote import RemoteFile
 from modelstore.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from _hashlib import HASH  # what hashlib's constructors return (a C type, only named in the stubs)
 
 # civitai states sizes in KB with two decimals; allow rounding, and a little slack for how it was computed.
 _APPROX_SLACK_BYTES = 4096
@@ -26,7 +29,7 @@ class Hasher:
 
     def _reset(self) -> None:
         self._sha256 = hashlib.sha256()
-        self._sha1: Any = None
+        self._sha1: HASH | None = None
         if self._file.git_sha1 is not None and self._file.size is not None:
             # git names a blob by sha1("blob <size>\0" + content).
             self._sha1 = hashlib.sha1(f"blob {self._file.size}\0".encode(), usedforsecurity=False)
