@@ -4,10 +4,11 @@
 
 "store" is `ModelStore.resolve("civitai:1@2")` from an empty cache: the metadata request, the 307, streaming
 to a partial file while hashing, SHA256 and size verification, the safetensors header check, fsync, the
-atomic rename, the model folder and the index row. "plain copy" is an httpx stream of the same URL written to
-a file, nothing else. The server sends with sendfile from its own process; the best of `--runs` (by wall
-time) is reported, with the CPU time the client process spent (all threads): on a machine whose cores are
-busy with other work, hashing's extra CPU shows as wall time.
+atomic rename, the model folder and the index row. "plain copy" is a requests stream of the same URL (the
+store's HTTP client, read the way the store reads it) written to a file, nothing else. The server sends with
+sendfile from its own process; the best of `--runs` (by wall time) is reported, with the CPU time the client
+process spent (all threads): on a machine whose cores are busy with other work, hashing's extra CPU shows as
+wall time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,8 +39,10 @@ def _cpu() -> float:
 
 def plain_copy(url: str, dest: Path) -> Timing:
     start, cpu = time.perf_counter(), _cpu()
-    with httpx.Client() as client, client.stream("GET", url) as response, dest.open("wb") as out:
-        for chunk in response.iter_bytes():
+    with requests.get(url, stream=True, timeout=60) as response, dest.open("wb") as out:
+        # read1: each piece as the socket delivers it (up to 1 MiB), as the store reads; iter_content would
+        # gather exact 1 MiB chunks, with a copy more per chunk.
+        while chunk := response.raw.read1(1 << 20):
             out.write(chunk)
     return time.perf_counter() - start, _cpu() - cpu
 

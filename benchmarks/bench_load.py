@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from modelstore import ModelRecord, ModelStore, StoreSettings  # noqa: E402
-from modelstore.builtin import CONFIG_ROOT  # noqa: E402
-from modelstore.config_families import known_families  # noqa: E402
+from modelstore._builtin import CONFIG_ROOT  # noqa: E402
+from modelstore._config_families import known_families  # noqa: E402
 from modelstore.loading import load_pipeline, preferred_dtype  # noqa: E402
 from modelstore.record import Architecture  # noqa: E402
 from tests.fixtures.ldm_layout import (  # noqa: E402

@@ -1,16 +1,16 @@
 """Refinery's model store: AIR identifiers, sources, the verified content-addressed cache, safe loading.
 
-`ModelStore` is the front door; this module exports everything a caller needs (the server imports nothing
-else from this package but `modelstore.errors`). It knows nothing of gRPC; errors are the `modelstore.errors`
-tree.
+`ModelStore` is the front door, and this module exports everything a caller needs. It knows nothing of gRPC;
+errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `record`, `settings`, `store`,
+`loading`, `progress`, `components` and `units`; modules whose names start with an underscore (and the
+`_sources` package) are internal and change without notice.
 """
 
 from modelstore.air import AIR, Source, parse_air
-from modelstore.cache import CachedModel
 from modelstore.components import Component
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.progress import DownloadProgress, ProgressCallback
-from modelstore.record import Architecture, Layout, ModelRecord, Role
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 

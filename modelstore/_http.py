@@ -1,5 +1,14 @@
-"""HTTP plumbing shared by the sources and the downloader: one client configuration, and one table that turns
-an HTTP status into a `modelstore.errors` class (huggingface_hub's `hf_raise_for_status`, for our sources)."""
+"""HTTP plumbing shared by the civitai source and the downloader: GETs that never hand a token to another host,
+the errors that mean "the connection failed" rather than "the server said no", and one table that turns an HTTP
+status into a `modelstore.errors` class (huggingface_hub's `hf_raise_for_status`, for our sources).
+
+The client is a `requests.Session` (the project's HTTP client; diffusers installs it anyway), given by the
+caller or made by `ModelStore`. Nothing here changes the session: what every request needs (timeouts, headers,
+no automatic redirects, no `~/.netrc`) is passed with each request, so an injected session behaves the same,
+and the threads that share it only send requests through it (urllib3's connection pools, which do the work,
+are thread-safe). Bodies are read from `Response.raw` as they arrive (`receive`), the way the downloader needs:
+no re-chunking, so whatever arrived before a connection drops is kept.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,12 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from urllib.parse import urljoin, urlsplit
 
-import httpx
+import requests
+import urllib3.exceptions
+from requests.auth import AuthBase
 
 from modelstore._redact import redact
 from modelstore.errors import (
@@ -22,27 +34,51 @@ from modelstore.errors import (
 )
 
 # A descriptive non-browser agent: civitai's WAF refuses library defaults, and a browser agent switches its
-# download endpoint into "redirect to the login page" mode (modelstore.md §2.3).
-USER_AGENT = "refinery-modelstore/0.1 (+https://github.com/refinery)"
-# Long reads are normal on a slow link; what matters is that bytes keep arriving.
-TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=30.0, pool=60.0)
+# download endpoint into "redirect to the login page" mode (modelstore.md §2.3). Identity encoding, so byte
+# offsets in `Range` requests mean what they say.
+_HEADERS = {"User-Agent": "refinery-modelstore/0.1 (+https://github.com/refinery)", "Accept-Encoding": "identity"}
+# (connect, read) seconds. Long transfers are normal on a slow link; what matters is that bytes keep arriving,
+# and requests' read timeout is exactly that: the longest wait for the next bytes.
+_TIMEOUT = (15.0, 60.0)
+_MAX_REDIRECTS = 10
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Error bodies are read only this far: they are messages, never models.
 _MAX_ERROR_BODY = 16 * 1024
 _MAX_MESSAGE = 300
 
 
-# httpx logs every request's full URL at INFO and httpcore every response's headers (Location included) at
-# DEBUG; a presigned storage URL is a credential (modelstore.md §4.3). Logger filters are not inherited, so
-# each logger that these libraries (and huggingface_hub's httpx2 fork) write to is named.
+class BrokenTransfer(Exception):
+    """The server broke the transfer in a way another attempt may mend: a body cut short, a range it was not
+    asked for, a redirect loop."""
+
+
+# The connection failed rather than the server refusing: requests' errors while connecting and waiting for the
+# headers, urllib3's while the body is read from `Response.raw` (cut short, stalled), and ours.
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    requests.ConnectionError,
+    requests.Timeout,
+    urllib3.exceptions.HTTPError,
+    BrokenTransfer,
+)
+
+_LIBRARY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+
+# The HTTP libraries log every request's URL (urllib3 at DEBUG; httpx, which huggingface_hub uses, at INFO) and
+# httpcore every response's headers (Location included); a presigned storage URL is a credential (modelstore.md
+# §4.3). Logger filters are not inherited, so each logger these libraries (and huggingface_hub's httpx2 fork)
+# write to is named.
 _HTTP_LOGGERS = [
-    f"{library}{suffix}"
-    for library, suffixes in (
-        ("httpx", ("",)),
-        ("httpx2", ("",)),
-        ("httpcore", (".connection", ".http11", ".http2", ".proxy", ".socks")),
-        ("httpcore2", (".connection", ".http11", ".http2", ".proxy", ".socks")),
-    )
-    for suffix in suffixes
+    *(
+        f"urllib3.{module}"
+        for module in ("connectionpool", "connection", "poolmanager", "response", "util.retry", "http2.connection")
+    ),
+    "httpx",
+    "httpx2",
+    *(
+        f"{library}.{module}"
+        for library in ("httpcore", "httpcore2")
+        for module in ("connection", "http11", "http2", "proxy", "socks")
+    ),
 ]
 
 
@@ -57,38 +93,75 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def _guard_library_logs() -> None:
+def guard_library_logs() -> None:
+    """Make the HTTP libraries' own log lines safe to keep (idempotent)."""
     for name in _HTTP_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
 
 
-def new_client() -> httpx.Client:
-    """An HTTP client that never follows redirects on its own (callers decide where a token may go) and asks
-    for identity encoding, so byte offsets in `Range` requests mean what they say."""
-    _guard_library_logs()
-    return httpx.Client(
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-        timeout=TIMEOUT,
-        follow_redirects=False,
-    )
+class _HeadersOnly(AuthBase):
+    """Credentials come only from the headers a caller sets. Passing an auth object stops requests from adding
+    `~/.netrc`'s for the host: httpx never read that file, and an entry there would replace a bearer token, or
+    reach presigned storage that refuses any Authorization."""
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        return request
 
 
-def server_message(response: httpx.Response) -> str:
-    """The human part of an error response (`message`, else `error`, else the text), short and redacted.
+_NO_NETRC = _HeadersOnly()
 
-    The response must be a streamed one whose body has not been read yet, or a fully read one."""
-    if response.is_stream_consumed:
-        raw = response.content[:_MAX_ERROR_BODY]
-    else:
-        raw = b""
-        for chunk in response.iter_raw():
-            raw += chunk
-            if len(raw) >= _MAX_ERROR_BODY:
-                break
-        raw = raw[:_MAX_ERROR_BODY]
-    text = raw.decode("utf-8", errors="replace").strip()
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of `url`, the default port made explicit: what may share a token."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or ""), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def get(
+    session: requests.Session, url: str, headers: Mapping[str, str], *, follow_redirects: bool = False
+) -> requests.Response:
+    """A streamed GET (the body is the caller's to read, or not, and the response to close).
+
+    Redirects are followed here, not by requests, and only when asked: the caller's `Authorization` goes to
+    the origin it was given for and is dropped for good at the first hop to another one (storage must not see
+    a token, and R2/B2 refuse presigned requests that carry one). Raises TRANSPORT_ERRORS."""
+    sent = {**_HEADERS, **headers}
+    for _ in range(_MAX_REDIRECTS + 1):
+        response = session.get(url, headers=sent, stream=True, timeout=_TIMEOUT, allow_redirects=False, auth=_NO_NETRC)
+        if not (follow_redirects and response.is_redirect):
+            return response
+        response.close()
+        target = urljoin(url, response.headers["Location"])
+        if origin(target) != origin(url):
+            sent = {name: value for name, value in sent.items() if name.lower() != "authorization"}
+        url = target
+    raise BrokenTransfer(f"more than {_MAX_REDIRECTS} redirects")
+
+
+def receive(response: requests.Response, chunk: int) -> Iterator[bytes]:
+    """The body as it arrives: each piece as soon as the socket has it (at most `chunk` bytes), never held back
+    to fill a chunk, so what arrived before a drop is in the caller's hands. Raises TRANSPORT_ERRORS, and
+    urllib3 raises for a body shorter than its Content-Length."""
+    # We ask for identity; a server that encodes anyway is decoded (as httpx did), but only then: urllib3's
+    # decoding path copies every chunk once more.
+    decode = response.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    while data := response.raw.read1(chunk, decode_content=decode):
+        yield data
+
+
+def read_capped(response: requests.Response, limit: int) -> bytes:
+    """At most `limit` bytes of an unread streamed body."""
+    data: bytes = response.raw.read(limit, decode_content=True)
+    return data
+
+
+def server_message(response: requests.Response) -> str:
+    """The human part of an unread error response (`message`, else `error`, else the text), short and
+    redacted."""
+    text = read_capped(response, _MAX_ERROR_BODY).decode("utf-8", errors="replace").strip()
     try:
         document = json.loads(text)
     except ValueError:
@@ -105,7 +178,24 @@ def server_message(response: httpx.Response) -> str:
     return redact(text)
 
 
-def retry_after_s(response: httpx.Response) -> float | None:
+def describe(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """What went wrong with a connection, for a log line or an error: the innermost cause ("[Errno 111]
+    Connection refused", "timed out"), in one redacted line. requests and urllib3 wrap it in layers that
+    repeat the host and the URL, query and all."""
+    cause = exc
+    seen = {id(cause)}
+    while isinstance(cause, _LIBRARY_ERRORS):  # anything else says what it means itself
+        reason = getattr(cause, "reason", None)  # urllib3's MaxRetryError keeps the error that happened here
+        inner = reason if isinstance(reason, BaseException) else cause.__cause__ or cause.__context__
+        if inner is None or id(inner) in seen:
+            break
+        cause = inner
+        seen.add(id(cause))
+    text = str(cause).strip()
+    return redact(text.splitlines()[0] if text else cause.__class__.__name__, secrets)
+
+
+def retry_after_s(response: requests.Response) -> float | None:
     """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), if present and sane."""
     value = response.headers.get("Retry-After")
     if not value:
@@ -138,19 +228,30 @@ def error_for_status(
     said = redact(f": {message}", secrets) if message else ""
     what = redact(what, secrets)
     if status == 401:
-        error: ModelStoreError = SourceUnauthenticated(
-            f"{source} needs credentials to download {what} (set {token_hint}){said}"
-        )
-    elif status == 403:
-        error = SourcePermissionDenied(f"{source} does not allow downloading {what}{said}")
-    elif status in (404, 410):
+        return SourceUnauthenticated(f"{source} needs credentials to download {what} (set {token_hint}){said}")
+    if status == 403:
+        return SourcePermissionDenied(f"{source} does not allow downloading {what}{said}")
+    if status in (404, 410):
         gone = "no longer available" if status == 410 else "not found"
-        error = ModelNotFound(f"{what} is {gone} on {source}{said}")
-    elif status == 429:
+        return ModelNotFound(f"{what} is {gone} on {source}{said}")
+    if status == 429:
         wait = f"; retry after {retry_after:.0f} s" if retry_after is not None else ""
-        error = SourceRateLimited(
+        return SourceRateLimited(
             f"{source} is rate limiting downloads of {what}{wait}{said}", retry_after_s=retry_after
         )
-    else:
-        error = SourceUnavailable(f"{source} failed with HTTP {status} for {what}{said}")
-    return error
+    return SourceUnavailable(f"{source} failed with HTTP {status} for {what}{said}")
+
+
+def response_error(
+    response: requests.Response, *, what: str, source: str, token_hint: str, secrets: Iterable[str | None] = ()
+) -> ModelStoreError:
+    """`error_for_status` for an unread error response, with the server's own words and `Retry-After`."""
+    return error_for_status(
+        response.status_code,
+        what=what,
+        message=server_message(response),
+        source=source,
+        token_hint=token_hint,
+        retry_after=retry_after_s(response),
+        secrets=secrets,
+    )

@@ -18,10 +18,11 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from modelstore._safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 from modelstore.progress import ByteCounter
 from modelstore.record import Layout, ModelRecord
-from modelstore.safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _FLOATS = {"F16", "BF16", "F32", "F64"}
@@ -105,7 +106,7 @@ def _component(
     digest = hashlib.sha256()
     file_bytes = 0
     half = full = 0
-    handles: dict[Path, object] = {}
+    handles: dict[Path, BinaryIO] = {}
     try:
         for path, header, key, stem in sorted(tensors, key=lambda t: t[3]):
             info = header.tensors[key]
@@ -121,10 +122,10 @@ def _component(
             f = handles.get(path)
             if f is None:
                 f = handles[path] = path.open("rb")
-            f.seek(header.data_offset + info.start)  # type: ignore[attr-defined]
+            f.seek(header.data_offset + info.start)
             remaining = nbytes
             while remaining:
-                chunk = f.read(min(remaining, 8 << 20))  # type: ignore[attr-defined]
+                chunk = f.read(min(remaining, 8 << 20))
                 if not chunk:
                     raise OSError(f"{path} is shorter than its header says")
                 digest.update(chunk)
@@ -133,7 +134,7 @@ def _component(
                     counter.advance(len(chunk))
     finally:
         for f in handles.values():
-            f.close()  # type: ignore[attr-defined]
+            f.close()
     return Component(name, digest.hexdigest(), file_bytes, half, full)
 
 

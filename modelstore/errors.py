@@ -1,8 +1,8 @@
 """Errors raised by the model store.
 
 Every error is a `ModelStoreError`. The tree says what went wrong in terms a caller can act on; the gRPC
-server maps each class to a status code in one table (`server/status.py`), and a test checks that every class
-here has a row there.
+server maps each class to a status code in one table, and a test checks that every class here has a row
+there.
 
     ModelStoreError
     ├── InvalidModelId        the identifier is malformed (never retried)

@@ -4,14 +4,14 @@ Two layouts load:
 
 - a diffusers folder: `from_pretrained(folder, local_files_only=True, use_safetensors=True)`;
 - a single file in the original (civitai / sgm) key layout: `from_single_file(path, config=<folder>)`, where
-  the config folder is chosen by the checkpoint's header (`modelstore.config_families`) and is always local,
+  the config folder is chosen by the checkpoint's header (`_config_families`) and is always local,
   because without it diffusers goes to the Hub even with `local_files_only=True` (shared/research/
   single-file.md P7).
 
 Before anything reaches diffusers, every weight file is checked to be safetensors by its content (diffusers
 would `torch.load` any file not named `.safetensors`) and the architecture is read from the headers, so a
 model that cannot serve the role is refused with WrongArchitecture before any tensor is read. After loading,
-`pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
+`_pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
 aesthetics flag) and raises CorruptModel.
 
 Precision: `dtype` is passed explicitly every time (transformers 5 would otherwise keep the file's dtype,
@@ -20,7 +20,7 @@ in float16; its config has `force_upcast`, and the pipelines then decode in floa
 flips the shared VAE's dtype during each decode, so two pipelines sharing one VAE must not decode at once:
 the server runs one job at a time per device.
 
-Only this module and `server/runner.py` talk to diffusers.
+Only this module and the server's two-stage runner talk to diffusers.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelstore import config_families, model_dims
-from modelstore.architecture import detect_folder, detect_header
+from modelstore import _model_dims
+from modelstore._architecture import detect_folder, detect_header
+from modelstore._config_families import family_for, known_families
+from modelstore._pipeline_checks import check_pipeline
+from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import CorruptModel, ModelStoreError, WrongArchitecture, concerning
-from modelstore.pipeline_checks import check_pipeline
 from modelstore.record import Architecture, Layout, ModelRecord, Role
-from modelstore.safetensors_header import SafetensorsHeader, read_header
 from modelstore.store import ROLE_ARCHITECTURES, require_role
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,13 @@ def _load(
     if record.layout is Layout.DIFFUSERS:
         architecture = detect_folder(record.path)
         _require_role(record, architecture, role)
-        pipe = _from_folder(
-            record.path, name=record.canonical, role=role, architecture=architecture, dtype=dtype, reuse=components
-        )
-    else:
-        header = _single_file_header(record.path)
-        architecture = detect_header(header, name=record.canonical)
-        _require_role(record, architecture, role)
-        pipe = _from_single_file(
-            record.path,
-            header,
-            name=record.canonical,
-            role=role,
-            architecture=architecture,
-            dtype=dtype,
-            reuse=components,
-        )
-    return pipe, architecture
+        build = _Build(record.canonical, role, architecture, dtype, components)
+        return build.load("from_pretrained", record.path, use_safetensors=True), architecture  # never .bin
+    header = _single_file_header(record.path)
+    architecture = detect_header(header, name=record.canonical)
+    _require_role(record, architecture, role)
+    build = _Build(record.canonical, role, architecture, dtype, components)
+    return _from_single_file(record.path, header, build), architecture
 
 
 def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any:
@@ -137,7 +128,7 @@ def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any
             found=architecture.label,
             role=role,
         )
-    return _load_with_config(path, config, name=path.name, role=role, architecture=architecture, dtype=dtype)
+    return _load_with_config(path, config, _Build(path.name, role, architecture, dtype))
 
 
 def _require_role(record: ModelRecord, architecture: Architecture, role: Role) -> None:
@@ -151,47 +142,44 @@ def _require_role(record: ModelRecord, architecture: Architecture, role: Role) -
     require_role(dataclasses.replace(record, architecture=architecture), role)
 
 
-def _pipeline_class(role: Role) -> Any:
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """How to build one pipeline: its name for messages, the role, the architecture read from the weights, the
+    dtype, and modules already loaded to use as they are."""
 
-    return StableDiffusionXLPipeline if role == Role.BASE else StableDiffusionXLImg2ImgPipeline
+    name: str
+    role: Role
+    architecture: Architecture
+    dtype: Any
+    reuse: Mapping[str, Any] | None = None
 
+    def load(self, method: str, path: Path, **extra: Any) -> Any:
+        """The pipeline class's `method` (from_pretrained, from_single_file) on `path`, checked."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-def _pipeline_kwargs(
-    role: Role, architecture: Architecture, dtype: Any, reuse: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        # Passed components are used as they are and not loaded again (diffusers' documented way to share a
-        # VAE or text encoder between pipelines).
-        **(reuse or {}),
-        "dtype": dtype,
-        "local_files_only": True,
-        "add_watermarker": False,
-        # SDXL pipelines can carry an IP-Adapter image encoder; the service never uses one, so never load one.
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
-    if role == Role.REFINER:
-        # From the weights, not the config: a refiner's 5 time ids need the flag, and a base serving as
-        # refiner (6 time ids) must not have it (P9). Only the img2img pipeline takes this argument.
-        kwargs["requires_aesthetics_score"] = architecture is Architecture.SDXL_REFINER
-    return kwargs
+        cls = StableDiffusionXLPipeline if self.role == Role.BASE else StableDiffusionXLImg2ImgPipeline
+        kwargs = {**self._kwargs(), **extra}
+        pipe = _diffusers_call(self.name, lambda: getattr(cls, method)(str(path), **kwargs))
+        check_pipeline(pipe, name=self.name, role=self.role, architecture=self.architecture)
+        return pipe
 
-
-def _from_folder(
-    folder: Path,
-    *,
-    name: str,
-    role: Role,
-    architecture: Architecture,
-    dtype: Any,
-    reuse: Mapping[str, Any] | None = None,
-) -> Any:
-    kwargs = _pipeline_kwargs(role, architecture, dtype, reuse)
-    kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
-    pipe = _diffusers_call(name, lambda: _pipeline_class(role).from_pretrained(str(folder), **kwargs))
-    check_pipeline(pipe, name=name, role=role, architecture=architecture)
-    return pipe
+    def _kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            # Passed components are used as they are and not loaded again (diffusers' documented way to share a
+            # VAE or text encoder between pipelines).
+            **(self.reuse or {}),
+            "dtype": self.dtype,
+            "local_files_only": True,
+            "add_watermarker": False,
+            # SDXL pipelines can carry an IP-Adapter image encoder; the service never uses one, so never load one.
+            "image_encoder": None,
+            "feature_extractor": None,
+        }
+        if self.role == Role.REFINER:
+            # From the weights, not the config: a refiner's 5 time ids need the flag, and a base serving as
+            # refiner (6 time ids) must not have it (P9). Only the img2img pipeline takes this argument.
+            kwargs["requires_aesthetics_score"] = self.architecture is Architecture.SDXL_REFINER
+        return kwargs
 
 
 def _single_file_header(path: Path) -> SafetensorsHeader:
@@ -201,17 +189,8 @@ def _single_file_header(path: Path) -> SafetensorsHeader:
     return read_header(path)  # refuses pickles and anything else that is not safetensors, by content
 
 
-def _from_single_file(
-    path: Path,
-    header: SafetensorsHeader,
-    *,
-    name: str,
-    role: Role,
-    architecture: Architecture,
-    dtype: Any,
-    reuse: Mapping[str, Any] | None = None,
-) -> Any:
-    dims = model_dims.from_single_file(header.tensors)
+def _from_single_file(path: Path, header: SafetensorsHeader, build: _Build) -> Any:
+    dims = _model_dims.from_single_file(header.tensors)
     if dims.bigg is None or dims.unet is None or dims.vae is None:
         # diffusers cannot build the missing parts from configs alone (single-file.md P11).
         missing = [
@@ -219,46 +198,28 @@ def _from_single_file(
             for part, value in (("UNet", dims.unet), ("VAE", dims.vae), ("text encoders", dims.bigg))
             if value is None
         ]
-        raise CorruptModel(f"{name} has no {' and no '.join(missing)}; only complete checkpoints are loaded")
-    family = config_families.family_for(dims, architecture)
+        raise CorruptModel(f"{build.name} has no {' and no '.join(missing)}; only complete checkpoints are loaded")
+    architecture = build.architecture
+    family = family_for(dims, architecture)
     if family is None:
-        known = "; ".join(
-            f"{f.name}: {f.dims.describe()}" for f in config_families.known_families() if f.architecture is architecture
-        )
+        known = "; ".join(f"{f.name}: {f.dims.describe()}" for f in known_families() if f.architecture is architecture)
         raise CorruptModel(
-            f"{name} is {architecture.label} by its header but fits no known configuration "
+            f"{build.name} is {architecture.label} by its header but fits no known configuration "
             f"({dims.describe()}); known: {known}"
         )
-    log.debug("%s: loading with the %s configs from %s", name, family.name, family.folder)
-    return _load_with_config(
-        path, family.folder, name=name, role=role, architecture=architecture, dtype=dtype, reuse=reuse
-    )
+    log.debug("%s: loading with the %s configs from %s", build.name, family.name, family.folder)
+    return _load_with_config(path, family.folder, build)
 
 
-def _load_with_config(
-    path: Path,
-    config: Path,
-    *,
-    name: str,
-    role: Role,
-    architecture: Architecture,
-    dtype: Any,
-    reuse: Mapping[str, Any] | None = None,
-) -> Any:
-    kwargs = _pipeline_kwargs(role, architecture, dtype, reuse)
-    kwargs["config"] = str(config)
-    cls = _pipeline_class(role)
+def _load_with_config(path: Path, config: Path, build: _Build) -> Any:
     if path.name.endswith(_SUFFIX):
-        pipe = _diffusers_call(name, lambda: cls.from_single_file(str(path), **kwargs))
-    else:
-        # diffusers chooses its reader by file name and would torch.load (unpickle) anything not named
-        # .safetensors; a cache blob named by its hash is read through a correctly named link instead.
-        with tempfile.TemporaryDirectory(prefix="refinery-load-") as tmp:
-            link = Path(tmp) / f"checkpoint{_SUFFIX}"
-            link.symlink_to(path.resolve())
-            pipe = _diffusers_call(name, lambda: cls.from_single_file(str(link), **kwargs))
-    check_pipeline(pipe, name=name, role=role, architecture=architecture)
-    return pipe
+        return build.load("from_single_file", path, config=str(config))
+    # diffusers chooses its reader by file name and would torch.load (unpickle) anything not named
+    # .safetensors; a cache blob named by its hash is read through a correctly named link instead.
+    with tempfile.TemporaryDirectory(prefix="refinery-load-") as tmp:
+        link = Path(tmp) / f"checkpoint{_SUFFIX}"
+        link.symlink_to(path.resolve())
+        return build.load("from_single_file", link, config=str(config))
 
 
 def _diffusers_call(name: str, load: Any) -> Any:
@@ -285,8 +246,8 @@ def native_size(record: ModelRecord) -> tuple[int, int] | None:
         if record.layout is Layout.DIFFUSERS:
             folder = record.path
         else:
-            dims = model_dims.from_single_file(_single_file_header(record.path).tensors)
-            family = config_families.family_for(dims, record.architecture)
+            dims = _model_dims.from_single_file(_single_file_header(record.path).tensors)
+            family = family_for(dims, record.architecture)
             if family is None:
                 return None
             folder = family.folder

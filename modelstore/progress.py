@@ -39,10 +39,6 @@ class DownloadProgress:
     finished: bool = False
     verifying: bool = False
 
-    @property
-    def fraction(self) -> float:
-        return 1.0 if self.bytes_total <= 0 else min(1.0, self.bytes_done / self.bytes_total)
-
 
 ProgressCallback = Callable[[DownloadProgress], None]
 

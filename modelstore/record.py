@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum, StrEnum
 from pathlib import Path
 
@@ -67,3 +68,20 @@ class ModelRecord:
     @property
     def canonical(self) -> str:
         return self.air.canonical
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One row of `ModelStore.list_models()`."""
+
+    air: str
+    source: str
+    layout: Layout
+    architecture: Architecture
+    size_bytes: int
+    added: datetime
+    last_used: datetime
+    pinned: bool
+    in_use: bool
+    path: Path
+    sha256: str  # of the file, or of the folder's files (see `_snapshots.content_digest`)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelstore.units import parse_bytes
+
 
 @dataclass(frozen=True)
 class StoreSettings:
@@ -24,12 +26,15 @@ class StoreSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreSettings:
         """REFINERY_CACHE_DIR, REFINERY_CACHE_MAX_BYTES, REFINERY_CIVITAI_API, CIVITAI_TOKEN, HF_ENDPOINT,
-        HF_TOKEN, REFINERY_OFFLINE; keyword overrides (from CLI flags) win."""
+        HF_TOKEN, REFINERY_OFFLINE; keyword overrides (from CLI flags) win.
+
+        REFINERY_CACHE_MAX_BYTES is a size with an optional unit ("20GiB", "512MB", "1000000"; empty or 0:
+        no quota); anything else raises ValueError with a one-line message naming the variable."""
         env = os.environ if env is None else env
         default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "refinery"
         values: dict[str, object] = {
             "cache_dir": Path(env.get("REFINERY_CACHE_DIR", str(default_cache))).expanduser(),
-            "max_bytes": int(env.get("REFINERY_CACHE_MAX_BYTES", "0") or 0),
+            "max_bytes": _size(env, "REFINERY_CACHE_MAX_BYTES"),
             "civitai_api": env.get("REFINERY_CIVITAI_API", "https://civitai.com").rstrip("/"),
             "civitai_token": env.get("CIVITAI_TOKEN") or None,
             "hf_endpoint": env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
@@ -47,3 +52,13 @@ class StoreSettings:
             for name, value in self.__dict__.items()
         )
         return f"StoreSettings({fields})"
+
+
+def _size(env: Mapping[str, str], name: str) -> int:
+    text = env.get(name, "")
+    if not text.strip():
+        return 0
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None

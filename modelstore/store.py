@@ -6,62 +6,57 @@
         pipeline = load_pipeline(record, ...)
 
 `resolve` answers from the index when the model is cached (no network, a few SQLite reads and stats).
-Otherwise one flight per model fetches it: concurrent requests for the same model in this process wait for
-that one download and all receive its progress; another process sharing the cache folder waits on the
-per-file lock and finds the file in place. What is downloaded, verified and kept where is described in
-download.py (resumable verified transfer), cache.py (layout, quota, eviction), index.py (SQLite) and
-snapshots.py (model folders).
+Otherwise one flight per model fetches it (`_flights`): concurrent requests for the same model in this process
+wait for that one download and all receive its progress; another process sharing the cache folder waits on the
+per-file lock and finds the file in place. How a model gets in depends on its source: downloaded and verified
+(`_model_download`, `_file_download`), built here (`_builtin`), or registered where it lies
+(`_sources/local.py`). Where it is kept: `_cache` (layout, quota, eviction), `_index` (SQLite), `_snapshots`
+(model folders).
 
 Operators get `pull`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which never touches
 the network).
+
+HTTP goes through one `requests.Session`: the caller's (`session=`, e.g. a test's, left open by `close`) or the
+store's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from modelstore import builtin
-from modelstore._http import new_client
+import requests
+
+from modelstore import _builtin
+from modelstore._cache import Cache
+from modelstore._file_download import Downloader, RetryPolicy
+from modelstore._flights import Flight, Flights
+from modelstore._http import guard_library_logs
+from modelstore._leases import Leases
+from modelstore._model_download import download_model
+from modelstore._sources import RemoteSource
+from modelstore._sources import local as local_source
+from modelstore._sources.civitai import CivitaiSource
 from modelstore.air import AIR, Source, parse_air
-from modelstore.architecture import detect_file, detect_folder
-from modelstore.blobs import sha256_file
-from modelstore.cache import BlobsVanished, Cache, CachedModel, Need
 from modelstore.components import Component, components_of
-from modelstore.download import Downloader, RemoteFile, RetryPolicy
 from modelstore.errors import (
     DownloadAbandoned,
     ModelInUse,
     ModelNotFound,
-    ModelStoreError,
     SourceUnavailable,
     WrongArchitecture,
     concerning,
 )
-from modelstore.index import IndexEntry
-from modelstore.leases import Leases
-from modelstore.progress import DownloadProgress, ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, Layout, ModelRecord, Role
+from modelstore.progress import ProgressCallback, ProgressFanout
+from modelstore.record import Architecture, CachedModel, ModelRecord, Role
 from modelstore.settings import StoreSettings
-from modelstore.sources import RemoteSource
-from modelstore.sources import local as local_source
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ROLE_ARCHITECTURES",
-    "CachedModel",
-    "DownloadProgress",
-    "ModelStore",
-    "RetryPolicy",
-    "require_role",
-]
+__all__ = ["ROLE_ARCHITECTURES", "ModelStore", "RetryPolicy", "require_role"]
 
 # What each role accepts: any SDXL model can continue a latent as refiner (diffusers' own mixture-of-denoisers
 # example uses the base for both), but only a base can start from noise.
@@ -72,55 +67,31 @@ ROLE_ARCHITECTURES = {
 
 ModelRef = str | AIR | ModelRecord
 
-# How soon a caller waiting on someone else's download notices that it gave up.
-_GIVE_UP_POLL_S = 0.1
-
-
-class _Flight:
-    """One model being fetched in this process, and everybody waiting for it."""
-
-    def __init__(self, canonical: str) -> None:
-        self.canonical = canonical
-        self.progress = ProgressFanout(canonical)
-        self.done = threading.Event()
-        self.record: ModelRecord | None = None
-        self.error: BaseException | None = None
-        # One entry per caller: the event it sets when it gives up, or None for a caller that never does.
-        self._wants: list[threading.Event | None] = []
-        self._wants_lock = threading.Lock()
-
-    def join(self, give_up: threading.Event | None) -> None:
-        with self._wants_lock:
-            self._wants.append(give_up)
-
-    def abandoned(self) -> bool:
-        """Whether every caller has given up: then nobody is left to use what the download would bring."""
-        with self._wants_lock:
-            return all(w is not None and w.is_set() for w in self._wants)
-
-    def stop_if_abandoned(self) -> None:
-        if self.abandoned():
-            raise DownloadAbandoned(
-                f"{self.canonical}: everyone waiting for it went away; the download stopped and the bytes "
-                "received are kept for the next request"
-            )
-
 
 class ModelStore:
-    def __init__(self, settings: StoreSettings, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
         self.settings = settings
         self._cache = Cache(settings.cache_dir, settings.max_bytes)
-        self._client = new_client()
+        guard_library_logs()
+        self._own_session = session is None
+        self._session = requests.Session() if session is None else session
         self._downloader = Downloader(
-            self._cache.blobs, self._client, retry=retry, secrets=(settings.civitai_token, settings.hf_token)
+            self._cache.blobs, self._session, retry=retry, secrets=(settings.civitai_token, settings.hf_token)
         )
         self._sources: dict[Source, RemoteSource] = {}
-        self._lock = threading.Lock()
-        self._flights: dict[str, _Flight] = {}
+        self._sources_lock = threading.Lock()
+        self._flights = Flights()
         self._leases = Leases(settings.cache_dir / "leases")
 
     def close(self) -> None:
-        self._client.close()
+        if self._own_session:
+            self._session.close()
         self._leases.close()
         self._cache.close()
 
@@ -146,7 +117,7 @@ class ModelStore:
             record = self._cached(air, touch=True)
             if record is not None:
                 return record
-            return self._single_flight(air, progress, give_up)
+            return self._flights.run(air.canonical, lambda flight: self._lead(air, flight), progress, give_up)
 
     def pull(
         self,
@@ -174,163 +145,44 @@ class ModelStore:
             self._cache.touch(air)
         return self._cache.record(air, entry)
 
-    def _single_flight(
-        self, air: AIR, progress: ProgressCallback | None, give_up: threading.Event | None
-    ) -> ModelRecord:
-        key = air.canonical
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight(key)
-            flight.join(give_up)
-        if progress is not None:
-            flight.progress.subscribe(progress)
-        if not leader:
-            while not flight.done.wait(None if give_up is None else _GIVE_UP_POLL_S):
-                if give_up is not None and give_up.is_set():
-                    raise DownloadAbandoned(f"{key}: gave up waiting for its download")
-            if isinstance(flight.error, DownloadAbandoned) and not (give_up is not None and give_up.is_set()):
-                return self._single_flight(air, progress, give_up)  # it stopped as this call joined: go again
-            if isinstance(flight.error, ModelStoreError):
-                raise flight.error.about(key)  # each waiter raises its own value (tracebacks are per raise)
-            if flight.error is not None:
-                raise flight.error
-            assert flight.record is not None
-            return flight.record
+    def _lead(self, air: AIR, flight: Flight) -> ModelRecord:
+        """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look)."""
         try:
-            # Another flight may have finished between our cache check and taking the lead.
-            flight.record = self._cached(air, touch=True) or self._fetch(air, flight)
-            return flight.record
-        except BaseException as exc:
-            if isinstance(exc, DownloadAbandoned):  # logged once the partial file is closed and complete
-                log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", key)
-            flight.error = exc
+            return self._cached(air, touch=True) or self._fetch(air, flight)
+        except DownloadAbandoned:
+            # Logged here, once the partial file is closed and complete: operators (and tests) wait for it.
+            log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", air)
             raise
-        finally:
-            with self._lock:
-                del self._flights[key]
-            flight.done.set()
 
-    def _fetch(self, air: AIR, flight: _Flight) -> ModelRecord:
+    def _fetch(self, air: AIR, flight: Flight) -> ModelRecord:
         if air.source is Source.LOCAL:
-            return self._register_local(air, flight.progress)
+            return local_source.register(air, self._cache, flight.progress)
         if air.source is Source.BUILTIN:
-            return self._build_builtin(air)
+            return _builtin.install(air, self._cache, self._in_use)
         if self.settings.offline:
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
-        return self._download(air, self._source(air.source), flight)
+        return download_model(
+            air,
+            self._source(air.source),
+            flight,
+            cache=self._cache,
+            downloader=self._downloader,
+            in_use=self._in_use,
+        )
 
     def _source(self, source: Source) -> RemoteSource:
-        with self._lock:
+        with self._sources_lock:
             if source not in self._sources:
                 self._sources[source] = self._new_source(source)
             return self._sources[source]
 
     def _new_source(self, source: Source) -> RemoteSource:
-        # Imported here: huggingface_hub is only needed by those who download from the Hub.
         if source is Source.CIVITAI:
-            from modelstore.sources.civitai import CivitaiSource
-
-            return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._client)
-        from modelstore.sources.huggingface import HuggingFaceSource
+            return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._session)
+        # Imported here: huggingface_hub (and its own HTTP stack) is only needed by those who use the Hub.
+        from modelstore._sources.huggingface import HuggingFaceSource
 
         return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
-
-    def _download(self, air: AIR, source: RemoteSource, flight: _Flight) -> ModelRecord:
-        progress = flight.progress
-        plan = source.plan(air)
-        needs = [Need(f.sha256, f.approx_size) for f in plan.files]
-        for attempt in (1, 2):
-            with self._cache.reserve(air, needs, self._in_use):
-                todo = [f for f in plan.files if f.sha256 is None or not self._cache.blobs.has(f.sha256)]
-                total = sum(f.approx_size for f in todo)
-                progress.set_total(total)
-                if todo:
-                    log.info("downloading %s from %s: %d file(s), %d bytes", air, source.name, len(todo), total)
-                started = time.monotonic()
-                files = {}
-                for file in plan.files:
-                    if file in todo:
-                        flight.stop_if_abandoned()
-                        progress.start_file(file.label)
-                    files[file.path] = self._downloader.fetch(file, _FileProgress(flight, file))
-                try:
-                    record = self._cache.commit(
-                        air,
-                        source=air.source.value,
-                        layout=plan.layout,
-                        files=files,
-                        metadata=plan.metadata,
-                        detect=_detector(plan.layout),
-                    )
-                except BlobsVanished:
-                    if attempt == 2:
-                        raise SourceUnavailable(
-                            f"{air.canonical}: its files were evicted by another process while downloading"
-                        ) from None
-                    log.warning("%s: files were evicted by another process meanwhile; fetching again", air)
-                    continue
-            progress.finish()
-            if todo:
-                elapsed = max(time.monotonic() - started, 1e-6)
-                log.info("downloaded %s in %.1f s (%.1f MB/s)", air, elapsed, total / elapsed / 1e6)
-            return record
-        raise AssertionError("unreachable")
-
-    def _build_builtin(self, air: AIR) -> ModelRecord:
-        spec = builtin.BUILTIN_MODELS.get(air.canonical)
-        if spec is None:
-            names = ", ".join(sorted(builtin.BUILTIN_MODELS))
-            raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
-        staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=self._cache.root / "tmp"))
-        try:
-            folder = staging / "model"
-            builtin.build(spec, folder)
-            paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
-            shas = {relative: sha256_file(path) for relative, path in paths.items()}
-            needs = [Need(shas[r], p.stat().st_size) for r, p in paths.items()]
-            with self._cache.reserve(air, needs, self._in_use):
-                for relative, path in paths.items():
-                    check = relative if relative.endswith(".safetensors") else None
-                    self._cache.blobs.adopt(path, shas[relative], check_safetensors_as=check)
-                metadata = {"source": "builtin", "name": spec.name, "version": spec.version}
-                return self._cache.commit(
-                    air,
-                    source="builtin",
-                    layout=Layout.DIFFUSERS,
-                    files=shas,
-                    metadata=metadata,
-                    detect=detect_folder,
-                )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _register_local(self, air: AIR, progress: ProgressFanout) -> ModelRecord:
-        path = Path(air.id)
-        old = self._cache.index.get(air.canonical)
-        previous = old.metadata.get("fingerprint", {}) if old is not None else {}
-        progress.set_verifying()  # hashing gigabytes takes seconds: waiters see it as it goes
-        model = local_source.inspect(path, previous, detect_file, progress)
-        progress.finish()
-        now = time.time()
-        self._cache.register_local(
-            IndexEntry(
-                air=air.canonical,
-                source=Source.LOCAL.value,
-                layout=model.layout,
-                architecture=model.architecture,
-                path=str(path),
-                sha256=model.sha256,
-                size_bytes=model.size_bytes,
-                metadata={"source": "local", "fingerprint": dict(model.fingerprint)},
-                added=now,
-                last_used=now,
-                pinned=False,
-            )
-        )
-        log.info("registered local model %s (%s)", path, model.architecture.label)
-        return ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
 
     # --- operators -----------------------------------------------------------------------------------------
 
@@ -347,7 +199,7 @@ class ModelStore:
         return described
 
     def components(self, record: ModelRecord, progress: ProgressCallback | None = None) -> tuple[Component, ...]:
-        """What `record` is made of on a device (sizes, content fingerprints); see `modelstore/components.py`.
+        """What `record` is made of on a device (sizes, content fingerprints); see `modelstore.components`.
         The first call for a model reads all its weights: `progress` hears it as VERIFYING progress. Later
         calls (in any process sharing the cache) read a memo and report nothing."""
         measuring = ProgressFanout(record.canonical)
@@ -402,31 +254,7 @@ class ModelStore:
         self._leases.release(_canonical(model))
 
     def _in_use(self, canonical: str) -> bool:
-        with self._lock:
-            if canonical in self._flights:
-                return True
-        return self._leases.held_anywhere(canonical)
-
-
-class _FileProgress:
-    """Feeds one file's byte counts into its model's progress, and stops the download (by raising from the
-    downloader's loop, which keeps the partial file) once nobody waits for it any more."""
-
-    def __init__(self, flight: _Flight, file: RemoteFile) -> None:
-        self._flight = flight
-        self._progress = flight.progress
-        self._file = file
-        self._sized = file.size is not None
-
-    def advance(self, nbytes: int) -> None:
-        self._progress.advance(nbytes)
-        if nbytes > 0:  # never while a failed attempt's count is being taken back
-            self._flight.stop_if_abandoned()
-
-    def exact_size(self, nbytes: int) -> None:
-        if not self._sized:  # civitai states sizes in KB: correct the total once the server says exactly
-            self._sized = True
-            self._progress.adjust_total(nbytes - self._file.approx_size)
+        return canonical in self._flights or self._leases.held_anywhere(canonical)
 
 
 def require_role(record: ModelRecord, role: Role) -> None:
@@ -441,10 +269,6 @@ def require_role(record: ModelRecord, role: Role) -> None:
             role=role,
             air=record.canonical,
         )
-
-
-def _detector(layout: Layout) -> Callable[[Path], Architecture]:
-    return detect_file if layout is Layout.SINGLE_FILE else detect_folder
 
 
 def _air(model: str | AIR) -> AIR:

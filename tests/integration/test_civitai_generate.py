@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from modelstore import ModelStore, StoreSettings
-from modelstore.builtin import BUILTIN_MODELS, build
+from modelstore._builtin import BUILTIN_MODELS, build
 from refinery.v1 import generation_pb2 as pb
 from tests.fakes import payloads
 from tests.fakes.cachefs import partial_files

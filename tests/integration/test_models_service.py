@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from modelstore import ModelStore, StoreSettings, components
+from modelstore._safetensors_header import read_header
 from modelstore.progress import _MIN_INTERVAL_S
 from modelstore.record import Architecture
-from modelstore.safetensors_header import read_header
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.convert import ARCHITECTURES

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from modelstore import ModelStore, StoreSettings
-from modelstore.download import RetryPolicy
+from modelstore.store import RetryPolicy
 from tests.conftest import CIVITAI_TOKEN, HF_TOKEN
 from tests.fakes.civitai import FakeCivitai
 from tests.fakes.hub import FakeHub
@@ -27,10 +28,11 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_store(cache_dir: Path, civitai: FakeCivitai, hub: FakeHub) -> Iterator[MakeStore]:
-    """Stores over one cache folder, pointed at the fakes; keyword arguments override settings."""
+    """Stores over one cache folder, pointed at the fakes; keyword arguments override settings, `session` is
+    the HTTP session the store is given (its own when None)."""
     stores: list[ModelStore] = []
 
-    def make(**overrides: object) -> ModelStore:
+    def make(*, session: requests.Session | None = None, **overrides: object) -> ModelStore:
         values: dict[str, object] = {
             "cache_dir": cache_dir,
             "civitai_api": civitai.url,
@@ -39,7 +41,7 @@ def make_store(cache_dir: Path, civitai: FakeCivitai, hub: FakeHub) -> Iterator[
             "hf_token": HF_TOKEN,
         }
         values.update(overrides)
-        store = ModelStore(StoreSettings(**values), retry=FAST_RETRY)  # type: ignore[arg-type]
+        store = ModelStore(StoreSettings(**values), retry=FAST_RETRY, session=session)  # type: ignore[arg-type]
         stores.append(store)
         return store
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from modelstore import Architecture, ModelStore
-from modelstore.architecture import detect_file, detect_folder
-from modelstore.builtin import CONFIG_ROOT
-from modelstore.config_families import family_for, known_families
+from modelstore._architecture import detect_file, detect_folder
+from modelstore._builtin import CONFIG_ROOT
+from modelstore._config_families import family_for, known_families
+from modelstore._model_dims import from_single_file
+from modelstore._safetensors_header import read_header
 from modelstore.errors import CorruptModel, ModelNotFound, UnsafeCheckpoint
-from modelstore.model_dims import from_single_file
-from modelstore.safetensors_header import read_header
 from tests.fixtures.headers import write_header_only
 from tests.fixtures.ldm_layout import original_shapes
 from tests.fixtures.tiny import TINY_BASE, TINY_REFINER, single_file_records

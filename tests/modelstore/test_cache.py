@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import requests
 
 from modelstore import Architecture, Layout, ModelStore
 from modelstore.errors import ModelInUse, ModelNotFound, QuotaExceeded, SourceUnavailable, UnsafeCheckpoint
@@ -162,10 +163,14 @@ def test_the_cache_works_with_the_sources_gone(
     make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage
 ) -> None:
     a, b, _ = three_models(civitai)
-    store = make_store()
+    session = requests.Session()
+    store = make_store(session=session)
     record = store.resolve(a)
     civitai.close()
     storage.close()
+    # A server that goes away closes its connections; the fakes go on serving those already open, so the
+    # session's pooled ones are dropped as the server would have dropped them.
+    session.close()
     assert store.lookup(a) == record and store.resolve(a) == record
     assert store.lookup(b) is None  # lookup never asks the network
     with pytest.raises(SourceUnavailable):

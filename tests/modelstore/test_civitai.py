@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from modelstore import Architecture, Layout
+from modelstore._sources.civitai import choose_file
 from modelstore.air import parse_air
 from modelstore.errors import (
     IntegrityError,
@@ -21,7 +25,6 @@ from modelstore.errors import (
     WrongArchitecture,
 )
 from modelstore.progress import DownloadProgress
-from modelstore.sources.civitai import choose_file
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files, partial_files
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
@@ -385,3 +388,51 @@ def test_tokens_and_presigned_urls_never_reach_logs_or_errors(
     for secret in [CIVITAI_TOKEN, *signatures]:
         assert all(secret not in text for text in texts)
     assert "storage refused the download link" in caplog.text  # the retry was logged, without its URL
+
+
+class RecordingSession(requests.Session):
+    """A session a caller hands the store: it sees every request the store makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.sent.append(urlsplit(request.url or "").path)
+        return super().send(request, **kwargs)
+
+
+def test_the_store_talks_http_through_the_session_it_is_given(
+    make_store: MakeStore, civitai: FakeCivitai, storage: FakeStorage
+) -> None:
+    add_sdxl_pair(civitai)
+    session = RecordingSession()
+    store = make_store(session=session)
+
+    store.resolve(BASE)
+    store.close()
+
+    assert session.sent == ["/api/v1/model-versions/128078", "/api/download/models/128078", "/bucket/128078-126002"]
+    assert len(storage.gets()) == 1
+    session.get(f"{civitai.url}/api/v1/model-versions/128078").close()  # still open: it is the caller's
+
+
+def test_a_netrc_entry_for_the_hosts_changes_no_credentials(
+    make_store: MakeStore,
+    civitai: FakeCivitai,
+    storage: FakeStorage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # requests would send ~/.netrc's login as Basic auth in place of the token, and to storage too.
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-password-0123456789\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    add_sdxl_pair(civitai)
+
+    make_store().resolve(BASE)
+
+    (download,) = civitai.downloads()
+    assert download.headers["authorization"] == f"Bearer {CIVITAI_TOKEN}"
+    assert storage.gets() and all("authorization" not in r.headers for r in storage.requests)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelstore import Architecture, Layout, builtin
+from modelstore import Architecture, Layout, _builtin
 from modelstore.errors import IntegrityError, ModelNotFound, SourceUnauthenticated, UnsafeCheckpoint
 from modelstore.progress import DownloadProgress
 from tests.fakes import payloads
@@ -23,7 +23,7 @@ REPO = "acme/sdxl-base"
 def _tiny_base_files() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        builtin.build(builtin.BUILTIN_MODELS["builtin:tiny-sdxl-base@1"], folder)
+        _builtin.build(_builtin.BUILTIN_MODELS["builtin:tiny-sdxl-base@1"], folder)
         return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 

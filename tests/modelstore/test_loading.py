@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from modelstore import Architecture, ModelRecord, ModelStore
-from modelstore.config_families import known_families
+from modelstore._config_families import known_families
+from modelstore._pipeline_checks import check_pipeline
 from modelstore.errors import CorruptModel, UnsafeCheckpoint, WrongArchitecture
 from modelstore.loading import load_pipeline, load_single_file
-from modelstore.pipeline_checks import check_pipeline
 from modelstore.record import Layout
 from server.domain import RenderShape, Sample, Sampler
 from server.generation.pipelines import PipelinePair
@@ -246,7 +246,7 @@ def test_tensors_missing_from_the_checkpoint_are_caught(
 
 def test_a_unet_only_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
     # Real SDXL shapes (a header with no data): only the real UNet is known without its text encoders.
-    from modelstore.builtin import CONFIG_ROOT
+    from modelstore._builtin import CONFIG_ROOT
     from tests.fixtures.ldm_layout import original_shapes
 
     shapes = original_shapes(CONFIG_ROOT / "sdxl_base")

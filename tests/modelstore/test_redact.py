@@ -29,3 +29,13 @@ def test_text_with_urls_tokens_and_known_secrets() -> None:
     assert "deadbeefcafe" not in cleaned and "AKIA" not in cleaned
     assert "abc.def-123" not in cleaned and "my-token-123456" not in cleaned
     assert "bucket.r2.cloudflarestorage.com/models/123/model.safetensors" in cleaned
+
+
+def test_urls_without_their_origin_lose_a_secret_query_too() -> None:
+    # How urllib3 logs a request, and how requests names the URL in a connection error.
+    logged = 'http://127.0.0.1:9 "GET /bucket/m?X-Amz-Signature=deadbeefcafe&x=1 HTTP/1.1" 200 12'
+    failed = "Max retries exceeded with url: /bucket/m?X-Amz-Credential=AKIA%2F1 (Caused by timeout)"
+    assert redact(logged) == 'http://127.0.0.1:9 "GET /bucket/m?<redacted> HTTP/1.1" 200 12'
+    assert redact(failed) == "Max retries exceeded with url: /bucket/m?<redacted> (Caused by timeout)"
+    harmless = "GET /api/download/models/128080?fileId=126004 and https://civitai.com/a?fileId=1"
+    assert redact(harmless) == harmless

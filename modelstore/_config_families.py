@@ -2,12 +2,12 @@
 
 A civitai checkpoint is only weights; diffusers needs a diffusers-format folder of configs and tokenizers as
 `config=` to build the pipeline around them, or it goes to the Hub (shared/research/single-file.md P7). Each
-known family is such a folder plus the dimensions its configs promise (`model_dims.from_configs`); a
+known family is such a folder plus the dimensions its configs promise (`_model_dims.from_configs`); a
 checkpoint gets the family whose dimensions equal its header's, so the folder is never guessed from a name.
 
 - Real SDXL base and refiner: `modelstore/configs/sdxl_base|sdxl_refiner`, shipped with the package.
-- The tiny built-in models: written on first use by `builtin.write_config_folder` into a temporary folder
-  that lives as long as the process. Generated rather than shipped so that the weights (`builtin.build`) and
+- The tiny built-in models: written on first use by `_builtin.write_config_folder` into a temporary folder
+  that lives as long as the process. Generated rather than shipped so that the weights (`_builtin.build`) and
   their configs come from one definition and cannot drift apart, and the wheel does not carry a second copy of
   the 1.5 MB tokenizer files per model; writing them takes milliseconds.
 """
@@ -20,8 +20,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelstore import builtin, model_dims
-from modelstore.model_dims import ModelDims
+from modelstore import _builtin, _model_dims
+from modelstore._model_dims import ModelDims
 from modelstore.record import Architecture
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,13 @@ def known_families() -> tuple[ConfigFamily, ...]:
     with _lock:
         if _families is None:
             families = [
-                _family("SDXL base 1.0", Architecture.SDXL_BASE, builtin.CONFIG_ROOT / "sdxl_base"),
-                _family("SDXL refiner 1.0", Architecture.SDXL_REFINER, builtin.CONFIG_ROOT / "sdxl_refiner"),
+                _family("SDXL base 1.0", Architecture.SDXL_BASE, _builtin.CONFIG_ROOT / "sdxl_base"),
+                _family("SDXL refiner 1.0", Architecture.SDXL_REFINER, _builtin.CONFIG_ROOT / "sdxl_refiner"),
             ]
             _generated = tempfile.TemporaryDirectory(prefix="refinery-configs-")
-            for spec in builtin.BUILTIN_MODELS.values():
+            for spec in _builtin.BUILTIN_MODELS.values():
                 folder = Path(_generated.name) / f"{spec.name}@{spec.version}"
-                builtin.write_config_folder(spec, folder)
+                _builtin.write_config_folder(spec, folder)
                 architecture = Architecture.SDXL_REFINER if spec.refiner else Architecture.SDXL_BASE
                 families.append(_family(spec.air, architecture, folder))
             log.debug("config families ready: %s", ", ".join(f.name for f in families))
@@ -61,7 +61,7 @@ def known_families() -> tuple[ConfigFamily, ...]:
 
 
 def _family(name: str, architecture: Architecture, folder: Path) -> ConfigFamily:
-    return ConfigFamily(name, architecture, folder, model_dims.from_configs(folder))
+    return ConfigFamily(name, architecture, folder, _model_dims.from_configs(folder))
 
 
 def family_for(dims: ModelDims, architecture: Architecture) -> ConfigFamily | None:

@@ -19,19 +19,21 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
-import httpx
+import requests
 
-from modelstore._http import error_for_status, retry_after_s, server_message
-from modelstore._redact import redact, redact_url
+from modelstore._http import TRANSPORT_ERRORS, describe, get, origin, read_capped, response_error
+from modelstore._redact import redact_url
+from modelstore._remote import Location, RemoteFile
+from modelstore._sources import RemotePlan
 from modelstore.air import AIR
-from modelstore.download import Location, RemoteFile
 from modelstore.errors import (
     IntegrityError,
     ModelNotFound,
@@ -41,7 +43,6 @@ from modelstore.errors import (
     WrongArchitecture,
 )
 from modelstore.record import Layout
-from modelstore.sources import RemotePlan
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,11 @@ _MAX_METADATA_BYTES = 8 * 1024 * 1024
 class CivitaiSource:
     name = SOURCE
 
-    def __init__(self, api: str, token: str | None, client: httpx.Client) -> None:
+    def __init__(self, api: str, token: str | None, session: requests.Session) -> None:
         self._api = api.rstrip("/")
         self._token = token
-        self._client = client
-        parts = urlsplit(self._api)
-        self._api_origin = (parts.scheme, parts.hostname, parts.port)
+        self._session = session
+        self._api_origin = origin(self._api)
 
     def plan(self, air: AIR) -> RemotePlan:
         assert air.version is not None  # parse_air guarantees a numeric version for civitai
@@ -121,15 +121,16 @@ class CivitaiSource:
         url = f"{self._api}/api/v1/model-versions/{version_id}"
         what = f"civitai model version {version_id}"
         try:
-            response = self._client.get(url, headers=self._auth(url))
-        except httpx.TransportError as exc:
-            raise SourceUnavailable(f"civitai could not be reached for {what} ({self._redact(exc)})") from None
-        if response.status_code != 200:
-            raise self._error(response, what)
-        if len(response.content) > _MAX_METADATA_BYTES:
+            with get(self._session, url, self._auth(url)) as response:
+                if response.status_code != 200:
+                    raise self._error(response, what)
+                body = read_capped(response, _MAX_METADATA_BYTES + 1)
+        except TRANSPORT_ERRORS as exc:
+            raise SourceUnavailable(f"civitai could not be reached for {what} ({self._describe(exc)})") from None
+        if len(body) > _MAX_METADATA_BYTES:
             raise SourceUnavailable(f"civitai sent an implausibly large description of {what}")
         try:
-            document = response.json()
+            document = json.loads(body)
         except ValueError:
             raise SourceUnavailable(f"civitai sent something other than JSON for {what}") from None
         if not isinstance(document, dict):
@@ -142,9 +143,9 @@ class CivitaiSource:
         what = f"civitai:{version_id}+{file_id}"
         headers = self._auth(url)
         try:
-            # Streamed so a server that answers with the bytes themselves is not read here.
-            with self._client.stream("GET", url, headers=headers, follow_redirects=False) as response:
-                if response.is_redirect and "Location" in response.headers:
+            # Streamed and not followed: a server that answers with the bytes themselves is not read here.
+            with get(self._session, url, headers) as response:
+                if response.is_redirect:
                     target = urljoin(url, response.headers["Location"])
                     log.info("civitai:%s+%s is at %s", version_id, file_id, redact_url(target))
                     # No Authorization here: the token stays with civitai, whatever host storage is.
@@ -152,29 +153,20 @@ class CivitaiSource:
                 if response.status_code == 200:
                     return Location(url, headers)  # a mirror that serves the bytes itself
                 raise self._error(response, what)
-        except httpx.TransportError as exc:
-            raise SourceUnavailable(f"civitai could not be reached for {what} ({self._redact(exc)})") from None
+        except TRANSPORT_ERRORS as exc:
+            raise SourceUnavailable(f"civitai could not be reached for {what} ({self._describe(exc)})") from None
 
     def _auth(self, url: str) -> dict[str, str]:
         """The Authorization header, only for the configured API host itself (scheme, host and port)."""
-        parts = urlsplit(url)
-        if self._token and (parts.scheme, parts.hostname, parts.port) == self._api_origin:
+        if self._token and origin(url) == self._api_origin:
             return {"Authorization": f"Bearer {self._token}"}
         return {}
 
-    def _error(self, response: httpx.Response, what: str) -> ModelStoreError:
-        return error_for_status(
-            response.status_code,
-            what=what,
-            message=server_message(response),
-            source=SOURCE,
-            token_hint=TOKEN_HINT,
-            retry_after=retry_after_s(response),
-            secrets=(self._token,),
-        )
+    def _error(self, response: requests.Response, what: str) -> ModelStoreError:
+        return response_error(response, what=what, source=SOURCE, token_hint=TOKEN_HINT, secrets=(self._token,))
 
-    def _redact(self, exc: BaseException) -> str:
-        return redact(str(exc) or exc.__class__.__name__, (self._token,))
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, (self._token,))
 
 
 def choose_file(version: Mapping[str, Any], air: AIR) -> Mapping[str, Any]:

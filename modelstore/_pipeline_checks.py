@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelstore.architecture import BASE_TIME_IDS, REFINER_TIME_IDS
+from modelstore._architecture import BASE_TIME_IDS, REFINER_TIME_IDS
 from modelstore.errors import CorruptModel
 from modelstore.record import Architecture, Role
 

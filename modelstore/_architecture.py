@@ -30,12 +30,12 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from modelstore import model_dims
+from modelstore import _model_dims
+from modelstore._folder_weights import component_tensors
+from modelstore._model_dims import ModelDims
+from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import ModelNotFound
-from modelstore.folder_weights import component_tensors
-from modelstore.model_dims import ModelDims
 from modelstore.record import Architecture
-from modelstore.safetensors_header import SafetensorsHeader, read_header
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def detect_header(header: SafetensorsHeader, *, name: str = "checkpoint") -> Arc
     if any(key in header.tensors for key in _EDM_KEYS):
         log.info("%s is an EDM checkpoint (Playground v2.5 style); not usable with SDXL schedulers", name)
         return Architecture.UNKNOWN
-    return classify(model_dims.from_single_file(header.tensors), name=name)
+    return classify(_model_dims.from_single_file(header.tensors), name=name)
 
 
 def detect_folder(folder: Path) -> Architecture:
@@ -105,7 +105,7 @@ def detect_folder(folder: Path) -> Architecture:
         return _transformer_family(component_tensors(folder, "transformer")) or Architecture.UNKNOWN
     if not present("unet") or not (folder / "unet" / "config.json").is_file():
         raise ModelNotFound(f"{folder} is not a diffusers model folder (no unet or transformer)")
-    dims = model_dims.from_diffusers(
+    dims = _model_dims.from_diffusers(
         unet=component_tensors(folder, "unet"),
         vae=component_tensors(folder, "vae") if present("vae") else None,
         text_encoder=component_tensors(folder, "text_encoder") if present("text_encoder") else None,

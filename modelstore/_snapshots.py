@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-from modelstore.blobs import BlobStore
+from modelstore._blobs import BlobStore
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
 

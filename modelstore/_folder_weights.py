@@ -2,7 +2,7 @@
 
 diffusers picks a loader by file name (shared/research/modelstore.md §3.8), so every weight file a
 `from_pretrained` call would read is opened here first: each must be a well-formed safetensors file
-(`modelstore.safetensors_header` refuses pickles by their bytes), and a component that only has pickled
+(`_safetensors_header` refuses pickles by their bytes), and a component that only has pickled
 weights is refused by name. Sharded weights are followed through their `*.safetensors.index.json`.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modelstore._safetensors_header import TensorInfo, read_header
 from modelstore.errors import CorruptModel, UnsafeCheckpoint
-from modelstore.safetensors_header import TensorInfo, read_header
 
 # diffusers models, then transformers models.
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")

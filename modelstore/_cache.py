@@ -2,9 +2,9 @@
 
 On disk, under `settings.cache_dir`:
 
-    index.sqlite                 which models are cached (see index.py)
-    blobs/sha256/ab/ab…          their files, by content (see blobs.py)
-    models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see snapshots.py)
+    index.sqlite                 which models are cached (see _index.py)
+    blobs/sha256/ab/ab…          their files, by content (see _blobs.py)
+    models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see _snapshots.py)
     partial/<sha256>.part        downloads in progress, resumable
     locks/                       file locks shared with other processes using the same folder
     tmp/                         staging for folders and built-in models, renamed into place when complete
@@ -32,12 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelstore._blobs import BlobStore
+from modelstore._index import Index, IndexEntry
+from modelstore._snapshots import Snapshots, content_digest
 from modelstore.air import AIR
-from modelstore.blobs import BlobStore
 from modelstore.errors import ModelNotFound, QuotaExceeded
-from modelstore.index import Index, IndexEntry
-from modelstore.record import Architecture, Layout, ModelRecord
-from modelstore.snapshots import Snapshots, content_digest
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
+from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,6 @@ SINGLE_FILE_NAME = "model.safetensors"
 # another process that has not committed yet): collected only once it is this old.
 _ORPHAN_GRACE_S = 3600.0
 _STALE_PARTIAL_S = 14 * 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class CachedModel:
-    """One row of `ModelStore.list_models()`."""
-
-    air: str
-    source: str
-    layout: Layout
-    architecture: Architecture
-    size_bytes: int
-    added: datetime
-    last_used: datetime
-    pinned: bool
-    in_use: bool
-    path: Path
-    sha256: str  # of the file, or of the folder's files (see snapshots.content_digest)
 
 
 @dataclass(frozen=True)
@@ -191,8 +175,9 @@ class Cache:
         untouchable = sum(on_disk.get(sha, 0) for sha in protected_blobs - wanted) + reserved_bytes
         if model_bytes + untouchable > self.max_bytes:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(model_bytes)}, but the cache quota is "
-                f"{_human(self.max_bytes)}, and {_human(untouchable)} of it is pinned, in use or downloading"
+                f"{air.canonical} needs {format_bytes(model_bytes)}, but the cache quota is "
+                f"{format_bytes(self.max_bytes)}, and {format_bytes(untouchable)} of it is pinned, in use or "
+                "downloading"
             )
         used = sum(on_disk.values()) + reserved_bytes
         if used + missing <= self.max_bytes:
@@ -206,15 +191,15 @@ class Cache:
             used -= self._evict(victim, protected_blobs)
         if used + missing > self.max_bytes:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(missing)} more, and the cache quota of "
-                f"{_human(self.max_bytes)} cannot make room for it"
+                f"{air.canonical} needs {format_bytes(missing)} more, and the cache quota of "
+                f"{format_bytes(self.max_bytes)} cannot make room for it"
             )
 
     def _check_disk(self, air: AIR, missing: int) -> None:
         free = shutil.disk_usage(self.root).free
         if missing > free:
             raise QuotaExceeded(
-                f"{air.canonical} needs {_human(missing)}, but only {_human(free)} is free on the disk "
+                f"{air.canonical} needs {format_bytes(missing)}, but only {format_bytes(free)} is free on the disk "
                 f"holding {self.root}"
             )
 
@@ -295,7 +280,7 @@ class Cache:
             self.index.put(entry)
             if old is not None and old.path != entry.path and not Path(old.path).is_absolute():
                 self._drop_folder(old)
-        log.info("cached %s (%s, %s)", air.canonical, architecture.label, _human(entry.size_bytes))
+        log.info("cached %s (%s, %s)", air.canonical, architecture.label, format_bytes(entry.size_bytes))
         return self.record(air, entry)
 
     def register_local(self, entry: IndexEntry) -> None:
@@ -312,7 +297,7 @@ class Cache:
                 return 0
             keep: set[str] = set().union(*(r.blobs for r in self._reservations))
             freed = self._evict(entry, keep)
-        log.info("deleted %s from the cache (%s freed)", air.canonical, _human(freed))
+        log.info("deleted %s from the cache (%s freed)", air.canonical, format_bytes(freed))
         return freed
 
     def pin(self, air: AIR, pinned: bool) -> None:
@@ -333,12 +318,3 @@ def _distinct(needs: list[Need]) -> list[Need]:
             if need.sha256:
                 seen.add(need.sha256)
     return result
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore.safetensors_header import TensorInfo
+from modelstore._safetensors_header import TensorInfo
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

@@ -51,23 +51,6 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     data_offset: int  # where tensor bytes begin in the file
 
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        info = self.tensors.get(key)
-        return None if info is None else info.shape
-
-    def nbytes(self, dtype: str | None = None) -> int:
-        """Bytes of all tensors, or what they would take if cast to `dtype` (e.g. "F16" on a GPU)."""
-        if dtype is None:
-            return sum(t.end - t.start for t in self.tensors.values())
-        size = DTYPE_BYTES[dtype]
-        total = 0
-        for t in self.tensors.values():
-            count = 1
-            for dim in t.shape:
-                count *= dim
-            total += count * (size if t.dtype in ("F16", "BF16", "F32", "F64") else DTYPE_BYTES[t.dtype])
-        return total
-
 
 def describe_magic(prefix: bytes) -> str | None:
     """Name a known non-safetensors format from the first bytes of a file, or None."""

@@ -16,18 +16,27 @@ single-file round trip of the model-store issue) runs on a laptop CPU with no ne
   77 tokens), so prompts tokenize exactly as they would for the real models.
 
 Weights are random, drawn from fixed seeds, and stored as fp16 safetensors (a few MB, like civitai's fp16
-files); `build` is deterministic for a given torch version. `write_config_folder` writes the same folder
-without weights: what `modelstore.config_families` gives diffusers as `config=` when one of these models
-arrives as a single civitai-style file.
+files); `build` is deterministic for a given torch version, and `install` builds one into the cache, where it is
+kept like a download. `write_config_folder` writes the same folder without weights: what `_config_families`
+gives diffusers as `config=` when one of these models arrives as a single civitai-style file.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from modelstore._architecture import detect_folder
+from modelstore._blobs import sha256_file
+from modelstore._cache import Cache, Need
+from modelstore.air import AIR
+from modelstore.errors import ModelNotFound
+from modelstore.record import Layout, ModelRecord
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -44,7 +53,6 @@ class BuiltinModel:
     name: str
     version: str
     refiner: bool
-    description: str
 
     @property
     def air(self) -> str:
@@ -54,8 +62,8 @@ class BuiltinModel:
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.air: m
     for m in (
-        BuiltinModel("tiny-sdxl-base", "1", False, "tiny SDXL base (random weights, for demos and tests)"),
-        BuiltinModel("tiny-sdxl-refiner", "1", True, "tiny SDXL refiner (random weights, for demos and tests)"),
+        BuiltinModel("tiny-sdxl-base", "1", refiner=False),
+        BuiltinModel("tiny-sdxl-refiner", "1", refiner=True),
     )
 }
 
@@ -191,3 +199,31 @@ def build(model: BuiltinModel, dest: Path) -> None:
         save(CLIPTextModel(CLIPTextConfig.from_pretrained(dest / "text_encoder")), "text_encoder")
     torch.manual_seed(_SEED + (5 if model.refiner else 4))
     save(_from_config(UNet2DConditionModel, UNet2DConditionModel.load_config(dest / "unet")), "unet")
+
+
+def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecord:
+    """Build the built-in model `air` names and keep it in `cache` (quota and all, like a download)."""
+    spec = BUILTIN_MODELS.get(air.canonical)
+    if spec is None:
+        names = ", ".join(sorted(BUILTIN_MODELS))
+        raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
+    staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=cache.root / "tmp"))
+    try:
+        folder = staging / "model"
+        build(spec, folder)
+        paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        shas = {relative: sha256_file(path) for relative, path in paths.items()}
+        with cache.reserve(air, [Need(shas[r], p.stat().st_size) for r, p in paths.items()], in_use):
+            for relative, path in paths.items():
+                check = relative if relative.endswith(".safetensors") else None
+                cache.blobs.adopt(path, shas[relative], check_safetensors_as=check)
+            return cache.commit(
+                air,
+                source="builtin",
+                layout=Layout.DIFFUSERS,
+                files=shas,
+                metadata={"source": "builtin", "name": spec.name, "version": spec.version},
+                detect=detect_folder,
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

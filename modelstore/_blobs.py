@@ -22,8 +22,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from modelstore._safetensors_header import parse_header
 from modelstore.errors import UnsafeCheckpoint
-from modelstore.safetensors_header import parse_header
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_KEY = re.compile(r"[0-9a-z\-]{3,80}")
@@ -107,12 +107,6 @@ class BlobStore:
         os.replace(source, target)
         fsync_dir(target.parent)
         return target
-
-    def ingest(self, source: Path, *, check_safetensors_as: str | None = None) -> str:
-        """Hash a local file and move it in as a blob (for models built on this machine); its sha256."""
-        sha256 = sha256_file(source)
-        self.adopt(source, sha256, check_safetensors_as=check_safetensors_as)
-        return sha256
 
     def remove(self, sha256: str) -> int:
         """Delete a blob; the bytes freed (0 if it was not there)."""

@@ -6,7 +6,7 @@ of that commit comes with sizes and, for LFS files, their SHA256 (`list_repo_tre
 the store's own downloader, like civitai's: huggingface_hub checks only sizes and no longer resumes across
 calls or processes (modelstore.md §3.3, §3.5), while this store verifies every file's hash as it streams and
 resumes after a restart. Each file's URL is `hf_hub_url` at the pinned commit; the token goes with it only to
-the Hub's own origin, and httpx drops it when the Hub redirects to its CDN.
+the Hub's own origin: the downloader drops it when the Hub redirects to its CDN.
 
 From a diffusers repository only what an SDXL pipeline needs is fetched: model_index.json, and in the
 scheduler, tokenizer(s), text encoder(s), UNet and VAE folders their JSON/text configs and safetensors
@@ -34,8 +34,9 @@ from huggingface_hub.hf_api import RepoFile
 
 from modelstore._http import error_for_status
 from modelstore._redact import redact
+from modelstore._remote import Location, RemoteFile
+from modelstore._sources import RemotePlan
 from modelstore.air import AIR
-from modelstore.download import Location, RemoteFile
 from modelstore.errors import (
     ModelNotFound,
     ModelStoreError,
@@ -45,7 +46,6 @@ from modelstore.errors import (
     UnsafeCheckpoint,
 )
 from modelstore.record import Layout
-from modelstore.sources import RemotePlan
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class HuggingFaceSource:
 
     def _locate(self, repo: str, path: str, commit: str) -> Location:
         url = hf_hub_url(repo, path, revision=commit, endpoint=self._endpoint)
-        # For the Hub's own URL only: httpx drops Authorization when redirected to another origin (CDN).
+        # For the Hub's own URL only: the downloader drops Authorization when redirected to another origin (CDN).
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         return Location(url, headers)
 

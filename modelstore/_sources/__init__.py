@@ -1,11 +1,11 @@
 """Where models come from. A remote source turns an AIR into a `RemotePlan`: the files that make up the
 model, each with the hash and size it must have and a way to find a URL for its bytes. Fetching, verifying and
-caching are the store's business (download.py, cache.py), the same for every source.
+caching are the store's business (`_model_download`, `_file_download`, `_cache`), the same for every source.
 
 - `civitai`: checkpoints by model version, one safetensors file chosen explicitly.
 - `huggingface`: diffusers-format repositories (the SDXL components only) and single files in a repository.
 - `local`: files and folders on this machine, registered by reference.
-- built-in tiny models are built on this machine (modelstore/builtin.py) and need no source.
+- built-in tiny models are built on this machine (`modelstore._builtin`) and need no source.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from modelstore._remote import RemoteFile
 from modelstore.air import AIR
-from modelstore.download import RemoteFile
 from modelstore.record import Layout
 
 

@@ -2,21 +2,31 @@
 registered by reference. Nothing is copied (a local model is the user's, and may be large); the store only
 checks it (safetensors by content, every weight file), hashes it once, and remembers each file's size and
 mtime so later lookups re-hash only files that changed. It is never counted in the quota and never evicted;
-deleting it from the store forgets it and leaves the files alone."""
+deleting it from the store forgets it and leaves the files alone.
+
+`register` checks a model and records it in the index; `fingerprint_matches` tells a later lookup whether the
+files are still the ones registered."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore.architecture import detect_folder
-from modelstore.blobs import check_safetensors, sha256_file
+from modelstore._architecture import detect_file, detect_folder
+from modelstore._blobs import check_safetensors, sha256_file
+from modelstore._cache import Cache
+from modelstore._index import IndexEntry
+from modelstore._snapshots import content_digest
+from modelstore.air import AIR, Source
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
-from modelstore.progress import ByteCounter
-from modelstore.record import Architecture, Layout
-from modelstore.snapshots import content_digest
+from modelstore.progress import ByteCounter, ProgressFanout
+from modelstore.record import Architecture, Layout, ModelRecord
+
+log = logging.getLogger(__name__)
 
 _WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
 _LOADED_SUFFIXES = {".json", ".txt", ".model", ".safetensors"}
@@ -42,12 +52,36 @@ def fingerprint_matches(path: Path, fingerprint: Mapping[str, list[Any]]) -> boo
     return current.keys() == fingerprint.keys() and all(list(current[p]) == list(fingerprint[p][:2]) for p in current)
 
 
-def inspect(
-    path: Path,
-    previous: Mapping[str, list[Any]],
-    detect_file: Callable[[Path], Architecture],
-    counter: ByteCounter | None = None,
-) -> LocalModel:
+def register(air: AIR, cache: Cache, progress: ProgressFanout) -> ModelRecord:
+    """Check the local model `air` names, hash what changed since it was last registered, and record it in
+    `cache`'s index; `progress` hears the hashing (seconds for gigabytes) as VERIFYING progress."""
+    path = Path(air.id)
+    old = cache.index.get(air.canonical)
+    previous = old.metadata.get("fingerprint", {}) if old is not None else {}
+    progress.set_verifying()
+    model = inspect(path, previous, progress)
+    progress.finish()
+    now = time.time()
+    cache.register_local(
+        IndexEntry(
+            air=air.canonical,
+            source=Source.LOCAL.value,
+            layout=model.layout,
+            architecture=model.architecture,
+            path=str(path),
+            sha256=model.sha256,
+            size_bytes=model.size_bytes,
+            metadata={"source": "local", "fingerprint": dict(model.fingerprint)},
+            added=now,
+            last_used=now,
+            pinned=False,
+        )
+    )
+    log.info("registered local model %s (%s)", path, model.architecture.label)
+    return ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
+
+
+def inspect(path: Path, previous: Mapping[str, list[Any]], counter: ByteCounter | None = None) -> LocalModel:
     """Check and describe the model at `path`, re-using hashes of files unchanged since `previous`;
     `counter` hears how many bytes must be hashed and how far hashing has got."""
     if not path.exists():
