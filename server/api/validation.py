@@ -10,6 +10,7 @@ import math
 import secrets
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
@@ -92,6 +93,9 @@ def job_from_request(
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
         refiner, base_steps = _refiner(request.refiner, steps, default_refiner, bad)
+        scores, refiner_prompt = _refiner_conditioning(request, limits, bad)
+        if refiner is not None:
+            refiner = replace(refiner, compare=request.refiner.compare, scores=scores, prompt=refiner_prompt)
     if bad.found:
         raise InvalidRequest(bad.found)
     assert model is not None and sampler is not None and output_format is not None
@@ -166,6 +170,8 @@ def _refiner(
         model = default_refiner
     else:
         bad("refiner.model", "is required (this server has no default refiner)", "REQUIRED")
+        if message.compare:
+            bad("refiner.compare", "needs a refiner to compare with: set refiner.model (this server has no default)")
         model = None
     start: domain.RefinerStart = domain.DEFAULT_REFINER_START
     which = message.WhichOneof("start")
@@ -186,3 +192,37 @@ def _refiner(
     except ValueError:
         return None, steps  # already reported above
     return domain.RefinerSpec(model, start), base_steps
+
+
+def _refiner_conditioning(
+    request: pb.GenerateRequest, limits: Limits, bad: _Violations
+) -> tuple[domain.AestheticScores, domain.Prompt | None]:
+    """The refiner's aesthetic scores and own prompts (issue 11); unset fields take the defaults."""
+    message = request.refiner
+    defaults = domain.AestheticScores()
+    scores = domain.AestheticScores(
+        _score(message, "aesthetic_score", defaults.positive, bad),
+        _score(message, "negative_aesthetic_score", defaults.negative, bad),
+    )
+    own_positive, own_negative = message.HasField("positive_prompt"), message.HasField("negative_prompt")
+    if own_positive and not message.positive_prompt.strip():
+        bad("refiner.positive_prompt", "must not be blank (unset: the request's positive_prompt)", "REQUIRED")
+    elif own_positive and len(message.positive_prompt) > limits.max_prompt_chars:
+        bad("refiner.positive_prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if own_negative and len(message.negative_prompt) > limits.max_prompt_chars:
+        bad("refiner.negative_prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if not (own_positive or own_negative):
+        return scores, None
+    positive = message.positive_prompt if own_positive else request.positive_prompt
+    negative = message.negative_prompt if own_negative else request.negative_prompt
+    return scores, domain.Prompt(positive, negative or None)  # empty: no negative prompt, as on the base
+
+
+def _score(message: pb.Refiner, name: str, default: float, bad: _Violations) -> float:
+    if not message.HasField(name):
+        return default
+    value = float(getattr(message, name))
+    low, high = domain.AESTHETIC_SCORE_RANGE
+    if not math.isfinite(value) or not low <= value <= high:
+        bad(f"refiner.{name}", f"must be a finite number in {low:g}..{high:g} (unset: {default:g}), got {value:g}")
+    return value
