@@ -10,7 +10,6 @@ import math
 import secrets
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
@@ -92,10 +91,7 @@ def job_from_request(
         bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
-        refiner, base_steps = _refiner(request.refiner, steps, default_refiner, bad)
-        scores, refiner_prompt = _refiner_conditioning(request, limits, bad)
-        if refiner is not None:
-            refiner = replace(refiner, compare=request.refiner.compare, scores=scores, prompt=refiner_prompt)
+        refiner, base_steps = _refiner(request, steps, default_refiner, limits, bad)
     if bad.found:
         raise InvalidRequest(bad.found)
     assert model is not None and sampler is not None and output_format is not None
@@ -161,8 +157,9 @@ def _model(text: str, field: str, bad: _Violations) -> str | None:
 
 
 def _refiner(
-    message: pb.Refiner, steps: int, default_refiner: str | None, bad: _Violations
+    request: pb.GenerateRequest, steps: int, default_refiner: str | None, limits: Limits, bad: _Violations
 ) -> tuple[domain.RefinerSpec | None, int]:
+    message = request.refiner
     model: str | None
     if message.model:
         model = _model(message.model, "refiner.model", bad)
@@ -185,13 +182,14 @@ def _refiner(
         start = domain.StartPercentage(message.start_step_percentage)
     if steps < MIN_REFINER_TOTAL_STEPS:
         bad("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")
+    scores, prompt = _refiner_conditioning(request, limits, bad)
     if model is None:
         return None, steps
     try:
         base_steps = base_step_count(steps, start)
     except ValueError:
         return None, steps  # already reported above
-    return domain.RefinerSpec(model, start), base_steps
+    return domain.RefinerSpec(model, start, message.compare, scores, prompt), base_steps
 
 
 def _refiner_conditioning(
