@@ -53,18 +53,19 @@ PAIR = PairKey(DEFAULT_BASE, DEFAULT_REFINER)
 class InProcess:
     """A RefineryServer on its own event loop thread, as in production; clients use plain gRPC."""
 
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, **server_args: Any) -> None:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.server = RefineryServer(settings, store=store)
+        self.server = RefineryServer(settings, store=store, **server_args)
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(300)
         asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self.loop).result(300)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = pb_grpc.GenerationServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
-    def generate(self, request: pb.GenerateRequest) -> None:
+    def generate(self, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
         responses = list(self.stub.Generate(request, timeout=600))
         assert responses[-1].WhichOneof("event") == "image"
+        return responses
 
     def close(self) -> None:
         self.channel.close()

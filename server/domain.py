@@ -40,6 +40,13 @@ class Stage(Enum):
     REFINER = "refiner"
 
 
+class Branch(Enum):
+    """Which image of a compare request an event belongs to (`RefinerSpec.compare`)."""
+
+    MAIN = "main"  # the request's own output; with compare, also the shared base steps and the refined image
+    BASE_ONLY = "base_only"  # compare: the base's steps after the hand-off and the image the base makes alone
+
+
 @dataclass(frozen=True)
 class PairKey:
     """The models a request runs on: a base and, optionally, a refiner (canonical AIRs)."""
@@ -93,9 +100,32 @@ DEFAULT_REFINER_START = StartPercentage(90)
 
 
 @dataclass(frozen=True)
+class AestheticScores:
+    """The SDXL refiner's aesthetic conditioning (diffusers' `aesthetic_score` / `negative_aesthetic_score`)."""
+
+    positive: float = 6.0
+    negative: float = 2.5
+
+
+AESTHETIC_SCORE_RANGE = (0.0, 10.0)  # the LAION aesthetic predictor's scale, which SDXL was conditioned on
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one stage is conditioned on."""
+
+    positive: str
+    negative: str | None  # None: the model's default (SDXL base zeroes the negative conditioning)
+
+
+@dataclass(frozen=True)
 class RefinerSpec:
     model: str  # canonical AIR
     start: RefinerStart = DEFAULT_REFINER_START
+    # Also return the image the base makes alone (same seed): the base's shared steps run once for both.
+    compare: bool = False
+    scores: AestheticScores = AestheticScores()
+    prompt: Prompt | None = None  # the refiner's own prompts; None: the request's
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,12 @@ class Sample:
     prompt: str
     negative_prompt: str | None  # None: the model's default (SDXL base zeroes the negative conditioning)
     seed: int
+    refiner_prompt: Prompt | None = None  # None: the refiner gets the base's prompts
+
+    def conditioning(self, stage: Stage) -> Prompt:
+        if stage is Stage.REFINER and self.refiner_prompt is not None:
+            return self.refiner_prompt
+        return Prompt(self.prompt, self.negative_prompt)
 
 
 @dataclass(frozen=True)
@@ -117,10 +153,19 @@ class RenderShape:
     base_steps: int  # == steps without a refiner
     cfg_scale: float
     sampler: Sampler
+    # Refiner conditioning is one set of time ids per batch, and a compare batch runs the base to the end for
+    # every image in it: both must be shared.
+    compare: bool = False
+    scores: AestheticScores = AestheticScores()
 
     @property
     def refiner_steps(self) -> int:
         return self.steps - self.base_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps run: with compare, the base also runs the refiner's steps for its own image."""
+        return self.steps + (self.refiner_steps if self.compare else 0)
 
 
 @dataclass(frozen=True)
@@ -148,20 +193,34 @@ class Job:
     def refiner_steps(self) -> int:
         return self.steps - self.base_steps
 
+    @property
+    def compare(self) -> bool:
+        return self.refiner is not None and self.refiner.compare
+
+    @property
+    def total_steps(self) -> int:
+        return self.shape(self.width, self.height).total_steps
+
     def samples(self) -> list[Sample]:
         """Result i uses seed + i, so any one result can be reproduced alone."""
-        return [Sample(self.prompt, self.negative_prompt, self.seed + i) for i in range(self.number_results)]
+        refiner_prompt = self.refiner.prompt if self.refiner is not None else None
+        return [
+            Sample(self.prompt, self.negative_prompt, self.seed + i, refiner_prompt) for i in range(self.number_results)
+        ]
 
     def work(self, width: int, height: int) -> float:
         """What the request costs a device, in megapixel-steps: width x height x results x steps."""
-        return width * height * self.number_results * self.steps / 1e6
+        return width * height * self.number_results * self.total_steps / 1e6
 
     @property
     def pair(self) -> PairKey:
         return PairKey(self.model, self.refiner.model if self.refiner is not None else None)
 
     def shape(self, width: int, height: int) -> RenderShape:
-        return RenderShape(width, height, self.steps, self.base_steps, self.cfg_scale, self.sampler)
+        scores = self.refiner.scores if self.refiner is not None else AestheticScores()
+        return RenderShape(
+            width, height, self.steps, self.base_steps, self.cfg_scale, self.sampler, self.compare, scores
+        )
 
 
 # ---- events: what a running request reports, in order -------------------------------------------------------
@@ -199,6 +258,7 @@ class Progress:
     total_steps: int
     elapsed_s: float
     image_indices: tuple[int, ...] = field(default=())
+    branch: Branch = Branch.MAIN
 
 
 @dataclass(frozen=True)
@@ -211,6 +271,7 @@ class Preview:
     mime_type: str
     width: int
     height: int
+    branch: Branch = Branch.MAIN
 
 
 @dataclass(frozen=True)
@@ -225,6 +286,7 @@ class ImageResult:
     refiner_steps: int
     model: str
     refiner_model: str
+    branch: Branch = Branch.MAIN
 
 
 JobEvent = Queued | ModelLoading | Progress | Preview | ImageResult

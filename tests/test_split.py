@@ -130,3 +130,48 @@ def test_dpmpp_2m_karras_50_steps_late_starts(pair: PipelinePair, start: int) ->
 @pytest.mark.parametrize("scheduler", list(Sampler), ids=lambda k: k.value)
 def test_default_split_at_25_steps(pair: PipelinePair, scheduler: Sampler) -> None:
     _run_counts(pair, scheduler, 25, base_step_count(25, None))
+
+
+# ---- compare: one base run, two images -------------------------------------------------------------------
+
+
+class _UNetCalls:
+    """Counts forward calls of the pair's UNets (one per denoising step: guidance is off at cfg 1)."""
+
+    def __init__(self, pair: PipelinePair) -> None:
+        assert pair.refiner is not None
+        self.calls = {"base": 0, "refiner": 0}
+        self._hooks = [
+            pair.base.unet.register_forward_hook(lambda *_: self._count("base")),
+            pair.refiner.unet.register_forward_hook(lambda *_: self._count("refiner")),
+        ]
+
+    def _count(self, which: str) -> None:
+        self.calls[which] += 1
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("scheduler", list(Sampler), ids=lambda k: k.value)
+@pytest.mark.parametrize(("steps", "base_steps"), [(2, 1), (5, 3), (5, 4)])
+def test_compare_runs_the_shared_steps_once(
+    pair: PipelinePair, scheduler: Sampler, steps: int, base_steps: int
+) -> None:
+    shape = RenderShape(64, 64, steps, base_steps, 1.0, scheduler, compare=True)
+    counter = _Counter()
+    unets = _UNetCalls(pair)
+    try:
+        result = runner.run(pair, shape, [Sample("a test", None, 1), Sample("another", None, 2)], counter)
+    finally:
+        unets.remove()
+    refiner_steps = steps - base_steps
+    # The base: its shared steps, then on alone to the end; then the refiner from the hand-off.
+    assert unets.calls == {"base": steps, "refiner": refiner_steps}
+    assert counter.steps == (
+        [(Stage.BASE, i, base_steps, i) for i in range(1, base_steps + 1)]
+        + [(Stage.BASE, i, steps, i) for i in range(base_steps + 1, steps + 1)]
+        + [(Stage.REFINER, i, refiner_steps, steps + i) for i in range(1, refiner_steps + 1)]
+    )
+    assert len(result.images) == len(result.base_only) == 2

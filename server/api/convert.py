@@ -16,6 +16,7 @@ from server import domain
 from server.scheduling.snapshot import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
+_BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}
 _ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER}
 _PHASES = {
     domain.LoadPhase.DOWNLOADING: gen_pb.ModelLoading.PHASE_DOWNLOADING,
@@ -91,6 +92,7 @@ def _progress(event: domain.Progress) -> gen_pb.Progress:
         total_steps=event.total_steps,
         elapsed=elapsed,
         image_indices=list(event.image_indices),
+        branch=_BRANCHES[event.branch],
     )
 
 
@@ -104,6 +106,7 @@ def _preview(event: domain.Preview) -> gen_pb.Preview:
         mime_type=event.mime_type,
         width=event.width,
         height=event.height,
+        branch=_BRANCHES[event.branch],
     )
 
 
@@ -119,6 +122,7 @@ def _image(event: domain.ImageResult) -> gen_pb.Image:
         refiner_steps=event.refiner_steps,
         model=event.model,
         refiner_model=event.refiner_model,
+        branch=_BRANCHES[event.branch],
     )
 
 

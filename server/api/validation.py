@@ -81,21 +81,17 @@ def job_from_request(
     _check_size(request, limits, bad)
     steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
     sampler, output_format = _check_enums(request, bad)
-    if work_limit is not None and request.width and request.height and not bad.found:
-        work = request.width * request.height * number_results * steps / 1e6
-        if work > work_limit:
-            bad.found.extend(too_much_work(work, work_limit).violations)
     if request.preview_every > limits.max_steps:
         bad("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
     if abs(request.priority) > limits.max_priority:
         bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
-        refiner, base_steps = _refiner(request.refiner, steps, default_refiner, bad)
+        refiner, base_steps = _refiner(request, steps, default_refiner, limits, bad)
     if bad.found:
         raise InvalidRequest(bad.found)
     assert model is not None and sampler is not None and output_format is not None
-    return domain.Job(
+    job = domain.Job(
         request_id=request_id,
         model=model,
         refiner=refiner,
@@ -113,6 +109,10 @@ def job_from_request(
         preview_every=request.preview_every,
         priority=request.priority,
     )
+    # Known once the request is whole (compare runs more steps); at the native size, once the model is.
+    if work_limit is not None and job.width and job.height and job.work(job.width, job.height) > work_limit:
+        raise too_much_work(job.work(job.width, job.height), work_limit)
+    return job
 
 
 def _check_prompts(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
@@ -181,8 +181,9 @@ def _model(text: str, field: str, bad: _Violations) -> str | None:
 
 
 def _refiner(
-    message: pb.Refiner, steps: int, default_refiner: str | None, bad: _Violations
+    request: pb.GenerateRequest, steps: int, default_refiner: str | None, limits: Limits, bad: _Violations
 ) -> tuple[domain.RefinerSpec | None, int]:
+    message = request.refiner
     model: str | None
     if message.model:
         model = _model(message.model, "refiner.model", bad)
@@ -190,6 +191,8 @@ def _refiner(
         model = default_refiner
     else:
         bad("refiner.model", "is required (this server has no default refiner)", "REQUIRED")
+        if message.compare:
+            bad("refiner.compare", "needs a refiner to compare with: set refiner.model (this server has no default)")
         model = None
     start: domain.RefinerStart = domain.DEFAULT_REFINER_START
     which = message.WhichOneof("start")
@@ -203,10 +206,45 @@ def _refiner(
         start = domain.StartPercentage(message.start_step_percentage)
     if steps < MIN_REFINER_TOTAL_STEPS:
         bad("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")
+    scores, prompt = _refiner_conditioning(request, limits, bad)
     if model is None:
         return None, steps
     try:
         base_steps = base_step_count(steps, start)
     except ValueError:
         return None, steps  # already reported above
-    return domain.RefinerSpec(model, start), base_steps
+    return domain.RefinerSpec(model, start, message.compare, scores, prompt), base_steps
+
+
+def _refiner_conditioning(
+    request: pb.GenerateRequest, limits: Limits, bad: _Violations
+) -> tuple[domain.AestheticScores, domain.Prompt | None]:
+    """The refiner's aesthetic scores and own prompts (issue 11); unset fields take the defaults."""
+    message = request.refiner
+    defaults = domain.AestheticScores()
+    scores = domain.AestheticScores(
+        _score(message, "aesthetic_score", defaults.positive, bad),
+        _score(message, "negative_aesthetic_score", defaults.negative, bad),
+    )
+    own_positive, own_negative = message.HasField("positive_prompt"), message.HasField("negative_prompt")
+    if own_positive and not visible(message.positive_prompt).strip():
+        bad("refiner.positive_prompt", "must not be blank (unset: the request's positive_prompt)", "REQUIRED")
+    elif own_positive and len(message.positive_prompt) > limits.max_prompt_chars:
+        bad("refiner.positive_prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if own_negative and len(message.negative_prompt) > limits.max_prompt_chars:
+        bad("refiner.negative_prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if not (own_positive or own_negative):
+        return scores, None
+    positive = message.positive_prompt if own_positive else request.positive_prompt
+    negative = message.negative_prompt if own_negative else request.negative_prompt
+    return scores, domain.Prompt(positive, negative or None)  # empty: no negative prompt, as on the base
+
+
+def _score(message: pb.Refiner, name: str, default: float, bad: _Violations) -> float:
+    if not message.HasField(name):
+        return default
+    value = float(getattr(message, name))
+    low, high = domain.AESTHETIC_SCORE_RANGE
+    if not math.isfinite(value) or not low <= value <= high:
+        bad(f"refiner.{name}", f"must be a finite number in {low:g}..{high:g} (unset: {default:g}), got {value:g}")
+    return value

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from PIL import Image
 
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.cli import options, serve
+from server.cli.side_by_side import side_by_side
 from server.cli.terminal import ProgressView, describe_rpc_error
 from server.logs import quiet_model_libraries
 
@@ -46,6 +48,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
         metavar="90%|STEP",
         help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
     )
+    _add_refiner_controls(gen)
     gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
@@ -64,6 +67,21 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     serve.add_device_flags(gen, env)
     serve.add_store_flags(gen)
     serve.add_log_flags(gen, env)
+
+
+def _add_refiner_controls(gen: argparse.ArgumentParser) -> None:
+    """Flags that need a refiner; any of them alone uses the server's default refiner."""
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="also write the image the base makes alone (PATH-base-only) and both side by side (PATH-compare)",
+    )
+    gen.add_argument("--aesthetic-score", type=float, metavar="0..10", help="the refiner's aesthetic score (6)")
+    gen.add_argument(
+        "--negative-aesthetic-score", type=float, metavar="0..10", help="the refiner's negative aesthetic score (2.5)"
+    )
+    gen.add_argument("--refiner-prompt", help="the refiner's own prompt (default: the prompt)")
+    gen.add_argument("--refiner-negative", help="the refiner's own negative prompt (default: --negative)")
 
 
 def _argparse_type(convert: options.Convert) -> options.Convert:
@@ -115,12 +133,23 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
         request.seed = args.seed
     if args.size is not None:
         request.width, request.height = args.size
-    if args.refiner is not None or args.refiner_start is not None:
-        # --refiner-start alone uses the server's default refiner.
+    controls = {
+        "aesthetic_score": args.aesthetic_score,
+        "negative_aesthetic_score": args.negative_aesthetic_score,
+        "positive_prompt": args.refiner_prompt,
+        "negative_prompt": args.refiner_negative,
+    }
+    wants_refiner = args.compare or any(value is not None for value in controls.values())
+    if args.refiner is not None or args.refiner_start is not None or wants_refiner:
+        # --refiner-start (or any refiner control) alone uses the server's default refiner.
         request.refiner.model = args.refiner or ""
+        request.refiner.compare = args.compare
         if args.refiner_start is not None:
             field, value = args.refiner_start
             setattr(request.refiner, field, value)
+        for name, value in controls.items():
+            if value is not None:
+                setattr(request.refiner, name, value)
     return request
 
 
@@ -131,17 +160,20 @@ def output_format(args: argparse.Namespace) -> str:
     return _SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "png")
 
 
-def output_path(base: Path, index: int, count: int) -> Path:
-    """PATH for one result; PATH-0, PATH-1, ... (before the suffix) for several."""
-    if count == 1:
-        return base
-    return base.with_name(f"{base.stem}-{index}{base.suffix}")
+def output_path(base: Path, index: int, count: int, kind: str = "") -> Path:
+    """PATH for one result; PATH-0, PATH-1, ... (before the suffix) for several. `kind` ("base-only",
+    "compare") follows the index: PATH-base-only.png, PATH-1-compare.png."""
+    stem = base.stem if count == 1 else f"{base.stem}-{index}"
+    if kind:
+        stem = f"{stem}-{kind}"
+    return base.with_name(f"{stem}{base.suffix}")
 
 
 @dataclass
 class _Written:
     path: Path
     image: pb.Image
+    picture: bool = False  # the side-by-side picture, drawn here from the two images
 
 
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -178,28 +210,53 @@ async def _stream_to_files(
             kind = response.WhichOneof("event")
             if kind == "preview" and previews is not None:
                 p = response.preview
+                branch = "-base-only" if p.branch == pb.BRANCH_BASE_ONLY else ""
                 previews.mkdir(parents=True, exist_ok=True)
-                (previews / f"{out.stem}-preview-{p.overall_step:03d}-{p.image_index}.jpg").write_bytes(p.data)
+                name = f"{out.stem}-preview-{p.overall_step:03d}-{p.image_index}{branch}.jpg"
+                (previews / name).write_bytes(p.data)
             elif kind == "image":
-                path = output_path(out, response.image.index, count)
+                image = response.image
+                branch = "base-only" if image.branch == pb.BRANCH_BASE_ONLY else ""
+                path = output_path(out, image.index, count, branch)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(response.image.data)
-                written.append(_Written(path, response.image))
+                path.write_bytes(image.data)
+                written.append(_Written(path, image))
     finally:
         view.close()
-    return written
+    return written + _side_by_side_pictures(written, out, count, output_format(args))
+
+
+def _side_by_side_pictures(written: Sequence[_Written], out: Path, count: int, fmt: str) -> list[_Written]:
+    """For every result with both images (`--compare`), the labelled picture of the two."""
+    base_only = {w.image.index: w for w in written if w.image.branch == pb.BRANCH_BASE_ONLY}
+    pictures = []
+    for refined in [w for w in written if w.image.branch != pb.BRANCH_BASE_ONLY and w.image.index in base_only]:
+        with Image.open(base_only[refined.image.index].path) as left, Image.open(refined.path) as right:
+            picture = side_by_side(left, right)
+        path = output_path(out, refined.image.index, count, "compare")
+        picture.save(path, format=fmt.upper())
+        pictures.append(_Written(path, refined.image, picture=True))
+    return pictures
 
 
 def _report(written: Sequence[_Written]) -> None:
     if not written:
         return
-    first = written[0].image
+    refined = [w.image for w in written if w.image.branch != pb.BRANCH_BASE_ONLY]
+    first = refined[0] if refined else written[0].image
     models = first.model + (f" + refiner {first.refiner_model}" if first.refiner_model else "")
     steps = f"{first.base_steps} base" + (f" + {first.refiner_steps} refiner" if first.refiner_steps else "")
-    print(f"model {models}; {steps} steps")
+    alone = [w.image for w in written if w.image.branch == pb.BRANCH_BASE_ONLY]
+    compared = f"; base only: {alone[0].base_steps} steps" if alone else ""
+    print(f"model {models}; {steps} steps{compared}")
     for item in sorted(written, key=lambda w: w.image.index):
         image = item.image
-        print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
+        if item.picture:
+            print(f"wrote {item.path} (base only | refined, side by side, seed {image.seed})")
+        elif image.branch == pb.BRANCH_BASE_ONLY:
+            print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed}, base only)")
+        else:
+            print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
 
 
 def _channel_options() -> list[tuple[str, int]]:

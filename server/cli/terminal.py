@@ -113,7 +113,7 @@ class ProgressView(_View):
             self._line(f"loaded {role} {event.model}")
 
     def _progress(self, p: pb.Progress) -> None:
-        stage = _STAGE_NAMES.get(p.stage, "step")
+        stage = "base-only" if p.branch == pb.BRANCH_BASE_ONLY else _STAGE_NAMES.get(p.stage, "step")
         elapsed = p.elapsed.ToTimedelta().total_seconds()
         text = f"{p.step}/{p.stage_steps}  step {p.overall_step}/{p.total_steps}  {elapsed:.1f}s"
         if self._interactive:

@@ -13,6 +13,10 @@ How the split is made exact (shared/research/diffusers.md §1.2-1.4):
   share an integer and no cutoff can split there, so `_IndexedRefinerPipeline` takes the index directly.
   Wherever a cutoff exists, both give the same slice (tests/integration/test_generate.py proves the images
   equal diffusers' own `denoising_end` / `denoising_start` run by hand).
+- With compare, the base is not interrupted: it runs to the end for the base-only image, and the refiner starts
+  from a copy of the hand-off (`server/generation/compare.py` says why both images stay exact).
+- The refiner's aesthetic scores and prompts reach diffusers as it defines them: `aesthetic_score` /
+  `negative_aesthetic_score` of the img2img call, and the refiner's own `encode_prompt`.
 
 Only this room (`server/generation/`) and the model store's loader talk to diffusers.
 """
@@ -29,7 +33,8 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from server.domain import RenderShape, Sample, Stage
+from server.domain import Branch, RenderShape, Sample, Stage
+from server.generation.compare import Handoff
 from server.generation.pipelines import PipelinePair
 from server.generation.samplers import make_scheduler
 
@@ -64,6 +69,7 @@ class StepState:
     # x_t / latent_scale is variance-preserving (what previews expect): sqrt(1 + sigma^2) for Euler-style
     # schedulers whose latents live in sigma space, 1 for DDIM / DPM++ / UniPC.
     latent_scale: float
+    branch: Branch = Branch.MAIN
 
     def normalized_latents(self) -> torch.Tensor:
         return self.latents / self.latent_scale
@@ -77,15 +83,16 @@ class StepObserver(Protocol):
 
 @dataclass
 class StageTimings:
-    base_s: float = 0.0
+    base_s: float = 0.0  # with compare, the base-only branch's steps included
     refiner_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # with compare, both decodes
 
 
 @dataclass
 class RunResult:
-    images: list[Image.Image]
+    images: list[Image.Image]  # one per sample: refined when there is a refiner
     timings: StageTimings = field(default_factory=StageTimings)
+    base_only: list[Image.Image] = field(default_factory=list)  # compare: the base's own image per sample
 
 
 class PipelineRunner(Protocol):
@@ -121,45 +128,67 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
     use_cfg = shape.cfg_scale > 1.0
     clock = _Clock()
+    # Only a refined request without compare stops the base at the hand-off; otherwise it runs to the end.
+    stop = shape.base_steps if shape.refiner_steps and not shape.compare else None
+    handoff = Handoff(shape.base_steps, generators) if shape.compare else None
 
     base.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
-    base_embeds = _encode(base, samples, device, use_cfg)
-    base_output = "latent" if shape.refiner_steps else "pil"
     base_result = base(
-        **base_embeds,
+        **_encode(base, samples, Stage.BASE, device, use_cfg),
         width=shape.width,
         height=shape.height,
         num_inference_steps=shape.steps,
         guidance_scale=shape.cfg_scale,
         generator=generators,
-        output_type=base_output,
-        callback_on_step_end=_callback(Stage.BASE, shape, observer, clock, stop_after=shape.base_steps),
+        output_type="pil" if stop is None else "latent",
+        callback_on_step_end=_callback(Stage.BASE, shape, observer, clock, stop_after=stop, handoff=handoff),
         callback_on_step_end_tensor_inputs=["latents"],
     )
     timings = StageTimings(base_s=clock.last_step - clock.start)
+    timings.decode_s = time.perf_counter() - clock.last_step if stop is None else 0.0
     if not shape.refiner_steps:
-        timings.decode_s = time.perf_counter() - clock.last_step
         return RunResult(list(base_result.images), timings)
+    if handoff is None:
+        return _refine(pair, shape, samples, base_result.images, generators, observer, clock, timings)
+    result = _refine(pair, shape, samples, handoff.latents, handoff.generators(), observer, clock, timings)
+    result.base_only = list(base_result.images)
+    return result
 
+
+def _refine(
+    pair: PipelinePair,
+    shape: RenderShape,
+    samples: Sequence[Sample],
+    latents: torch.Tensor,
+    generators: list[torch.Generator],
+    observer: StepObserver,
+    clock: _Clock,
+    timings: StageTimings,
+) -> RunResult:
+    """The refiner from the base's latent at the hand-off, with the generators in their state there."""
+    base = pair.base
     refiner = _indexed(pair.refiner)
     refiner.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     refiner.start_index = shape.base_steps
-    refiner_embeds = _encode(refiner, samples, device, use_cfg)
+    device = base._execution_device
+    refiner_embeds = _encode(refiner, samples, Stage.REFINER, device, shape.cfg_scale > 1.0)
     refiner_start = clock.mark()
     refined = refiner(
         **refiner_embeds,
-        image=base_result.images,
+        image=latents,
         num_inference_steps=shape.steps,
         # Any valid fraction: it only switches diffusers to the no-noise start; the index decides where.
         denoising_start=shape.base_steps / shape.steps,
         guidance_scale=shape.cfg_scale,
+        aesthetic_score=shape.scores.positive,
+        negative_aesthetic_score=shape.scores.negative,
         generator=generators,
         output_type="pil",
         callback_on_step_end=_callback(Stage.REFINER, shape, observer, clock, stop_after=None),
         callback_on_step_end_tensor_inputs=["latents"],
     )
     timings.refiner_s = clock.last_step - refiner_start
-    timings.decode_s = time.perf_counter() - clock.last_step
+    timings.decode_s += time.perf_counter() - clock.last_step
     return RunResult(list(refined.images), timings)
 
 
@@ -192,8 +221,8 @@ def _refiner_flags(refiner: StableDiffusionXLImg2ImgPipeline) -> dict[str, Any]:
     }
 
 
-def _encode(pipe: Any, samples: Sequence[Sample], device: Any, use_cfg: bool) -> dict[str, torch.Tensor]:
-    """Text conditioning encoded per sample, then stacked.
+def _encode(pipe: Any, samples: Sequence[Sample], stage: Stage, device: Any, use_cfg: bool) -> dict[str, torch.Tensor]:
+    """Text conditioning encoded per sample (with the stage's prompts), then stacked.
 
     Per sample rather than as one list so that each image's conditioning is exactly what it would get alone:
     SDXL base zeroes the negative conditioning only when a prompt has *no* negative prompt, which a mixed list
@@ -201,13 +230,14 @@ def _encode(pipe: Any, samples: Sequence[Sample], device: Any, use_cfg: bool) ->
     """
     parts: list[tuple[torch.Tensor, ...]] = []
     for sample in samples:
+        prompt = sample.conditioning(stage)
         parts.append(
             pipe.encode_prompt(
-                prompt=sample.prompt,
+                prompt=prompt.positive,
                 device=device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=use_cfg,
-                negative_prompt=sample.negative_prompt,
+                negative_prompt=prompt.negative,
             )
         )
     names = [
@@ -224,28 +254,37 @@ def _encode(pipe: Any, samples: Sequence[Sample], device: Any, use_cfg: bool) ->
     return stacked
 
 
-def _callback(stage: Stage, shape: RenderShape, observer: StepObserver, clock: _Clock, stop_after: int | None) -> Any:
-    stage_steps = shape.base_steps if stage is Stage.BASE else shape.refiner_steps
-    offset = 0 if stage is Stage.BASE else shape.base_steps
-
+def _callback(
+    stage: Stage,
+    shape: RenderShape,
+    observer: StepObserver,
+    clock: _Clock,
+    stop_after: int | None,
+    handoff: Handoff | None = None,
+) -> Any:
     def on_step_end(pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         clock.mark()
         if stop_after is not None and i + 1 >= stop_after:
             pipe._interrupt = True  # diffusers skips the remaining iterations; the latent is returned as is
-        observer.on_step(
-            StepState(
-                stage=stage,
-                step=i + 1,
-                stage_steps=stage_steps,
-                overall_step=offset + i + 1,
-                total_steps=shape.steps,
-                latents=tensors["latents"],
-                latent_scale=_latent_scale(pipe.scheduler),
-            )
-        )
+        if handoff is not None:
+            handoff.offer(i + 1, tensors["latents"])
+        observer.on_step(_step_state(stage, i, shape, tensors["latents"], _latent_scale(pipe.scheduler)))
         return tensors
 
     return on_step_end
+
+
+def _step_state(stage: Stage, i: int, shape: RenderShape, latents: torch.Tensor, scale: float) -> StepState:
+    """How the stream numbers step `i` (0-based in its pipeline call): see Progress in the proto."""
+    if stage is Stage.REFINER:
+        # With compare the base-only branch's steps ran before the refiner's: overall steps count both.
+        offset = shape.steps if shape.compare else shape.base_steps
+        step, stage_steps, overall, branch = i + 1, shape.refiner_steps, offset + i + 1, Branch.MAIN
+    elif i < shape.base_steps:
+        step, stage_steps, overall, branch = i + 1, shape.base_steps, i + 1, Branch.MAIN
+    else:  # compare: past the hand-off, the base runs on for its own image, every step of the schedule
+        step, stage_steps, overall, branch = i + 1, shape.steps, i + 1, Branch.BASE_ONLY
+    return StepState(stage, step, stage_steps, overall, shape.total_steps, latents, scale, branch)
 
 
 def _latent_scale(scheduler: Any) -> float:

@@ -19,6 +19,7 @@ import torch
 
 from modelstore.errors import ModelStoreError
 from server.domain import (
+    Branch,
     ImageResult,
     JobEvent,
     LoadPhase,
@@ -119,7 +120,7 @@ class Batch:
             metrics.batch_images.observe(len(samples))
             self._started = self._last_step = time.perf_counter()
             result = self._run_with_oom_retry(pair, shape, samples)
-            work = shape.width * shape.height * len(samples) * shape.steps / 1e6
+            work = shape.width * shape.height * len(samples) * shape.total_steps / 1e6
             self._host.observe_pace(work, time.perf_counter() - self._started)
             self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:
@@ -209,6 +210,7 @@ class Batch:
                     total_steps=state.total_steps,
                     elapsed_s=now - self._started,
                     image_indices=tuple(range(ticket.job.number_results)),
+                    branch=state.branch,
                 )
             )
             every = ticket.job.preview_every
@@ -230,6 +232,7 @@ class Batch:
                     mime_type=previews.PREVIEW_MIME,
                     width=image.width,
                     height=image.height,
+                    branch=state.branch,
                 )
             )
 
@@ -247,22 +250,30 @@ class Batch:
         self._host.finish(ticket, None)
 
     def _send_images(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
+        """With compare, every base-only image first, then the refined ones: a client that ignores `branch` and
+        keeps the last image per index keeps the refined one."""
         job = ticket.job
         encode_started = time.perf_counter()
-        for index in range(job.number_results):
-            image = result.images[ticket.batch_offset + index]
-            ticket.sink.emit(
-                ImageResult(
-                    data=self._worker.encode(image, job.output_format),
-                    mime_type=job.output_format.mime_type,
-                    seed=samples[ticket.batch_offset + index].seed,
-                    index=index,
-                    width=image.width,
-                    height=image.height,
-                    base_steps=shape.base_steps,
-                    refiner_steps=shape.refiner_steps,
-                    model=job.model,
-                    refiner_model=job.refiner.model if job.refiner is not None else "",
+        refiner_model = job.refiner.model if job.refiner is not None else ""
+        branches = [(result.images, Branch.MAIN, shape.base_steps, shape.refiner_steps, refiner_model)]
+        if result.base_only:
+            branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps, 0, ""))
+        for images, branch, base_steps, refiner_steps, refiner in branches:
+            for index in range(job.number_results):
+                image = images[ticket.batch_offset + index]
+                ticket.sink.emit(
+                    ImageResult(
+                        data=self._worker.encode(image, job.output_format),
+                        mime_type=job.output_format.mime_type,
+                        seed=samples[ticket.batch_offset + index].seed,
+                        index=index,
+                        width=image.width,
+                        height=image.height,
+                        base_steps=base_steps,
+                        refiner_steps=refiner_steps,
+                        model=job.model,
+                        refiner_model=refiner,
+                        branch=branch,
+                    )
                 )
-            )
         ticket.timings.encode_s = time.perf_counter() - encode_started

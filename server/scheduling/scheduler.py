@@ -56,8 +56,11 @@ log = logging.getLogger(__name__)
 
 
 def batch_key(job: Job) -> Hashable:
-    """Requests with equal keys can be denoised together (prompts, seeds and result counts may differ)."""
-    return (job.pair, job.width, job.height, job.steps, job.base_steps, job.cfg_scale, job.sampler)
+    """Requests with equal keys can be denoised together (prompts, seeds and result counts may differ): the
+    same pair and `RenderShape` (size, steps, split, guidance, sampler, compare, aesthetic scores). Compare
+    requests therefore batch only with each other: in one base call every image runs the same steps, so a
+    plain request would pay for, and wait on, base steps whose image it throws away."""
+    return (job.pair, job.shape(job.width, job.height))
 
 
 class Scheduler:

@@ -120,7 +120,7 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
     label = outcome if error is None or outcome != "failed" else f"failed ({type(error).__name__})"
     log.info(
         "request %s %s: queued %.3fs, loading %.3fs, base %.3fs, refiner %.3fs, decode %.3fs, encode %.3fs; "
-        "step %d/%d (%d+%d), %d result(s), model %s, refiner %s",
+        "step %d/%d (%d+%d%s), %d result(s), model %s, refiner %s",
         job.request_id,
         label,
         queued,
@@ -130,9 +130,10 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
         stage("decode"),
         t.encode_s,
         ticket.steps_done,
-        job.steps,
+        job.total_steps,
         job.base_steps,
         job.refiner_steps,
+        f" +{job.refiner_steps} base-only" if job.compare else "",  # compare: the base's own image's steps
         job.number_results,
         job.model,
         job.refiner.model if job.refiner is not None else "-",

@@ -407,7 +407,10 @@ class _ByHand:
         # Built from the model's own config every time, never from the scheduler the last run installed.
         self.scheduler_config = self.base.scheduler.config
 
-    def generate(self, prompt: str, steps: int, base_steps: int, seed: int, scheduler: int) -> Image.Image:
+    def generate(
+        self, prompt: str, steps: int, base_steps: int, seed: int, scheduler: int, /, **refiner_args: Any
+    ) -> Image.Image:
+        """`refiner_args` go to the refiner's call as they are (its own `prompt`, `aesthetic_score`, ...)."""
         # The server's CPU workers compute with this many threads; another count sums in another order.
         torch.set_num_threads(cpu_threads())
         cls, overrides = _SCHEDULERS[scheduler]
@@ -428,7 +431,7 @@ class _ByHand:
             output_type="latent",
         ).images
         image: Image.Image = self.refiner(
-            prompt=prompt,
+            **{"prompt": prompt, **refiner_args},
             image=latents,
             num_inference_steps=steps,
             denoising_start=fraction,

@@ -33,6 +33,11 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_BASE: _ClassVar[Stage]
     STAGE_REFINER: _ClassVar[Stage]
 
+class Branch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BRANCH_UNSPECIFIED: _ClassVar[Branch]
+    BRANCH_BASE_ONLY: _ClassVar[Branch]
+
 class ModelRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_ROLE_UNSPECIFIED: _ClassVar[ModelRole]
@@ -52,6 +57,8 @@ OUTPUT_FORMAT_WEBP: OutputFormat
 STAGE_UNSPECIFIED: Stage
 STAGE_BASE: Stage
 STAGE_REFINER: Stage
+BRANCH_UNSPECIFIED: Branch
+BRANCH_BASE_ONLY: Branch
 MODEL_ROLE_UNSPECIFIED: ModelRole
 MODEL_ROLE_BASE: ModelRole
 MODEL_ROLE_REFINER: ModelRole
@@ -91,14 +98,24 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Refiner(_message.Message):
-    __slots__ = ("model", "start_step", "start_step_percentage")
+    __slots__ = ("model", "start_step", "start_step_percentage", "compare", "aesthetic_score", "negative_aesthetic_score", "positive_prompt", "negative_prompt")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     START_STEP_PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_FIELD_NUMBER: _ClassVar[int]
+    AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_step: int
     start_step_percentage: int
-    def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ...) -> None: ...
+    compare: bool
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    positive_prompt: str
+    negative_prompt: str
+    def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ..., compare: _Optional[bool] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "queued", "model_loading", "progress", "preview", "image", "image_chunk")
@@ -155,7 +172,7 @@ class ModelLoading(_message.Message):
     def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., phase: _Optional[_Union[ModelLoading.Phase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "step", "stage_steps", "overall_step", "total_steps", "elapsed", "image_indices")
+    __slots__ = ("stage", "step", "stage_steps", "overall_step", "total_steps", "elapsed", "image_indices", "branch")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +180,7 @@ class Progress(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     stage: Stage
     step: int
     stage_steps: int
@@ -170,10 +188,11 @@ class Progress(_message.Message):
     total_steps: int
     elapsed: _duration_pb2.Duration
     image_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., stage_steps: _Optional[int] = ..., overall_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., image_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    branch: Branch
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., stage_steps: _Optional[int] = ..., overall_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., image_indices: _Optional[_Iterable[int]] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
 
 class Preview(_message.Message):
-    __slots__ = ("stage", "step", "overall_step", "image_index", "data", "mime_type", "width", "height")
+    __slots__ = ("stage", "step", "overall_step", "image_index", "data", "mime_type", "width", "height", "branch")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     OVERALL_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +201,7 @@ class Preview(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     stage: Stage
     step: int
     overall_step: int
@@ -190,10 +210,11 @@ class Preview(_message.Message):
     mime_type: str
     width: int
     height: int
-    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., overall_step: _Optional[int] = ..., image_index: _Optional[int] = ..., data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    branch: Branch
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., overall_step: _Optional[int] = ..., image_index: _Optional[int] = ..., data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model")
+    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model", "branch")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +225,7 @@ class Image(_message.Message):
     REFINER_STEPS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     mime_type: str
     seed: int
@@ -214,7 +236,8 @@ class Image(_message.Message):
     refiner_steps: int
     model: str
     refiner_model: str
-    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ...) -> None: ...
+    branch: Branch
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("index", "offset", "total_size", "data", "image")
