@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from PIL import Image
+from PIL import Image as PILImage
 
+from refinery.client import AsyncClient, Branch, Image, Preview, RefineryError
 from refinery.v1 import generation_pb2 as pb
-from refinery.v1 import generation_pb2_grpc as pb_grpc
-from server.cli import options, serve
+from server.cli import connect, options, serve
 from server.cli.side_by_side import side_by_side
-from server.cli.terminal import ProgressView, describe_rpc_error
+from server.cli.terminal import ProgressView, describe_error
 from server.logs import quiet_model_libraries
 
 SAMPLERS = {
@@ -59,11 +59,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     gen.add_argument("-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ...")
     gen.add_argument("--preview-every", type=count, help="ask for a preview every N steps")
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
-    gen.add_argument(
-        "--server",
-        default=env.get("REFINERY_SERVER"),
-        help="HOST:PORT of a running server (default: start one in this process) [REFINERY_SERVER]",
-    )
+    connect.add_flags(gen, env, what="default: start one in this process")
     serve.add_device_flags(gen, env)
     serve.add_store_flags(gen)
     serve.add_log_flags(gen, env)
@@ -172,7 +168,7 @@ def output_path(base: Path, index: int, count: int, kind: str = "") -> Path:
 @dataclass
 class _Written:
     path: Path
-    image: pb.Image
+    image: Image
     picture: bool = False  # the side-by-side picture, drawn here from the two images
 
 
@@ -185,19 +181,19 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if not address:
             address = await stack.enter_async_context(_in_process_server(args, env))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=_channel_options()))
+        client = connect.client(address, args, env)
+        stack.push_async_callback(client.close)
         try:
-            stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
-            written = await _stream_to_files(stub, request, args)
-        except grpc.aio.AioRpcError as err:
-            print(describe_rpc_error(err), file=sys.stderr)
-            return serve.EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
+            written = await _stream_to_files(client, request, args)
+        except RefineryError as err:
+            print(describe_error(err), file=sys.stderr)
+            return serve.EXIT_USAGE if err.code is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
     _report(written)
     return 0
 
 
 async def _stream_to_files(
-    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, args: argparse.Namespace
+    client: AsyncClient, request: pb.GenerateRequest, args: argparse.Namespace
 ) -> list[_Written]:
     view = ProgressView()
     written: list[_Written] = []
@@ -205,22 +201,18 @@ async def _stream_to_files(
     out = Path(args.output)
     previews = Path(args.previews) if args.previews else None
     try:
-        async for response in stub.Generate(request):
-            view.show(response)
-            kind = response.WhichOneof("event")
-            if kind == "preview" and previews is not None:
-                p = response.preview
-                branch = "-base-only" if p.branch == pb.BRANCH_BASE_ONLY else ""
+        async for event in client.stream(request):
+            view.show(event)
+            if isinstance(event, Preview) and previews is not None:
+                branch = "-base-only" if event.branch is Branch.BASE_ONLY else ""
                 previews.mkdir(parents=True, exist_ok=True)
-                name = f"{out.stem}-preview-{p.overall_step:03d}-{p.image_index}{branch}.jpg"
-                (previews / name).write_bytes(p.data)
-            elif kind == "image":
-                image = response.image
-                branch = "base-only" if image.branch == pb.BRANCH_BASE_ONLY else ""
-                path = output_path(out, image.index, count, branch)
+                name = f"{out.stem}-preview-{event.overall_step:03d}-{event.image_index}{branch}.jpg"
+                (previews / name).write_bytes(event.data)
+            elif isinstance(event, Image):
+                path = output_path(out, event.index, count, "base-only" if event.branch is Branch.BASE_ONLY else "")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(image.data)
-                written.append(_Written(path, image))
+                path.write_bytes(event.data)
+                written.append(_Written(path, event))
     finally:
         view.close()
     return written + _side_by_side_pictures(written, out, count, output_format(args))
@@ -228,10 +220,10 @@ async def _stream_to_files(
 
 def _side_by_side_pictures(written: Sequence[_Written], out: Path, count: int, fmt: str) -> list[_Written]:
     """For every result with both images (`--compare`), the labelled picture of the two."""
-    base_only = {w.image.index: w for w in written if w.image.branch == pb.BRANCH_BASE_ONLY}
+    base_only = {w.image.index: w for w in written if w.image.branch is Branch.BASE_ONLY}
     pictures = []
-    for refined in [w for w in written if w.image.branch != pb.BRANCH_BASE_ONLY and w.image.index in base_only]:
-        with Image.open(base_only[refined.image.index].path) as left, Image.open(refined.path) as right:
+    for refined in [w for w in written if w.image.branch is Branch.MAIN and w.image.index in base_only]:
+        with PILImage.open(base_only[refined.image.index].path) as left, PILImage.open(refined.path) as right:
             picture = side_by_side(left, right)
         path = output_path(out, refined.image.index, count, "compare")
         picture.save(path, format=fmt.upper())
@@ -242,29 +234,21 @@ def _side_by_side_pictures(written: Sequence[_Written], out: Path, count: int, f
 def _report(written: Sequence[_Written]) -> None:
     if not written:
         return
-    refined = [w.image for w in written if w.image.branch != pb.BRANCH_BASE_ONLY]
+    refined = [w.image for w in written if w.image.branch is Branch.MAIN]
     first = refined[0] if refined else written[0].image
     models = first.model + (f" + refiner {first.refiner_model}" if first.refiner_model else "")
     steps = f"{first.base_steps} base" + (f" + {first.refiner_steps} refiner" if first.refiner_steps else "")
-    alone = [w.image for w in written if w.image.branch == pb.BRANCH_BASE_ONLY]
+    alone = [w.image for w in written if w.image.branch is Branch.BASE_ONLY]
     compared = f"; base only: {alone[0].base_steps} steps" if alone else ""
     print(f"model {models}; {steps} steps{compared}")
     for item in sorted(written, key=lambda w: w.image.index):
         image = item.image
         if item.picture:
             print(f"wrote {item.path} (base only | refined, side by side, seed {image.seed})")
-        elif image.branch == pb.BRANCH_BASE_ONLY:
+        elif image.branch is Branch.BASE_ONLY:
             print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed}, base only)")
         else:
             print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
-
-
-def _channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        # Ping every 30 s so NATs and proxies keep a quiet stream open (the server accepts every 10 s).
-        ("grpc.keepalive_time_ms", 30_000),
-    ]
 
 
 @contextlib.asynccontextmanager

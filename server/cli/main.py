@@ -5,9 +5,13 @@
     refinery generate PROMPT [--refiner AIR] [--refiner-start 90%|STEP] [--steps N] [--seed S] [--size WxH]
                              [-n N] [--scheduler NAME] [--format png|jpeg|webp] [-o PATH] [--server ADDR]
     refinery models pull AIR [--pin] | list | rm AIR | pin AIR | unpin AIR  [--server ADDR]
+    refinery status | pin BASE[+REFINER] | unpin BASE[+REFINER]  [--server ADDR]
+    refinery proto --out DIR
+    refinery --version
 
-Each command lives in its own module (`serve.py`, `generate.py`, `models.py`) and shares the terminal helpers
-(`terminal.py`) and the flag converters (`options.py`). Settings are built from flags, then the environment
+Each command lives in its own module (`serve.py`, `generate.py`, `models.py`, `operate.py`) and shares the
+terminal helpers (`terminal.py`), the flag converters (`options.py`) and the way to reach a server
+(`connect.py`: address, TLS, tokens). Settings are built from flags, then the environment
 (REFINERY_*), as argparse reads them; nothing else reads the environment. This is also the only place that
 configures logging.
 """
@@ -16,29 +20,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from server.cli import generate, models, serve
+from server.cli import generate, models, operate, serve
 from server.logs import configure_logging
 
 EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace, Mapping[str, str]], Coroutine[Any, Any, int]]
-COMMANDS: dict[str, Command] = {"serve": serve.run, "generate": generate.run, "models": models.run}
+COMMANDS: dict[str, Command] = {
+    "serve": serve.run,
+    "generate": generate.run,
+    "models": models.run,
+    "status": operate.run,
+    "pin": operate.run,
+    "unpin": operate.run,
+    "proto": operate.run,
+}
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refinery", description="Two-stage SDXL generation (base, then refiner) over gRPC."
     )
+    parser.add_argument("--version", action="version", version=f"refinery {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands, env)
     generate.add_parser(commands, env)
     models.add_parser(commands, env)
+    operate.add_parsers(commands, env)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("refinery")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

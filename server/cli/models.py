@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -32,7 +33,7 @@ from modelstore.units import format_bytes
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.model_service import ModelService
-from server.cli import serve
+from server.cli import connect, serve
 from server.cli.terminal import PullView, describe_rpc_error, print_table
 
 _ARCHITECTURES = {
@@ -60,11 +61,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     unpin = actions.add_parser("unpin", help="let the cache quota evict a pinned model again")
     unpin.add_argument("model", metavar="AIR")
     for parser in (pull, listing, rm, pin, unpin):
-        parser.add_argument(
-            "--server",
-            default=env.get("REFINERY_SERVER"),
-            help="HOST:PORT of a running server (default: the local cache, in this process) [REFINERY_SERVER]",
-        )
+        connect.add_flags(parser, env, what="default: the local cache, in this process")
         serve.add_store_flags(parser)
         serve.add_log_flags(parser, env)
 
@@ -73,8 +70,10 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     address = args.server
     async with contextlib.AsyncExitStack() as stack:
         if not address:
-            address = await stack.enter_async_context(_local_service(serve.store_settings(args, env)))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            roots = serve.local_roots_of_the_caller([getattr(args, "model", None)])
+            address = await stack.enter_async_context(_local_service(serve.store_settings(args, env), roots))
+        admin = args.models_command != "list"  # pull, pin, unpin, rm administer; list only reads
+        channel = await stack.enter_async_context(connect.channel(address, args, env, admin=admin))
         stub = pb_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             if args.models_command == "pull":
@@ -92,10 +91,12 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _local_service(settings: StoreSettings) -> AsyncIterator[str]:
+async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -> AsyncIterator[str]:
+    """The ModelService in this process, on loopback: the caller's own cache and files."""
     store = ModelStore(settings)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ModelServiceServicer_to_server(ModelService(store), server)  # type: ignore[no-untyped-call]
+    service = ModelService(store, local_roots=local_roots)
+    pb_grpc.add_ModelServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from modelstore import StoreSettings
@@ -147,8 +147,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
         # in the current folder, or named on this command line, are the caller's own files.
-        named = [m for m in (getattr(args, "model", None), getattr(args, "refiner", None)) if m]
-        roots = (Path.cwd(), *(Path(m.removeprefix("local:")).parent for m in named if _is_path(m)))
+        roots = local_roots_of_the_caller([getattr(args, "model", None), getattr(args, "refiner", None)])
         security = Security(local_model_roots=roots)
         return Settings(**common, host="127.0.0.1", port=0, pins=(), drain_delay_s=0.0, security=security)
     pins = _pins(args)
@@ -201,8 +200,11 @@ def secret(env: Mapping[str, str], var: str) -> str | None:
     return text.strip() or None
 
 
-def _is_path(model: str) -> bool:
-    return model.startswith(("/", "local:"))
+def local_roots_of_the_caller(models: Sequence[str | None]) -> tuple[Path, ...]:
+    """For a server inside a command (loopback, for this caller only): local models in the current folder, or
+    named on this command line, are the caller's own files."""
+    named = [m for m in models if m and m.startswith(("/", "local:"))]
+    return (Path.cwd(), *(Path(m.removeprefix("local:")).parent for m in named))
 
 
 def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:

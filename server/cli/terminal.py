@@ -12,16 +12,14 @@ from collections.abc import MutableMapping, Sequence
 from typing import Any, TextIO
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from tqdm import tqdm
 
 from modelstore.units import format_bytes
-from refinery.v1 import generation_pb2 as pb
+from refinery.client import Branch, Event, ModelLoading, Phase, Progress, Queued, RefineryError, Role, Stage
+from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES
+from refinery.client.errors import from_rpc_error
 from refinery.v1 import models_pb2 as models_pb
 
-_STAGE_NAMES = {pb.STAGE_BASE: "base", pb.STAGE_REFINER: "refiner"}
-_ROLE_NAMES = {pb.MODEL_ROLE_BASE: "base", pb.MODEL_ROLE_REFINER: "refiner"}
 _BAR_WIDTH = 30
 
 
@@ -83,39 +81,37 @@ class ProgressView(_View):
     def __init__(self, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
         super().__init__(stream, interactive)
 
-    def show(self, response: pb.GenerateResponse) -> None:
-        kind = response.WhichOneof("event")
-        if kind == "queued":
-            q = response.queued
-            ahead = "runs next" if q.position == 0 else f"{q.position} ahead"
-            self._line(f"queued: {ahead} ({q.queue_depth} waiting)")
-        elif kind == "model_loading":
-            self._loading(response.model_loading)
-        elif kind == "progress":
-            self._progress(response.progress)
+    def show(self, event: Event) -> None:
+        if isinstance(event, Queued):
+            ahead = "runs next" if event.position == 0 else f"{event.position} ahead"
+            self._line(f"queued: {ahead} ({event.queue_depth} waiting)")
+        elif isinstance(event, ModelLoading):
+            self._loading(event)
+        elif isinstance(event, Progress):
+            self._progress(event)
 
     def close(self) -> None:
         self._end_bar()
         self._out.flush()
 
-    def _loading(self, event: pb.ModelLoading) -> None:
-        role = _ROLE_NAMES.get(event.role, "model")
-        if event.phase in (pb.ModelLoading.PHASE_DOWNLOADING, pb.ModelLoading.PHASE_VERIFYING):
-            doing = "downloading" if event.phase == pb.ModelLoading.PHASE_DOWNLOADING else "verifying"
+    def _loading(self, event: ModelLoading) -> None:
+        role = event.role if event.role is not Role.UNSPECIFIED else "model"
+        if event.phase in (Phase.DOWNLOADING, Phase.VERIFYING):
             total = f" / {format_bytes(event.bytes_total)}" if event.bytes_total else ""
             if self._interactive:  # byte counts would flood a log; the LOADING line follows anyway
                 text = f"{format_bytes(event.bytes_done)}{total}"
-                self._draw(f"{doing} {role} {event.model}", event.bytes_done, event.bytes_total, text)
+                self._draw(f"{event.phase} {role} {event.model}", event.bytes_done, event.bytes_total, text)
             return
-        if event.phase == pb.ModelLoading.PHASE_LOADING:
+        if event.phase is Phase.LOADING:
             self._line(f"loading {role} {event.model} ...")
-        elif event.phase == pb.ModelLoading.PHASE_READY:
+        elif event.phase is Phase.READY:
             self._line(f"loaded {role} {event.model}")
 
-    def _progress(self, p: pb.Progress) -> None:
-        stage = "base-only" if p.branch == pb.BRANCH_BASE_ONLY else _STAGE_NAMES.get(p.stage, "step")
-        elapsed = p.elapsed.ToTimedelta().total_seconds()
-        text = f"{p.step}/{p.stage_steps}  step {p.overall_step}/{p.total_steps}  {elapsed:.1f}s"
+    def _progress(self, p: Progress) -> None:
+        stage = (
+            "base-only" if p.branch is Branch.BASE_ONLY else (p.stage if p.stage is not Stage.UNSPECIFIED else "step")
+        )
+        text = f"{p.step}/{p.stage_steps}  step {p.overall_step}/{p.total_steps}  {p.elapsed.total_seconds():.1f}s"
         if self._interactive:
             self._draw(f"{stage:<7}", p.step, p.stage_steps, text)
             if p.step == p.stage_steps:
@@ -165,13 +161,12 @@ def print_table(rows: Sequence[Sequence[str]], out: TextIO | None = None) -> Non
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
-def describe_rpc_error(err: grpc.RpcError) -> str:
+def describe_error(err: RefineryError) -> str:
     """One line: the status code, and each field violation if the server named fields."""
-    violations: list[str] = []
-    status = rpc_status.from_call(err)
-    for detail in status.details if status is not None else ():
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            violations.extend(f"{v.field}: {v.description}" for v in bad.field_violations)
-    text = "; ".join(violations) if violations else (err.details() or "")
-    return f"error: {err.code().name}: {text}"
+    violations = "; ".join(f"{v.field}: {v.description}" for v in err.field_violations)
+    return f"error: {err.code.name}: {violations or err.message}"
+
+
+def describe_rpc_error(err: grpc.RpcError) -> str:
+    """The same line for a call made with a plain stub."""
+    return describe_error(from_rpc_error(err, receive_limit=DEFAULT_MAX_RECEIVE_BYTES))

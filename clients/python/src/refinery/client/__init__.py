@@ -8,7 +8,7 @@ from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS
 from refinery.client.chunks import ImageAssembler
 from refinery.client.client import DEFAULT_TARGET, Client, token_from_env
 from refinery.client.errors import FieldViolation, RefineryError
-from refinery.client.events import Event, Image, ModelLoading, Phase, Preview, Progress, Queued, Role, Stage
+from refinery.client.events import Branch, Event, Image, ModelLoading, Phase, Preview, Progress, Queued, Role, Stage
 from refinery.client.metadata import PAIR_HEADER, pair_affinity
 from refinery.client.request import GenerateOptions, OutputFormat, Refiner, Scheduler, generate_request
 
@@ -18,6 +18,7 @@ __all__ = [
     "PAIR_HEADER",
     "TLS",
     "AsyncClient",
+    "Branch",
     "Client",
     "Event",
     "FieldViolation",

@@ -30,6 +30,15 @@ class Role(StrEnum):
     REFINER = "refiner"
 
 
+class Branch(StrEnum):
+    """Which image of a compare request an event belongs to (`Refiner(compare=True)`): MAIN is the request's
+    own output (without compare, every event); BASE_ONLY the base's steps after the hand-off and the image the
+    base makes alone."""
+
+    MAIN = "main"
+    BASE_ONLY = "base_only"
+
+
 class Phase(StrEnum):
     UNSPECIFIED = "unspecified"
     DOWNLOADING = "downloading"
@@ -66,6 +75,7 @@ class Progress:
     total_steps: int
     elapsed: timedelta
     image_indices: tuple[int, ...]
+    branch: Branch = Branch.MAIN
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class Preview:
     mime_type: str
     width: int
     height: int
+    branch: Branch = Branch.MAIN
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class Image:
     refiner_steps: int  # 0 without a refiner
     model: str
     refiner_model: str  # "" without a refiner
+    branch: Branch = Branch.MAIN
 
 
 Event = Queued | ModelLoading | Progress | Preview | Image
@@ -118,6 +130,7 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
             image.refiner_steps,
             image.model,
             image.refiner_model,
+            _branch(image.branch),
         )
     kind = response.WhichOneof("event")
     if kind == "queued":
@@ -145,12 +158,19 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
             p.total_steps,
             p.elapsed.ToTimedelta(),
             tuple(p.image_indices),
+            _branch(p.branch),
         )
     if kind == "preview":
         v = response.preview
         stage = _enum(Stage, pb.Stage, "STAGE_", v.stage)
-        return Preview(rid, stage, v.step, v.overall_step, v.image_index, v.data, v.mime_type, v.width, v.height)
+        return Preview(
+            rid, stage, v.step, v.overall_step, v.image_index, v.data, v.mime_type, v.width, v.height, _branch(v.branch)
+        )
     return None
+
+
+def _branch(value: int) -> Branch:
+    return Branch.BASE_ONLY if value == pb.BRANCH_BASE_ONLY else Branch.MAIN
 
 
 def _enum(cls: type[_E], proto: EnumTypeWrapper, prefix: str, value: int) -> _E:

@@ -42,11 +42,19 @@ _FORMATS = {
 @dataclass(frozen=True)
 class Refiner:
     """Hand the last steps to an SDXL refiner. `model` empty: the server's default refiner. Where it takes
-    over: `start_step` (it runs start_step..steps), or `start_percentage` of the steps for the base, or 90 %."""
+    over: `start_step` (it runs start_step..steps), or `start_percentage` of the steps for the base, or 90 %.
+    `compare`: also return, per result, the image the base alone makes from the same seed (events carry
+    `branch`). The refiner's own conditioning: `aesthetic_score` (server default 6.0),
+    `negative_aesthetic_score` (2.5), and its own `prompt` / `negative_prompt` (default: the request's)."""
 
     model: str = ""
     start_step: int | None = None
     start_percentage: int | None = None
+    compare: bool = False
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.start_step is not None and self.start_percentage is not None:
@@ -58,6 +66,15 @@ class Refiner:
             refiner.start_step = self.start_step
         if self.start_percentage is not None:
             refiner.start_step_percentage = self.start_percentage
+        refiner.compare = self.compare
+        if self.aesthetic_score is not None:
+            refiner.aesthetic_score = self.aesthetic_score
+        if self.negative_aesthetic_score is not None:
+            refiner.negative_aesthetic_score = self.negative_aesthetic_score
+        if self.prompt is not None:
+            refiner.positive_prompt = self.prompt
+        if self.negative_prompt is not None:
+            refiner.negative_prompt = self.negative_prompt
         return refiner
 
 
