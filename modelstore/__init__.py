@@ -14,6 +14,13 @@ from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Ro
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 
+def downloaded_bytes() -> int:
+    """Bytes this process has received from model sources (civitai, its storage hosts), for metrics."""
+    from modelstore._http import RECEIVED
+
+    return RECEIVED.total
+
+
 __all__ = [
     "AIR",
     "Architecture",
@@ -28,6 +35,7 @@ __all__ = [
     "Role",
     "Source",
     "StoreSettings",
+    "downloaded_bytes",
     "load_pipeline",
     "native_size",
     "parse_air",

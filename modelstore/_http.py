@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from urllib.parse import urljoin, urlsplit
@@ -141,6 +142,26 @@ def get(
     raise BrokenTransfer(f"more than {_MAX_REDIRECTS} redirects")
 
 
+class _Tally:
+    """Bytes received from model sources by this process, for operators' metrics (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._total += nbytes
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return self._total
+
+
+RECEIVED = _Tally()
+
+
 def receive(response: requests.Response, chunk: int) -> Iterator[bytes]:
     """The body as it arrives: each piece as soon as the socket has it (at most `chunk` bytes), never held back
     to fill a chunk, so what arrived before a drop is in the caller's hands. Raises TRANSPORT_ERRORS, and
@@ -149,6 +170,7 @@ def receive(response: requests.Response, chunk: int) -> Iterator[bytes]:
     # decoding path copies every chunk once more.
     decode = response.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
     while data := response.raw.read1(chunk, decode_content=decode):
+        RECEIVED.add(len(data))
         yield data
 
 

@@ -104,7 +104,8 @@ class RefineryServer:
     def _grpc_server(self) -> grpc.aio.Server:
         settings = self.settings
         server = grpc.aio.server(
-            options=transport.grpc_options(settings), interceptors=[AccessInterceptor(settings.security)]
+            options=transport.grpc_options(settings),
+            interceptors=[AccessInterceptor(settings.security, self.metrics.calls)],
         )
         roots = settings.security.local_model_roots
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 _EXTRA_FIELDS = ("request_id", "outcome", "timings", "steps_done")
@@ -27,7 +28,8 @@ def quoted(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # UTC with milliseconds: log pipelines join lines from many replicas in many time zones.
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "thread": record.threadName,

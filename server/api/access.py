@@ -14,6 +14,7 @@ with no traceback (gRPC itself answers UNKNOWN and logs an error for every such 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 
 from server.settings import Security
 
@@ -140,8 +142,12 @@ def _lenient(deserialize: Callable[[bytes], Any] | None, type_name: str) -> Call
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    def __init__(self, security: Security) -> None:
+    """Checks every call on the way in, and counts it by its final status on the way out (`calls`, labelled
+    method and code: refusals included)."""
+
+    def __init__(self, security: Security, calls: Counter) -> None:
         self._gate = Gate(security)
+        self._calls = calls
 
     async def intercept_service(
         self,
@@ -155,32 +161,52 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             # (health's Watch writes through its context rather than yielding).
             return handler
         metadata = tuple(details.invocation_metadata or ())
-        return _guarded(handler, method, self._gate, access_of(method), metadata)
+        return _guarded(handler, _Call(method, self._gate, access_of(method), metadata, self._calls))
 
 
-async def _check(
-    request: Any, context: grpc.aio.ServicerContext, method: str, gate: Gate, access: Access, metadata: Any
-) -> None:
-    refusal = gate.refusal(access, metadata, context.peer())
-    if refusal is not None:
-        log.info("%s refused: %s: %s", method, refusal.code.name, refusal.message)
-        await context.abort(refusal.code, refusal.message)
-    if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name}")
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    gate: Gate
+    access: Access
+    metadata: tuple[tuple[str, str | bytes], ...]
+    calls: Counter
+
+    async def check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        refusal = self.gate.refusal(self.access, self.metadata, context.peer())
+        if refusal is not None:
+            log.info("%s refused: %s: %s", self.method, refusal.code.name, refusal.message)
+            await context.abort(refusal.code, refusal.message)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name}")
+
+    def count(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        if error is None:
+            code = "OK"
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            code = "CANCELLED"  # the client went away (or could not take a message)
+        else:
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        self.calls.labels(self.method.rsplit("/", 1)[-1], code).inc()
 
 
-def _guarded(
-    handler: grpc.RpcMethodHandler, method: str, gate: Gate, access: Access, metadata: Any
-) -> grpc.RpcMethodHandler:
-    type_name = method.rsplit("/", 1)[-1] + "Request"
-    deserialize = _lenient(handler.request_deserializer, type_name)
+def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
+    deserialize = _lenient(handler.request_deserializer, call.method.rsplit("/", 1)[-1] + "Request")
     if handler.response_streaming:
         stream = handler.unary_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _check(request, context, method, gate, access, metadata)
-            async for response in stream(request, context):
-                yield response
+            error: BaseException | None = None
+            try:
+                await call.check(request, context)
+                async for response in stream(request, context):
+                    yield response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                call.count(context, error)
 
         return grpc.unary_stream_rpc_method_handler(
             streaming, request_deserializer=deserialize, response_serializer=handler.response_serializer
@@ -188,8 +214,15 @@ def _guarded(
     unary = handler.unary_unary
 
     async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _check(request, context, method, gate, access, metadata)
-        return await unary(request, context)
+        error: BaseException | None = None
+        try:
+            await call.check(request, context)
+            return await unary(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.count(context, error)
 
     return grpc.unary_unary_rpc_method_handler(
         single, request_deserializer=deserialize, response_serializer=handler.response_serializer

@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from modelstore import Role, parse_air
 from modelstore import errors as store_errors
 from server import errors
+from server.logs import MAX_LOGGED_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,9 @@ Describe = Callable[[Request], str]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rpc(name: str, *, describe: Describe | None = None, models: Models | None = None) -> Callable[[F], F]:
+def rpc(
+    name: str, *, describe: Describe | None = None, models: Models | None = None, request_id: Describe | None = None
+) -> Callable[[F], F]:
     """Decorate a servicer method (unary, or server-streaming as an async generator): every exception it
     raises ends the call with the status this module's table gives it, and one log line
     "`name` `describe(request)` failed: CODE: message". `models(servicer, request)` lists the request's model
@@ -187,7 +190,10 @@ def rpc(name: str, *, describe: Describe | None = None, models: Models | None = 
             if not logged:
                 target = f" {describe(request)}" if describe is not None else ""
                 message = failure.message if len(failure.message) <= 1000 else failure.message[:1000] + "..."
-                log.info("%s%s failed: %s: %s", name, target, failure.code.name, message)
+                extra = {"outcome": failure.code.name.lower()}
+                if request_id is not None:  # for JSON logs: the refused request's id, bounded
+                    extra["request_id"] = request_id(request)[:MAX_LOGGED_CHARS]
+                log.info("%s%s failed: %s: %s", name, target, failure.code.name, message, extra=extra)
             await context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
 

@@ -38,7 +38,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         refiner = ModelField("refiner.model", request.refiner.model, Role.REFINER, self._settings.default_refiner)
         return (base, refiner) if request.HasField("refiner") else (base,)
 
-    @rpc("Generate", describe=lambda request: quoted(request.request_id or "-"), models=_models)
+    @rpc(
+        "Generate",
+        describe=lambda request: quoted(request.request_id or "-"),
+        models=_models,
+        request_id=lambda request: str(request.request_id),
+    )
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:

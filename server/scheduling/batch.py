@@ -200,6 +200,8 @@ class Batch:
             return
         latents = None
         for ticket in self._active:
+            if ticket.steps_done == 0:
+                self._worker.metrics.first_step.observe(now - ticket.timings.submitted)
             ticket.steps_done = state.overall_step
             ticket.sink.emit(
                 Progress(

@@ -238,6 +238,9 @@ class Scheduler:
         """Count and log a request's outcome (before its client sees the stream end)."""
         outcome = outcome_of(error)
         self.metrics.jobs.labels(outcome).inc()
+        self.metrics.request_time.labels(outcome).observe(time.perf_counter() - ticket.timings.submitted)
+        if error is None:
+            self.metrics.images.inc(ticket.job.number_results * (2 if ticket.job.compare else 1))
         log_outcome(ticket, error, outcome)
 
     def wake(self) -> None:
