@@ -133,17 +133,29 @@ class Replica:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def metrics(self) -> dict[str, float]:
-        """This replica's /metrics, as {"name{label=value,...}": value} (labels sorted)."""
+    def _scrape(self) -> str:
         url = f"http://{self.spec.host}:{self.spec.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
+
+    def metrics(self) -> dict[str, float]:
+        """This replica's /metrics, as {"name{label=value,...}": value} (labels sorted)."""
         samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(self._scrape()):
             for sample in family.samples:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 samples[f"{sample.name}{{{labels}}}"] = sample.value
         return samples
+
+    def metric_names(self) -> set[str]:
+        """Every series name this replica declares, also those with no sample yet (a labelled histogram before
+        its first observation): what a query may name."""
+        suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "summary": ("_count", "_sum")}
+        names: set[str] = set()
+        for family in text_string_to_metric_families(self._scrape()):
+            names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+            names.update(sample.name for sample in family.samples)
+        return names
 
     def total(self, name: str) -> float:
         """The sum of a metric's samples over all label values (0 when it has none yet)."""

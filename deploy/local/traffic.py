@@ -6,6 +6,7 @@ The tests and `benchmarks/bench_fleet.py` drive the fleet with it.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -19,9 +20,27 @@ from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 
 # Images arrive whole, one per message (gRPC's default receive limit is 4 MiB).
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+# What deploy/README.md asks of clients behind a balancer: a new call refused with UNAVAILABLE (a replica that
+# is stopping, or none ready) is tried again. gRPC retries only until the first response message arrives, so a
+# stream that has begun is never repeated.
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": "refinery.v1.GenerationService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+RETRYING_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(RETRY_POLICY))]
 # A hang ends the call instead of the run; never an expectation about speed.
-CALL_TIMEOUT_S = 120.0
+TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,10 @@ class Outcome:
         return self.ended - self.started
 
 
+def generation_stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
 def generate(
     stub: pb_grpc.GenerationServiceStub,
     pair: Pair,
@@ -81,7 +104,7 @@ def generate(
     metadata = ((PAIR_HEADER, pair.key),) if header else ()
     try:
         for response in stub.Generate(
-            pair.request(steps=steps, size=size, seed=seed), metadata=metadata, timeout=CALL_TIMEOUT_S
+            pair.request(steps=steps, size=size, seed=seed), metadata=metadata, timeout=TIMEOUT_S
         ):
             event = response.WhichOneof("event")
             if event == "model_loading":

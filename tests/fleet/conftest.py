@@ -8,17 +8,14 @@ bytes, and each fleet replica then gets room for any two pairs but not all three
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from deploy.local.fleet import Fleet, FleetSettings, free_ports
+from deploy.local import sizing
+from deploy.local.fleet import Fleet, FleetSettings
 from deploy.local.nginx import nginx_binary
-from deploy.local.replica import Replica, ReplicaSpec
-from deploy.local.traffic import CHANNEL_OPTIONS, Pair, generate
-from refinery.v1 import generation_pb2_grpc as pb_grpc
+from deploy.local.traffic import Pair
 
 # Three pairs with nothing in common in memory (the @2 and @3 bases have their own random weights).
 PAIRS = (
@@ -28,23 +25,8 @@ PAIRS = (
 )
 PAIRS_PER_REPLICA = 2
 
-needs_nginx = pytest.mark.skipif(
-    nginx_binary() is None, reason="nginx is not installed (apt-get install nginx-light; .ci/fleet.sh does it)"
-)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Resident bytes of each pair on a CPU replica, and the budget that holds any two pairs but not three."""
-
-    by_pair: dict[Pair, int]
-
-    @property
-    def budget(self) -> int:
-        sizes = sorted(self.by_pair.values())
-        two = sum(sizes[-PAIRS_PER_REPLICA:])
-        three = sum(sizes)
-        return (two + three) // 2
+NO_NGINX = "nginx is not installed (apt-get install nginx-light; .ci/fleet.sh does it)"
+needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason=NO_NGINX)
 
 
 @pytest.fixture(scope="session")
@@ -54,40 +36,17 @@ def fleet_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pair_sizes(fleet_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Sizes:
-    """Load each pair on one replica with room for all and read `refinery_resident_bytes` after each."""
+def pair_budget(fleet_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Room for any two of the pairs but not all three, from the sizes one replica reports."""
     if nginx_binary() is None:
-        pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/fleet.sh does it)")
-    port, metrics_port = free_ports("127.0.0.1", 2)
-    replica = Replica(
-        ReplicaSpec(
-            name="measure",
-            host="127.0.0.1",
-            port=port,
-            metrics_port=metrics_port,
-            cache_dir=fleet_cache,
-            log_path=tmp_path_factory.mktemp("measure") / "replica.log",
-        )
-    )
-    replica.start()
-    try:
-        replica.wait_ready()
-        sizes: dict[Pair, int] = {}
-        with grpc.insecure_channel(replica.address, options=CHANNEL_OPTIONS) as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            for pair in PAIRS:
-                before = replica.total("refinery_resident_bytes")
-                outcome = generate(stub, pair)
-                assert outcome.ok, outcome
-                sizes[pair] = int(replica.total("refinery_resident_bytes") - before)
-                assert sizes[pair] > 0, f"{pair} added nothing resident: pairs must not share components"
-    finally:
-        replica.stop()
-    return Sizes(sizes)
+        pytest.skip(NO_NGINX)
+    sizes = sizing.measure(PAIRS, fleet_cache, tmp_path_factory.mktemp("measure"))
+    assert all(size > 0 for size in sizes.values()), f"pairs must not share components: {sizes}"
+    return sizing.budget_for(sizes, PAIRS_PER_REPLICA)
 
 
 @pytest.fixture
-def fleet(pair_sizes: Sizes, fleet_cache: Path, tmp_path: Path) -> Iterator[Fleet]:
+def fleet(pair_budget: int, fleet_cache: Path, tmp_path: Path) -> Iterator[Fleet]:
     """3 replicas whose budgets hold two of the pairs each, behind nginx hashing on `refinery-pair`.
 
     Replica names (their ports) are drawn so that the ring puts at most two of the three pairs on any replica,
@@ -95,7 +54,7 @@ def fleet(pair_sizes: Sizes, fleet_cache: Path, tmp_path: Path) -> Iterator[Flee
     """
     settings = FleetSettings(
         replicas=3,
-        budget=str(pair_sizes.budget),
+        budget=str(pair_budget),
         grace_s=30.0,
         run_dir=tmp_path / "fleet",
         cache_dir=fleet_cache,

@@ -10,8 +10,7 @@ import grpc
 import pytest
 
 from deploy.local.fleet import Fleet
-from deploy.local.traffic import CHANNEL_OPTIONS, generate, mix
-from refinery.v1 import generation_pb2_grpc as pb_grpc
+from deploy.local.traffic import CHANNEL_OPTIONS, generate, generation_stub, mix
 from tests.fleet.conftest import PAIRS, needs_nginx
 
 pytestmark = [needs_nginx, pytest.mark.slow]
@@ -22,7 +21,7 @@ CLIENTS = 3
 
 def test_each_pair_stays_on_its_replica_and_finds_it_warm(fleet: Fleet) -> None:
     with grpc.insecure_channel(fleet.front, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
+        stub = generation_stub(channel)
         warm_up = [generate(stub, pair) for pair in PAIRS]
         assert all(o.ok for o in warm_up), warm_up
         loads_before = {r.address: r.total("refinery_model_load_seconds_count") for r in fleet.replicas}
@@ -50,7 +49,7 @@ def test_each_pair_stays_on_its_replica_and_finds_it_warm(fleet: Fleet) -> None:
 def test_requests_without_the_header_spread_over_every_replica(fleet: Fleet) -> None:
     pair = PAIRS[1]
     with grpc.insecure_channel(fleet.front, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
+        stub = generation_stub(channel)
         outcomes = [generate(stub, pair, seed=i, header=False) for i in range(30)]
     assert all(o.ok for o in outcomes)
     served = {call.upstreams[-1] for call in fleet.nginx.calls()}
