@@ -45,21 +45,25 @@ def pair_budget(fleet_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return sizing.budget_for(sizes, PAIRS_PER_REPLICA)
 
 
-@pytest.fixture
-def fleet(pair_budget: int, fleet_cache: Path, tmp_path: Path) -> Iterator[Fleet]:
+def fleet_settings(budget: int, cache: Path, run_dir: Path) -> FleetSettings:
     """3 replicas whose budgets hold two of the pairs each, behind nginx hashing on `refinery-pair`.
 
     Replica names (their ports) are drawn so that the ring puts at most two of the three pairs on any replica,
     as an operator picks names or weights for a known set of pairs; a consistent hash cannot promise it alone.
     """
-    settings = FleetSettings(
+    return FleetSettings(
         replicas=3,
-        budget=str(pair_budget),
+        budget=str(budget),
         grace_s=30.0,
-        run_dir=tmp_path / "fleet",
-        cache_dir=fleet_cache,
+        run_dir=run_dir,
+        cache_dir=cache,
         spread=tuple(p.key for p in PAIRS),
         per_replica=PAIRS_PER_REPLICA,
     )
-    with Fleet(settings) as running:
+
+
+@pytest.fixture
+def fleet(pair_budget: int, fleet_cache: Path, tmp_path: Path) -> Iterator[Fleet]:
+    """A fresh fleet for one test (the failover tests kill and stop its replicas)."""
+    with Fleet(fleet_settings(pair_budget, fleet_cache, tmp_path / "fleet")) as running:
         yield running
