@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,19 @@ class Replica:
                     pass  # not listening yet
                 time.sleep(0.2)
         raise ReplicaError(f"{self.spec.name} not ready within {timeout_s:.0f}s: {self.log_tail()}")
+
+    def wait_port_closed(self, timeout_s: float = 60.0) -> None:
+        """Until the gRPC port refuses connections: the server has stopped accepting (it drains, or is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.spec.host, self.spec.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise ReplicaError(f"{self.spec.name} still accepts connections after {timeout_s:.0f}s")
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -6,7 +6,6 @@ The tests and `benchmarks/bench_fleet.py` drive the fleet with it.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -21,24 +20,6 @@ from refinery.v1 import generation_pb2_grpc as pb_grpc
 
 # Images arrive whole, one per message (gRPC's default receive limit is 4 MiB).
 CHANNEL_OPTIONS: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-# What deploy/README.md asks of clients behind a balancer: a new call refused with UNAVAILABLE (a replica that
-# is stopping, or none ready) is tried again. gRPC retries only until the first response message arrives, so a
-# stream that has begun is never repeated.
-RETRY_POLICY = {
-    "methodConfig": [
-        {
-            "name": [{"service": "refinery.v1.GenerationService"}],
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
-RETRYING_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(RETRY_POLICY))]
 # A hang ends the call instead of the run; never an expectation about speed.
 TIMEOUT_S = 120.0
 
