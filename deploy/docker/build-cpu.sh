@@ -15,11 +15,14 @@ mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
 if ! podman image exists "$base"; then
   rootfs="$(mktemp -d)"
-  trap 'rm -rf "$rootfs"' EXIT
   echo "build-cpu: bootstrapping Debian bookworm into $rootfs"
-  debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
-    || { tail -20 "$rootfs.log"; exit 1; }
+  if ! debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1; then
+    tail -20 "$rootfs.log"
+    rm -rf "$rootfs" "$rootfs.log"
+    exit 1
+  fi
   tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
+  rm -rf "$rootfs" "$rootfs.log"
 fi
 
 args=(--isolation chroot --network host --layers -f deploy/docker/Dockerfile.cpu -t "$tag"
