@@ -27,10 +27,11 @@ class NginxError(RuntimeError):
 
 
 def nginx_binary() -> str | None:
-    """The nginx to run: $NGINX, else `nginx` on PATH or in /usr/sbin (not on a non-root user's PATH)."""
+    """The nginx to run: $NGINX, else `nginx` on PATH or in /usr/sbin (not on a non-root user's PATH); None
+    if there is none."""
     explicit = os.environ.get("NGINX")
     if explicit:
-        return explicit
+        return shutil.which(explicit)
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
