@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a lighthouse on a cliff at dusk, dramatic sky
 
-.PHONY: setup demo test lint proto bench serve
+.PHONY: setup demo test lint proto bench serve fleet
 
 setup: $(VENV)/.installed
 
@@ -24,3 +24,7 @@ proto: setup
 
 serve: setup
 	$(VENV)/bin/refinery serve
+
+# N `refinery serve` replicas behind nginx with pair affinity, on loopback (deploy/local/fleet.py; needs nginx).
+fleet: setup
+	$(PY) -m deploy.local.fleet $(FLEET_ARGS)

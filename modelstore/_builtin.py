@@ -1,4 +1,5 @@
-"""The built-in tiny SDXL-architecture models: `builtin:tiny-sdxl-base@1` and `builtin:tiny-sdxl-refiner@1`.
+"""The built-in tiny SDXL-architecture models: `builtin:tiny-sdxl-base@1` and `builtin:tiny-sdxl-refiner@1`
+(and the base variants @2 and @3: the same shapes with other random weights, for distinct pairs in fleet tests).
 
 They have the exact structure of the real SDXL pair, only tiny, so the whole service (split, previews, the
 single-file round trip of the model-store issue) runs on a laptop CPU with no network:
@@ -53,6 +54,9 @@ class BuiltinModel:
     name: str
     version: str
     refiner: bool
+    # Variants differ only by their seed: other weights of the same architecture, so content-hash sharing
+    # finds nothing in common and each is a distinct pair in memory (what the fleet tests need).
+    seed: int = _SEED
 
     @property
     def air(self) -> str:
@@ -64,6 +68,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("tiny-sdxl-base", "1", refiner=False),
         BuiltinModel("tiny-sdxl-refiner", "1", refiner=True),
+        BuiltinModel("tiny-sdxl-base", "2", refiner=False, seed=_SEED + 1000),
+        BuiltinModel("tiny-sdxl-base", "3", refiner=False, seed=_SEED + 2000),
     )
 }
 
@@ -190,14 +196,14 @@ def build(model: BuiltinModel, dest: Path) -> None:
 
     # Every module is drawn from its own fixed seed, so the refiner's shared components equal the base's.
     # The modules are built from the configs just written: the same arguments, so the same draws.
-    torch.manual_seed(_SEED + 1)
+    torch.manual_seed(model.seed + 1)
     save(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(dest / "text_encoder_2")), "text_encoder_2")
-    torch.manual_seed(_SEED + 2)
+    torch.manual_seed(model.seed + 2)
     save(_from_config(AutoencoderKL, AutoencoderKL.load_config(dest / "vae")), "vae")
     if not model.refiner:
-        torch.manual_seed(_SEED + 3)
+        torch.manual_seed(model.seed + 3)
         save(CLIPTextModel(CLIPTextConfig.from_pretrained(dest / "text_encoder")), "text_encoder")
-    torch.manual_seed(_SEED + (5 if model.refiner else 4))
+    torch.manual_seed(model.seed + (5 if model.refiner else 4))
     save(_from_config(UNet2DConditionModel, UNet2DConditionModel.load_config(dest / "unet")), "unet")
 
 

@@ -90,7 +90,9 @@ class Metrics:
         build = Gauge("refinery_build_info", "The running build (always 1)", ["version"], registry=r)
         build.labels(_version()).set(1)
         for outcome in ("ok", "cancelled", "deadline_exceeded", "rejected", "failed"):
-            self.jobs.labels(outcome)  # a series at zero from the start, so rates and alerts see them
+            self.jobs.labels(outcome)  # series at zero from the start, so rates, alerts and dashboards see them
+            self.request_time.labels(outcome)
+        self.calls.labels("Generate", "OK")
         r.register(_DownloadCollector())
 
     def watch(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:

@@ -1,0 +1,1 @@
+"""Deployment: images, Kubernetes manifests, the balancer configuration, dashboards, and a local fleet."""

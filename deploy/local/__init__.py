@@ -1,0 +1,1 @@
+"""A local fleet: N `refinery serve` replicas behind nginx with pair affinity, on loopback (`fleet.py`)."""

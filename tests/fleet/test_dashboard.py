@@ -1,0 +1,73 @@
+"""The Grafana dashboard and the Prometheus files: every query parses, and every metric a query reads is one
+a replica serves (or one the server's metrics work is about to add, listed below)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deploy.local.fleet import free_ports
+from deploy.local.replica import Replica, ReplicaSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "refinery.json"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+# Metrics the dashboard reads that `refinery serve` does not declare yet: the server side of the fleet issue
+# adds them (requests by code, end-to-end and first-step histograms, images, downloaded bytes, build info).
+# Remove a name here once the server serves it (the test says so).
+PENDING: set[str] = set()  # metrics the dashboard reads that no server serves yet
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed (Debian: prometheus; .ci/fleet.sh does it)"
+)
+
+
+def _queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    return exprs
+
+
+def _as_promql(expr: str) -> str:
+    """Grafana's variables replaced by what they stand for, so that promtool can parse the query."""
+    return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*")
+
+
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    records = [{"record": f"dashboard:q{i}", "expr": _as_promql(e)} for i, e in enumerate(_queries())]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@needs_promtool
+def test_prometheus_config_and_alerts_check() -> None:
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "refinery-alerts.yml"]):
+        check = subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_dashboard_reads_only_metrics_a_replica_serves(tmp_path: Path) -> None:
+    port, metrics_port = free_ports("127.0.0.1", 2)
+    replica = Replica(
+        ReplicaSpec("dashboard", "127.0.0.1", port, metrics_port, tmp_path / "cache", tmp_path / "replica.log")
+    )
+    replica.start()
+    try:
+        replica.wait_ready()
+        served = replica.metric_names()
+    finally:
+        replica.stop()
+    alerts = (PROMETHEUS / "refinery-alerts.yml").read_text()
+    used = {m for text in [*_queries(), alerts] for m in re.findall(r"\brefinery_[a-z0-9_]+", text)}
+    assert used - served <= PENDING, f"queried but neither served nor pending: {sorted(used - served - PENDING)}"
+    assert not PENDING & served, f"served now, remove from PENDING: {sorted(PENDING & served)}"
