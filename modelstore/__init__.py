@@ -14,6 +14,7 @@ from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Ro
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 
+
 def downloaded_bytes() -> int:
     """Bytes this process has received from model sources (civitai, its storage hosts), for metrics."""
     from modelstore._http import RECEIVED
