@@ -34,7 +34,7 @@ import requests
 from modelstore._blobs import BlobStore
 from modelstore._hasher import Hasher
 from modelstore._http import TRANSPORT_ERRORS, BrokenTransfer, describe, get, origin, receive, response_error
-from modelstore._redact import redact_url
+from modelstore._redact import url_for_log
 from modelstore._remote import Location, RemoteFile
 from modelstore._write_behind import WriteBehind
 from modelstore.errors import IntegrityError, SourceUnavailable
@@ -206,7 +206,7 @@ class Downloader:
                 )
                 return _Outcome.EXPIRED
             if status >= 500 and retry:
-                log.warning("%s: HTTP %d from %s; retrying", file.label, status, redact_url(response.url))
+                log.warning("%s: HTTP %d from %s; retrying", file.label, status, url_for_log(response.url))
                 return _Outcome.SERVER_ERROR
             if status not in (200, 206):
                 raise response_error(

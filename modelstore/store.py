@@ -78,7 +78,7 @@ class ModelStore:
     ) -> None:
         self.settings = settings
         self._cache = Cache(settings.cache_dir, settings.max_bytes)
-        guard_library_logs()
+        guard_library_logs((settings.civitai_token, settings.hf_token))
         self._own_session = session is None
         self._session = requests.Session() if session is None else session
         self._downloader = Downloader(
