@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from modelstore._architecture import detect_folder
 from modelstore._blobs import sha256_file
 from modelstore._cache import Cache, Need
+from modelstore._staging import staging_folder
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound
 from modelstore.record import Layout, ModelRecord
@@ -207,8 +207,7 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
     if spec is None:
         names = ", ".join(sorted(BUILTIN_MODELS))
         raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
-    staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=cache.root / "tmp"))
-    try:
+    with staging_folder(cache.root / "tmp", "builtin-") as staging:
         folder = staging / "model"
         build(spec, folder)
         paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -225,5 +224,3 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
                 metadata={"source": "builtin", "name": spec.name, "version": spec.version},
                 detect=detect_folder,
             )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

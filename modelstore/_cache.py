@@ -7,7 +7,9 @@ On disk, under `settings.cache_dir`:
     models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see _snapshots.py)
     partial/<sha256>.part        downloads in progress, resumable
     locks/                       file locks shared with other processes using the same folder
-    tmp/                         staging for folders and built-in models, renamed into place when complete
+    tmp/                         staging for folders and built-in models, renamed into place when complete;
+                                 what a killed process left there is removed when a store opens the cache
+                                 (see _staging.py)
 
 Quota (`max_bytes`, 0 = none) counts the blob bytes on disk, each distinct content once. Room for a model is
 made before its first byte is requested: least recently used models that are neither pinned nor in use are
@@ -35,6 +37,7 @@ from typing import Any
 from modelstore._blobs import BlobStore
 from modelstore._index import Index, IndexEntry
 from modelstore._snapshots import Snapshots, content_digest
+from modelstore._staging import clean_old_files, clean_stale
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound, QuotaExceeded
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
@@ -78,6 +81,7 @@ class Cache:
         self.blobs = BlobStore(root)
         self.snapshots = Snapshots(root, self.blobs)
         self.index = Index(root / "index.sqlite")
+        _clean_up_after_crashes(root)
         self._lock = threading.RLock()
         # Pulls in flight in this process: their blobs and bytes are spoken for.
         self._reservations: set[_Reservation] = set()
@@ -307,6 +311,14 @@ class Cache:
     def _drop_folder(self, entry: IndexEntry) -> None:
         path = self.model_path(entry)
         self.snapshots.remove(path.parent if entry.layout is Layout.SINGLE_FILE else path)
+
+
+def _clean_up_after_crashes(root: Path) -> None:
+    """Remove what processes killed mid-way left behind: staging folders no live process owns, and memo files
+    that were never renamed into place. Safe while other processes use the cache (see _staging.py)."""
+    removed = clean_stale(root / "tmp") + clean_old_files(root / "components", "*.tmp")
+    if removed:
+        log.info("removed %d leftover(s) of interrupted work from %s", removed, root)
 
 
 def _distinct(needs: list[Need]) -> list[Need]:
