@@ -64,8 +64,9 @@ class RetryPolicy:
 class ProgressSink(Protocol):
     """Receives one file's byte counts as they arrive."""
 
-    def advance(self, nbytes: int) -> None:
-        """`nbytes` more bytes are in the partial file (negative when bytes must be fetched again)."""
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
+        """`nbytes` more bytes are in the partial file (negative when bytes must be fetched again); `received`:
+        they just arrived over the network (rather than being found on disk, or taken back)."""
 
     def exact_size(self, nbytes: int) -> None:
         """The server stated the file's exact size."""
@@ -274,7 +275,7 @@ class _Batched:
         self._last = time.monotonic()
         if self._pending:
             pending, self._pending = self._pending, 0
-            self._sink.advance(pending)
+            self._sink.advance(pending, received=True)
 
     def __exit__(self, *exc_info: object) -> None:
         self._pass_on()
@@ -305,9 +306,9 @@ class _Counted:
         self._sink = sink
         self.net = 0
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
         self.net += nbytes
-        self._sink.advance(nbytes)
+        self._sink.advance(nbytes, received=received)
 
     def exact_size(self, nbytes: int) -> None:
         self._sink.exact_size(nbytes)

@@ -152,6 +152,7 @@ def pull_progress(progress: DownloadProgress) -> models_pb.PullModelResponse:
             bytes_per_second=max(progress.rate_bps, 0.0),
             verifying=progress.verifying,
             file=progress.file,
+            bytes_transferred=max(progress.bytes_transferred, 0),
         )
     )
 

@@ -46,18 +46,20 @@ class PullModelResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[PullProgress, _Mapping]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class PullProgress(_message.Message):
-    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying", "file")
+    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying", "file", "bytes_transferred")
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     VERIFYING_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
     bytes_done: int
     bytes_total: int
     bytes_per_second: float
     verifying: bool
     file: str
-    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
+    bytes_transferred: int
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ..., bytes_transferred: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use")
