@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from modelstore._architecture import detect_folder
-from modelstore._blobs import sha256_file
 from modelstore._cache import Cache, Need
+from modelstore._digests import full_digests
 from modelstore._staging import staging_folder
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound
@@ -211,11 +211,13 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
         folder = staging / "model"
         build(spec, folder)
         paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
-        shas = {relative: sha256_file(path) for relative, path in paths.items()}
+        digests = {relative: full_digests(path) for relative, path in paths.items()}
+        shas = {relative: sha256 for relative, (sha256, _) in digests.items()}
         with cache.reserve(air, [Need(shas[r], p.stat().st_size) for r, p in paths.items()], in_use):
             for relative, path in paths.items():
                 check = relative if relative.endswith(".safetensors") else None
-                cache.blobs.adopt(path, shas[relative], check_safetensors_as=check)
+                sha256, fast = digests[relative]
+                cache.blobs.adopt(path, sha256, fast_digest=fast, check_safetensors_as=check)
             return cache.commit(
                 air,
                 source="builtin",

@@ -118,9 +118,9 @@ class Downloader:
             resumed = self._blobs.partial_size(file.key) > 0
             counted = _Counted(progress)
             try:
-                sha256 = self._transfer(file, partial, counted)
+                sha256, fast = self._transfer(file, partial, counted)
                 label = file.label if file.safetensors else None
-                self._blobs.adopt(partial, sha256, check_safetensors_as=label)
+                self._blobs.adopt(partial, sha256, fast_digest=fast, check_safetensors_as=label)
                 return sha256
             except IntegrityError as exc:
                 partial.unlink(missing_ok=True)
@@ -134,8 +134,8 @@ class Downloader:
                     partial.unlink(missing_ok=True)  # nothing to resume: leave no trace
                 raise
 
-    def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> str:
-        """Bring `partial` to the complete file; return its verified sha256."""
+    def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> tuple[str, str]:
+        """Bring `partial` to the complete file; return its verified sha256 and its fast digest."""
         with _open_partial(partial) as out:
             hasher = Hasher(file)
             offset = hasher.absorb(out)
@@ -143,7 +143,8 @@ class Downloader:
                 log.info("%s: resuming at byte %d", file.label, offset)
                 progress.advance(offset)
             self._stream(file, _Partial(out, hasher, progress))
-        return hasher.verify()  # durability comes with BlobStore.adopt's fsync, for verified bytes only
+        # Durability comes with BlobStore.adopt's fsync, for verified bytes only.
+        return hasher.verify(), hasher.fast_digest
 
     def _stream(self, file: RemoteFile, partial: _Partial) -> None:
         """Request the missing bytes until the partial file is complete: resuming after drops, asking the source
