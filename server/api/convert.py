@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from modelstore import Architecture, CachedModel, DownloadProgress, Role
+from modelstore import Architecture, CachedModel, DownloadProgress, Role, Verdict, Verification
 from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
@@ -153,7 +153,25 @@ def pull_progress(progress: DownloadProgress) -> models_pb.PullModelResponse:
             verifying=progress.verifying,
             file=progress.file,
             bytes_transferred=max(progress.bytes_transferred, 0),
+            model=progress.model,
         )
+    )
+
+
+_VERDICTS = {
+    Verdict.INTACT: models_pb.VerifyResult.VERDICT_INTACT,
+    Verdict.REPAIRED: models_pb.VerifyResult.VERDICT_REPAIRED,
+    Verdict.CORRUPT: models_pb.VerifyResult.VERDICT_CORRUPT,
+    Verdict.SKIPPED: models_pb.VerifyResult.VERDICT_SKIPPED,
+}
+
+
+def verify_result(verification: Verification) -> models_pb.VerifyResult:
+    return models_pb.VerifyResult(
+        model=verification.model,
+        verdict=_VERDICTS[verification.verdict],
+        bytes_checked=verification.bytes_checked,
+        message=verification.message,
     )
 
 

@@ -134,6 +134,10 @@ class PullView(_View):
         self._model = model
         self._last: models_pb.PullProgress | None = None
 
+    @property
+    def model(self) -> str:
+        return self._model
+
     def show(self, progress: models_pb.PullProgress) -> None:
         self._last = progress
         if not self._interactive:

@@ -72,7 +72,8 @@ def test_pull_list_rm_on_the_local_cache(
     assert pulled.stdout == f"pulled {BASE} (SDXL base, {size}, pinned)\n"
     assert f"{size} downloaded" in pulled.stderr  # not a terminal: one line once done, no bar
     again = refinery("pull", BASE, cache=cache, civitai=civitai)
-    assert again.returncode == 0 and again.stdout.startswith(f"pulled {BASE} ") and again.stderr == ""
+    assert again.returncode == 0 and again.stdout.startswith(f"pulled {BASE} ")
+    assert again.stderr.startswith(f"{BASE}: {size} verified (")  # a cached model's files are checked again
     assert len(storage.gets()) == 1
 
     listed = refinery("list", cache=cache, civitai=civitai)
@@ -206,3 +207,48 @@ def test_a_resumed_pull_on_a_terminal_says_what_was_already_here() -> None:
     view.close(completed=True)
 
     assert out.getvalue().endswith(f"{BASE}: 2.3 GB downloaded, 4.6 GB were already here (0 B/s)\n")
+
+
+def test_verify_finds_a_flipped_byte_sets_it_aside_and_downloads_again(
+    tmp_path: Path, civitai: FakeCivitai, storage: FakeStorage, base: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    size = format_bytes(len(base))
+    assert refinery("pull", BASE, cache=cache, civitai=civitai).returncode == 0
+    intact = refinery("verify", cache=cache, civitai=civitai)
+    assert (intact.returncode, intact.stdout) == (0, f"{BASE}: intact ({size} read)\n1 model: 1 intact\n")
+
+    (blob,) = blob_files(cache)
+    blob.chmod(0o644)
+    with blob.open("r+b") as f:
+        f.seek(len(base) // 2)
+        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+
+    offline = refinery("verify", BASE, cache=cache, civitai=civitai, REFINERY_OFFLINE="1")
+    assert offline.returncode == 1, offline.stderr
+    first, last = offline.stdout.splitlines()
+    assert first.startswith(f"{BASE}: CORRUPT: model.safetensors does not match its SHA256")
+    assert "offline mode" in first and last == "1 model: 1 corrupt"
+    assert str(cache) not in offline.stdout
+    assert len(storage.gets()) == 1
+
+    repaired = refinery("verify", BASE, cache=cache, civitai=civitai)
+    assert repaired.returncode == 0, repaired.stderr
+    assert repaired.stdout.startswith(f"{BASE}: REPAIRED: model.safetensors is missing from the cache")
+    assert blob_files(cache)[0].read_bytes() == base and len(storage.gets()) == 2
+
+
+def test_a_pull_of_a_damaged_cached_model_downloads_it_again(
+    tmp_path: Path, civitai: FakeCivitai, storage: FakeStorage, base: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    assert refinery("pull", BASE, cache=cache, civitai=civitai).returncode == 0
+    (blob,) = blob_files(cache)
+    blob.chmod(0o644)
+    blob.write_bytes(base[:-1] + bytes([base[-1] ^ 1]))
+
+    again = refinery("pull", BASE, cache=cache, civitai=civitai)
+
+    assert again.returncode == 0, again.stderr
+    assert f"{format_bytes(len(base))} downloaded (" in again.stderr
+    assert blob_files(cache)[0].read_bytes() == base and len(storage.gets()) == 2
