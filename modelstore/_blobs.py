@@ -160,6 +160,9 @@ class BlobStore:
         with self._checked_lock:
             self._checked[sha256] = as_then
 
+    def is_quarantined(self, sha256: str) -> bool:
+        return (self._quarantine / self.path(sha256).name).is_file()
+
     def quarantine(self, sha256: str, as_checked: FileIdentity) -> Path | None:
         """Move blob `sha256` aside (it failed its check) in one rename; where it went. None if the file is no
         longer the one that was checked (gone, or replaced meanwhile by another process's fresh copy)."""

@@ -148,6 +148,12 @@ def describe(damages: Iterable[Damage]) -> str:
     return "; ".join(d.describe() for d in damages)
 
 
+def quarantined_files(cache: Cache, entry: IndexEntry) -> list[str]:
+    """The files of `entry`'s model whose blobs are in quarantine rather than in the cache."""
+    blobs = cache.blobs
+    return sorted(path for path, (sha, _) in entry.files.items() if not blobs.has(sha) and blobs.is_quarantined(sha))
+
+
 def _checked(blobs: BlobStore, sha: str) -> bool:
     try:
         as_now = identity(blobs.path(sha))

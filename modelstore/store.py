@@ -38,7 +38,7 @@ from modelstore._cache import Cache
 from modelstore._file_download import Downloader, RetryPolicy
 from modelstore._flights import Flight, Flights
 from modelstore._http import guard_library_logs
-from modelstore._integrity import BlobChecks, Damage, describe
+from modelstore._integrity import BlobChecks, Damage, describe, quarantined_files
 from modelstore._leases import Leases
 from modelstore._model_download import download_model
 from modelstore._sources import RemoteSource
@@ -206,6 +206,13 @@ class ModelStore:
         if air.source is Source.BUILTIN:
             return _builtin.install(air, self._cache, self._in_use)
         if self.settings.offline:
+            entry = self._cache.index.get(air.canonical)
+            set_aside = [] if entry is None else quarantined_files(self._cache, entry)
+            if set_aside:
+                raise IntegrityError(
+                    f"{air.canonical}: {', '.join(set_aside)} failed its check and was set aside, and downloads are "
+                    "turned off (offline mode): pull it again once they are on"
+                )
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
