@@ -11,7 +11,7 @@ page cache. CPU is the process's CPU time (all threads). Methods:
 - `sha256`: hashlib.sha256 over 8 MiB reads, one thread: a plain full check;
 - `blake2b`: the standard library's other fast cryptographic hash, for comparison;
 - `store sha256`: `_digests.full_digests`, what `refinery models verify` does (SHA256 and XXH3-128 of each
-  block on a second thread while the next block is read);
+  block, in one read);
 - `store fast`: `_digests.fast_digest` (XXH3-128), what every process does before it first uses a blob.
 """
 

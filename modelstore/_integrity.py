@@ -103,7 +103,8 @@ class BlobChecks:
         try:
             as_read = identity(blobs.path(sha))
         except FileNotFoundError:
-            return Damage(sha, _files_of(entry, sha), "is missing from the cache", None)
+            gone = "failed its check earlier" if blobs.is_quarantined(sha) else "is missing from the cache"
+            return Damage(sha, _files_of(entry, sha), gone, None)
         problem = check_one(sha, reading)
         if problem is None:
             blobs.mark_checked(sha, as_read)

@@ -74,6 +74,7 @@ ROLE_ARCHITECTURES = {
 ModelRef = str | AIR | ModelRecord
 # How many times a model is fetched in one resolve when its files keep failing their check.
 _FETCHES = 2
+_OFFLINE = "it was set aside, and downloads are turned off (offline mode): pull it again once they are on"
 
 
 class ModelStore:
@@ -173,15 +174,14 @@ class ModelStore:
     def _refetch_or_raise(self, air: AIR, damage: str) -> None:
         """After a file of `air` failed its check (and was quarantined): IntegrityError unless it can be fetched
         again (a built-in model is rebuilt; a download needs the network)."""
-        if air.source is Source.BUILTIN or not self.settings.offline:
+        if self._refetchable(air):
             log.warning("%s: %s; fetching it again", air, damage)
             return
         log.error("%s: %s; downloads are turned off (offline mode), so it stays unusable", air, damage)
-        raise IntegrityError(
-            f"{air.canonical}: {damage}; it was set aside, and downloads are turned off (offline mode): pull it "
-            "again once they are on",
-            air=air.canonical,
-        )
+        raise IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
+
+    def _refetchable(self, air: AIR) -> bool:
+        return air.source is Source.BUILTIN or not self.settings.offline
 
     def _lead(self, air: AIR, flight: Flight) -> ModelRecord:
         """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look), then
@@ -209,10 +209,7 @@ class ModelStore:
             entry = self._cache.index.get(air.canonical)
             set_aside = [] if entry is None else quarantined_files(self._cache, entry)
             if set_aside:
-                raise IntegrityError(
-                    f"{air.canonical}: {', '.join(set_aside)} failed its check and was set aside, and downloads are "
-                    "turned off (offline mode): pull it again once they are on"
-                )
+                raise IntegrityError(f"{air.canonical}: {', '.join(set_aside)} failed its check; {_OFFLINE}")
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
@@ -290,11 +287,14 @@ class ModelStore:
             if not damages:
                 return Verification(air.canonical, Verdict.INTACT, read, "")
             damage = describe(damages)
+            if not self._refetchable(air):
+                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {_OFFLINE}")
+            log.warning("%s: %s; fetching it again", air, damage)
             try:
-                self._refetch_or_raise(air, damage)
                 self.resolve(air, progress=progress)
             except ModelStoreError as exc:
-                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {exc.message}")
+                failed = f"{damage}; it was set aside, and fetching it again failed: {exc.message}"
+                return Verification(air.canonical, Verdict.CORRUPT, read, failed)
             return Verification(air.canonical, Verdict.REPAIRED, read, f"{damage}; fetched again and verified")
 
     def used_bytes(self) -> int:

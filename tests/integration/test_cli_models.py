@@ -234,7 +234,7 @@ def test_verify_finds_a_flipped_byte_sets_it_aside_and_downloads_again(
 
     repaired = refinery("verify", BASE, cache=cache, civitai=civitai)
     assert repaired.returncode == 0, repaired.stderr
-    assert repaired.stdout.startswith(f"{BASE}: REPAIRED: model.safetensors is missing from the cache")
+    assert repaired.stdout.startswith(f"{BASE}: REPAIRED: model.safetensors failed its check earlier")
     assert blob_files(cache)[0].read_bytes() == base and len(storage.gets()) == 2
 
 

@@ -179,7 +179,7 @@ def test_a_damaged_pinned_model_is_reported_and_the_other_pairs_are_served(
     assert [(p.model, p.refiner_model) for p in status.devices[0].pairs] == [(TINY_BASE, TINY_REFINER)]
     assert image.shape == (64, 64, 3)
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE  # never an image from the damaged weights
-    assert "model.safetensors failed its check and was set aside" in (refused.value.details() or "")
+    assert "model.safetensors failed its check; it was set aside" in (refused.value.details() or "")
     assert f"could not pin {CIVITAI_BASE}" in caplog.text
 
 

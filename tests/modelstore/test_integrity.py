@@ -155,7 +155,7 @@ def test_verify_reads_every_byte_and_repairs_what_it_can(
     assert "offline mode" in offline.message and len(storage.gets()) == 1
 
     (repaired,) = make_store().verify([MODEL])
-    assert repaired.verdict is Verdict.REPAIRED and "is missing from the cache" in repaired.message
+    assert repaired.verdict is Verdict.REPAIRED and "failed its check earlier" in repaired.message
     assert blob_files(cache_dir)[0].read_bytes() == data and len(storage.gets()) == 2
     with pytest.raises(ModelNotFound):
         list(store.verify(["civitai:9@9"]))
