@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit, urlunsplit
 
 REDACTED = "<redacted>"
@@ -45,18 +45,16 @@ _URL_SAFE = str.maketrans("+/", "-_")
 
 def redact_url(url: str) -> str:
     """`url` without credentials: no user-info, and no query string if any parameter looks secret."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return REDACTED
-    netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, _redact_query(parts.query), ""))
+    return _rebuild(url, _redact_query)
 
 
 def url_for_log(url: str) -> str:
     """`url` as a log line may show it: scheme, host, port and path; no user-info, query or fragment."""
+    return _rebuild(url, lambda query: REDACTED if query else "")
+
+
+def _rebuild(url: str, query: Callable[[str], str]) -> str:
+    """`url` without user-info or fragment, its query string replaced by `query(query string)`."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -64,7 +62,7 @@ def url_for_log(url: str) -> str:
     except ValueError:
         return REDACTED
     netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", ""))
+    return urlunsplit((parts.scheme, netloc, parts.path, query(parts.query), ""))
 
 
 def _redact_query(query: str) -> str:
