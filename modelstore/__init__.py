@@ -10,7 +10,7 @@ from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.progress import DownloadProgress, ProgressCallback
-from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role, Verdict, Verification
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 
@@ -36,6 +36,8 @@ __all__ = [
     "Role",
     "Source",
     "StoreSettings",
+    "Verdict",
+    "Verification",
     "downloaded_bytes",
     "load_pipeline",
     "native_size",

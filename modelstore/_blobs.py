@@ -3,11 +3,18 @@
     <cache>/blobs/sha256/ab/abcdef…   one file per distinct content, read-only once in place
     <cache>/partial/<key>.part        a download in progress, kept across failures and restarts
     <cache>/locks/<key>.lock          who may write <key>.part right now (a file lock)
+    <cache>/quarantine/<sha256>       a blob that no longer holds what its name says, moved aside
 
 A blob enters only by `adopt`: its bytes were hashed (and, for weights, their safetensors header checked)
-before an fsync and an atomic rename put it in place, so a blob's name always tells the truth about its
-content. A crash at any moment leaves either no blob or a whole one; a partial file is keyed by what it will
-become (the expected SHA256), so the next attempt, in this process or after a restart, resumes it.
+before an fsync and an atomic rename put it in place, so a blob's name told the truth about its content when
+it entered; its fast digest, taken from the same verified bytes, is recorded then (`_digests`). A crash at any
+moment leaves either no blob or a whole one; a partial file is keyed by what it will become (the expected
+SHA256), so the next attempt, in this process or after a restart, resumes it.
+
+Disks flip bits and people edit files, so a blob is checked again before each process first uses it
+(`_integrity`). The store remembers which blobs this process has checked, with their file's identity (device,
+inode, size, modification and change times): a file rewritten since is checked again. One that fails is
+moved to `quarantine/` in one rename, so no model uses it any more, and is fetched again.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import hashlib
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from filelock import FileLock, Timeout
 
@@ -31,12 +40,38 @@ _READ_CHUNK = 4 << 20
 _LOCK_POLL_S = 0.25
 
 
+class FileIdentity(NamedTuple):
+    """What changes when a file is replaced or written to: compared, never interpreted."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def identity(path: Path) -> FileIdentity:
+    st = path.stat()
+    return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class DigestRecord(Protocol):
+    """Where a blob's fast digest is kept (the index)."""
+
+    def record_fast_digest(self, sha256: str, size: int, fast: str) -> None: ...
+
+
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, digests: DigestRecord | None = None) -> None:
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._partial = root / "partial"
         self._locks = root / "locks"
+        self._quarantine = root / "quarantine"
+        self._digests = digests
+        # Blobs this process has checked (or verified on their way in), as the files were then.
+        self._checked: dict[str, FileIdentity] = {}
+        self._checked_lock = threading.Lock()
         for folder in (self._blobs, self._partial, self._locks):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -84,11 +119,14 @@ class BlobStore:
         finally:
             lock.release()
 
-    def adopt(self, source: Path, sha256: str, *, check_safetensors_as: str | None = None) -> Path:
+    def adopt(
+        self, source: Path, sha256: str, *, fast_digest: str | None = None, check_safetensors_as: str | None = None
+    ) -> Path:
         """Move the verified file `source` in as blob `sha256` (same file system); return the blob path.
 
-        With `check_safetensors_as` (a label for messages) the file must be a well-formed safetensors file:
-        a pickle or a corrupt header raises UnsafeCheckpoint, the file is deleted and nothing enters."""
+        `fast_digest` (of the same verified bytes) is recorded for the checks before later uses. With
+        `check_safetensors_as` (a label for messages) the file must be a well-formed safetensors file: a
+        pickle or a corrupt header raises UnsafeCheckpoint, the file is deleted and nothing enters."""
         if check_safetensors_as is not None:
             try:
                 check_safetensors(source, check_safetensors_as)
@@ -103,14 +141,52 @@ class BlobStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as f:
             os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
         os.chmod(source, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        if fast_digest is not None and self._digests is not None:
+            # Before the rename: a blob in place always has its digest (a row without its blob is harmless).
+            self._digests.record_fast_digest(sha256, size, fast_digest)
         os.replace(source, target)
         fsync_dir(target.parent)
+        self.mark_checked(sha256, identity(target))  # its bytes were verified on their way in
+        return target
+
+    def is_checked(self, sha256: str, as_now: FileIdentity) -> bool:
+        """Whether this process checked blob `sha256` when its file was as it is `as_now`."""
+        with self._checked_lock:
+            return self._checked.get(sha256) == as_now
+
+    def mark_checked(self, sha256: str, as_then: FileIdentity) -> None:
+        with self._checked_lock:
+            self._checked[sha256] = as_then
+
+    def is_quarantined(self, sha256: str) -> bool:
+        return (self._quarantine / self.path(sha256).name).is_file()
+
+    def quarantine(self, sha256: str, as_checked: FileIdentity) -> Path | None:
+        """Move blob `sha256` aside (it failed its check) in one rename; where it went. None if the file is no
+        longer the one that was checked (gone, or replaced meanwhile by another process's fresh copy)."""
+        path = self.path(sha256)
+        try:
+            if identity(path) != as_checked:
+                return None
+        except FileNotFoundError:
+            return None
+        self._quarantine.mkdir(exist_ok=True)
+        target = self._quarantine / sha256
+        os.replace(path, target)
+        fsync_dir(path.parent)
+        with contextlib.suppress(OSError):
+            os.utime(target)  # kept for a week from now, whenever it was downloaded
+        with self._checked_lock:
+            self._checked.pop(sha256, None)
         return target
 
     def remove(self, sha256: str) -> int:
         """Delete a blob; the bytes freed (0 if it was not there)."""
         path = self.path(sha256)
+        with self._checked_lock:
+            self._checked.pop(sha256, None)
         try:
             size = path.stat().st_size
             path.unlink()

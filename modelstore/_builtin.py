@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelstore._architecture import detect_folder
-from modelstore._blobs import sha256_file
 from modelstore._cache import Cache, Need
+from modelstore._digests import full_digests
+from modelstore._staging import staging_folder
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound
 from modelstore.record import Layout, ModelRecord
@@ -213,16 +213,17 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
     if spec is None:
         names = ", ".join(sorted(BUILTIN_MODELS))
         raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
-    staging = Path(tempfile.mkdtemp(prefix="builtin-", dir=cache.root / "tmp"))
-    try:
+    with staging_folder(cache.root / "tmp", "builtin-") as staging:
         folder = staging / "model"
         build(spec, folder)
         paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
-        shas = {relative: sha256_file(path) for relative, path in paths.items()}
+        digests = {relative: full_digests(path) for relative, path in paths.items()}
+        shas = {relative: sha256 for relative, (sha256, _) in digests.items()}
         with cache.reserve(air, [Need(shas[r], p.stat().st_size) for r, p in paths.items()], in_use):
             for relative, path in paths.items():
                 check = relative if relative.endswith(".safetensors") else None
-                cache.blobs.adopt(path, shas[relative], check_safetensors_as=check)
+                sha256, fast = digests[relative]
+                cache.blobs.adopt(path, sha256, fast_digest=fast, check_safetensors_as=check)
             return cache.commit(
                 air,
                 source="builtin",
@@ -231,5 +232,3 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
                 metadata={"source": "builtin", "name": spec.name, "version": spec.version},
                 detect=detect_folder,
             )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

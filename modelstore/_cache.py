@@ -6,8 +6,11 @@ On disk, under `settings.cache_dir`:
     blobs/sha256/ab/ab…          their files, by content (see _blobs.py)
     models/<name>/<digest>/      the folders the loader opens: symlinks into blobs (see _snapshots.py)
     partial/<sha256>.part        downloads in progress, resumable
+    quarantine/<sha256>          blobs that failed their check (see _integrity.py), kept for a week
     locks/                       file locks shared with other processes using the same folder
-    tmp/                         staging for folders and built-in models, renamed into place when complete
+    tmp/                         staging for folders and built-in models, renamed into place when complete;
+                                 what a killed process left there is removed when a store opens the cache
+                                 (see _staging.py)
 
 Quota (`max_bytes`, 0 = none) counts the blob bytes on disk, each distinct content once. Room for a model is
 made before its first byte is requested: least recently used models that are neither pinned nor in use are
@@ -32,9 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from modelstore._blobs import BlobStore
+from modelstore._blobs import BlobStore, FileIdentity
 from modelstore._index import Index, IndexEntry
 from modelstore._snapshots import Snapshots, content_digest
+from modelstore._staging import clean_old_files, clean_stale
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound, QuotaExceeded
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
@@ -47,6 +51,8 @@ SINGLE_FILE_NAME = "model.safetensors"
 # another process that has not committed yet): collected only once it is this old.
 _ORPHAN_GRACE_S = 3600.0
 _STALE_PARTIAL_S = 14 * 24 * 3600.0
+# A quarantined blob is kept this long for an operator to look at, then removed when a store opens the cache.
+_QUARANTINE_KEPT_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,10 @@ class Cache:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.max_bytes = max_bytes
-        self.blobs = BlobStore(root)
-        self.snapshots = Snapshots(root, self.blobs)
         self.index = Index(root / "index.sqlite")
+        self.blobs = BlobStore(root, digests=self.index)
+        self.snapshots = Snapshots(root, self.blobs)
+        _clean_up_after_crashes(root)
         self._lock = threading.RLock()
         # Pulls in flight in this process: their blobs and bytes are spoken for.
         self._reservations: set[_Reservation] = set()
@@ -300,6 +307,13 @@ class Cache:
         log.info("deleted %s from the cache (%s freed)", air.canonical, format_bytes(freed))
         return freed
 
+    def quarantine(self, sha256: str, as_checked: FileIdentity) -> Path | None:
+        """Move blob `sha256` aside because it failed its check: every model that uses it stops being cached
+        (`lookup` finds its files incomplete) until it is fetched again. The models' index rows stay, with their
+        pins. Where the blob went, or None if the file changed meanwhile (see `BlobStore.quarantine`)."""
+        with self._exclusive():
+            return self.blobs.quarantine(sha256, as_checked)
+
     def pin(self, air: AIR, pinned: bool) -> None:
         if not self.index.set_pinned(air.canonical, pinned):
             raise ModelNotFound(f"{air.canonical} is not in the cache")
@@ -307,6 +321,15 @@ class Cache:
     def _drop_folder(self, entry: IndexEntry) -> None:
         path = self.model_path(entry)
         self.snapshots.remove(path.parent if entry.layout is Layout.SINGLE_FILE else path)
+
+
+def _clean_up_after_crashes(root: Path) -> None:
+    """Remove what processes killed mid-way left behind: staging folders no live process owns, and memo files
+    that were never renamed into place. Safe while other processes use the cache (see _staging.py)."""
+    removed = clean_stale(root / "tmp") + clean_old_files(root / "components", "*.tmp")
+    removed += clean_old_files(root / "quarantine", "*", _QUARANTINE_KEPT_S)
+    if removed:
+        log.info("removed %d leftover(s) of interrupted work from %s", removed, root)
 
 
 def _distinct(needs: list[Need]) -> list[Need]:

@@ -34,7 +34,7 @@ import requests
 from modelstore._blobs import BlobStore
 from modelstore._hasher import Hasher
 from modelstore._http import TRANSPORT_ERRORS, BrokenTransfer, describe, get, origin, receive, response_error
-from modelstore._redact import redact_url
+from modelstore._redact import url_for_log
 from modelstore._remote import Location, RemoteFile
 from modelstore._write_behind import WriteBehind
 from modelstore.errors import IntegrityError, SourceUnavailable
@@ -64,8 +64,9 @@ class RetryPolicy:
 class ProgressSink(Protocol):
     """Receives one file's byte counts as they arrive."""
 
-    def advance(self, nbytes: int) -> None:
-        """`nbytes` more bytes are in the partial file (negative when bytes must be fetched again)."""
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
+        """`nbytes` more bytes are in the partial file (negative when bytes must be fetched again); `received`:
+        they just arrived over the network (rather than being found on disk, or taken back)."""
 
     def exact_size(self, nbytes: int) -> None:
         """The server stated the file's exact size."""
@@ -117,9 +118,9 @@ class Downloader:
             resumed = self._blobs.partial_size(file.key) > 0
             counted = _Counted(progress)
             try:
-                sha256 = self._transfer(file, partial, counted)
+                sha256, fast = self._transfer(file, partial, counted)
                 label = file.label if file.safetensors else None
-                self._blobs.adopt(partial, sha256, check_safetensors_as=label)
+                self._blobs.adopt(partial, sha256, fast_digest=fast, check_safetensors_as=label)
                 return sha256
             except IntegrityError as exc:
                 partial.unlink(missing_ok=True)
@@ -133,8 +134,8 @@ class Downloader:
                     partial.unlink(missing_ok=True)  # nothing to resume: leave no trace
                 raise
 
-    def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> str:
-        """Bring `partial` to the complete file; return its verified sha256."""
+    def _transfer(self, file: RemoteFile, partial: Path, progress: ProgressSink) -> tuple[str, str]:
+        """Bring `partial` to the complete file; return its verified sha256 and its fast digest."""
         with _open_partial(partial) as out:
             hasher = Hasher(file)
             offset = hasher.absorb(out)
@@ -142,7 +143,8 @@ class Downloader:
                 log.info("%s: resuming at byte %d", file.label, offset)
                 progress.advance(offset)
             self._stream(file, _Partial(out, hasher, progress))
-        return hasher.verify()  # durability comes with BlobStore.adopt's fsync, for verified bytes only
+        # Durability comes with BlobStore.adopt's fsync, for verified bytes only.
+        return hasher.verify(), hasher.fast_digest
 
     def _stream(self, file: RemoteFile, partial: _Partial) -> None:
         """Request the missing bytes until the partial file is complete: resuming after drops, asking the source
@@ -206,7 +208,7 @@ class Downloader:
                 )
                 return _Outcome.EXPIRED
             if status >= 500 and retry:
-                log.warning("%s: HTTP %d from %s; retrying", file.label, status, redact_url(response.url))
+                log.warning("%s: HTTP %d from %s; retrying", file.label, status, url_for_log(response.url))
                 return _Outcome.SERVER_ERROR
             if status not in (200, 206):
                 raise response_error(
@@ -274,7 +276,7 @@ class _Batched:
         self._last = time.monotonic()
         if self._pending:
             pending, self._pending = self._pending, 0
-            self._sink.advance(pending)
+            self._sink.advance(pending, received=True)
 
     def __exit__(self, *exc_info: object) -> None:
         self._pass_on()
@@ -305,9 +307,9 @@ class _Counted:
         self._sink = sink
         self.net = 0
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
         self.net += nbytes
-        self._sink.advance(nbytes)
+        self._sink.advance(nbytes, received=received)
 
     def exact_size(self, nbytes: int) -> None:
         self._sink.exact_size(nbytes)

@@ -24,7 +24,7 @@ import requests
 import urllib3.exceptions
 from requests.auth import AuthBase
 
-from modelstore._redact import redact
+from modelstore._redact import for_log, redact, summarise
 from modelstore.errors import (
     ModelNotFound,
     ModelStoreError,
@@ -45,7 +45,7 @@ _MAX_REDIRECTS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Error bodies are read only this far: they are messages, never models.
 _MAX_ERROR_BODY = 16 * 1024
-_MAX_MESSAGE = 300
+MAX_MESSAGE = 200  # an upstream error's own words, summarised
 
 
 class BrokenTransfer(Exception):
@@ -84,22 +84,31 @@ _HTTP_LOGGERS = [
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites a log record with its URLs and bearer tokens redacted."""
+    """Rewrites a log record with every query string dropped, bearer tokens hidden, and the secrets the stores
+    of this process were given removed in any shape (`_redact.for_log`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: frozenset[str] = frozenset()
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = redact(message)
+        redacted = for_log(message, self.secrets)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
 
 
-def guard_library_logs() -> None:
-    """Make the HTTP libraries' own log lines safe to keep (idempotent)."""
+def guard_library_logs(secrets: Iterable[str | None] = ()) -> None:
+    """Make the HTTP libraries' own log lines safe to keep (idempotent; `secrets` add to those already known)."""
+    known = frozenset(s for s in secrets if s)
     for name in _HTTP_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(RedactingFilter())
+        guard = next((f for f in logger.filters if isinstance(f, RedactingFilter)), None)
+        if guard is None:
+            guard = RedactingFilter()
+            logger.addFilter(guard)
+        guard.secrets |= known
 
 
 class _HeadersOnly(AuthBase):
@@ -180,9 +189,9 @@ def read_capped(response: requests.Response, limit: int) -> bytes:
     return data
 
 
-def server_message(response: requests.Response) -> str:
-    """The human part of an unread error response (`message`, else `error`, else the text), short and
-    redacted."""
+def server_message(response: requests.Response, secrets: Iterable[str | None] = ()) -> str:
+    """The human part of an unread error response (`message`, else `error`, else the text): one short redacted
+    line, never the body whole."""
     text = read_capped(response, _MAX_ERROR_BODY).decode("utf-8", errors="replace").strip()
     try:
         document = json.loads(text)
@@ -194,10 +203,7 @@ def server_message(response: requests.Response) -> str:
         text = ": ".join(dict.fromkeys(parts)) if parts else ""
     elif text.startswith("<"):
         text = ""  # an HTML or XML page says nothing a user can act on
-    text = " ".join(text.split())
-    if len(text) > _MAX_MESSAGE:
-        text = text[: _MAX_MESSAGE - 1] + "…"
-    return redact(text)
+    return summarise(text, MAX_MESSAGE, secrets)
 
 
 def describe(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
@@ -214,7 +220,7 @@ def describe(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
         cause = inner
         seen.add(id(cause))
     text = str(cause).strip()
-    return redact(text.splitlines()[0] if text else cause.__class__.__name__, secrets)
+    return for_log(text.splitlines()[0] if text else cause.__class__.__name__, secrets)
 
 
 def retry_after_s(response: requests.Response) -> float | None:
@@ -247,7 +253,7 @@ def error_for_status(
     `message` is the server's own text (already short); `token_hint` names the setting that carries
     credentials (e.g. "CIVITAI_TOKEN")."""
     # The server's text may echo a token back: redacted before it becomes part of an error.
-    said = redact(f": {message}", secrets) if message else ""
+    said = f": {summarise(message, MAX_MESSAGE, secrets)}" if message.strip() else ""
     what = redact(what, secrets)
     if status == 401:
         return SourceUnauthenticated(f"{source} needs credentials to download {what} (set {token_hint}){said}")
@@ -271,7 +277,7 @@ def response_error(
     return error_for_status(
         response.status_code,
         what=what,
-        message=server_message(response),
+        message=server_message(response, secrets),
         source=source,
         token_hint=token_hint,
         retry_after=retry_after_s(response),

@@ -3,11 +3,16 @@ make them up.
 
     models(air, source, layout, architecture, path, sha256, size_bytes, metadata, added, last_used, pinned)
     model_files(air, path, sha256, size)    -- the blobs of a cached model, by path inside its folder
+    blob_digests(sha256, size, fast)        -- each blob's fast digest, taken from its verified bytes (_digests.py)
 
 A row is written only after every blob it names is in place and its folder is built, in one transaction, so
 the index never points at something that is not there (at worst, after a crash, a blob or a folder exists that
 no row names yet; the next pull of that model reuses it). WAL lets many readers (every request's `resolve`)
 proceed while one writer commits, across threads and processes sharing the cache folder.
+
+A blob's digest row depends only on its content, so it never goes stale: it may outlive its blob and serves
+again if the same content returns. Tables added after schema version 1 are created when missing, without a
+new version number, so an older store sharing the folder still opens it (and ignores them).
 
 Metadata is the source's description of the model (ids, names, hashes): never tokens or presigned URLs.
 """
@@ -48,6 +53,13 @@ CREATE TABLE IF NOT EXISTS model_files (
     PRIMARY KEY (air, path)
 );
 CREATE INDEX IF NOT EXISTS model_files_by_blob ON model_files(sha256);
+"""
+_ADDITIONS = """
+CREATE TABLE IF NOT EXISTS blob_digests (
+    sha256 TEXT PRIMARY KEY,
+    size   INTEGER NOT NULL,
+    fast   TEXT NOT NULL      -- XXH3-128, hex
+);
 """
 
 
@@ -94,6 +106,9 @@ class Index:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            for statement in _ADDITIONS.split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -167,6 +182,16 @@ class Index:
     def remove(self, air: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM models WHERE air = ?", (air,))
+
+    def fast_digest(self, sha256: str) -> tuple[int, str] | None:
+        """(size, fast digest) recorded for blob `sha256`, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT size, fast FROM blob_digests WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def record_fast_digest(self, sha256: str, size: int, fast: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO blob_digests VALUES (?, ?, ?)", (sha256, size, fast))
 
     def referenced_blobs(self) -> set[str]:
         with self._lock:

@@ -98,8 +98,8 @@ class _FileProgress:
         self._file = file
         self._sized = file.size is not None
 
-    def advance(self, nbytes: int) -> None:
-        self._progress.advance(nbytes)
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
+        self._progress.advance(nbytes, received=received)
         if nbytes > 0:  # never while a failed attempt's count is being taken back
             self._flight.stop_if_abandoned()
 

@@ -23,11 +23,11 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from modelstore._blobs import BlobStore
+from modelstore._staging import staging_folder
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
 
@@ -77,23 +77,22 @@ class Snapshots:
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="snapshot-", dir=self._tmp))
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by other accounts too
+        with staging_folder(self._tmp, "snapshot-") as staging:
+            folder = staging / "folder"
+            folder.mkdir()
+            folder.chmod(0o755)  # whatever the umask: a shared cache is read by other accounts too
             for path, sha256 in files.items():
-                link = staging / path
+                link = folder / path
                 link.parent.mkdir(parents=True, exist_ok=True)
                 # Relative, so the cache folder can be moved or mounted elsewhere as a whole.
                 relative = os.path.relpath(self._blobs.path(sha256), target / PurePosixPath(path).parent)
                 link.symlink_to(relative)
             try:
-                os.rename(staging, target)
+                os.rename(folder, target)
             except OSError:
                 if not target.is_dir():
                     raise
                 # Another thread or process built the same folder first; its content is the same by name.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def remove(self, folder: Path) -> None:

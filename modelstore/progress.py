@@ -38,6 +38,9 @@ class DownloadProgress:
     rate_bps: float  # bytes per second over the last few seconds
     finished: bool = False
     verifying: bool = False
+    # What arrived over the network for this download (in this process), never what an earlier, interrupted
+    # attempt left on disk: `bytes_done` counts those too, so after a resumed download the two differ.
+    bytes_transferred: int = 0
 
 
 ProgressCallback = Callable[[DownloadProgress], None]
@@ -57,6 +60,7 @@ class ProgressFanout:
         self._verifying = False
         self._counted = False
         self._done = 0
+        self._received = 0
         self._total = 0
         self._samples: deque[tuple[float, int]] = deque()
         self._last_emit = float("-inf")
@@ -96,9 +100,12 @@ class ProgressFanout:
             self._file = label
         self._emit(force=True)
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int, *, received: bool = False) -> None:
+        """`nbytes` more are done (negative: taken back); `received`: they just arrived over the network."""
         with self._lock:
             self._done += nbytes
+            if received:
+                self._received += nbytes
             self._counted = True
         self._emit(force=False)
 
@@ -119,7 +126,7 @@ class ProgressFanout:
             t0, d0 = self._samples[0]
             rate = (self._done - d0) / (now - t0) if now > t0 else 0.0
             snapshot = DownloadProgress(
-                self._model, self._file, self._done, self._total, rate, finished, self._verifying
+                self._model, self._file, self._done, self._total, rate, finished, self._verifying, self._received
             )
             self._latest = snapshot
             subscribers = list(self._subscribers)

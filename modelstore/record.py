@@ -85,3 +85,22 @@ class CachedModel:
     in_use: bool
     path: Path
     sha256: str  # of the file, or of the folder's files (see `_snapshots.content_digest`)
+
+
+class Verdict(Enum):
+    """What `ModelStore.verify` found for one model."""
+
+    INTACT = "intact"  # every file's SHA256 matches the name it is stored under
+    REPAIRED = "repaired"  # a file did not; it was quarantined, and the model fetched again and verified
+    CORRUPT = "corrupt"  # a file did not; it was quarantined, and the model could not be fetched again
+    SKIPPED = "skipped"  # a local model: the operator's files, not the cache's
+
+
+@dataclass(frozen=True)
+class Verification:
+    """One model's result from `ModelStore.verify`."""
+
+    model: str  # canonical AIR
+    verdict: Verdict
+    bytes_checked: int
+    message: str  # what was wrong and what was done ("" when intact)

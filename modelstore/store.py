@@ -13,8 +13,11 @@ per-file lock and finds the file in place. How a model gets in depends on its so
 (`_sources/local.py`). Where it is kept: `_cache` (layout, quota, eviction), `_index` (SQLite), `_snapshots`
 (model folders).
 
-Operators get `pull`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which never touches
-the network).
+Before a process first uses a cached model its files are checked against digests kept since they entered the
+cache; `verify` checks their SHA256 in full (`_integrity`).
+
+Operators get `pull`, `verify`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which
+never touches the network).
 
 HTTP goes through one `requests.Session`: the caller's (`session=`, e.g. a test's, left open by `close`) or the
 store's own.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import requests
@@ -35,6 +38,7 @@ from modelstore._cache import Cache
 from modelstore._file_download import Downloader, RetryPolicy
 from modelstore._flights import Flight, Flights
 from modelstore._http import guard_library_logs
+from modelstore._integrity import BlobChecks, Damage, describe, quarantined_files
 from modelstore._leases import Leases
 from modelstore._model_download import download_model
 from modelstore._sources import RemoteSource
@@ -44,14 +48,16 @@ from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component, components_of
 from modelstore.errors import (
     DownloadAbandoned,
+    IntegrityError,
     ModelInUse,
     ModelNotFound,
+    ModelStoreError,
     SourceUnavailable,
     WrongArchitecture,
     concerning,
 )
 from modelstore.progress import ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, CachedModel, ModelRecord, Role
+from modelstore.record import Architecture, CachedModel, ModelRecord, Role, Verdict, Verification
 from modelstore.settings import StoreSettings
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,9 @@ ROLE_ARCHITECTURES = {
 }
 
 ModelRef = str | AIR | ModelRecord
+# How many times a model is fetched in one resolve when its files keep failing their check.
+_FETCHES = 2
+_OFFLINE = "it was set aside, and downloads are turned off (offline mode): pull it again once they are on"
 
 
 class ModelStore:
@@ -78,7 +87,8 @@ class ModelStore:
     ) -> None:
         self.settings = settings
         self._cache = Cache(settings.cache_dir, settings.max_bytes)
-        guard_library_logs()
+        self._checks = BlobChecks(self._cache)
+        guard_library_logs((settings.civitai_token, settings.hf_token))
         self._own_session = session is None
         self._session = requests.Session() if session is None else session
         self._downloader = Downloader(
@@ -106,18 +116,16 @@ class ModelStore:
     ) -> ModelRecord:
         """The record of `model`, fetching it into the cache first if needed (blocking).
 
-        `progress` receives `DownloadProgress` while a download runs (also when this call joins a download
-        another request started). `give_up` is set by a caller that no longer wants the model (a cancelled
-        request): the download stops once every caller of it has given up, keeping its bytes for the next
-        one, and raises DownloadAbandoned. A call waiting on a download another call runs raises it within
-        a tenth of a second of giving up; the call that runs the download returns when it ends or stops.
-        Raises the `modelstore.errors` tree."""
-        air = _air(model)
-        with concerning(air.canonical):
-            record = self._cached(air, touch=True)
-            if record is not None:
-                return record
-            return self._flights.run(air.canonical, lambda flight: self._lead(air, flight), progress, give_up)
+        Before a record is first handed out in this process, its files are checked against the digests kept
+        when they entered the cache (`_integrity`; VERIFYING progress): a file that fails is quarantined and the
+        model fetched again where its source allows, else IntegrityError. `progress` receives
+        `DownloadProgress` while a download runs (also when this call joins a download another request
+        started). `give_up` is set by a caller that no longer wants the model (a cancelled request): the
+        download stops once every caller of it has given up, keeping its bytes for the next one, and raises
+        DownloadAbandoned. A call waiting on a download another call runs raises it within a tenth of a second
+        of giving up; the call that runs the download returns when it ends or stops. Raises the
+        `modelstore.errors` tree."""
+        return self._resolve(_air(model), progress, give_up, again=False)
 
     def pull(
         self,
@@ -126,29 +134,67 @@ class ModelStore:
         *,
         give_up: threading.Event | None = None,
     ) -> ModelRecord:
-        """Make sure `model` is in the cache (an operator's pre-fetch); same as `resolve`."""
-        return self.resolve(model, progress=progress, give_up=give_up)
+        """Make sure `model` is in the cache (an operator's pre-fetch): `resolve`, except that the files of a
+        cached model are checked again even if this process checked them before."""
+        return self._resolve(_air(model), progress, give_up, again=True)
+
+    def _resolve(
+        self, air: AIR, progress: ProgressCallback | None, give_up: threading.Event | None, *, again: bool
+    ) -> ModelRecord:
+        with concerning(air.canonical):
+            record = self._cached(air, touch=True, progress=progress, again=again)
+            if record is not None:
+                return record
+            return self._flights.run(air.canonical, lambda flight: self._lead(air, flight), progress, give_up)
 
     def lookup(self, model: str | AIR) -> ModelRecord | None:
-        """The record of `model` if it is cached and intact, else None. Never touches the network."""
-        return self._cached(_air(model), touch=False)
+        """The record of `model` if it is cached and intact (checked as `resolve` does), else None. Never
+        touches the network."""
+        try:
+            return self._cached(_air(model), touch=False)
+        except IntegrityError:
+            return None
 
-    def _cached(self, air: AIR, *, touch: bool) -> ModelRecord | None:
+    def _cached(
+        self, air: AIR, *, touch: bool, progress: ProgressCallback | None = None, again: bool = False
+    ) -> ModelRecord | None:
         entry = self._cache.lookup(air)
         if entry is None:
             return None
-        if entry.source == Source.LOCAL.value and not local_source.fingerprint_matches(
-            Path(entry.path), entry.metadata.get("fingerprint", {})
-        ):
-            return None  # the files changed since they were hashed: re-register
+        if entry.source == Source.LOCAL.value:
+            if not local_source.fingerprint_matches(Path(entry.path), entry.metadata.get("fingerprint", {})):
+                return None  # the files changed since they were hashed: re-register
+        elif damages := self._checks.check(entry, progress, again=again):
+            self._refetch_or_raise(air, describe(damages))
+            return None
         if touch:
             self._cache.touch(air)
         return self._cache.record(air, entry)
 
+    def _refetch_or_raise(self, air: AIR, damage: str) -> None:
+        """After a file of `air` failed its check (and was quarantined): IntegrityError unless it can be fetched
+        again (a built-in model is rebuilt; a download needs the network)."""
+        if self._refetchable(air):
+            log.warning("%s: %s; fetching it again", air, damage)
+            return
+        log.error("%s: %s; downloads are turned off (offline mode), so it stays unusable", air, damage)
+        raise IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
+
+    def _refetchable(self, air: AIR) -> bool:
+        return air.source is Source.BUILTIN or not self.settings.offline
+
     def _lead(self, air: AIR, flight: Flight) -> ModelRecord:
-        """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look)."""
+        """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look), then
+        check what the fetch did not verify itself (files other models had brought in already)."""
         try:
-            return self._cached(air, touch=True) or self._fetch(air, flight)
+            if air.source is Source.LOCAL:
+                return self._cached(air, touch=True) or self._fetch(air, flight)
+            for _ in range(_FETCHES):
+                record = self._cached(air, touch=True)
+                if record is not None:
+                    return record
+                self._fetch(air, flight)
+            return self._cached(air, touch=True) or _still_damaged(air)
         except DownloadAbandoned:
             # Logged here, once the partial file is closed and complete: operators (and tests) wait for it.
             log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", air)
@@ -160,6 +206,10 @@ class ModelStore:
         if air.source is Source.BUILTIN:
             return _builtin.install(air, self._cache, self._in_use)
         if self.settings.offline:
+            entry = self._cache.index.get(air.canonical)
+            set_aside = [] if entry is None else quarantined_files(self._cache, entry)
+            if set_aside:
+                raise IntegrityError(f"{air.canonical}: {', '.join(set_aside)} failed its check; {_OFFLINE}")
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
@@ -210,6 +260,42 @@ class ModelStore:
         if measuring.counted:
             measuring.finish()
         return components
+
+    def verify(
+        self, models: Iterable[str | AIR] | None = None, progress: ProgressCallback | None = None
+    ) -> Iterator[Verification]:
+        """Read every file of each of `models` (None: every cached model) in full and compare its SHA256 with the
+        name it is stored under, which is the hash its source published; one `Verification` per model, as each
+        is done. A file that does not match is quarantined, and the model fetched again where its source
+        allows (REPAIRED), else CORRUPT. Local models are the operator's files: SKIPPED. `progress` hears the
+        reading (VERIFYING) and any download. ModelNotFound for a model that is not cached."""
+        airs = [_air(m) for m in models] if models is not None else [parse_air(m.air) for m in self.list_models()]
+        done: dict[str, Damage | None] = {}  # blobs read in this run, shared by several models
+        for air in airs:
+            with concerning(air.canonical):
+                yield self._verify(air, progress, done)
+
+    def _verify(self, air: AIR, progress: ProgressCallback | None, done: dict[str, Damage | None]) -> Verification:
+        entry = self._cache.index.get(air.canonical)
+        if entry is None:
+            raise ModelNotFound(f"{air.canonical} is not in the cache", air=air.canonical)
+        if entry.source == Source.LOCAL.value:
+            reason = "a local model: its files are the operator's, checked by size and time at each use"
+            return Verification(air.canonical, Verdict.SKIPPED, 0, reason)
+        with self.lease(air):  # neither evicted nor deleted while it is read
+            read, damages = self._checks.verify(entry, progress, done)
+            if not damages:
+                return Verification(air.canonical, Verdict.INTACT, read, "")
+            damage = describe(damages)
+            if not self._refetchable(air):
+                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {_OFFLINE}")
+            log.warning("%s: %s; fetching it again", air, damage)
+            try:
+                self.resolve(air, progress=progress)
+            except ModelStoreError as exc:
+                failed = f"{damage}; it was set aside, and fetching it again failed: {exc.message}"
+                return Verification(air.canonical, Verdict.CORRUPT, read, failed)
+            return Verification(air.canonical, Verdict.REPAIRED, read, f"{damage}; fetched again and verified")
 
     def used_bytes(self) -> int:
         """What the cache holds on disk, as the quota (`settings.max_bytes`) counts it: each distinct file once."""
@@ -269,6 +355,13 @@ def require_role(record: ModelRecord, role: Role) -> None:
             role=role,
             air=record.canonical,
         )
+
+
+def _still_damaged(air: AIR) -> ModelRecord:
+    raise IntegrityError(
+        f"{air.canonical}: its files failed their check again after being fetched {_FETCHES} times",
+        air=air.canonical,
+    )
 
 
 def _air(model: str | AIR) -> AIR:

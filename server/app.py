@@ -11,6 +11,9 @@ Health (grpc.health.v1) reports two names, after Triton's live/ready split (shar
 "" is the process (SERVING while it runs, so a liveness probe does not kill a server that is still loading
 its models), and "refinery.v1.GenerationService" turns SERVING once the pinned pairs are resident (the
 readiness probe). Both are NOT_SERVING from the moment the server starts draining.
+
+A pinned pair that cannot be loaded (a damaged or missing model, say) does not stop the server: it is logged
+and reported in GetStatus, and the other pairs are served (`server/pins.py` says what readiness does then).
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from modelstore.units import format_bytes
 from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
 from server.api import generation_service, model_service, server_service, transport
 from server.api.access import AccessInterceptor
+from server.api.boundary import status_code_for
+from server.domain import PairKey
 from server.generation import runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
+from server.pins import PinFailures
 from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
 
@@ -66,6 +72,7 @@ class RefineryServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._preloading: asyncio.Task[None] | None = None
+        self.pin_failures = PinFailures()
         self._draining = False
         self._stop_now = asyncio.Event()
         self._health_server: grpc.aio.Server | None = None
@@ -111,9 +118,10 @@ class RefineryServer:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
             generation_service.GenerationService(self.scheduler, settings), server
         )
-        status_pb2_grpc.add_ServerServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            server_service.ServerService(self.scheduler, local_roots=roots), server
+        status = server_service.ServerService(
+            self.scheduler, local_roots=roots, pin_failures=self.pin_failures, on_pinned=self._pinned
         )
+        status_pb2_grpc.add_ServerServiceServicer_to_server(status, server)  # type: ignore[no-untyped-call]
         # The model cache, for operators; a model resident on a device is reported so and cannot be deleted.
         models = model_service.ModelService(
             self.store, resident_models=self.scheduler.resident_models, local_roots=roots
@@ -131,7 +139,7 @@ class RefineryServer:
         return server
 
     async def wait_ready(self) -> None:
-        """Wait until the pinned pairs are resident; raises what a failed load raised."""
+        """Wait until the pinned pairs are loaded, or failed to (`pin_failures`)."""
         if self._preloading is None:
             raise RuntimeError("the server is not started")
         await asyncio.shield(self._preloading)
@@ -183,11 +191,29 @@ class RefineryServer:
         await self.stop()
 
     async def _preload(self) -> None:
-        if self.settings.pins:
-            log.info("pinning %s", ", ".join(str(pin) for pin in self.settings.pins))
-            await asyncio.wrap_future(self.scheduler.pin(self.settings.pins))
+        pins = self.settings.pins
+        if pins:
+            log.info("pinning %s", ", ".join(str(pin) for pin in pins))
+        for pair in pins:  # one at a time: a pair that fails leaves the others pinned
+            try:
+                await asyncio.wrap_future(self.scheduler.pin([pair]))
+            except Exception as exc:
+                self.pin_failures.record(pair, exc)
+                unexpected = status_code_for(exc) is None  # a bug: its traceback, once
+                log.error(
+                    "could not pin %s: %s; serving the other pairs", pair, exc, exc_info=exc if unexpected else None
+                )
+        if pins and len(self.pin_failures.snapshot()) == len(pins):
+            log.error("no pinned pair could be loaded: not ready (NOT_SERVING) until PinPair loads one")
+            return
         await self.health.set(generation_service.SERVICE_NAME, _SERVING)
         log.info("ready")
+
+    async def _pinned(self, pair: PairKey) -> None:
+        """PinPair loaded `pair`: it is no longer a failed pin, and the server is ready (if it was not)."""
+        self.pin_failures.clear(pair)
+        if not self._draining and self._preloading is not None and self._preloading.done():
+            await self.health.set(generation_service.SERVICE_NAME, _SERVING)
 
 
 def _announce_access(settings: Settings) -> None:

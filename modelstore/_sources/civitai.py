@@ -30,7 +30,7 @@ from urllib.parse import urljoin
 import requests
 
 from modelstore._http import TRANSPORT_ERRORS, describe, get, origin, read_capped, response_error
-from modelstore._redact import redact_url
+from modelstore._redact import url_for_log
 from modelstore._remote import Location, RemoteFile
 from modelstore._sources import RemotePlan
 from modelstore.air import AIR
@@ -147,7 +147,7 @@ class CivitaiSource:
             with get(self._session, url, headers) as response:
                 if response.is_redirect:
                     target = urljoin(url, response.headers["Location"])
-                    log.info("civitai:%s+%s is at %s", version_id, file_id, redact_url(target))
+                    log.info("civitai:%s+%s is at %s", version_id, file_id, url_for_log(target))
                     # No Authorization here: the token stays with civitai, whatever host storage is.
                     return Location(target, {}, expiring=True)
                 if response.status_code == 200:

@@ -159,7 +159,7 @@ class HuggingFaceSource:
         return error_for_status(
             status,
             what=where,
-            message=self._redact(exc.server_message or ""),
+            message=exc.server_message or "",
             source=SOURCE,
             token_hint=TOKEN_HINT,
             retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,

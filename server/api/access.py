@@ -3,7 +3,7 @@
 - Health and reflection are open (probes and tools need them).
 - Generation and status (`Generate`, `GetStatus`, `ListModels`) need `authorization: Bearer <token>` when a
   generation or an admin token is configured; either token is accepted.
-- Administration (pull, pin, unpin, delete, `PinPair`, `UnpinPair`) needs the admin token when one is
+- Administration (pull, verify, pin, unpin, delete, `PinPair`, `UnpinPair`) needs the admin token when one is
   configured; without one it is allowed only from loopback, and the server says so at start-up.
 - Missing or wrong credentials are UNAUTHENTICATED; a valid generation token on an administrative call is
   PERMISSION_DENIED, as gRPC defines them. Tokens are compared in constant time and never logged or echoed.
@@ -38,6 +38,7 @@ ADMIN_METHODS = frozenset(
         "/refinery.v1.ModelService/DeleteModel",
         "/refinery.v1.ModelService/PinModel",
         "/refinery.v1.ModelService/UnpinModel",
+        "/refinery.v1.ModelService/VerifyModel",
         "/refinery.v1.ServerService/PinPair",
         "/refinery.v1.ServerService/UnpinPair",
     }

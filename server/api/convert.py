@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from modelstore import Architecture, CachedModel, DownloadProgress, Role
+from modelstore import Architecture, CachedModel, DownloadProgress, Role, Verdict, Verification
 from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
 from server import domain
+from server.api.boundary import INTERNAL_MESSAGE, ModelField, RpcError, rpc_error_for, status_code_for
+from server.pins import PinFailure
 from server.scheduling.snapshot import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
@@ -152,7 +155,26 @@ def pull_progress(progress: DownloadProgress) -> models_pb.PullModelResponse:
             bytes_per_second=max(progress.rate_bps, 0.0),
             verifying=progress.verifying,
             file=progress.file,
+            bytes_transferred=max(progress.bytes_transferred, 0),
+            model=progress.model,
         )
+    )
+
+
+_VERDICTS = {
+    Verdict.INTACT: models_pb.VerifyResult.VERDICT_INTACT,
+    Verdict.REPAIRED: models_pb.VerifyResult.VERDICT_REPAIRED,
+    Verdict.CORRUPT: models_pb.VerifyResult.VERDICT_CORRUPT,
+    Verdict.SKIPPED: models_pb.VerifyResult.VERDICT_SKIPPED,
+}
+
+
+def verify_result(verification: Verification) -> models_pb.VerifyResult:
+    return models_pb.VerifyResult(
+        model=verification.model,
+        verdict=_VERDICTS[verification.verdict],
+        bytes_checked=verification.bytes_checked,
+        message=verification.message,
     )
 
 
@@ -182,3 +204,14 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         pairs=pairs,
         jobs_running=device.jobs_running,
     )
+
+
+def pin_failure(failure: PinFailure) -> status_pb.PinFailure:
+    """A pinned pair that failed to load, with the status a request for it would have got."""
+    pair = failure.pair
+    fields = (ModelField("model", pair.base, Role.BASE), ModelField("refiner_model", pair.refiner or "", Role.REFINER))
+    if status_code_for(failure.error) is None:  # a bug, logged with its traceback when it happened
+        error = RpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    else:
+        error = rpc_error_for(failure.error, fields)
+    return status_pb.PinFailure(model=pair.base, refiner_model=pair.refiner or "", error=error.to_status())

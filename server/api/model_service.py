@@ -6,6 +6,8 @@
 - `DeleteModel` removes a model; refused with FAILED_PRECONDITION while it is in use: leased in the store (a
   request or a pull holds it) or loaded on a device (`resident_models`, which whoever runs requests provides).
 - `PinModel` / `UnpinModel` exempt a cached model from the quota's eviction, or not.
+- `VerifyModel` reads cached models in full and checks every file's SHA256, streaming progress and then one
+  result per model; a file that fails is set aside and the model fetched again where its source allows.
 
 Errors map to statuses through `boundary.py`; model errors name the request field `model`.
 """
@@ -19,20 +21,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, parse_air
+from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, Verification, parse_air
 from modelstore.errors import ModelInUse
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api import local_models
 from server.api.boundary import ModelField, rpc
-from server.api.convert import model_info, pull_progress
+from server.api.convert import model_info, pull_progress, verify_result
 from server.logs import quoted
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+T = TypeVar("T")
 
 # Canonical AIRs of the models loaded on any device right now. Called on the event loop: it must be quick
 # and must not block.
@@ -72,11 +75,23 @@ class ModelService(pb_grpc.ModelServiceServicer):
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
         local_models.check([("model", request.model)], self._local_roots)
-        async for event in _Pull(self._store, parse_air(request.model), pin=request.pin).events():
+        async for event in _pull(self._store, parse_air(request.model), pin=request.pin).events():
             if isinstance(event, DownloadProgress):
                 yield pull_progress(event)
             else:
                 yield pb.PullModelResponse(model=self._info(event))
+
+    @rpc("VerifyModel", describe=_target, models=_model_field)
+    async def VerifyModel(
+        self, request: pb.VerifyModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.VerifyModelResponse]:
+        # Only models already in the cache are read: a path is never registered here (local models are skipped).
+        models = [parse_air(request.model)] if request.model else None
+        async for event in _verify(self._store, models).events():
+            if isinstance(event, DownloadProgress):
+                yield pb.VerifyModelResponse(progress=pull_progress(event).progress)
+            else:
+                yield pb.VerifyModelResponse(result=verify_result(event))
 
     @rpc("ListModels")
     async def ListModels(
@@ -129,67 +144,89 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
 @dataclass(frozen=True)
 class _Done:
-    model: CachedModel | None
     error: BaseException | None
 
 
-class _Pull:
-    """One PullModel call: the store's blocking pull on a thread, its progress and outcome on the event loop.
+def _pull(store: ModelStore, air: AIR, *, pin: bool) -> _Background[CachedModel]:
+    """One PullModel call: progress while the pull runs, then the cached model."""
+
+    def work(out: _Background[CachedModel], gave_up: threading.Event) -> None:
+        # Leased: neither evicted (by another pull's quota) nor deleted between the download and the pin.
+        with store.lease(air):
+            record = store.pull(air, progress=out.progress, give_up=gave_up)
+            # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares with):
+            # this reads the weights once more, which a pre-fetch should pay rather than the first Generate that
+            # uses the model (about 7 s for a 7 GB checkpoint).
+            store.components(record)
+            if pin:
+                store.pin(air)
+            out.emit(store.describe(air))
+
+    return _Background(f"pull-{air.canonical}", work)
+
+
+def _verify(store: ModelStore, models: list[AIR] | None) -> _Background[Verification]:
+    """One VerifyModel call: progress while files are read (and fetched again), a result per model. A client
+    that goes away stops it after the model being read."""
+
+    def work(out: _Background[Verification], gave_up: threading.Event) -> None:
+        for verification in store.verify(models, progress=out.progress):
+            out.emit(verification)
+            if gave_up.is_set():
+                return
+
+    return _Background("verify", work)
+
+
+class _Background(Generic[T]):
+    """A blocking store call (`work`) on a thread, its progress and outcomes on the event loop.
 
     The thread is a daemon of its own rather than `asyncio.to_thread`: a pull can run for as long as a 7 GB
     download takes, and the default executor's threads are joined when the loop and the interpreter shut down,
     so `refinery serve` would not exit on SIGTERM until the download ended. A daemon dies with the process;
     its partial file is resumable like after a kill -9.
 
-    A client that goes away gives up its interest in the download: the store stops it (keeping the bytes for
-    the next pull) unless another pull or a queued request still waits for the same model.
+    A client that goes away gives up its interest (`work`'s event): the store stops a download (keeping the
+    bytes for the next pull) unless another pull or a queued request still waits for the same model.
     """
 
-    def __init__(self, store: ModelStore, air: AIR, *, pin: bool) -> None:
+    def __init__(self, name: str, work: Callable[[_Background[T], threading.Event], None]) -> None:
         self._loop = asyncio.get_running_loop()
         # Unbounded: progress comes at most ten times a second, so a slow reader costs little.
-        self._queue: asyncio.Queue[DownloadProgress | _Done] = asyncio.Queue()
+        self._queue: asyncio.Queue[DownloadProgress | T | _Done] = asyncio.Queue()
         self._listening = True
         self._gave_up = threading.Event()
-        thread = threading.Thread(target=self._run, args=(store, air, pin), name=f"pull-{air.canonical}", daemon=True)
+        thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
         thread.start()
 
-    def _run(self, store: ModelStore, air: AIR, pin: bool) -> None:
+    def _run(self, work: Callable[[_Background[T], threading.Event], None]) -> None:
         try:
-            # Leased: neither evicted (by another pull's quota) nor deleted between the download and the pin.
-            with store.lease(air):
-                record = store.pull(air, progress=self._progress, give_up=self._gave_up)
-                # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares
-                # with): this reads the weights once more, which a pre-fetch should pay rather than the first
-                # Generate that uses the model (about 7 s for a 7 GB checkpoint).
-                store.components(record)
-                if pin:
-                    store.pin(air)
-                described = store.describe(air)
+            work(self, self._gave_up)
         except BaseException as exc:
-            self._send(_Done(None, exc))
+            self._send(_Done(exc))
         else:
-            self._send(_Done(described, None))
+            self._send(_Done(None))
 
-    def _progress(self, progress: DownloadProgress) -> None:
+    def progress(self, progress: DownloadProgress) -> None:
         if self._listening:
             self._send(progress)
 
-    def _send(self, item: DownloadProgress | _Done) -> None:
+    def emit(self, outcome: T) -> None:
+        self._send(outcome)
+
+    def _send(self, item: DownloadProgress | T | _Done) -> None:
         # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    async def events(self) -> AsyncIterator[DownloadProgress | CachedModel]:
-        """Progress while the pull runs, then the cached model; raises what the pull raised."""
+    async def events(self) -> AsyncIterator[DownloadProgress | T]:
+        """Progress and outcomes while the work runs; raises what it raised."""
         try:
             while True:
                 item = await self._queue.get()
                 if isinstance(item, _Done):
                     if item.error is not None:
                         raise item.error
-                    assert item.model is not None
-                    yield item.model
                     return
                 yield item
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -15,10 +15,11 @@ from refinery.v1 import status_pb2 as pb
 from refinery.v1 import status_pb2_grpc as pb_grpc
 from server.api import local_models
 from server.api.boundary import ModelField, rpc
-from server.api.convert import device_status
+from server.api.convert import device_status, pin_failure
 from server.domain import PairKey
 from server.errors import FieldViolation, InvalidRequest, NotPinned
 from server.logs import quoted
+from server.pins import PinFailures
 from server.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,19 @@ def _target(request: pb.PinPairRequest) -> str:
 
 
 class ServerService(pb_grpc.ServerServiceServicer):
-    def __init__(self, scheduler: Scheduler, *, local_roots: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        local_roots: Sequence[Path] = (),
+        pin_failures: PinFailures | None = None,
+        on_pinned: Callable[[PairKey], Awaitable[None]] | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self._local_roots = tuple(local_roots)
+        # Start-up pins that failed (reported by GetStatus), and who hears that PinPair loaded a pair.
+        self._pin_failures = pin_failures if pin_failures is not None else PinFailures()
+        self._on_pinned = on_pinned
 
     @rpc("GetStatus")
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
@@ -49,7 +60,10 @@ class ServerService(pb_grpc.ServerServiceServicer):
             depth=status.queue_depth, max_queue=status.max_queue, depth_by_priority=status.depth_by_priority
         )
         return pb.GetStatusResponse(
-            devices=[device_status(d) for d in status.devices], queue=queue, jobs_running=status.jobs_running
+            devices=[device_status(d) for d in status.devices],
+            queue=queue,
+            jobs_running=status.jobs_running,
+            pin_failures=[pin_failure(f) for f in self._pin_failures.snapshot()],
         )
 
     @rpc("PinPair", describe=_target, models=_pair_fields)
@@ -58,6 +72,8 @@ class ServerService(pb_grpc.ServerServiceServicer):
         key = _pair(request)
         await asyncio.wrap_future(self._scheduler.pin([key]))
         log.info("pinned %s on every device", key)
+        if self._on_pinned is not None:
+            await self._on_pinned(key)
         return pb.PinPairResponse(devices=self._devices())
 
     @rpc("UnpinPair", describe=_target, models=_pair_fields)

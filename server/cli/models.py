@@ -4,6 +4,9 @@
     refinery models list [--server ADDR]               a table of the cached models
     refinery models rm AIR [--server ADDR]             delete one (refused while a job uses it)
     refinery models pin|unpin AIR [--server ADDR]      exempt a cached model from the quota's eviction, or not
+    refinery models verify [AIR] [--server ADDR]       check every file's SHA256 (all cached models by default);
+                                                       a damaged one is set aside and fetched again; exit 1 if
+                                                       any stays damaged
 
 With `--server` (or REFINERY_SERVER) the commands go to that server's ModelService. Without, they go to a
 ModelService started in this process on a free loopback port, over the local cache with the same store
@@ -35,6 +38,7 @@ from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.model_service import ModelService
 from server.cli import connect, serve
 from server.cli.terminal import PullView, describe_rpc_error, print_table
+from server.cli.verify import verify_models
 
 _ARCHITECTURES = {
     pb.ARCHITECTURE_SDXL_BASE: "SDXL base",
@@ -49,7 +53,7 @@ _ARCHITECTURES = {
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
     models = commands.add_parser("models", help="pull, list, pin and delete models in the cache")
-    actions = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list,rm,pin,unpin}")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list,rm,pin,unpin,verify}")
     pull = actions.add_parser("pull", help="download a model into the cache (if needed) and verify it")
     pull.add_argument("model", metavar="AIR", help="e.g. civitai:101055@128078")
     pull.add_argument("--pin", action="store_true", help="keep it regardless of the cache quota")
@@ -60,7 +64,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     pin.add_argument("model", metavar="AIR")
     unpin = actions.add_parser("unpin", help="let the cache quota evict a pinned model again")
     unpin.add_argument("model", metavar="AIR")
-    for parser in (pull, listing, rm, pin, unpin):
+    verify = actions.add_parser(
+        "verify", help="read cached models in full and check their SHA256; fetch again what fails"
+    )
+    verify.add_argument("model", metavar="AIR", nargs="?", default="", help="one model (default: every one)")
+    for parser in (pull, listing, rm, pin, unpin, verify):
         connect.add_flags(parser, env, what="default: the local cache, in this process")
         serve.add_store_flags(parser)
         serve.add_log_flags(parser, env)
@@ -82,6 +90,8 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 await _list(stub)
             elif args.models_command in ("pin", "unpin"):
                 await _pin(stub, args.model, pinned=args.models_command == "pin")
+            elif args.models_command == "verify":
+                return await verify_models(stub, args.model)
             else:
                 await _rm(stub, args.model)
         except grpc.aio.AioRpcError as err:

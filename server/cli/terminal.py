@@ -130,6 +130,10 @@ class PullView(_View):
         self._model = model
         self._last: models_pb.PullProgress | None = None
 
+    @property
+    def model(self) -> str:
+        return self._model
+
     def show(self, progress: models_pb.PullProgress) -> None:
         self._last = progress
         if not self._interactive:
@@ -146,12 +150,25 @@ class PullView(_View):
             return
         if self._interactive:
             self._end_bar()  # the bar stays, as far as it got
-        elif completed:
-            rate = format_bytes(int(self._last.bytes_per_second))
-            done = "verified" if self._last.verifying else "downloaded"
-            self._out.write(f"{self._model}: {format_bytes(self._last.bytes_done)} {done} ({rate}/s)\n")
+        last = self._last
+        resumed = not last.verifying and last.HasField("bytes_transferred") and last.bytes_done > last.bytes_transferred
+        if completed and (resumed or not self._interactive):  # on a terminal the bar says the rest
+            self._out.write(f"{self._model}: {_summary(last)}\n")
         self._out.flush()
         self._last = None
+
+
+def _summary(last: models_pb.PullProgress) -> str:
+    """What a finished pull did: the bytes it hashed, or those it downloaded, never counting as downloaded the
+    bytes an interrupted attempt had left in the cache."""
+    rate = format_bytes(int(last.bytes_per_second))
+    if last.verifying:
+        return f"{format_bytes(last.bytes_done)} verified ({rate}/s)"
+    if not last.HasField("bytes_transferred"):  # a server that does not say
+        return f"{format_bytes(last.bytes_done)} downloaded ({rate}/s)"
+    kept = last.bytes_done - last.bytes_transferred
+    already = f", {format_bytes(kept)} were already here" if kept > 0 else ""
+    return f"{format_bytes(last.bytes_transferred)} downloaded{already} ({rate}/s)"
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO | None = None) -> None:

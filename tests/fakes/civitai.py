@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 from tests.fakes.server import FakeServer, Handler, Seen, serve_range
 
+_AMZ_SIGNATURE = "X-Amz-Signature"
+
 
 @dataclass
 class StoredObject:
@@ -39,15 +41,20 @@ class FakeStorage(FakeServer):
         self._signatures: dict[str, tuple[str, int | None]] = {}
         self._lock = threading.Lock()
         self.sign_uses: int | None = None  # how many requests each new link serves before it "expires"
+        self.extra_query = ""  # appended to every signed link (e.g. a credential under an innocent name)
+        self.signature_param = _AMZ_SIGNATURE
 
     def sign(self, name: str) -> str:
         signature = uuid.uuid4().hex
         with self._lock:
             self._signatures[signature] = (name, self.sign_uses)
+        if self.signature_param != _AMZ_SIGNATURE:  # a storage host whose parameter names give nothing away
+            return f"{self.url}/bucket/{name}?{self.signature_param}={signature}{self.extra_query}"
         disposition = quote(f'attachment; filename="{self.objects[name].disposition_name}"', safe="")
         return (
             f"{self.url}/bucket/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAFAKE%2F20260101"
             f"&X-Amz-Expires=86400&X-Amz-Signature={signature}&response-content-disposition={disposition}"
+            f"{self.extra_query}"
         )
 
     def expire_all(self) -> None:
@@ -63,7 +70,7 @@ class FakeStorage(FakeServer):
             handler.send_body(400, b"<Error><Code>InvalidRequest</Code></Error>", {"Content-Type": "application/xml"})
             return
         name = request.path.removeprefix("/bucket/")
-        signature = request.query.get("X-Amz-Signature", "")
+        signature = request.query.get(self.signature_param, "")
         with self._lock:
             grant = self._signatures.get(signature)
             if grant is not None and grant[1] is not None:

@@ -57,6 +57,7 @@ class FakeHub(FakeServer):
         self.repos: dict[str, HubRepo] = {}
         self.token = token
         self.cdn = cdn
+        self.fail_api: tuple[int, dict[str, object]] | None = None  # (status, JSON body) for every API call
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False) -> HubRepo:
         repo = HubRepo(dict(files), private=private)
@@ -108,6 +109,9 @@ class FakeHub(FakeServer):
         return repo
 
     def _api(self, handler: Handler, request: Seen, rest: str) -> None:
+        if self.fail_api is not None:
+            handler.send_json(*self.fail_api)
+            return
         owner, name, kind, tail = [*rest.split("/", 3), "", "", ""][:4]
         repo = self._repo(handler, request, f"{owner}/{name}")
         if repo is None:

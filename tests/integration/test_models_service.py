@@ -130,8 +130,10 @@ def test_pull_streams_progress_while_downloading_then_the_record(
     assert len(storage.gets()) == 1
 
     again = pull(service.stub, "urn:air:sdxl:checkpoint:civitai:101055@128078")  # another spelling, same model
-    assert [r.WhichOneof("event") for r in again] == ["model"]  # cached: no progress, no download
-    assert again[0].model.model == BASE and len(storage.gets()) == 1
+    # Cached: no download, but its file is checked again (VERIFYING progress) before the record.
+    assert [r.WhichOneof("event") for r in again][-1] == "model"
+    assert all(r.progress.verifying for r in again[:-1]) and again[-2].progress.bytes_done == len(data)
+    assert again[-1].model.model == BASE and len(storage.gets()) == 1
 
 
 def test_a_pull_the_client_cancels_stops_its_download_and_the_next_pull_resumes_it(

@@ -46,18 +46,22 @@ class PullModelResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[PullProgress, _Mapping]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class PullProgress(_message.Message):
-    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying", "file")
+    __slots__ = ("bytes_done", "bytes_total", "bytes_per_second", "verifying", "file", "bytes_transferred", "model")
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     VERIFYING_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     bytes_done: int
     bytes_total: int
     bytes_per_second: float
     verifying: bool
     file: str
-    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
+    bytes_transferred: int
+    model: str
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ..., bytes_transferred: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use")
@@ -130,3 +134,41 @@ class UnpinModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class VerifyModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class VerifyModelResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: PullProgress
+    result: VerifyResult
+    def __init__(self, progress: _Optional[_Union[PullProgress, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
+
+class VerifyResult(_message.Message):
+    __slots__ = ("model", "verdict", "bytes_checked", "message")
+    class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERDICT_UNSPECIFIED: _ClassVar[VerifyResult.Verdict]
+        VERDICT_INTACT: _ClassVar[VerifyResult.Verdict]
+        VERDICT_REPAIRED: _ClassVar[VerifyResult.Verdict]
+        VERDICT_CORRUPT: _ClassVar[VerifyResult.Verdict]
+        VERDICT_SKIPPED: _ClassVar[VerifyResult.Verdict]
+    VERDICT_UNSPECIFIED: VerifyResult.Verdict
+    VERDICT_INTACT: VerifyResult.Verdict
+    VERDICT_REPAIRED: VerifyResult.Verdict
+    VERDICT_CORRUPT: VerifyResult.Verdict
+    VERDICT_SKIPPED: VerifyResult.Verdict
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    verdict: VerifyResult.Verdict
+    bytes_checked: int
+    message: str
+    def __init__(self, model: _Optional[str] = ..., verdict: _Optional[_Union[VerifyResult.Verdict, str]] = ..., bytes_checked: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

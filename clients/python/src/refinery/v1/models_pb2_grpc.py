@@ -59,6 +59,11 @@ class ModelServiceStub:
                 request_serializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
                 response_deserializer=refinery_dot_v1_dot_models__pb2.UnpinModelResponse.FromString,
                 _registered_method=True)
+        self.VerifyModel = channel.unary_stream(
+                '/refinery.v1.ModelService/VerifyModel',
+                request_serializer=refinery_dot_v1_dot_models__pb2.VerifyModelRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_models__pb2.VerifyModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -105,6 +110,17 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyModel(self, request, context):
+        """Read every file of cached models in full and compare its SHA256 with the hash its source published (the
+        name it is stored under). A file that does not match is set aside (never used again) and the model is
+        fetched again where its source allows. Streams progress (`verifying`, or a download), then one result per
+        model. Errors: NOT_FOUND if `model` is not in the cache. (Before a server first uses a model, a fast
+        digest of each file is checked against the one kept since it entered the cache; this is the full check.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +148,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.UnpinModel,
                     request_deserializer=refinery_dot_v1_dot_models__pb2.UnpinModelRequest.FromString,
                     response_serializer=refinery_dot_v1_dot_models__pb2.UnpinModelResponse.SerializeToString,
+            ),
+            'VerifyModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyModel,
+                    request_deserializer=refinery_dot_v1_dot_models__pb2.VerifyModelRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_models__pb2.VerifyModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +290,33 @@ class ModelService:
             '/refinery.v1.ModelService/UnpinModel',
             refinery_dot_v1_dot_models__pb2.UnpinModelRequest.SerializeToString,
             refinery_dot_v1_dot_models__pb2.UnpinModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/refinery.v1.ModelService/VerifyModel',
+            refinery_dot_v1_dot_models__pb2.VerifyModelRequest.SerializeToString,
+            refinery_dot_v1_dot_models__pb2.VerifyModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

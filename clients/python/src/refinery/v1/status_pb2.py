@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/status.proto\x12\x0brefinery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x0ePinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"=\n\x0fPinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"8\n\x10UnpinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"?\n\x11UnpinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"\x12\n\x10GetStatusRequest\"~\n\x11GetStatusResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\x12\'\n\x05queue\x18\x02 \x01(\x0b\x32\x18.refinery.v1.QueueStatus\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\"\xa3\x01\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12(\n\x05pairs\x18\x05 \x03(\x0b\x32\x19.refinery.v1.ResidentPair\x12\x14\n\x0cjobs_running\x18\x06 \x01(\r\"\x97\x01\n\x0cResidentPair\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x0bQueueStatus\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12H\n\x11\x64\x65pth_by_priority\x18\x03 \x03(\x0b\x32-.refinery.v1.QueueStatus.DepthByPriorityEntry\x1a\x36\n\x14\x44\x65pthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xed\x01\n\rServerService\x12J\n\tGetStatus\x12\x1d.refinery.v1.GetStatusRequest\x1a\x1e.refinery.v1.GetStatusResponse\x12\x44\n\x07PinPair\x12\x1b.refinery.v1.PinPairRequest\x1a\x1c.refinery.v1.PinPairResponse\x12J\n\tUnpinPair\x12\x1d.refinery.v1.UnpinPairRequest\x1a\x1e.refinery.v1.UnpinPairResponseBH\n\x0f\x64\x65v.refinery.v1B\x0bStatusProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/status.proto\x12\x0brefinery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"6\n\x0ePinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"=\n\x0fPinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"8\n\x10UnpinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"?\n\x11UnpinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"\x12\n\x10GetStatusRequest\"\xad\x01\n\x11GetStatusResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\x12\'\n\x05queue\x18\x02 \x01(\x0b\x32\x18.refinery.v1.QueueStatus\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\x12-\n\x0cpin_failures\x18\x04 \x03(\x0b\x32\x17.refinery.v1.PinFailure\"U\n\nPinFailure\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\xa3\x01\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12(\n\x05pairs\x18\x05 \x03(\x0b\x32\x19.refinery.v1.ResidentPair\x12\x14\n\x0cjobs_running\x18\x06 \x01(\r\"\x97\x01\n\x0cResidentPair\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x0bQueueStatus\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12H\n\x11\x64\x65pth_by_priority\x18\x03 \x03(\x0b\x32-.refinery.v1.QueueStatus.DepthByPriorityEntry\x1a\x36\n\x14\x44\x65pthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xed\x01\n\rServerService\x12J\n\tGetStatus\x12\x1d.refinery.v1.GetStatusRequest\x1a\x1e.refinery.v1.GetStatusResponse\x12\x44\n\x07PinPair\x12\x1b.refinery.v1.PinPairRequest\x1a\x1c.refinery.v1.PinPairResponse\x12J\n\tUnpinPair\x12\x1d.refinery.v1.UnpinPairRequest\x1a\x1e.refinery.v1.UnpinPairResponseBH\n\x0f\x64\x65v.refinery.v1B\x0bStatusProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.refinery.v1B\013StatusProtoP\001Z&refinery/gen/go/refinery/v1;refineryv1'
   _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._loaded_options = None
   _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_options = b'8\001'
-  _globals['_PINPAIRREQUEST']._serialized_start=74
-  _globals['_PINPAIRREQUEST']._serialized_end=128
-  _globals['_PINPAIRRESPONSE']._serialized_start=130
-  _globals['_PINPAIRRESPONSE']._serialized_end=191
-  _globals['_UNPINPAIRREQUEST']._serialized_start=193
-  _globals['_UNPINPAIRREQUEST']._serialized_end=249
-  _globals['_UNPINPAIRRESPONSE']._serialized_start=251
-  _globals['_UNPINPAIRRESPONSE']._serialized_end=314
-  _globals['_GETSTATUSREQUEST']._serialized_start=316
-  _globals['_GETSTATUSREQUEST']._serialized_end=334
-  _globals['_GETSTATUSRESPONSE']._serialized_start=336
-  _globals['_GETSTATUSRESPONSE']._serialized_end=462
-  _globals['_DEVICESTATUS']._serialized_start=465
-  _globals['_DEVICESTATUS']._serialized_end=628
-  _globals['_RESIDENTPAIR']._serialized_start=631
-  _globals['_RESIDENTPAIR']._serialized_end=782
-  _globals['_QUEUESTATUS']._serialized_start=785
-  _globals['_QUEUESTATUS']._serialized_end=962
-  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_start=908
-  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_end=962
-  _globals['_SERVERSERVICE']._serialized_start=965
-  _globals['_SERVERSERVICE']._serialized_end=1202
+  _globals['_PINPAIRREQUEST']._serialized_start=99
+  _globals['_PINPAIRREQUEST']._serialized_end=153
+  _globals['_PINPAIRRESPONSE']._serialized_start=155
+  _globals['_PINPAIRRESPONSE']._serialized_end=216
+  _globals['_UNPINPAIRREQUEST']._serialized_start=218
+  _globals['_UNPINPAIRREQUEST']._serialized_end=274
+  _globals['_UNPINPAIRRESPONSE']._serialized_start=276
+  _globals['_UNPINPAIRRESPONSE']._serialized_end=339
+  _globals['_GETSTATUSREQUEST']._serialized_start=341
+  _globals['_GETSTATUSREQUEST']._serialized_end=359
+  _globals['_GETSTATUSRESPONSE']._serialized_start=362
+  _globals['_GETSTATUSRESPONSE']._serialized_end=535
+  _globals['_PINFAILURE']._serialized_start=537
+  _globals['_PINFAILURE']._serialized_end=622
+  _globals['_DEVICESTATUS']._serialized_start=625
+  _globals['_DEVICESTATUS']._serialized_end=788
+  _globals['_RESIDENTPAIR']._serialized_start=791
+  _globals['_RESIDENTPAIR']._serialized_end=942
+  _globals['_QUEUESTATUS']._serialized_start=945
+  _globals['_QUEUESTATUS']._serialized_end=1122
+  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_start=1068
+  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_end=1122
+  _globals['_SERVERSERVICE']._serialized_start=1125
+  _globals['_SERVERSERVICE']._serialized_end=1362
 # @@protoc_insertion_point(module_scope)

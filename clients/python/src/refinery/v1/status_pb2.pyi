@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -42,14 +43,26 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("devices", "queue", "jobs_running")
+    __slots__ = ("devices", "queue", "jobs_running", "pin_failures")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PIN_FAILURES_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
     queue: QueueStatus
     jobs_running: int
-    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., jobs_running: _Optional[int] = ...) -> None: ...
+    pin_failures: _containers.RepeatedCompositeFieldContainer[PinFailure]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., jobs_running: _Optional[int] = ..., pin_failures: _Optional[_Iterable[_Union[PinFailure, _Mapping]]] = ...) -> None: ...
+
+class PinFailure(_message.Message):
+    __slots__ = ("model", "refiner_model", "error")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    refiner_model: str
+    error: _status_pb2.Status
+    def __init__(self, model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
     __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running")
