@@ -10,10 +10,17 @@ from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
 from server import domain
+from server.generation.compiling import CompileState, ShapeStatus
 from server.scheduling.snapshot import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER}
+_COMPILE_STATES = {
+    CompileState.QUEUED: status_pb.CompiledShape.STATE_QUEUED,
+    CompileState.COMPILING: status_pb.CompiledShape.STATE_COMPILING,
+    CompileState.READY: status_pb.CompiledShape.STATE_READY,
+    CompileState.FAILED: status_pb.CompiledShape.STATE_FAILED,
+}
 _PHASES = {
     domain.LoadPhase.DOWNLOADING: gen_pb.ModelLoading.PHASE_DOWNLOADING,
     domain.LoadPhase.VERIFYING: gen_pb.ModelLoading.PHASE_VERIFYING,
@@ -156,4 +163,24 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         allocated_bytes=device.allocated_bytes,
         pairs=pairs,
         jobs_running=device.jobs_running,
+        tuning=device.tuning,
+        compiled_shapes=[_compiled_shape(shape) for shape in device.compiled],
+        compiled_unet_calls=device.unet_calls.get("compiled", 0),
+        eager_unet_calls=device.unet_calls.get("eager", 0),
+    )
+
+
+def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
+    compile_time = duration_pb2.Duration()
+    compile_time.FromNanoseconds(int(shape.seconds * 1e9))
+    return status_pb.CompiledShape(
+        model=shape.model,
+        role=_ROLES[Role(shape.role)],
+        width=shape.width,
+        height=shape.height,
+        max_images=shape.max_images,
+        state=_COMPILE_STATES[shape.state],
+        pinned=shape.pinned,
+        compile_time=compile_time,
+        error=shape.error,
     )

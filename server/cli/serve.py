@@ -17,7 +17,7 @@ from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
 from server.logs import quiet_model_libraries
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings, Speed
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -84,9 +84,66 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     )
     flag("--metrics-port", "REFINERY_METRICS_PORT", options.port, "0", "serve Prometheus /metrics here (default off)")
     flag("--grace", "REFINERY_GRACE_PERIOD", options.seconds, "30", "seconds running requests get on shutdown")
+    add_speed_flags(serve, env)
     add_device_flags(serve, env)
     add_store_flags(serve)
     add_log_flags(serve, env)
+
+
+def add_speed_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """The speed options (server/generation/tuning.py; README "Speed"). "auto": on for CUDA devices unless
+    --compile is off; --compile off is the untuned path exactly."""
+    group = parser.add_argument_group("speed")
+
+    def flag(name: str, var: str, convert: options.Convert, default: str, help: str) -> None:
+        env_flag(group, env, name, var=var, convert=convert, default=default, help=help)
+
+    flag(
+        "--compile",
+        "REFINERY_COMPILE",
+        options.compile_mode,
+        "auto",
+        "torch.compile the UNets: auto (default: "
+        "'default' on CUDA, off elsewhere), off, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+    )
+    flag("--fuse-qkv", "REFINERY_FUSE_QKV", options.toggle, "auto", "fused QKV projections: auto, on, off")
+    flag("--channels-last", "REFINERY_CHANNELS_LAST", options.toggle, "auto", "channels-last UNets: auto, on, off")
+    flag(
+        "--vae-decode",
+        "REFINERY_VAE_DECODE",
+        options.vae_decode,
+        "auto",
+        "VAE decode: auto (bfloat16 where tuned), upcast (float32, as diffusers), bfloat16",
+    )
+    flag("--fp8", "REFINERY_FP8", options.on_off, "off", "FP8 UNet linear layers (GPUs with FP8; needs torchao)")
+    flag(
+        "--compile-sizes",
+        "REFINERY_COMPILE_SIZES",
+        options.non_negative,
+        "4",
+        "image sizes compiled per UNet on demand besides the pinned pairs' (default 4)",
+    )
+    flag(
+        "--compile-cache",
+        "REFINERY_COMPILE_CACHE",
+        options.optional_directory,
+        "",
+        "torch.compile's caches (default: compile/ in the model cache)",
+    )
+    flag("--png-level", "REFINERY_PNG_LEVEL", options.png_level, "1", "PNG zlib level 0-9 (default 1)")
+
+
+def speed_settings(args: argparse.Namespace) -> Speed:
+    return Speed(
+        compile=args.compile,
+        fuse_qkv=args.fuse_qkv,
+        channels_last=args.channels_last,
+        vae_decode=args.vae_decode,
+        fp8=args.fp8,
+        compile_sizes=args.compile_sizes,
+        compile_cache_dir=args.compile_cache,
+        png_level=args.png_level,
+    )
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -115,8 +172,9 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
     common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
     if in_process:
-        # Loopback only, any free port; nothing pinned, so the stream shows the models loading.
-        return Settings(**common, host="127.0.0.1", port=0, pins=())
+        # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Untuned: one
+        # request would not pay for a compile.
+        return Settings(**common, host="127.0.0.1", port=0, pins=(), speed=Speed(compile="off"))
     pins = _pins(args)
     return Settings(
         **common,
@@ -131,6 +189,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         budget_bytes=args.budget,
         metrics_port=args.metrics_port,
         grace_period_s=args.grace,
+        speed=speed_settings(args),
     )
 
 

@@ -120,7 +120,7 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     device = base._execution_device
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
     use_cfg = shape.cfg_scale > 1.0
-    clock = _Clock()
+    clock = _Clock(device)
 
     base.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     base_embeds = _encode(base, samples, device, use_cfg)
@@ -136,9 +136,9 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
         callback_on_step_end=_callback(Stage.BASE, shape, observer, clock, stop_after=shape.base_steps),
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    timings = StageTimings(base_s=clock.last_step - clock.start)
+    base_end = clock.last_step
     if not shape.refiner_steps:
-        timings.decode_s = time.perf_counter() - clock.last_step
+        timings = StageTimings(clock.seconds(clock.start, base_end), 0.0, clock.seconds(base_end, clock.mark()))
         return RunResult(list(base_result.images), timings)
 
     refiner = _indexed(pair.refiner)
@@ -158,19 +158,42 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
         callback_on_step_end=_callback(Stage.REFINER, shape, observer, clock, stop_after=None),
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    timings.refiner_s = clock.last_step - refiner_start
-    timings.decode_s = time.perf_counter() - clock.last_step
+    refiner_end = clock.last_step
+    timings = StageTimings(
+        clock.seconds(clock.start, base_end),
+        clock.seconds(refiner_start, refiner_end),
+        clock.seconds(refiner_end, clock.mark()),
+    )
     return RunResult(list(refined.images), timings)
 
 
 class _Clock:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    """Stage boundaries. On CUDA the CPU queues kernels ahead of the device, so a CPU clock would count part of
+    a stage in the next one (with compiled graphs, most of it): there each boundary is a CUDA event on the
+    device's own timeline, read once the images are on the CPU (so every event has completed)."""
+
+    def __init__(self, device: Any) -> None:
+        self._device = torch.device(device)
+        self._cuda = self._device.type == "cuda"
+        self.start = self._now()
         self.last_step = self.start
 
-    def mark(self) -> float:
-        self.last_step = time.perf_counter()
+    def _now(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self._device))
+            return event
+        return time.perf_counter()
+
+    def mark(self) -> Any:
+        self.last_step = self._now()
         return self.last_step
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self._cuda:
+            end.synchronize()
+            return float(start.elapsed_time(end)) / 1000.0
+        return float(end - start)
 
 
 def _indexed(refiner: StableDiffusionXLImg2ImgPipeline | None) -> _IndexedRefinerPipeline:

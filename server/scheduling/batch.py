@@ -9,13 +9,13 @@ nothing more; the others go on, and the run itself stops once no request is left
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from PIL import Image
 
 from modelstore.errors import ModelStoreError
 from server.domain import (
@@ -35,6 +35,7 @@ from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
 from server.metrics import Metrics
+from server.scheduling.delivery import Delivery
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pairs import ModelSpec
 from server.scheduling.residency import LoadReport, Residency
@@ -116,7 +117,9 @@ class Batch:
             self._started = self._last_step = time.perf_counter()
             result = self._run_with_oom_retry(pair, shape, samples)
             for ticket in self._active:
-                self._host.deliver(functools.partial(self._deliver, ticket, shape, samples, result))
+                ticket.timings.run = result.timings
+                for task in self._delivery(ticket, shape, samples, result).tasks():
+                    self._host.deliver(task)
             self._active = []  # handed over: the delivery alone ends these requests now
         except Exception as exc:
             if not isinstance(exc, (ServerError, ModelStoreError)):
@@ -217,36 +220,26 @@ class Batch:
                 )
             )
 
-    # ---- on an encoder thread (or the worker's, with encode_threads 0) ----------------------------------
+    # ---- delivery: on the encoder threads (or the worker's, with encode_threads 0) ---------------------
 
-    def _deliver(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
-        """Encode and send one request's images, then end it."""
-        ticket.timings.run = result.timings
-        try:
-            self._send_images(ticket, shape, samples, result)
-        except Exception as exc:
-            log.error("sending the images of request %s failed", ticket.job.request_id, exc_info=exc)
-            self._host.finish(ticket, exc)
-            return
-        self._host.finish(ticket, None)
-
-    def _send_images(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
+    def _delivery(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> Delivery:
+        """Encode and send one request's images (each its own task), then end it."""
         job = ticket.job
-        encode_started = time.perf_counter()
-        for index in range(job.number_results):
-            image = result.images[ticket.batch_offset + index]
-            ticket.sink.emit(
-                ImageResult(
-                    data=self._worker.encode(image, job.output_format),
-                    mime_type=job.output_format.mime_type,
-                    seed=samples[ticket.batch_offset + index].seed,
-                    index=index,
-                    width=image.width,
-                    height=image.height,
-                    base_steps=shape.base_steps,
-                    refiner_steps=shape.refiner_steps,
-                    model=job.model,
-                    refiner_model=job.refiner.model if job.refiner is not None else "",
-                )
+        offset = ticket.batch_offset
+
+        def image_event(index: int, image: Image.Image, data: bytes) -> ImageResult:
+            return ImageResult(
+                data=data,
+                mime_type=job.output_format.mime_type,
+                seed=samples[offset + index].seed,
+                index=index,
+                width=image.width,
+                height=image.height,
+                base_steps=shape.base_steps,
+                refiner_steps=shape.refiner_steps,
+                model=job.model,
+                refiner_model=job.refiner.model if job.refiner is not None else "",
             )
-        ticket.timings.encode_s = time.perf_counter() - encode_started
+
+        images = result.images[offset : offset + job.number_results]
+        return Delivery(ticket, images, encode=self._worker.encode, make_event=image_event, finish=self._host.finish)

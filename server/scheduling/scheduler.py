@@ -36,7 +36,7 @@ from modelstore.errors import ModelStoreError
 from modelstore.units import format_bytes
 from server.domain import Job, PairKey, Queued
 from server.errors import DeadlineExceeded, OutOfDeviceMemory, ShuttingDown
-from server.generation import runner
+from server.generation import compiling, runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
@@ -99,9 +99,14 @@ class Scheduler:
                 run=run,
                 encode=encode,
                 metrics=self.metrics,
+                speed=settings.speed,
+                max_batch=settings.max_batch,
             )
             for device in resolve_devices(settings.devices)
         ]
+        if any(w.compiler is not None for w in self.workers):
+            speed = settings.speed
+            compiling.configure_cache(speed.compile_cache_dir or settings.store.cache_dir / "compile")
         self.metrics.watch(self.snapshot)
 
     # ---- the API's side ---------------------------------------------------------------------------------
