@@ -92,14 +92,15 @@ class _SnapshotCollector(Collector):
 
 
 def _compile_families(status: SchedulerSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """Which UNet shapes are compiled (1 per shape, in its state), what compiling them took, and how many UNet
-    calls ran compiled or eagerly."""
+    """Which UNet shapes are compiled (1 per shape, in its state), what compiling them took, how many UNet calls
+    ran compiled or eagerly, and how long batches kept each device busy."""
     labels = ["device", "model", "role", "size", "state"]
     shapes = GaugeMetricFamily("refinery_compiled_shapes", "UNet shapes by compile state", labels=labels)
     seconds = GaugeMetricFamily(
         "refinery_compile_seconds", "Compiling a UNet shape (with its first run)", labels=labels[:4]
     )
     calls = CounterMetricFamily("refinery_unet_calls", "UNet calls by path", labels=["device", "path"])
+    busy = CounterMetricFamily("refinery_device_busy_seconds", "Time a batch ran on the device", labels=["device"])
     for device in status.devices:
         for shape in device.compiled:
             size = f"{shape.width}x{shape.height}"
@@ -108,4 +109,5 @@ def _compile_families(status: SchedulerSnapshot) -> Iterator[GaugeMetricFamily |
                 seconds.add_metric([device.name, shape.model, shape.role, size], shape.seconds)
         for path, count in sorted(device.unet_calls.items()):
             calls.add_metric([device.name, path], count)
-    yield from (shapes, seconds, calls)
+        busy.add_metric([device.name], device.busy_s)
+    yield from (shapes, seconds, calls, busy)

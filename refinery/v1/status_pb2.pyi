@@ -55,7 +55,7 @@ class GetStatusResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue: _Optional[_Union[QueueStatus, _Mapping]] = ..., jobs_running: _Optional[int] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running", "tuning", "compiled_shapes", "compiled_unet_calls", "eager_unet_calls")
+    __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running", "tuning", "compiled_shapes", "compiled_unet_calls", "eager_unet_calls", "busy_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class DeviceStatus(_message.Message):
     COMPILED_SHAPES_FIELD_NUMBER: _ClassVar[int]
     COMPILED_UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
     EAGER_UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     budget_bytes: int
     resident_bytes: int
@@ -76,7 +77,8 @@ class DeviceStatus(_message.Message):
     compiled_shapes: _containers.RepeatedCompositeFieldContainer[CompiledShape]
     compiled_unet_calls: int
     eager_unet_calls: int
-    def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ..., tuning: _Optional[str] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., compiled_unet_calls: _Optional[int] = ..., eager_unet_calls: _Optional[int] = ...) -> None: ...
+    busy_time: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ..., tuning: _Optional[str] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., compiled_unet_calls: _Optional[int] = ..., eager_unet_calls: _Optional[int] = ..., busy_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CompiledShape(_message.Message):
     __slots__ = ("model", "role", "width", "height", "max_images", "state", "pinned", "compile_time", "error")

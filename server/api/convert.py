@@ -167,12 +167,17 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         compiled_shapes=[_compiled_shape(shape) for shape in device.compiled],
         compiled_unet_calls=device.unet_calls.get("compiled", 0),
         eager_unet_calls=device.unet_calls.get("eager", 0),
+        busy_time=_duration(device.busy_s),
     )
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
 def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
-    compile_time = duration_pb2.Duration()
-    compile_time.FromNanoseconds(int(shape.seconds * 1e9))
     return status_pb.CompiledShape(
         model=shape.model,
         role=_ROLES[Role(shape.role)],
@@ -181,6 +186,6 @@ def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
         max_images=shape.max_images,
         state=_COMPILE_STATES[shape.state],
         pinned=shape.pinned,
-        compile_time=compile_time,
+        compile_time=_duration(shape.seconds),
         error=shape.error,
     )

@@ -90,6 +90,7 @@ class DeviceWorker:
             on_unload=self._unload,
         )
         self.busy = False
+        self.busy_s = 0.0
         self.running: list[Ticket] = []
         self.restarts = 0
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -150,6 +151,7 @@ class DeviceWorker:
             allocated_bytes(self.device),
             tuple(self.residency.resident()),
             len(self.running),
+            busy_s=self.busy_s,
             tuning=self.tuning.describe(),
             compiled=shapes,
             unet_calls=calls,
@@ -189,8 +191,11 @@ class DeviceWorker:
             # which requests to end.
             self.running = tickets
             self.busy = True
+            started = time.perf_counter()
             with self._using_device():
                 Batch(self, tickets).run()
+            # Time with a batch on the device: against wall time, how much the device idled between batches.
+            self.busy_s += time.perf_counter() - started
             self.running = []
             self.busy = False
 

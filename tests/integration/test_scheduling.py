@@ -113,6 +113,9 @@ def test_status_rpc_and_metrics_page(batching_server: ServerThread) -> None:
     assert (pair.model, pair.refiner_model, pair.pinned) == (DEFAULT_BASE, DEFAULT_REFINER, True)
     assert 0 < pair.bytes == device.resident_bytes <= device.budget_bytes
     assert status.queue.max_queue == 64 and status.queue.depth == 0
+    # Untuned on the CPU by default: nothing compiled; the request kept the device busy for a while.
+    assert device.tuning == "compile off" and list(device.compiled_shapes) == []
+    assert device.busy_time.ToNanoseconds() > 0
 
     port = batching_server.server.metrics_port
     assert port == 0  # off unless asked for
@@ -136,6 +139,7 @@ def test_metrics_are_served_when_asked_for(store_settings: StoreSettings, model_
         "refinery_queue_wait_seconds_count 1.0",
         'refinery_step_seconds_count{stage="base"}',
         'refinery_model_load_seconds_count{device="cpu"} 1.0',
+        'refinery_device_busy_seconds_total{device="cpu"}',
     ):
         assert line in text, f"{line!r} missing from /metrics"
 
