@@ -113,7 +113,7 @@ def tune_pipeline(pipe: Any, tuning: Tuning, *, compiler: Compiler | None, model
         if tuning.fuse_qkv:
             unet.fuse_qkv_projections()
         if tuning.fp8:
-            _linears_to_fp8(unet)
+            linears_to_fp8(unet)
         if tuning.channels_last:
             unet.to(memory_format=torch.channels_last)
         if compiler is not None:
@@ -142,7 +142,8 @@ def decode_in_bfloat16(vae: Any) -> None:
     first.register_forward_pre_hook(to_bfloat16)
 
 
-def _linears_to_fp8(unet: Any) -> None:
+def linears_to_fp8(unet: Any) -> None:
+    """The UNet's transformer linear layers as float8 weights and activations, scaled per row (torchao)."""
     # Imported here: torchao is an optional extra, and `tuning_for` has checked it is installed.
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-from PIL import Image
 
 from modelstore.errors import ModelStoreError
 from server.domain import (
@@ -35,7 +34,7 @@ from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
 from server.metrics import Metrics
-from server.scheduling.delivery import Delivery
+from server.scheduling.delivery import Delivery, Item
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pairs import ModelSpec
 from server.scheduling.residency import LoadReport, Residency
@@ -223,12 +222,13 @@ class Batch:
     # ---- delivery: on the encoder threads (or the worker's, with encode_threads 0) ---------------------
 
     def _delivery(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> Delivery:
-        """Encode and send one request's images (each its own task), then end it."""
+        """Encode and send one request's images (each its own task, sent in order), then end it."""
         job = ticket.job
         offset = ticket.batch_offset
 
-        def image_event(index: int, image: Image.Image, data: bytes) -> ImageResult:
-            return ImageResult(
+        def item(index: int) -> Item:
+            image = result.images[offset + index]
+            return image, lambda data: ImageResult(
                 data=data,
                 mime_type=job.output_format.mime_type,
                 seed=samples[offset + index].seed,
@@ -241,5 +241,5 @@ class Batch:
                 refiner_model=job.refiner.model if job.refiner is not None else "",
             )
 
-        images = result.images[offset : offset + job.number_results]
-        return Delivery(ticket, images, encode=self._worker.encode, make_event=image_event, finish=self._host.finish)
+        items = [item(index) for index in range(job.number_results)]
+        return Delivery(ticket, items, encode=self._worker.encode, finish=self._host.finish)

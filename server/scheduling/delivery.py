@@ -23,8 +23,8 @@ from server.scheduling.ticket import Ticket
 
 log = logging.getLogger(__name__)
 
-# Builds the event for image `index` of the request from its encoded bytes.
-MakeEvent = Callable[[int, Image.Image, bytes], ImageResult]
+# One image to send, and how its event is made from its encoded bytes.
+Item = tuple[Image.Image, Callable[[bytes], ImageResult]]
 
 
 class Delivery:
@@ -33,16 +33,14 @@ class Delivery:
     def __init__(
         self,
         ticket: Ticket,
-        images: list[Image.Image],
+        items: list[Item],
         *,
         encode: Encoder,
-        make_event: MakeEvent,
         finish: Callable[[Ticket, BaseException | None], None],
     ) -> None:
         self._ticket = ticket
-        self._images = images
+        self._items = items  # in the order they are sent
         self._encode = encode
-        self._make_event = make_event
         self._finish = finish
         self._lock = threading.Lock()
         self._encoded: dict[int, bytes] = {}
@@ -51,7 +49,7 @@ class Delivery:
         self._started = 0.0
 
     def tasks(self) -> list[Callable[[], None]]:
-        return [functools.partial(self._run, index) for index in range(len(self._images))]
+        return [functools.partial(self._run, index) for index in range(len(self._items))]
 
     def _run(self, index: int) -> None:
         with self._lock:
@@ -60,11 +58,11 @@ class Delivery:
             self._started = self._started or time.perf_counter()
         job = self._ticket.job
         try:
-            data = self._encode(self._images[index], job.output_format)
+            data = self._encode(self._items[index][0], job.output_format)
             with self._lock:
                 self._encoded[index] = data
                 self._send_ready()
-                done = self._next == len(self._images)
+                done = self._next == len(self._items)
         except Exception as exc:
             log.error("sending the images of request %s failed", job.request_id, exc_info=exc)
             with self._lock:
@@ -78,6 +76,6 @@ class Delivery:
     def _send_ready(self) -> None:
         """Under the lock: send every encoded image that is next in order."""
         while self._next in self._encoded:
-            index = self._next
-            self._ticket.sink.emit(self._make_event(index, self._images[index], self._encoded.pop(index)))
+            make_event = self._items[self._next][1]
+            self._ticket.sink.emit(make_event(self._encoded.pop(self._next)))
             self._next += 1

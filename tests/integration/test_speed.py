@@ -82,6 +82,8 @@ def test_pinned_shapes_compile_in_the_background_and_a_restart_compiles_nothing(
     finally:
         server.close()
 
+    # The compiled code is where the settings put it (the model cache's volume by default).
+    assert any(path.is_file() for path in (tmp_path / "compile" / "fxgraph").rglob("*"))
     # A restart: nothing in memory (Dynamo forgets its graphs), everything on disk.
     torch._dynamo.reset()
     misses = counters["inductor"]["fxgraph_cache_miss"]
