@@ -30,7 +30,7 @@ from modelstore.units import format_bytes
 from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
 from server.api import generation_service, model_service, server_service
 from server.generation import runner
-from server.generation.encoding import Encoder, encode_image
+from server.generation.encoding import Encoder
 from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
 from server.scheduling.scheduler import Scheduler
@@ -72,7 +72,7 @@ class RefineryServer:
         store: ModelStore | None = None,
         loader: Loader = load_pipeline,
         run: PipelineRunner = runner.run,
-        encode: Encoder = encode_image,
+        encode: Encoder | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)

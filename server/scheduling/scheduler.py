@@ -25,6 +25,7 @@ the requests it held end with UNAVAILABLE.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -69,12 +70,14 @@ class Scheduler:
         *,
         loader: Loader = load_pipeline,
         run: PipelineRunner = runner.run,
-        encode: Encoder = encode_image,
+        encode: Encoder | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
+        if encode is None:  # the real encoder at the configured PNG level (tests pass stand-ins)
+            encode = functools.partial(encode_image, png_level=settings.speed.png_level)
         self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue)
         self._resolver = Resolver(store)
         self._lock = threading.Lock()
