@@ -17,6 +17,7 @@ from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
 from server.logs import quiet_model_libraries
+from server.prefetch import start_prefetch
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings, Speed
 
 EXIT_FAILED = 1
@@ -206,6 +207,7 @@ def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = server_settings(args, env, in_process=False)
     quiet_model_libraries()
+    start_prefetch(settings)  # the disk reads the pinned weights while the next line imports torch and diffusers
     from server.app import serve  # torch and diffusers load only when a server runs here
 
     try:
