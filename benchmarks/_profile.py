@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,7 +81,8 @@ def _summary(prof: Any, wall: float) -> dict[str, Any]:
 
 def thread_profile(pid: int, seconds: float) -> dict[str, Any]:
     """py-spy's view of process `pid` (empty when py-spy is not installed)."""
-    binary = shutil.which("py-spy")
+    beside = Path(sys.executable).parent / "py-spy"  # a virtual environment's, when it is not on PATH
+    binary = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
     if binary is None:
         return {"skipped": "py-spy is not installed"}
     command = [binary, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--format", "raw"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._profile import thread_profile
 from benchmarks.bench_encode import natural_image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
@@ -163,33 +163,9 @@ def _rounds(client: Client, args: argparse.Namespace, pid: int) -> dict[str, Any
     if args.py_spy:
         with ThreadPoolExecutor(1) as pool:
             burst = pool.submit(measure, client, args.n * 3, True)
-            results["py_spy"] = _py_spy(pid, args.py_spy)
+            results["py_spy"] = thread_profile(pid, args.py_spy)
             burst.result()
     return results
-
-
-def _py_spy(pid: int, seconds: int) -> dict[str, Any]:
-    """Per thread: the share of samples it was active, holding the GIL, and its three hottest frames."""
-    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    out = subprocess.run(
-        [binary, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw", "--threads", "--gil",
-         "--rate", "200", "--output", "/dev/stdout", "--nonblocking"],
-        capture_output=True, text=True, timeout=seconds + 60,
-    ).stdout  # fmt: skip
-    threads: dict[str, dict[str, int]] = {}
-    total = 0
-    for line in out.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit() or line.startswith("py-spy>"):
-            continue
-        thread = stack.split(";")[0]
-        frames = threads.setdefault(thread, {})
-        frames[stack.split(";")[-1]] = frames.get(stack.split(";")[-1], 0) + int(count)
-        total += int(count)
-    return {
-        thread: {"gil_share": sum(f.values()) / max(total, 1), "top": sorted(f.items(), key=lambda kv: -kv[1])[:3]}
-        for thread, f in threads.items()
-    }
 
 
 def _start_server(args: argparse.Namespace, tmp: Path, log_path: Path) -> subprocess.Popen[bytes]:

@@ -15,8 +15,9 @@ A request's life here (the API calls only `submit` and `cancel`):
    one it would get alone, up to float rounding between batch sizes.
 5. **Execution** on the device's worker thread (`worker.py`, `batch.py`). A cancelled request leaves the queue,
    or stops receiving events at the next step; its batch mates go on, and the run stops once none is left.
-6. **Delivery.** Finished images are encoded and sent on an encoder thread (`encode_threads`) while the
-   worker already takes its next batch: the device does not wait for PNG compression.
+6. **Delivery.** Finished images are encoded and sent on the encoder threads (`encode_threads`), each image
+   its own task and all sent in order (`delivery.py`), while the worker already takes its next batch: the
+   device does not wait for PNG compression.
 
 Faults: running out of device memory evicts every idle pair and retries once, then ends the batch with
 RESOURCE_EXHAUSTED; a failing batch never kills its worker; a worker thread that dies anyway is restarted and
