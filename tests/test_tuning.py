@@ -44,8 +44,10 @@ def _generate(pipe: Any) -> np.ndarray:
 
 def test_fused_qkv_and_channels_last_change_the_unet_not_the_image(base_pipeline: Any, model_store: ModelStore) -> None:
     untuned = _generate(base_pipeline)
-    tune_pipeline(base_pipeline, Tuning(None, fuse_qkv=True, channels_last=True), compiler=None, model="m", role="base")
     unet = base_pipeline.unet
+    weights = sum(p.numel() for p in unet.parameters())
+    tune_pipeline(base_pipeline, Tuning(None, fuse_qkv=True, channels_last=True), compiler=None, model="m", role="base")
+    assert sum(p.numel() for p in unet.parameters()) == weights  # fused, not held twice
     attention = next(m for m in unet.modules() if type(m).__name__ == "Attention")
     assert attention.fused_projections
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -1,9 +1,10 @@
 """Compiled UNets that never stall a request or readiness.
 
-A UNet's `forward` is replaced by a `UNetDispatch` when it is loaded. Every call goes through
-`torch._dynamo.run`, Dynamo's run-only mode: a shape whose compiled graph is ready runs it, and any other call
-runs eagerly, with no compiling on the worker's thread ever (a guard that fails costs an eager step, not a
-compile of a minute). The graphs are compiled by the device's `Compiler` on a thread of its own:
+A UNet's `forward` is replaced by a `UNetDispatch` when it is loaded. A call of a shape whose graph is ready
+goes through `torch._dynamo.run`, Dynamo's run-only mode, which runs the cached graph and never compiles (a
+guard that fails costs an eager step, not a compile of a minute on the worker's thread); every other call runs
+the UNet eagerly, and an unseen size is queued. The graphs are compiled by the device's `Compiler` on a thread
+of its own:
 
 - what it compiles: the native size of every pinned pair as soon as the pair is resident, then any other size a
   UNet is called with (up to `max_sizes` per UNet; others stay eager), each for every batch of up to
@@ -170,6 +171,8 @@ class UNetDispatch:
                 compiler.request(self, key, pinned=False)
             return None
         if status.state is not CompileState.READY or not 2 <= sample.shape[0] <= 2 * status.max_images:
+            return None
+        if torch.is_tensor(timestep) and timestep.numel() != 1:  # one timestep per sample: not how it was traced
             return None
         # Inputs exactly as the graph was traced with (contiguous; the timestep a float32 scalar on the device:
         # an int64 timestep gives the same embedding, which casts it to float first), so its guards hold.
