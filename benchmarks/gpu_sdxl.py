@@ -169,11 +169,19 @@ def hand_run_phase(run: Run, tuned: Service | None) -> None:
     report, args = run.report, run.args
     with report.section("hand-run", needs_s=args.needs_s * 2) as go:
         if go:
+            from torch._dynamo.utils import counters
+
             configure_cache(run.compile_cache)
             run.direct = Direct(run.folders, args.device, tuning=run.tuning(), max_images=4)
+            started = time.monotonic()
             compiled = run.direct.compile(max(10.0, report.left_s() - args.needs_s * 2))
-            report.put(direct_compiled=compiled)
-            if tuned is not None:
+            report.put(
+                direct_compiled=compiled,
+                direct_compile_s=round(time.monotonic() - started, 1),
+                # Whether the hand-run found the service's compiled code in the shared caches.
+                direct_compile_cache={k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+            )
+            if tuned is not None and compiled:  # else the comparison would be against an eager hand-run
                 _phases.service_vs_direct(report, tuned, run.direct, args)
     if run.direct is None:
         return

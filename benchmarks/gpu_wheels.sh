@@ -7,7 +7,7 @@
 # (.whl/ is in .gitignore.) Then, as one device call (carry: [".whl"], timeout_s 600; about 8 minutes on an H200):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH || exit; \
-#   PYTHONUNBUFFERED=1 python3 benchmarks/gpu_sdxl.py --budget 450 2>&1 | tee $OUT/gpu_sdxl.log
+#   PYTHONUNBUFFERED=1 python3 benchmarks/gpu_sdxl.py --budget 470 2>&1 | tee $OUT/gpu_sdxl.log
 # $OUT/gpu_sdxl.json holds the figures (rewritten after every section, so a cut run keeps what it measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
