@@ -223,16 +223,18 @@ class Scheduler:
             self._encoders.submit(send)
 
     def finish(self, ticket: Ticket, error: BaseException | None) -> None:
-        """End a request exactly once: close its stream, release its models, count and log its outcome."""
+        """End a request exactly once: count and log its outcome, close its stream, release its models."""
         with self._lock:
             if ticket not in self._tickets:
                 return
             self._tickets.discard(ticket)
-        ticket.sink.close(error)
-        ticket.leases.release_all()
+        # Counted and logged before the stream ends: a client that reads the metrics (or a benchmark the log) as
+        # soon as its stream is over finds its request there.
         outcome = outcome_of(error)
         self.metrics.jobs.labels(outcome).inc()
         log_outcome(ticket, error, outcome)
+        ticket.sink.close(error)
+        ticket.leases.release_all()
 
     def wake(self) -> None:
         self.queue.notify()
