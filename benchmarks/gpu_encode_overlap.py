@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_sdxl import Service, build_pair, log
+from benchmarks._service import Service, log
+from benchmarks.gpu_sdxl import build_pair
 
 
 def burst(service: Service, n: int, size: int, steps: int) -> float:
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     size = args.size or (64 if args.tiny else 1024)
-    args.budget = "45MB" if args.tiny else "14GiB"
+    args.smoke = args.tiny
+    budget = ["--budget", "45MB" if args.tiny else "14GiB", "--pin", "none", "--max-batch", "1"]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     log(f"{device}, {size}x{size}, {args.steps} steps, bursts of {args.requests} requests")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refinery-overlap-"))
@@ -59,7 +61,7 @@ def main() -> None:
     configs = {"inline": ["--encode-threads", "0"], "overlapped": ["--encode-threads", "2"]}
     with ThreadPoolExecutor(max_workers=2) as pool:
         started = {
-            name: pool.submit(Service, folders, args, workdir / f"cache-{name}", ["--max-batch", "1", *flags])
+            name: pool.submit(Service, folders, args.device, workdir / f"cache-{name}", [*budget, *flags])
             for name, flags in configs.items()
         }
         services = {name: future.result() for name, future in started.items()}

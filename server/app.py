@@ -37,7 +37,7 @@ from server.api.access import AccessInterceptor
 from server.api.boundary import status_code_for
 from server.domain import PairKey
 from server.generation import runner
-from server.generation.encoding import Encoder, encode_image
+from server.generation.encoding import Encoder
 from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
 from server.pins import PinFailures
@@ -60,7 +60,7 @@ class RefineryServer:
         store: ModelStore | None = None,
         loader: Loader = load_pipeline,
         run: PipelineRunner = runner.run,
-        encode: Encoder = encode_image,
+        encode: Encoder | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)

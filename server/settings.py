@@ -4,6 +4,7 @@ and passed down. Nothing else reads the environment."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from modelstore import StoreSettings
@@ -70,6 +71,45 @@ class Security:
         return f"Security({fields})"
 
 
+class Toggle(Enum):
+    """A speed option: `AUTO` is on for CUDA devices unless compilation is off (`--compile off` is the switch
+    back to the untuned path), `ON` and `OFF` hold everywhere, the CPU included."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+# torch.compile's modes (plus "off", and "auto": "default" on CUDA, off elsewhere). "reduce-overhead" and
+# "max-autotune" add CUDA graphs.
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# How the VAE decodes: "upcast" in float32 as diffusers does for SDXL's fp16 VAE (`force_upcast`), or in
+# bfloat16 (float32's exponent range, so no overflow, at half the bytes); "auto": bfloat16 where the device
+# has it and tuning is on (see Toggle).
+VAE_DECODES = ("auto", "upcast", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How pipelines are tuned where they are loaded onto a device (server/generation/tuning.py); the README's
+    "Speed" section says what each costs and gains."""
+
+    compile: str = "auto"
+    fuse_qkv: Toggle = Toggle.AUTO
+    channels_last: Toggle = Toggle.AUTO
+    vae_decode: str = "auto"
+    # The UNets' linear layers in FP8 (torchao); only on GPUs with FP8 (compute capability 8.9+).
+    fp8: bool = False
+    # Image sizes compiled per UNet besides those of pinned pairs; further sizes always run eagerly.
+    compile_sizes: int = 4
+    # torch.compile's caches (Inductor, Triton, Dynamo's artefacts); None: `compile/` in the model cache, so a
+    # restarted server (or another replica sharing the volume) compiles nothing again.
+    compile_cache_dir: Path | None = None
+    # zlib level of PNG results (0-9): 1 is several times faster than Pillow's 6 and costs a few % in size
+    # (benchmarks/bench_encode.py).
+    png_level: int = 1
+
+
 @dataclass(frozen=True)
 class Settings:
     store: StoreSettings
@@ -114,3 +154,4 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     security: Security = field(default_factory=Security)
     log_json: bool = False
+    speed: Speed = field(default_factory=Speed)

@@ -32,3 +32,14 @@ def test_png_is_lossless() -> None:
     source = Image.effect_noise((64, 64), 60).convert("RGB")
     decoded = Image.open(io.BytesIO(encode_image(source, ImageFormat.PNG)))
     assert decoded.tobytes() == source.tobytes()
+
+
+def test_png_levels_trade_size_not_pixels() -> None:
+    source = Image.linear_gradient("L").convert("RGB")
+    stored, smallest = (
+        encode_image(source, ImageFormat.PNG, png_level=0),
+        encode_image(source, ImageFormat.PNG, png_level=9),
+    )
+    assert len(stored) > len(smallest)
+    for data in (stored, smallest):
+        assert Image.open(io.BytesIO(data)).tobytes() == source.tobytes()

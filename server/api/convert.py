@@ -15,12 +15,19 @@ from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
 from server import domain
 from server.api.boundary import INTERNAL_MESSAGE, ModelField, RpcError, rpc_error_for, status_code_for
+from server.generation.compiling import CompileState, ShapeStatus
 from server.pins import PinFailure
 from server.scheduling.snapshot import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}
 _ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER}
+_COMPILE_STATES = {
+    CompileState.QUEUED: status_pb.CompiledShape.STATE_QUEUED,
+    CompileState.COMPILING: status_pb.CompiledShape.STATE_COMPILING,
+    CompileState.READY: status_pb.CompiledShape.STATE_READY,
+    CompileState.FAILED: status_pb.CompiledShape.STATE_FAILED,
+}
 _PHASES = {
     domain.LoadPhase.DOWNLOADING: gen_pb.ModelLoading.PHASE_DOWNLOADING,
     domain.LoadPhase.VERIFYING: gen_pb.ModelLoading.PHASE_VERIFYING,
@@ -203,6 +210,31 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         allocated_bytes=device.allocated_bytes,
         pairs=pairs,
         jobs_running=device.jobs_running,
+        tuning=device.tuning,
+        compiled_shapes=[_compiled_shape(shape) for shape in device.compiled],
+        compiled_unet_calls=device.unet_calls.get("compiled", 0),
+        eager_unet_calls=device.unet_calls.get("eager", 0),
+        busy_time=_duration(device.busy_s),
+    )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
+    return status_pb.CompiledShape(
+        model=shape.model,
+        role=_ROLES[Role(shape.role)],
+        width=shape.width,
+        height=shape.height,
+        max_images=shape.max_images,
+        state=_COMPILE_STATES[shape.state],
+        pinned=shape.pinned,
+        compile_time=_duration(shape.seconds),
+        error=shape.error,
     )
 
 

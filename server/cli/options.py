@@ -17,12 +17,13 @@ from modelstore import parse_air
 from modelstore.errors import InvalidModelId
 from modelstore.units import parse_bytes
 from server.domain import PairKey
+from server.settings import COMPILE_MODES, VAE_DECODES, Toggle
 
 Convert = Callable[[str], Any]
 
 
 def env_flag(
-    parser: argparse.ArgumentParser,
+    parser: argparse._ActionsContainer,
     env: Mapping[str, str],
     flag: str,
     *,
@@ -134,8 +135,43 @@ def pins(text: str) -> tuple[PairKey, ...] | None:
     return tuple(PairKey.parse(p) for p in texts)
 
 
+def compile_mode(text: str) -> str:
+    return _one_of(text, COMPILE_MODES)
+
+
+def vae_decode(text: str) -> str:
+    return _one_of(text, VAE_DECODES)
+
+
+def toggle(text: str) -> Toggle:
+    return Toggle(_one_of(text, tuple(t.value for t in Toggle)))
+
+
+def on_off(text: str) -> bool:
+    return _one_of(text, ("on", "off")) == "on"
+
+
+def png_level(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 9:
+        raise ValueError(f"a zlib level is 0..9, got {value}")
+    return value
+
+
+def _one_of(text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip().lower()
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}; got {text!r}")
+    return value
+
+
 def directory(text: str) -> Path:
     return Path(text).expanduser()
+
+
+def optional_directory(text: str) -> Path | None:
+    """A folder, or "" for the default (None)."""
+    return directory(text) if text.strip() else None
 
 
 def _integer(text: str) -> int:

@@ -19,7 +19,8 @@ from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
 from server.logs import quiet_model_libraries
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings
+from server.prefetch import start_prefetch
+from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -96,6 +97,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     flag("--health-port", "REFINERY_HEALTH_PORT", options.port, "0", "plaintext port with only grpc.health (probes)")
     flag("--max-work", "REFINERY_MAX_WORK", options.megapixel_steps, "", "megapixel-steps one request may ask for")
     add_security_flags(serve, env)
+    add_speed_flags(serve, env)
     add_device_flags(serve, env)
     add_store_flags(serve)
     add_log_flags(serve, env)
@@ -116,6 +118,62 @@ def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) 
         metavar="DIR",
         help="a folder whose files requests may name as local models (repeatable; default: none) "
         f"[REFINERY_LOCAL_MODELS, separated by {os.pathsep!r}]",
+    )
+
+
+def add_speed_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """The speed options (server/generation/tuning.py; README "Speed"). "auto": on for CUDA devices unless
+    --compile is off; --compile off is the untuned path exactly."""
+    group = parser.add_argument_group("speed")
+
+    def flag(name: str, var: str, convert: options.Convert, default: str, help: str) -> None:
+        env_flag(group, env, name, var=var, convert=convert, default=default, help=help)
+
+    flag(
+        "--compile",
+        "REFINERY_COMPILE",
+        options.compile_mode,
+        "auto",
+        "torch.compile the UNets: auto (default: "
+        "'default' on CUDA, off elsewhere), off, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+    )
+    flag("--fuse-qkv", "REFINERY_FUSE_QKV", options.toggle, "auto", "fused QKV projections: auto, on, off")
+    flag("--channels-last", "REFINERY_CHANNELS_LAST", options.toggle, "auto", "channels-last UNets: auto, on, off")
+    flag(
+        "--vae-decode",
+        "REFINERY_VAE_DECODE",
+        options.vae_decode,
+        "auto",
+        "VAE decode: auto (bfloat16 where tuned), upcast (float32, as diffusers), bfloat16",
+    )
+    flag("--fp8", "REFINERY_FP8", options.on_off, "off", "FP8 UNet linear layers (GPUs with FP8; needs torchao)")
+    flag(
+        "--compile-sizes",
+        "REFINERY_COMPILE_SIZES",
+        options.non_negative,
+        "4",
+        "image sizes compiled per UNet on demand besides the pinned pairs' (default 4)",
+    )
+    flag(
+        "--compile-cache",
+        "REFINERY_COMPILE_CACHE",
+        options.optional_directory,
+        "",
+        "torch.compile's caches (default: compile/ in the model cache)",
+    )
+    flag("--png-level", "REFINERY_PNG_LEVEL", options.png_level, "1", "PNG zlib level 0-9 (default 1)")
+
+
+def speed_settings(args: argparse.Namespace) -> Speed:
+    return Speed(
+        compile=args.compile,
+        fuse_qkv=args.fuse_qkv,
+        channels_last=args.channels_last,
+        vae_decode=args.vae_decode,
+        fp8=args.fp8,
+        compile_sizes=args.compile_sizes,
+        compile_cache_dir=args.compile_cache,
+        png_level=args.png_level,
     )
 
 
@@ -146,10 +204,19 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
-        # in the current folder, or named on this command line, are the caller's own files.
+        # in the current folder, or named on this command line, are the caller's own files. Untuned: one
+        # request would not pay for a compile.
         roots = local_roots_of_the_caller([getattr(args, "model", None), getattr(args, "refiner", None)])
         security = Security(local_model_roots=roots)
-        return Settings(**common, host="127.0.0.1", port=0, pins=(), drain_delay_s=0.0, security=security)
+        return Settings(
+            **common,
+            host="127.0.0.1",
+            port=0,
+            pins=(),
+            drain_delay_s=0.0,
+            security=security,
+            speed=Speed(compile="off"),
+        )
     pins = _pins(args)
     limits = Limits(max_work=args.max_work)
     return Settings(
@@ -169,6 +236,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         drain_delay_s=args.drain_delay,
         limits=limits,
         security=security_settings(args, env),
+        speed=speed_settings(args),
     )
 
 
@@ -220,6 +288,7 @@ def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = server_settings(args, env, in_process=False)
     quiet_model_libraries()
+    start_prefetch(settings)  # the disk reads the pinned weights while the next line imports torch and diffusers
     from server.app import serve  # torch and diffusers load only when a server runs here
 
     try:

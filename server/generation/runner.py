@@ -127,7 +127,7 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     device = base._execution_device
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
     use_cfg = shape.cfg_scale > 1.0
-    clock = _Clock()
+    clock = _Clock(device)
     # Only a refined request without compare stops the base at the hand-off; otherwise it runs to the end.
     stop = shape.base_steps if shape.refiner_steps and not shape.compare else None
     handoff = Handoff(shape.base_steps, generators) if shape.compare else None
@@ -144,8 +144,10 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
         callback_on_step_end=_callback(Stage.BASE, shape, observer, clock, stop_after=stop, handoff=handoff),
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    timings = StageTimings(base_s=clock.last_step - clock.start)
-    timings.decode_s = time.perf_counter() - clock.last_step if stop is None else 0.0
+    base_end = clock.last_step
+    timings = StageTimings(base_s=clock.seconds(clock.start, base_end))
+    if stop is None:  # the base decoded its own images
+        timings.decode_s = clock.seconds(base_end, clock.mark())
     if not shape.refiner_steps:
         return RunResult(list(base_result.images), timings)
     if handoff is None:
@@ -187,19 +189,39 @@ def _refine(
         callback_on_step_end=_callback(Stage.REFINER, shape, observer, clock, stop_after=None),
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    timings.refiner_s = clock.last_step - refiner_start
-    timings.decode_s += time.perf_counter() - clock.last_step
+    refiner_end = clock.last_step
+    timings.refiner_s = clock.seconds(refiner_start, refiner_end)
+    timings.decode_s += clock.seconds(refiner_end, clock.mark())
     return RunResult(list(refined.images), timings)
 
 
 class _Clock:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    """Stage boundaries. On CUDA the CPU queues kernels ahead of the device, so a CPU clock would count part of
+    a stage in the next one (with compiled graphs, most of it): there each boundary is a CUDA event on the
+    device's own timeline, read once the images are on the CPU (so every event has completed)."""
+
+    def __init__(self, device: Any) -> None:
+        self._device = torch.device(device)
+        self._cuda = self._device.type == "cuda"
+        self.start = self._now()
         self.last_step = self.start
 
-    def mark(self) -> float:
-        self.last_step = time.perf_counter()
+    def _now(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self._device))
+            return event
+        return time.perf_counter()
+
+    def mark(self) -> Any:
+        self.last_step = self._now()
         return self.last_step
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self._cuda:
+            end.synchronize()
+            return float(start.elapsed_time(end)) / 1000.0
+        return float(end - start)
 
 
 def _indexed(refiner: StableDiffusionXLImg2ImgPipeline | None) -> _IndexedRefinerPipeline:

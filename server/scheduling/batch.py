@@ -9,13 +9,13 @@ nothing more; the others go on, and the run itself stops once no request is left
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from PIL.Image import Image as PILImage
 
 from modelstore.errors import ModelStoreError
 from server.domain import (
@@ -36,6 +36,7 @@ from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
 from server.metrics import Metrics
+from server.scheduling.delivery import Delivery, Item
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pairs import ModelSpec
 from server.scheduling.residency import LoadReport, Residency
@@ -124,7 +125,9 @@ class Batch:
             self._host.observe_pace(work, time.perf_counter() - self._started)
             self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:
-                self._host.deliver(functools.partial(self._deliver, ticket, shape, samples, result))
+                ticket.timings.run = result.timings
+                for task in self._delivery(ticket, shape, samples, result).tasks():
+                    self._host.deliver(task)
             self._active = []  # handed over: the delivery alone ends these requests now
         except Exception as exc:
             if not isinstance(exc, (ServerError, ModelStoreError)):
@@ -238,44 +241,36 @@ class Batch:
                 )
             )
 
-    # ---- on an encoder thread (or the worker's, with encode_threads 0) ----------------------------------
+    # ---- delivery: on the encoder threads (or the worker's, with encode_threads 0) ---------------------
 
-    def _deliver(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
-        """Encode and send one request's images, then end it."""
-        ticket.timings.run = result.timings
-        try:
-            self._send_images(ticket, shape, samples, result)
-        except Exception as exc:
-            log.error("sending the images of request %s failed", ticket.job.request_id, exc_info=exc)
-            self._host.finish(ticket, exc)
-            return
-        self._host.finish(ticket, None)
-
-    def _send_images(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> None:
-        """With compare, every base-only image first, then the refined ones: a client that ignores `branch` and
-        keeps the last image per index keeps the refined one."""
+    def _delivery(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> Delivery:
+        """Encode and send one request's images (each its own task, sent in order), then end it. With compare,
+        every base-only image first, then the refined ones: a client that ignores `branch` and keeps the last
+        image per index keeps the refined one."""
         job = ticket.job
-        encode_started = time.perf_counter()
+        offset = ticket.batch_offset
         refiner_model = job.refiner.model if job.refiner is not None else ""
         branches = [(result.images, Branch.MAIN, shape.base_steps, shape.refiner_steps, refiner_model)]
         if result.base_only:
             branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps, 0, ""))
-        for images, branch, base_steps, refiner_steps, refiner in branches:
-            for index in range(job.number_results):
-                image = images[ticket.batch_offset + index]
-                ticket.sink.emit(
-                    ImageResult(
-                        data=self._worker.encode(image, job.output_format),
-                        mime_type=job.output_format.mime_type,
-                        seed=samples[ticket.batch_offset + index].seed,
-                        index=index,
-                        width=image.width,
-                        height=image.height,
-                        base_steps=base_steps,
-                        refiner_steps=refiner_steps,
-                        model=job.model,
-                        refiner_model=refiner,
-                        branch=branch,
-                    )
-                )
-        ticket.timings.encode_s = time.perf_counter() - encode_started
+
+        def item(
+            images: list[PILImage], branch: Branch, base_steps: int, refiner_steps: int, refiner: str, index: int
+        ) -> Item:
+            image = images[offset + index]
+            return image, lambda data: ImageResult(
+                data=data,
+                mime_type=job.output_format.mime_type,
+                seed=samples[offset + index].seed,
+                index=index,
+                width=image.width,
+                height=image.height,
+                base_steps=base_steps,
+                refiner_steps=refiner_steps,
+                model=job.model,
+                refiner_model=refiner,
+                branch=branch,
+            )
+
+        items = [item(*branch, index) for branch in branches for index in range(job.number_results)]
+        return Delivery(ticket, items, encode=self._worker.encode, finish=self._host.finish)

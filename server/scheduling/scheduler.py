@@ -15,8 +15,9 @@ A request's life here (the API calls only `submit` and `cancel`):
    one it would get alone, up to float rounding between batch sizes.
 5. **Execution** on the device's worker thread (`worker.py`, `batch.py`). A cancelled request leaves the queue,
    or stops receiving events at the next step; its batch mates go on, and the run stops once none is left.
-6. **Delivery.** Finished images are encoded and sent on an encoder thread (`encode_threads`) while the
-   worker already takes its next batch: the device does not wait for PNG compression.
+6. **Delivery.** Finished images are encoded and sent on the encoder threads (`encode_threads`), each image
+   its own task and all sent in order (`delivery.py`), while the worker already takes its next batch: the
+   device does not wait for PNG compression.
 
 Faults: running out of device memory evicts every idle pair and retries once, then ends the batch with
 RESOURCE_EXHAUSTED; a failing batch never kills its worker; a worker thread that dies anyway is restarted and
@@ -25,6 +26,7 @@ the requests it held end with UNAVAILABLE.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -36,7 +38,7 @@ from modelstore.errors import ModelStoreError
 from modelstore.units import format_bytes
 from server.domain import Job, PairKey, Queued
 from server.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError, ShuttingDown, too_much_work
-from server.generation import runner
+from server.generation import compiling, runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
 from server.metrics import Metrics
@@ -73,12 +75,14 @@ class Scheduler:
         *,
         loader: Loader = load_pipeline,
         run: PipelineRunner = runner.run,
-        encode: Encoder = encode_image,
+        encode: Encoder | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
+        if encode is None:  # the real encoder at the configured PNG level (tests pass stand-ins)
+            encode = functools.partial(encode_image, png_level=settings.speed.png_level)
         self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue)
         self._resolver = Resolver(store)
         self._pace = Pace()  # how fast a device gets through work: to refuse what cannot meet its deadline
@@ -104,9 +108,14 @@ class Scheduler:
                 run=run,
                 encode=encode,
                 metrics=self.metrics,
+                speed=settings.speed,
+                max_batch=settings.max_batch,
             )
             for device in resolve_devices(settings.devices)
         ]
+        if any(w.compiler is not None for w in self.workers):
+            speed = settings.speed
+            compiling.configure_cache(speed.compile_cache_dir or settings.store.cache_dir / "compile")
         self.metrics.watch(self.snapshot)
         # Megapixel-steps one request may ask for (server.settings.WORK_LIMITS).
         self.work_limit = settings.limits.work_limit({"cuda" if is_cuda(w.device) else "cpu" for w in self.workers})
@@ -221,7 +230,7 @@ class Scheduler:
             self._encoders.submit(send)
 
     def finish(self, ticket: Ticket, error: BaseException | None) -> None:
-        """End a request exactly once: close its stream, release its models, count and log its outcome."""
+        """End a request exactly once: count and log its outcome, close its stream, release its models."""
         with self._lock:
             if ticket not in self._tickets:
                 return
@@ -242,6 +251,8 @@ class Scheduler:
         if error is None:
             self.metrics.images.inc(ticket.job.number_results * (2 if ticket.job.compare else 1))
         log_outcome(ticket, error, outcome)
+        ticket.sink.close(error)
+        ticket.leases.release_all()
 
     def wake(self) -> None:
         self.queue.notify()

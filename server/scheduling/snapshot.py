@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.generation.compiling import ShapeStatus
 from server.scheduling.residency import ResidentPair
 
 
@@ -15,6 +16,10 @@ class DeviceSnapshot:
     allocated_bytes: int
     pairs: tuple[ResidentPair, ...]
     jobs_running: int
+    busy_s: float = 0.0  # seconds a batch ran on the device since start (loading, denoising, decoding)
+    tuning: str = ""  # the speed options in force ("compile off" when untuned)
+    compiled: tuple[ShapeStatus, ...] = ()  # every UNet shape compiled, compiling or queued
+    unet_calls: dict[str, int] = field(default_factory=dict)  # "compiled" / "eager": UNet calls by path
 
 
 @dataclass(frozen=True)

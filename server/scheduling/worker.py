@@ -8,6 +8,7 @@ other threads hand them over with `call`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -20,8 +21,11 @@ import torch
 
 from modelstore import Loader
 from server.errors import WorkerFailed
+from server.generation.compiling import Compiler
 from server.generation.encoding import Encoder
-from server.generation.runner import PipelineRunner
+from server.generation.pipelines import PipelinePair
+from server.generation.runner import PipelineRunner, native_size
+from server.generation.tuning import tune_pipeline, tuning_for
 from server.metrics import Metrics
 from server.scheduling.batch import Batch, BatchHost
 from server.scheduling.devices import DeviceSpec, allocated_bytes, is_cuda, memory_releaser
@@ -30,6 +34,7 @@ from server.scheduling.pairs import ModelSpec, PairSpec
 from server.scheduling.residency import LoadReport, Residency
 from server.scheduling.snapshot import DeviceSnapshot
 from server.scheduling.ticket import Ticket
+from server.settings import Speed
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,8 @@ class DeviceWorker:
         run: PipelineRunner,
         encode: Encoder,
         metrics: Metrics,
+        speed: Speed,
+        max_batch: int,
     ) -> None:
         self.host = host
         self.device = device
@@ -83,12 +90,20 @@ class DeviceWorker:
             on_unload=self._unload,
         )
         self.busy = False
+        self.busy_s = 0.0
         self.running: list[Ticket] = []
         self.restarts = 0
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._calls_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Raises ValueError for an option this device cannot honour (FP8 without FP8), before anything starts.
+        self.tuning = tuning_for(speed, device.name)
+        self.compiler = (
+            Compiler(device.name, self.tuning.compile_mode, max_images=max_batch, max_sizes=speed.compile_sizes)
+            if self.tuning.compile_mode
+            else None
+        )
         metrics.budget_bytes.labels(device.name).set(budget_bytes)
 
     # ---- life cycle -------------------------------------------------------------------------------------
@@ -105,6 +120,10 @@ class DeviceWorker:
         self.host.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+        if self.compiler is not None:
+            # A compile in progress is not interrupted (torch cannot); the thread is a daemon, so it never
+            # holds the process up: only the queued shapes are dropped.
+            self.compiler.close(0)
 
     @property
     def accepting(self) -> bool:
@@ -124,6 +143,7 @@ class DeviceWorker:
         return self.call(functools.partial(self._pin, spec))
 
     def snapshot(self) -> DeviceSnapshot:
+        shapes, calls = self.compiler.snapshot() if self.compiler is not None else ((), {})
         return DeviceSnapshot(
             self.device.name,
             self.residency.budget_bytes,
@@ -131,6 +151,10 @@ class DeviceWorker:
             allocated_bytes(self.device),
             tuple(self.residency.resident()),
             len(self.running),
+            busy_s=self.busy_s,
+            tuning=self.tuning.describe(),
+            compiled=shapes,
+            unet_calls=calls,
         )
 
     def observe_load(self, report: LoadReport) -> None:
@@ -167,9 +191,17 @@ class DeviceWorker:
             # which requests to end.
             self.running = tickets
             self.busy = True
-            Batch(self, tickets).run()
+            started = time.perf_counter()
+            with self._using_device():
+                Batch(self, tickets).run()
+            # Time with a batch on the device: against wall time, how much the device idled between batches.
+            self.busy_s += time.perf_counter() - started
             self.running = []
             self.busy = False
+
+    def _using_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while this thread uses the device: the compiler runs its graphs' first passes only between."""
+        return self.compiler.device_lock if self.compiler is not None else contextlib.nullcontext()
 
     def _run_calls(self) -> None:
         with self._calls_lock:
@@ -181,16 +213,31 @@ class DeviceWorker:
                 future.set_exception(exc)
 
     def _pin(self, spec: PairSpec) -> None:
-        _, report = self.residency.acquire(spec, self.host.waiting_pairs(), pin=True)
+        with self._using_device():
+            pair, report = self.residency.acquire(spec, self.host.waiting_pairs(), pin=True)
         self.residency.release(spec.key)
         self.observe_load(report)
+        self._compile_native(pair)
+
+    def _compile_native(self, pair: PipelinePair) -> None:
+        """Queue the pair's UNets at the base's native size (every batch up to --max-batch) for compiling."""
+        if self.compiler is None:
+            return
+        width, height = native_size(pair.base)
+        for pipe in (pair.base, pair.refiner):
+            if pipe is not None:
+                self.compiler.request_size(pipe.unet, width, height)
 
     def _load(self, spec: ModelSpec, reuse: Mapping[str, Any]) -> Any:
         self._leases.acquire(spec.record.canonical)  # a resident model is never evicted from the cache
         try:
-            return self._loader(
+            pipe = self._loader(
                 spec.record, role=spec.role, device=self.device.name, dtype=self.device.dtype, components=dict(reuse)
             )
+            if not self.tuning.untuned:
+                model, role = spec.record.canonical, spec.role.value
+                tune_pipeline(pipe, self.tuning, compiler=self.compiler, model=model, role=role)
+            return pipe
         except BaseException:
             self._leases.release(spec.record.canonical)
             raise

@@ -22,6 +22,7 @@ from refinery.v1 import generation_pb2 as pb
 from server.cli.generate import build_request, output_path, parse_refiner_start, parse_size
 from server.cli.main import build_parser
 from server.cli.serve import server_settings
+from server.settings import Speed, Toggle
 
 from .conftest import ServerThread
 
@@ -107,6 +108,34 @@ def test_serve_flags_win_over_the_environment_which_wins_over_the_defaults(
         settings(REFINERY_ENCODE_THREADS="-1")
     assert refused.value.code == 2
     assert "--encode-threads: must be 0 or more, got -1 (from REFINERY_ENCODE_THREADS)" in capsys.readouterr().err
+
+
+def test_speed_flags_come_from_flags_or_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def speed(*flags: str, **env: str) -> Speed:
+        args = build_parser(env).parse_args(["serve", "--cache-dir", str(tmp_path), *flags])
+        return server_settings(args, env, in_process=False).speed
+
+    assert speed() == Speed()  # auto everywhere: tuned on CUDA, today's path on the CPU
+    chosen = speed("--compile", "max-autotune", "--fuse-qkv", "off", "--png-level", "6", REFINERY_VAE_DECODE="bfloat16")
+    assert (chosen.compile, chosen.fuse_qkv, chosen.vae_decode, chosen.png_level) == (
+        "max-autotune",
+        Toggle.OFF,
+        "bfloat16",
+        6,
+    )
+    assert speed(REFINERY_COMPILE_CACHE=str(tmp_path / "c")).compile_cache_dir == tmp_path / "c"
+    with pytest.raises(SystemExit) as refused:
+        speed(REFINERY_COMPILE="fast")
+    assert refused.value.code == 2
+    assert "--compile: expected one of auto, off, default, reduce-overhead" in capsys.readouterr().err
+
+
+def test_serve_refuses_fp8_where_the_device_has_none(tmp_path: Path) -> None:
+    result = refinery("serve", "--devices", "cpu", "--port", "0", "--fp8", "on", cache=tmp_path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "refinery: error: --fp8 needs a CUDA GPU with FP8 (compute capability 8.9+); cpu has none"
+    )
 
 
 # ---- generate ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import io
+import time
 import urllib.request
 import weakref
 from collections.abc import Iterator
@@ -113,9 +114,26 @@ def test_status_rpc_and_metrics_page(batching_server: ServerThread) -> None:
     assert (pair.model, pair.refiner_model, pair.pinned) == (DEFAULT_BASE, DEFAULT_REFINER, True)
     assert 0 < pair.bytes == device.resident_bytes <= device.budget_bytes
     assert status.queue.max_queue == 64 and status.queue.depth == 0
+    # Untuned on the CPU by default: nothing compiled.
+    assert device.tuning == "compile off" and list(device.compiled_shapes) == []
 
     port = batching_server.server.metrics_port
     assert port == 0  # off unless asked for
+
+
+def test_the_device_busy_time_grows_with_each_batch(batching_server: ServerThread) -> None:
+    def busy_s(channel: grpc.Channel) -> float:
+        status = status_grpc.ServerServiceStub(channel).GetStatus(status_pb.GetStatusRequest(), timeout=TIMEOUT_S)  # type: ignore[no-untyped-call]
+        return float(status.devices[0].busy_time.ToNanoseconds()) / 1e9
+
+    with grpc.insecure_channel(batching_server.address) as channel:
+        before = busy_s(channel)
+        collect(new_stub(channel), request("a quiet lake", 5))
+        # Counted when the batch leaves the device, which may be just after its images reached the client.
+        deadline = time.monotonic() + TIMEOUT_S
+        while busy_s(channel) <= before:
+            assert time.monotonic() < deadline, "the batch's time was never counted"
+            time.sleep(0.01)
 
 
 def test_metrics_are_served_when_asked_for(store_settings: StoreSettings, model_store: ModelStore) -> None:
@@ -136,6 +154,7 @@ def test_metrics_are_served_when_asked_for(store_settings: StoreSettings, model_
         "refinery_queue_wait_seconds_count 1.0",
         'refinery_step_seconds_count{stage="base"}',
         'refinery_model_load_seconds_count{device="cpu"} 1.0',
+        'refinery_device_busy_seconds_total{device="cpu"}',
     ):
         assert line in text, f"{line!r} missing from /metrics"
 

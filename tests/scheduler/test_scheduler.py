@@ -44,7 +44,7 @@ from server.generation.encoding import Encoder, encode_image
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StageTimings, StepObserver, StepState
 from server.scheduling.scheduler import Scheduler
-from server.settings import Settings
+from server.settings import Settings, Speed
 from tests.conftest import TINY_BASE, TINY_REFINER
 from tests.fakes import payloads
 from tests.fakes.civitai import FakeCivitai, FakeFile
@@ -654,3 +654,24 @@ def test_a_queued_request_holds_its_models_against_a_pull_under_quota_pressure(
         runner.release.set()
         scheduler.close(WAIT_S)
         store.close()
+
+
+def test_results_are_encoded_at_the_configured_png_level(
+    store_settings: StoreSettings, model_store: ModelStore
+) -> None:
+    sizes = {}
+    for level in (0, 9):
+        settings = Settings(store=store_settings, devices=("cpu",), pins=(), speed=Speed(png_level=level))
+        runner = Runner()
+        scheduler = Scheduler(settings, model_store, loader=FakeLoader(), run=runner)  # the real encoder
+        scheduler.start()
+        try:
+            sink = RecordingSink()
+            scheduler.submit(job("a gradient"), sink)
+            assert sink.wait().error is None
+            (image,) = sink.of(ImageResult)
+            sizes[level] = len(image.data)
+        finally:
+            runner.release.set()
+            scheduler.close(WAIT_S)
+    assert sizes[0] > sizes[9]

@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from refinery.v1 import generation_pb2 as refinery_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/status.proto\x12\x0brefinery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"6\n\x0ePinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"=\n\x0fPinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"8\n\x10UnpinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"?\n\x11UnpinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"\x12\n\x10GetStatusRequest\"\xad\x01\n\x11GetStatusResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\x12\'\n\x05queue\x18\x02 \x01(\x0b\x32\x18.refinery.v1.QueueStatus\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\x12-\n\x0cpin_failures\x18\x04 \x03(\x0b\x32\x17.refinery.v1.PinFailure\"U\n\nPinFailure\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\xa3\x01\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12(\n\x05pairs\x18\x05 \x03(\x0b\x32\x19.refinery.v1.ResidentPair\x12\x14\n\x0cjobs_running\x18\x06 \x01(\r\"\x97\x01\n\x0cResidentPair\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x0bQueueStatus\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12H\n\x11\x64\x65pth_by_priority\x18\x03 \x03(\x0b\x32-.refinery.v1.QueueStatus.DepthByPriorityEntry\x1a\x36\n\x14\x44\x65pthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xed\x01\n\rServerService\x12J\n\tGetStatus\x12\x1d.refinery.v1.GetStatusRequest\x1a\x1e.refinery.v1.GetStatusResponse\x12\x44\n\x07PinPair\x12\x1b.refinery.v1.PinPairRequest\x1a\x1c.refinery.v1.PinPairResponse\x12J\n\tUnpinPair\x12\x1d.refinery.v1.UnpinPairRequest\x1a\x1e.refinery.v1.UnpinPairResponseBH\n\x0f\x64\x65v.refinery.v1B\x0bStatusProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/status.proto\x12\x0brefinery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1crefinery/v1/generation.proto\"6\n\x0ePinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"=\n\x0fPinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"8\n\x10UnpinPairRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\"?\n\x11UnpinPairResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\"\x12\n\x10GetStatusRequest\"\xad\x01\n\x11GetStatusResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.refinery.v1.DeviceStatus\x12\'\n\x05queue\x18\x02 \x01(\x0b\x32\x18.refinery.v1.QueueStatus\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\x12-\n\x0cpin_failures\x18\x04 \x03(\x0b\x32\x17.refinery.v1.PinFailure\"U\n\nPinFailure\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\xcd\x02\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12(\n\x05pairs\x18\x05 \x03(\x0b\x32\x19.refinery.v1.ResidentPair\x12\x14\n\x0cjobs_running\x18\x06 \x01(\r\x12\x0e\n\x06tuning\x18\x07 \x01(\t\x12\x33\n\x0f\x63ompiled_shapes\x18\x08 \x03(\x0b\x32\x1a.refinery.v1.CompiledShape\x12\x1b\n\x13\x63ompiled_unet_calls\x18\t \x01(\x04\x12\x18\n\x10\x65\x61ger_unet_calls\x18\n \x01(\x04\x12,\n\tbusy_time\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe2\x02\n\rCompiledShape\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.refinery.v1.ModelRole\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x12\n\nmax_images\x18\x05 \x01(\r\x12/\n\x05state\x18\x06 \x01(\x0e\x32 .refinery.v1.CompiledShape.State\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12/\n\x0c\x63ompile_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\t \x01(\t\"h\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x13\n\x0fSTATE_COMPILING\x10\x02\x12\x0f\n\x0bSTATE_READY\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"\x97\x01\n\x0cResidentPair\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rrefiner_model\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x0bQueueStatus\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12H\n\x11\x64\x65pth_by_priority\x18\x03 \x03(\x0b\x32-.refinery.v1.QueueStatus.DepthByPriorityEntry\x1a\x36\n\x14\x44\x65pthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\xed\x01\n\rServerService\x12J\n\tGetStatus\x12\x1d.refinery.v1.GetStatusRequest\x1a\x1e.refinery.v1.GetStatusResponse\x12\x44\n\x07PinPair\x12\x1b.refinery.v1.PinPairRequest\x1a\x1c.refinery.v1.PinPairResponse\x12J\n\tUnpinPair\x12\x1d.refinery.v1.UnpinPairRequest\x1a\x1e.refinery.v1.UnpinPairResponseBH\n\x0f\x64\x65v.refinery.v1B\x0bStatusProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.refinery.v1B\013StatusProtoP\001Z&refinery/gen/go/refinery/v1;refineryv1'
   _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._loaded_options = None
   _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_options = b'8\001'
-  _globals['_PINPAIRREQUEST']._serialized_start=99
-  _globals['_PINPAIRREQUEST']._serialized_end=153
-  _globals['_PINPAIRRESPONSE']._serialized_start=155
-  _globals['_PINPAIRRESPONSE']._serialized_end=216
-  _globals['_UNPINPAIRREQUEST']._serialized_start=218
-  _globals['_UNPINPAIRREQUEST']._serialized_end=274
-  _globals['_UNPINPAIRRESPONSE']._serialized_start=276
-  _globals['_UNPINPAIRRESPONSE']._serialized_end=339
-  _globals['_GETSTATUSREQUEST']._serialized_start=341
-  _globals['_GETSTATUSREQUEST']._serialized_end=359
-  _globals['_GETSTATUSRESPONSE']._serialized_start=362
-  _globals['_GETSTATUSRESPONSE']._serialized_end=535
-  _globals['_PINFAILURE']._serialized_start=537
-  _globals['_PINFAILURE']._serialized_end=622
-  _globals['_DEVICESTATUS']._serialized_start=625
-  _globals['_DEVICESTATUS']._serialized_end=788
-  _globals['_RESIDENTPAIR']._serialized_start=791
-  _globals['_RESIDENTPAIR']._serialized_end=942
-  _globals['_QUEUESTATUS']._serialized_start=945
-  _globals['_QUEUESTATUS']._serialized_end=1122
-  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_start=1068
-  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_end=1122
-  _globals['_SERVERSERVICE']._serialized_start=1125
-  _globals['_SERVERSERVICE']._serialized_end=1362
+  _globals['_PINPAIRREQUEST']._serialized_start=161
+  _globals['_PINPAIRREQUEST']._serialized_end=215
+  _globals['_PINPAIRRESPONSE']._serialized_start=217
+  _globals['_PINPAIRRESPONSE']._serialized_end=278
+  _globals['_UNPINPAIRREQUEST']._serialized_start=280
+  _globals['_UNPINPAIRREQUEST']._serialized_end=336
+  _globals['_UNPINPAIRRESPONSE']._serialized_start=338
+  _globals['_UNPINPAIRRESPONSE']._serialized_end=401
+  _globals['_GETSTATUSREQUEST']._serialized_start=403
+  _globals['_GETSTATUSREQUEST']._serialized_end=421
+  _globals['_GETSTATUSRESPONSE']._serialized_start=424
+  _globals['_GETSTATUSRESPONSE']._serialized_end=597
+  _globals['_PINFAILURE']._serialized_start=599
+  _globals['_PINFAILURE']._serialized_end=684
+  _globals['_DEVICESTATUS']._serialized_start=687
+  _globals['_DEVICESTATUS']._serialized_end=1020
+  _globals['_COMPILEDSHAPE']._serialized_start=1023
+  _globals['_COMPILEDSHAPE']._serialized_end=1377
+  _globals['_COMPILEDSHAPE_STATE']._serialized_start=1273
+  _globals['_COMPILEDSHAPE_STATE']._serialized_end=1377
+  _globals['_RESIDENTPAIR']._serialized_start=1380
+  _globals['_RESIDENTPAIR']._serialized_end=1531
+  _globals['_QUEUESTATUS']._serialized_start=1534
+  _globals['_QUEUESTATUS']._serialized_end=1711
+  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_start=1657
+  _globals['_QUEUESTATUS_DEPTHBYPRIORITYENTRY']._serialized_end=1711
+  _globals['_SERVERSERVICE']._serialized_start=1714
+  _globals['_SERVERSERVICE']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

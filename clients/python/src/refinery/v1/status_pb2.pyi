@@ -1,8 +1,11 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
+from refinery.v1 import generation_pb2 as _generation_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -65,20 +68,64 @@ class PinFailure(_message.Message):
     def __init__(self, model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running")
+    __slots__ = ("name", "budget_bytes", "resident_bytes", "allocated_bytes", "pairs", "jobs_running", "tuning", "compiled_shapes", "compiled_unet_calls", "eager_unet_calls", "busy_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TUNING_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     budget_bytes: int
     resident_bytes: int
     allocated_bytes: int
     pairs: _containers.RepeatedCompositeFieldContainer[ResidentPair]
     jobs_running: int
-    def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ...) -> None: ...
+    tuning: str
+    compiled_shapes: _containers.RepeatedCompositeFieldContainer[CompiledShape]
+    compiled_unet_calls: int
+    eager_unet_calls: int
+    busy_time: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ..., tuning: _Optional[str] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., compiled_unet_calls: _Optional[int] = ..., eager_unet_calls: _Optional[int] = ..., busy_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CompiledShape(_message.Message):
+    __slots__ = ("model", "role", "width", "height", "max_images", "state", "pinned", "compile_time", "error")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[CompiledShape.State]
+        STATE_QUEUED: _ClassVar[CompiledShape.State]
+        STATE_COMPILING: _ClassVar[CompiledShape.State]
+        STATE_READY: _ClassVar[CompiledShape.State]
+        STATE_FAILED: _ClassVar[CompiledShape.State]
+    STATE_UNSPECIFIED: CompiledShape.State
+    STATE_QUEUED: CompiledShape.State
+    STATE_COMPILING: CompiledShape.State
+    STATE_READY: CompiledShape.State
+    STATE_FAILED: CompiledShape.State
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    role: _generation_pb2.ModelRole
+    width: int
+    height: int
+    max_images: int
+    state: CompiledShape.State
+    pinned: bool
+    compile_time: _duration_pb2.Duration
+    error: str
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[_generation_pb2.ModelRole, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., max_images: _Optional[int] = ..., state: _Optional[_Union[CompiledShape.State, str]] = ..., pinned: _Optional[bool] = ..., compile_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResidentPair(_message.Message):
     __slots__ = ("model", "refiner_model", "bytes", "active_jobs", "pinned", "last_used")
