@@ -251,8 +251,6 @@ class Scheduler:
         if error is None:
             self.metrics.images.inc(ticket.job.number_results * (2 if ticket.job.compare else 1))
         log_outcome(ticket, error, outcome)
-        ticket.sink.close(error)
-        ticket.leases.release_all()
 
     def wake(self) -> None:
         self.queue.notify()
