@@ -70,7 +70,9 @@ def hostile_paths(places: dict[str, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def servers(store_settings: StoreSettings, model_store: ModelStore, places: dict[str, Path]) -> Iterator[dict[str, str]]:
+def servers(
+    store_settings: StoreSettings, model_store: ModelStore, places: dict[str, Path]
+) -> Iterator[dict[str, str]]:
     """Two servers over one cache: one that allows local models under `allowed`, one that allows none."""
     with_root = ServerThread(
         make_settings(store_settings, pins=(), security=Security(local_model_roots=(places["allowed"],))),
