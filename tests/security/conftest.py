@@ -105,9 +105,12 @@ class ServeProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
-    def rss_bytes(self) -> int:
-        """The resident set size now (VmRSS)."""
-        return _status_kib(self.process.pid, "VmRSS") * 1024
+    def memory(self, field: str) -> int:
+        """Bytes of a memory field of /proc/PID/status: VmRSS (resident now), VmHWM (the most ever resident)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"/proc/{self.process.pid}/status has no {field}")
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
@@ -115,19 +118,14 @@ class ServeProcess:
     def wait(self, timeout: float = TIMEOUT_S) -> int:
         code = self.process.wait(timeout)
         self._reader.join(TIMEOUT_S)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
         return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
         self.wait()
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"/proc/{pid}/status has no {field}")
 
 
 @pytest.fixture
