@@ -18,6 +18,7 @@ from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
+from server.errors import OutOfDeviceMemory
 from server.logs import quiet_model_libraries
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings
 
@@ -62,7 +63,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     serve.add_argument(
         "--pin",
         action="append",
-        type=options.pins,
+        type=options.argument_type(options.pins),
         metavar="BASE[+REFINER]",
         help="keep this pair resident on every device from start-up (repeatable; 'none' for no pins; default: "
         "the default base+refiner); health is SERVING once pinned pairs are loaded",
@@ -112,7 +113,7 @@ def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) 
     parser.add_argument(
         "--local-models",
         action="append",
-        type=options.directory,
+        type=options.argument_type(options.directory),
         metavar="DIR",
         help="a folder whose files requests may name as local models (repeatable; default: none) "
         f"[REFINERY_LOCAL_MODELS, separated by {os.pathsep!r}]",
@@ -232,4 +233,6 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ModelStoreError as exc:  # a pinned model is unknown, unsafe or of the wrong kind
         print(f"refinery: error: cannot load a pinned pair: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OutOfDeviceMemory as exc:  # --budget (or the device) too small for --pin: known before any load
+        raise UsageError(f"{exc}; raise --budget or pin fewer pairs") from None
     return 0

@@ -55,7 +55,9 @@ def env_for_cli(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def refinery(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def refinery(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """The `refinery` command as a user runs it; it must end on its own."""
     return subprocess.run(
         [sys.executable, "-m", "server.cli", *args],
@@ -63,7 +65,7 @@ def refinery(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subpro
         env=env if env is not None else env_for_cli(),
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
+        timeout=timeout,
     )
 
 
