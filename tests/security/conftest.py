@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,15 @@ from typing import Any
 import grpc
 import pytest
 
+from modelstore import ModelStore, StoreSettings
+from refinery.v1 import status_pb2, status_pb2_grpc
+from server.settings import Security
+from tests.integration.conftest import ServerThread, make_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120  # a hang fails the test instead of the whole run; never an expectation about speed
+TOKEN = "gen-7f3a9c2e51b84d06a1"
+ADMIN_TOKEN = "adm-c41d0be98e2f4a7753"
 _LISTENING = re.compile(r"listening on [^ ]+:(\d+) ")
 
 
@@ -48,6 +55,27 @@ def answer_of(call: Callable[[], Any]) -> Answer:
         trailers = tuple((item.key, item.value) for item in err.trailing_metadata() or ())
         return Answer(tuple(received), err.code(), err.details() or "", trailers)
     raise AssertionError(f"the call succeeded ({len(received)} message(s))")
+
+
+def get_status(channel: grpc.Channel) -> grpc.StatusCode:
+    """How a GetStatus call ends: the cheapest call that passes the access gate and the transport."""
+    stub = status_pb2_grpc.ServerServiceStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        stub.GetStatus(status_pb2.GetStatusRequest(), timeout=TIMEOUT_S)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture(scope="module")
+def guarded(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
+    """A server with a generation token and an admin token, nothing pinned."""
+    security = Security(token=TOKEN, admin_token=ADMIN_TOKEN)
+    thread = ServerThread(make_settings(store_settings, pins=(), security=security), store=model_store)
+    try:
+        yield thread
+    finally:
+        thread.close()
 
 
 def env_for_cli(**extra: str) -> dict[str, str]:
@@ -90,8 +118,8 @@ class ServeProcess:
         if not self._listening.wait(TIMEOUT_S) or self._port is None:
             self.kill()
             raise AssertionError("the server did not start:\n" + self.log)
-        self.port = self._port
-        self.address = f"127.0.0.1:{self.port}"
+        self.port: int = self._port
+        self.address: str = f"127.0.0.1:{self.port}"
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -131,7 +159,7 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_process(store_settings: Any, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+def serve_process(store_settings: StoreSettings, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     """Start `refinery serve` with extra flags (over the session's model cache); stopped after the test."""
     started: list[ServeProcess] = []
 
@@ -167,10 +195,6 @@ class Pki:
     client_key: Path
     stranger_cert: Path
     stranger_key: Path
-
-    @staticmethod
-    def read(*paths: Path) -> Iterable[bytes]:
-        return (p.read_bytes() for p in paths)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

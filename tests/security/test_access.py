@@ -25,10 +25,8 @@ from server.api.access import is_loopback
 from server.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
-from .conftest import TIMEOUT_S
+from .conftest import ADMIN_TOKEN, TIMEOUT_S, TOKEN
 
-TOKEN = "gen-7f3a9c2e51b84d06a1"
-ADMIN_TOKEN = "adm-c41d0be98e2f4a7753"
 WRONG = "guess-0b1c2d3e4f5a6b7c8d"
 SECRETS = (TOKEN, ADMIN_TOKEN, WRONG)
 
@@ -85,16 +83,6 @@ def code_of(call: Call, channel: grpc.Channel, metadata: Metadata, seen: list[st
 
 def bearer(token: str, scheme: str = "Bearer") -> Metadata:
     return (("authorization", f"{scheme} {token}"),)
-
-
-@pytest.fixture(scope="module")
-def guarded(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    security = Security(token=TOKEN, admin_token=ADMIN_TOKEN)
-    thread = ServerThread(make_settings(store_settings, pins=(), security=security), store=model_store)
-    try:
-        yield thread
-    finally:
-        thread.close()
 
 
 # What each credential gets: (generation, administration).

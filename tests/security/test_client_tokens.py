@@ -3,29 +3,15 @@ REFINERY_ADMIN_TOKEN, or a file each `_FILE` names), so a guarded server serves 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from modelstore import ModelStore, StoreSettings
 from refinery.client import Client, RefineryError
-from server.settings import Security
-from tests.integration.conftest import ServerThread, make_settings
+from tests.integration.conftest import ServerThread
 
-from .conftest import env_for_cli, refinery
-from .test_access import ADMIN_TOKEN, TOKEN
-
-
-@pytest.fixture(scope="module")
-def guarded(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    security = Security(token=TOKEN, admin_token=ADMIN_TOKEN)
-    thread = ServerThread(make_settings(store_settings, pins=(), security=security), store=model_store)
-    try:
-        yield thread
-    finally:
-        thread.close()
+from .conftest import ADMIN_TOKEN, TOKEN, env_for_cli, refinery
 
 
 def cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:

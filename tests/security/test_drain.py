@@ -12,10 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
-from refinery.v1 import status_pb2, status_pb2_grpc
 from tests.integration.conftest import ServerThread, make_settings, new_stub
 
-from .conftest import TIMEOUT_S, ServeProcess, wait_until
+from .conftest import TIMEOUT_S, ServeProcess, get_status, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -28,15 +27,10 @@ def health(address: str, service: str = "") -> Any:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S).status
 
 
-def get_status(address: str) -> grpc.StatusCode:
+def new_client_status(address: str) -> grpc.StatusCode:
     """GetStatus on a new connection, as a new client would call."""
     with grpc.insecure_channel(address) as channel:
-        stub = status_pb2_grpc.ServerServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            stub.GetStatus(status_pb2.GetStatusRequest(), timeout=TIMEOUT_S)
-        except grpc.RpcError as err:
-            return err.code()
-    return grpc.StatusCode.OK
+        return get_status(channel)
 
 
 def test_during_the_drain_delay_health_says_not_serving_and_calls_are_still_served(
@@ -53,11 +47,11 @@ def test_during_the_drain_delay_health_says_not_serving_and_calls_are_still_serv
         with grpc.insecure_channel(thread.address) as channel:
             responses = list(new_stub(channel).Generate(pb.GenerateRequest(positive_prompt="late", steps=2)))
         assert [r.WhichOneof("event") for r in responses].count("image") == 1
-        assert get_status(thread.address) is grpc.StatusCode.OK
+        assert new_client_status(thread.address) is grpc.StatusCode.OK
         assert not stopping.done()
         thread.call(thread.server.stop(0))
         stopping.result(TIMEOUT_S)
-        assert get_status(thread.address) is grpc.StatusCode.UNAVAILABLE  # then the port is closed
+        assert new_client_status(thread.address) is grpc.StatusCode.UNAVAILABLE  # then the port is closed
     finally:
         thread.close()
 
@@ -72,7 +66,7 @@ def test_with_no_drain_delay_the_port_closes_at_once(store_settings: StoreSettin
             stopping = thread.stop_in_background()
             assert next(watch).status == NOT_SERVING
             watch.cancel()
-        assert get_status(thread.address) is grpc.StatusCode.UNAVAILABLE
+        assert new_client_status(thread.address) is grpc.StatusCode.UNAVAILABLE
         stopping.result(TIMEOUT_S)
     finally:
         thread.close()
@@ -83,9 +77,9 @@ def test_sigterm_keeps_serving_for_the_drain_delay_then_exits(serve_process: Any
     wait_until(lambda: health(server.address, READINESS) == SERVING, "the server is ready")
     server.signal(signal.SIGTERM)
     wait_until(lambda: health(server.address) == NOT_SERVING, "health says NOT_SERVING")
-    assert get_status(server.address) is grpc.StatusCode.OK  # still accepted and served
+    assert new_client_status(server.address) is grpc.StatusCode.OK  # still accepted and served
     assert server.wait() == 0
-    assert get_status(server.address) is grpc.StatusCode.UNAVAILABLE
+    assert new_client_status(server.address) is grpc.StatusCode.UNAVAILABLE
     assert "still accepting calls for 5.0s" in server.log
     assert "Traceback" not in server.log
 

@@ -11,25 +11,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelstore import ModelStore, StoreSettings
-from refinery.v1 import status_pb2, status_pb2_grpc
 from server.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
-from .conftest import Pki
+from .conftest import Pki, get_status
 
 TIMEOUT_S = 30
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FAILED_HANDSHAKE = grpc.StatusCode.UNAVAILABLE  # how gRPC reports a connection that TLS refused
-
-
-def status(channel: grpc.Channel) -> grpc.StatusCode:
-    stub = status_pb2_grpc.ServerServiceStub(channel)  # type: ignore[no-untyped-call]
-    try:
-        stub.GetStatus(status_pb2.GetStatusRequest(), timeout=TIMEOUT_S)
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
 
 
 def secure(address: str, pki: Pki, *, roots: bytes | None = None, cert: str | None = None) -> grpc.Channel:
@@ -65,16 +55,16 @@ def tls(store_settings: StoreSettings, model_store: ModelStore, pki: Pki) -> Ite
 
 def test_tls_serves_clients_that_trust_its_certificate(tls: ServerThread, pki: Pki) -> None:
     with secure(f"localhost:{tls.server.port}", pki) as channel:
-        assert status(channel) is grpc.StatusCode.OK
+        assert get_status(channel) is grpc.StatusCode.OK
     with secure(tls.address, pki) as channel:  # the certificate names 127.0.0.1 too
-        assert status(channel) is grpc.StatusCode.OK
+        assert get_status(channel) is grpc.StatusCode.OK
 
 
 def test_tls_refuses_plaintext_and_clients_that_do_not_trust_it(tls: ServerThread, pki: Pki) -> None:
     with grpc.insecure_channel(tls.address) as channel:
-        assert status(channel) is FAILED_HANDSHAKE
+        assert get_status(channel) is FAILED_HANDSHAKE
     with secure(tls.address, pki, roots=pki.stranger_cert.read_bytes()) as channel:
-        assert status(channel) is FAILED_HANDSHAKE
+        assert get_status(channel) is FAILED_HANDSHAKE
 
 
 def test_mtls_needs_a_client_certificate_signed_by_the_ca(
@@ -83,11 +73,11 @@ def test_mtls_needs_a_client_certificate_signed_by_the_ca(
     thread = tls_server(store_settings, model_store, pki, tls_client_ca=pki.ca)
     try:
         with secure(thread.address, pki) as channel:
-            assert status(channel) is FAILED_HANDSHAKE
+            assert get_status(channel) is FAILED_HANDSHAKE
         with secure(thread.address, pki, cert="stranger") as channel:
-            assert status(channel) is FAILED_HANDSHAKE
+            assert get_status(channel) is FAILED_HANDSHAKE
         with secure(thread.address, pki, cert="client") as channel:
-            assert status(channel) is grpc.StatusCode.OK
+            assert get_status(channel) is grpc.StatusCode.OK
     finally:
         thread.close()
 
@@ -109,7 +99,7 @@ def test_the_health_port_answers_probes_in_plaintext_and_nothing_else(
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "refinery.v1.GenerationService"):
                 assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S).status == SERVING
-            assert status(channel) is grpc.StatusCode.UNIMPLEMENTED  # nothing but health here
+            assert get_status(channel) is grpc.StatusCode.UNIMPLEMENTED  # nothing but health here
             # It reports what the TLS port's health reports: a drain is visible to the probe.
             draining = thread.stop_in_background()
             watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
