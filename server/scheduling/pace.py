@@ -51,7 +51,7 @@ class Pace:
         waiting = busy / max(devices, 1)
         if alone + waiting > remaining_s:
             raise Overloaded(
-                f"the requests queued ahead need about {waiting:.1f}s; with this one's {alone:.1f}s its deadline "
+                f"the requests ahead of it need about {waiting:.1f}s; with this one's {alone:.1f}s its deadline "
                 f"({remaining_s:.1f}s away) would pass",
                 retry_after_s=max(1.0, round(waiting, 1)),
             )
