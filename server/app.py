@@ -220,7 +220,7 @@ def _announce_access(settings: Settings, port: int) -> None:
     security = settings.security
     if security.admin_token is None:
         log.warning(
-            "no admin token (REFINERY_ADMIN_TOKEN): pull, pin, unpin, delete, PinPair and UnpinPair are allowed "
+            "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are allowed "
             "only from this machine (loopback)"
         )
     if security.token is None and security.admin_token is None:

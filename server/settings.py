@@ -54,7 +54,7 @@ class Security:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     # `authorization: Bearer <token>`: `token` for generation and status, `admin_token` for everything
-    # (pull, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
+    # (pull, verify, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
     # from loopback.
     token: str | None = None
     admin_token: str | None = None

@@ -18,7 +18,6 @@ from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import env_flag
 from server.domain import PairKey
-from server.errors import OutOfDeviceMemory
 from server.logs import quiet_model_libraries
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings
 
@@ -233,6 +232,4 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ModelStoreError as exc:  # a pinned model is unknown, unsafe or of the wrong kind
         print(f"refinery: error: cannot load a pinned pair: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OutOfDeviceMemory as exc:  # --budget (or the device) too small for --pin: known before any load
-        raise UsageError(f"{exc}; raise --budget or pin fewer pairs") from None
     return 0

@@ -55,6 +55,12 @@ def _pull(channel: grpc.Channel, metadata: Metadata) -> Any:
     return list(stub.PullModel(models_pb2.PullModelRequest(model="not an air"), metadata=metadata, timeout=TIMEOUT_S))
 
 
+def _verify(channel: grpc.Channel, metadata: Metadata) -> Any:
+    stub = models_pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    request = models_pb2.VerifyModelRequest(model="not an air")
+    return list(stub.VerifyModel(request, metadata=metadata, timeout=TIMEOUT_S))
+
+
 _Models, _Server = models_pb2_grpc.ModelServiceStub, status_pb2_grpc.ServerServiceStub
 GENERATION: dict[str, tuple[Call, grpc.StatusCode]] = {
     "Generate": (_generate, INVALID),
@@ -63,6 +69,7 @@ GENERATION: dict[str, tuple[Call, grpc.StatusCode]] = {
 }
 ADMINISTRATION: dict[str, tuple[Call, grpc.StatusCode]] = {
     "PullModel": (_pull, INVALID),
+    "VerifyModel": (_verify, INVALID),
     "DeleteModel": (_unary(_Models, "DeleteModel", models_pb2.DeleteModelRequest(model="not an air")), INVALID),
     "PinModel": (_unary(_Models, "PinModel", models_pb2.PinModelRequest(model="not an air")), INVALID),
     "UnpinModel": (_unary(_Models, "UnpinModel", models_pb2.UnpinModelRequest(model="not an air")), INVALID),

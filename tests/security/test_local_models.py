@@ -115,12 +115,18 @@ def _pull(channel: grpc.Channel, path: str) -> Any:
     return stub.PullModel(models_pb2.PullModelRequest(model=path), timeout=TIMEOUT_S)
 
 
+def _verify(channel: grpc.Channel, path: str) -> Any:
+    stub = models_pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    return stub.VerifyModel(models_pb2.VerifyModelRequest(model=path), timeout=TIMEOUT_S)
+
+
 PROBES: dict[str, Probe] = {
     "Generate model": _generate_model,
     "Generate refiner.model": _generate_refiner,
     "PinPair model": _pin_pair_base,
     "PinPair refiner_model": _pin_pair_refiner,
     "PullModel": _pull,
+    "VerifyModel": _verify,
 }
 
 

@@ -3,26 +3,28 @@
 blank.
 
 `--budget 1B`: one byte is a size, so the flag accepts it (a floor would be arbitrary: models run from a few MB
-to 7 GB). What it cannot hold is refused where that is known: a pinned pair that cannot fit ends the start-up
-with one line and exit code 2 before anything loads; with nothing pinned the server starts, and each request
-whose models cannot fit is refused with RESOURCE_EXHAUSTED.
+to 7 GB). What it cannot hold is refused where that is known, in one line each: a pinned pair that cannot fit
+is a pin failure (logged, in GetStatus, the server not ready), as a damaged pinned model is; a request whose
+models cannot fit is refused with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from tests.integration.conftest import ServerThread, make_settings, new_stub
 
-from .conftest import TIMEOUT_S, env_for_cli, refinery
+from .conftest import TIMEOUT_S, ServeProcess, env_for_cli, refinery, wait_until
 
 # (flags, environment, what the one line must name)
 BAD_INPUT: dict[str, tuple[list[str], dict[str, str], str]] = {
@@ -79,27 +81,20 @@ def test_a_tls_file_that_cannot_be_read_ends_in_one_line_and_exit_code_2(tmp_pat
     assert "--tls-cert" in one_error_line(done.stderr)
 
 
-def test_a_budget_too_small_for_the_pinned_pair_ends_in_one_line_and_exit_code_2(
-    tmp_path: Path, store_settings: StoreSettings
-) -> None:
-    env = env_for_cli(REFINERY_CACHE_DIR=str(store_settings.cache_dir))
-    done = refinery("serve", "--port", "0", "--budget", "1B", cwd=tmp_path, env=env)
-    assert done.returncode == 2
-    line = one_error_line(done.stderr)
-    assert "budget 1 B" in line and "--budget" in line
-
-
-def test_with_nothing_pinned_a_tiny_budget_refuses_each_request(
-    store_settings: StoreSettings, model_store: ModelStore
-) -> None:
-    thread = ServerThread(make_settings(store_settings, pins=(), budget_bytes=1), store=model_store)
-    try:
-        with grpc.insecure_channel(thread.address) as channel, pytest.raises(grpc.RpcError) as caught:
+def test_a_budget_smaller_than_any_model_is_accepted_and_every_request_refused(serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--budget", "1B")  # the default pair pinned
+    with grpc.insecure_channel(server.address) as channel:
+        wait_until(lambda: "not ready" in server.log, "the pin has failed")
+        health = health_pb2_grpc.HealthStub(channel)
+        ready = health.Check(health_pb2.HealthCheckRequest(service="refinery.v1.GenerationService"), timeout=TIMEOUT_S)
+        assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as caught:
             list(new_stub(channel).Generate(pb.GenerateRequest(positive_prompt="a cat", steps=2), timeout=TIMEOUT_S))
-    finally:
-        thread.close()
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "cannot fit on any device" in (caught.value.details() or "")
+    pin_failure = [line for line in server.lines if "could not pin" in line]
+    assert len(pin_failure) == 1 and "(budget 1 B)" in pin_failure[0]
+    assert "Traceback" not in server.log
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------
