@@ -220,8 +220,8 @@ def _announce_access(settings: Settings, port: int) -> None:
     security = settings.security
     if security.admin_token is None:
         log.warning(
-            "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are allowed "
-            "only from this machine (loopback)"
+            "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are "
+            "allowed only from this machine (loopback)"
         )
     if security.token is None and security.admin_token is None:
         log.warning("no tokens: anyone who can reach %s:%d may generate", settings.host, port)
