@@ -104,7 +104,7 @@ class RefineryServer:
         )
         tls = "TLS" + (" with client certificates" if settings.security.tls_client_ca else "") if creds else "plaintext"
         log.info("listening on %s:%d (%s); devices: %s", settings.host, self.port, tls, devices)
-        _announce_access(settings)
+        _announce_access(settings, self.port)
         self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")
         return self.port
 
@@ -216,15 +216,15 @@ class RefineryServer:
             await self.health.set(generation_service.SERVICE_NAME, _SERVING)
 
 
-def _announce_access(settings: Settings) -> None:
+def _announce_access(settings: Settings, port: int) -> None:
     security = settings.security
     if security.admin_token is None:
         log.warning(
-            "no admin token (REFINERY_ADMIN_TOKEN): pull, pin, unpin, delete, PinPair and UnpinPair are allowed "
-            "only from this machine (loopback)"
+            "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are "
+            "allowed only from this machine (loopback)"
         )
     if security.token is None and security.admin_token is None:
-        log.warning("no tokens: anyone who can reach %s:%d may generate", settings.host, settings.port)
+        log.warning("no tokens: anyone who can reach %s:%d may generate", settings.host, port)
     roots = ", ".join(str(r) for r in security.local_model_roots)
     log.info("local models from requests: %s", f"under {roots}" if roots else "none")
 

@@ -25,6 +25,13 @@ def quoted(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
     return f"{text[:limit]!r}...({len(text)} characters)"
 
 
+def escaped(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """`text` with every control or invisible formatting character escaped (`\\n`, `\\x1b`, `\\u202e`), cut to
+    `limit` characters: for messages that may quote what a client or an upstream server sent."""
+    cut = text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in cut)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

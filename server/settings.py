@@ -55,7 +55,7 @@ class Security:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     # `authorization: Bearer <token>`: `token` for generation and status, `admin_token` for everything
-    # (pull, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
+    # (pull, verify, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
     # from loopback.
     token: str | None = None
     admin_token: str | None = None
@@ -150,8 +150,9 @@ class Settings:
     # chunks (proto: ImageChunk), so that clients with gRPC's default 4 MiB receive limit get every image.
     max_message_bytes: int = 64 * 1024 * 1024
     image_chunk_bytes: int = 3 * 1024 * 1024
-    # Requests are small (a valid one is under 10 KB): anything larger is refused before it is read whole.
-    max_request_bytes: int = 64 * 1024
+    # Requests are small: anything larger is refused before it is read whole. The largest valid request is
+    # about 73 KB (four prompts of 4000 four-byte characters, two 1024-character AIRs); a typical one, 1 KB.
+    max_request_bytes: int = 128 * 1024
     security: Security = field(default_factory=Security)
     log_json: bool = False
     speed: Speed = field(default_factory=Speed)

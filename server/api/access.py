@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -64,15 +65,18 @@ class Refusal:
 
 
 def is_loopback(peer: str) -> bool:
-    """gRPC's peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path") names a local caller."""
+    """gRPC's peer string names a local caller: "ipv4:127.0.0.1:5000", "unix:/path", or an IPv6 one, which gRPC
+    percent-encodes ("ipv6:%5B::1%5D:5000"); an IPv4-mapped address counts as its IPv4 one."""
     kind, _, rest = peer.partition(":")
     if kind == "unix":
         return True
-    host = rest.rsplit(":", 1)[0].strip("[]")
+    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]").partition("%")[0]  # "%zone" too
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 class Gate:

@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 from modelstore import Role, parse_air
 from modelstore import errors as store_errors
 from server import errors
-from server.logs import MAX_LOGGED_CHARS
+from server.logs import MAX_LOGGED_CHARS, escaped
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+# A status travels in the call's trailers, which clients cap (gRPC: 16 KiB); error texts may quote what the
+# client sent (a 100 KB model name once turned INVALID_ARGUMENT into the client's own RESOURCE_EXHAUSTED).
+MAX_MESSAGE_CHARS = 1000
+MAX_DESCRIPTION_CHARS = 300
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -139,13 +147,14 @@ def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcE
     retry_after = getattr(exc, "retry_after_s", None)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None:
         details.append(_retry_info(float(retry_after)))
-    return RpcError(code, message, tuple(details))
+    return RpcError(code, _cut(message, MAX_MESSAGE_CHARS), tuple(details))
 
 
 def _bad_request(violations: list[tuple[str, str, str]]) -> any_pb2.Any:
     detail = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d, reason=r) for f, d, r in violations
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=_cut(d, MAX_DESCRIPTION_CHARS), reason=r)
+            for f, d, r in violations
         ]
     )
     packed = any_pb2.Any()
@@ -189,10 +198,10 @@ def rpc(
             failure = rpc_error_for(cause, models(servicer, request) if models is not None else ())
             if not logged:
                 target = f" {describe(request)}" if describe is not None else ""
-                message = failure.message if len(failure.message) <= 1000 else failure.message[:1000] + "..."
                 extra = {"outcome": failure.code.name.lower()}
                 if request_id is not None:  # for JSON logs: the refused request's id, bounded
                     extra["request_id"] = request_id(request)[:MAX_LOGGED_CHARS]
+                message = escaped(failure.message, 1000)
                 log.info("%s%s failed: %s: %s", name, target, failure.code.name, message, extra=extra)
             await context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise AssertionError("abort_with_status returned")  # it raises, ending the RPC

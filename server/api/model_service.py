@@ -86,6 +86,8 @@ class ModelService(pb_grpc.ModelServiceServicer):
         self, request: pb.VerifyModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.VerifyModelResponse]:
         # Only models already in the cache are read: a path is never registered here (local models are skipped).
+        # A path outside the local-model roots gets the same refusal as everywhere else.
+        local_models.check([("model", request.model)], self._local_roots)
         models = [parse_air(request.model)] if request.model else None
         async for event in _verify(self._store, models).events():
             if isinstance(event, DownloadProgress):

@@ -15,8 +15,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         # Images travel whole, one per message: gRPC's 4 MiB default is too small for what the server sends.
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # What it receives is small: a valid request is under 10 KB. A larger one is refused from its length
-        # prefix, before it is buffered (32 concurrent 60 MiB requests once held 3.9 GB).
+        # What it receives is small: the largest valid request is about 73 KB (settings.max_request_bytes). A
+        # larger one is refused from its length prefix, before it is buffered (32 concurrent 60 MiB requests
+        # once held 3.9 GB).
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         # Long generations are quiet between events and clients keep their connections alive with pings.
         # gRPC's server default (no pings more often than every 5 minutes, GOAWAY "too_many_pings" after 2)

@@ -37,7 +37,7 @@ _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "web
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
     gen = commands.add_parser("generate", help="generate images and write them to files")
-    count = _argparse_type(options.count)
+    count = options.argument_type(options.count)
     gen.add_argument("prompt")
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--model", help="base model AIR (default: the server's)")
@@ -78,18 +78,6 @@ def _add_refiner_controls(gen: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--refiner-prompt", help="the refiner's own prompt (default: the prompt)")
     gen.add_argument("--refiner-negative", help="the refiner's own negative prompt (default: --negative)")
-
-
-def _argparse_type(convert: options.Convert) -> options.Convert:
-    """A converter whose ValueError argparse reports with its own message."""
-
-    def checked(text: str) -> object:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return checked
 
 
 def parse_refiner_start(text: str) -> tuple[str, int]:

@@ -35,7 +35,16 @@ def env_flag(
 ) -> None:
     """`flag`, defaulting to the environment variable `var`, then to `default`; both go through `convert`."""
     from_env = env.get(var)
-    where = f" (from {var})" if from_env is not None else ""
+    checked = argument_type(convert, f" (from {var})" if from_env is not None else "", from_env)
+    parser.add_argument(
+        flag, type=checked, default=from_env if from_env is not None else default, help=f"{help} [{var}]", **kwargs
+    )
+
+
+def argument_type(convert: Convert, where: str = "", from_env: str | None = None) -> Convert:
+    """`convert` as an argparse type: its ValueError (or InvalidModelId) becomes argparse's one-line error with
+    the converter's own message (argparse would print only "invalid VALUE"), and a traceback never; `where`
+    follows the message when the text is `from_env`."""
 
     def checked(text: str) -> Any:
         try:
@@ -44,9 +53,7 @@ def env_flag(
             raise argparse.ArgumentTypeError(f"{exc}{where if text == from_env else ''}") from None
 
     checked.__name__ = convert.__name__  # argparse names the converter in some messages
-    parser.add_argument(
-        flag, type=checked, default=from_env if from_env is not None else default, help=f"{help} [{var}]", **kwargs
-    )
+    return checked
 
 
 # ---- converters: each raises ValueError with a message that reads after "argument --flag: " ------------------

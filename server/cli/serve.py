@@ -63,7 +63,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     serve.add_argument(
         "--pin",
         action="append",
-        type=options.pins,
+        type=options.argument_type(options.pins),
         metavar="BASE[+REFINER]",
         help="keep this pair resident on every device from start-up (repeatable; 'none' for no pins; default: "
         "the default base+refiner); health is SERVING once pinned pairs are loaded",
@@ -114,7 +114,7 @@ def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) 
     parser.add_argument(
         "--local-models",
         action="append",
-        type=options.directory,
+        type=options.argument_type(options.directory),
         metavar="DIR",
         help="a folder whose files requests may name as local models (repeatable; default: none) "
         f"[REFINERY_LOCAL_MODELS, separated by {os.pathsep!r}]",

@@ -4,8 +4,13 @@ whose deadline cannot be met, instead of running it for nobody."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from server.errors import DeadlineExceeded, Overloaded
+
+# A request ahead of another: its work still to do (megapixel-steps), and the seconds until its own deadline
+# (None: it has none). It holds a device no longer than either.
+Ahead = tuple[float, float | None]
 
 
 class Pace:
@@ -27,11 +32,11 @@ class Pace:
         with self._lock:
             return None if self._rate is None else work / self._rate
 
-    def check(self, own: float, ahead: float, devices: int, remaining_s: float) -> None:
-        """Refuse a request of `own` work with `ahead` work queued before it, `remaining_s` before its
-        deadline: DEADLINE_EXCEEDED when its own work alone cannot finish in time (no retry helps), else
-        RESOURCE_EXHAUSTED with a retry delay when the queue ahead of it makes it late (later, or another
-        replica, may do)."""
+    def check(self, own: float, ahead: Iterable[Ahead], devices: int, remaining_s: float) -> None:
+        """Refuse a request of `own` work with the requests `ahead` of it (running, or queued before it),
+        `remaining_s` before its deadline: DEADLINE_EXCEEDED when its own work alone cannot finish in time (no
+        retry helps), else RESOURCE_EXHAUSTED with a retry delay when those ahead of it make it late (later,
+        or another replica, may do)."""
         alone = self.seconds_for(own)
         if alone is None:
             return
@@ -39,10 +44,14 @@ class Pace:
             raise DeadlineExceeded(
                 f"the request needs about {alone:.1f}s of a device here; its deadline leaves {remaining_s:.1f}s"
             )
-        waiting = (self.seconds_for(ahead) or 0.0) / max(devices, 1)
+        busy = 0.0
+        for work, until_deadline in ahead:
+            seconds = self.seconds_for(work) or 0.0
+            busy += seconds if until_deadline is None else max(0.0, min(seconds, until_deadline))
+        waiting = busy / max(devices, 1)
         if alone + waiting > remaining_s:
             raise Overloaded(
-                f"the requests queued ahead need about {waiting:.1f}s; with this one's {alone:.1f}s its deadline "
+                f"the requests ahead of it need about {waiting:.1f}s; with this one's {alone:.1f}s its deadline "
                 f"({remaining_s:.1f}s away) would pass",
                 retry_after_s=max(1.0, round(waiting, 1)),
             )

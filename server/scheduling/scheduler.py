@@ -57,6 +57,15 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# A call cancelled this close to its deadline was cancelled by it (the client's timer and the server's fire at
+# about the same moment, in either order).
+_DEADLINE_SLACK_S = 0.05
+
+
+def _until(deadline: float | None, now: float) -> float | None:
+    return None if deadline is None else deadline - now
+
+
 def batch_key(job: Job) -> Hashable:
     """Requests with equal keys can be denoised together (prompts, seeds and result counts may differ): the
     same pair and `RenderShape` (size, steps, split, guidance, sampler, compare, aesthetic scores). Compare
@@ -149,8 +158,10 @@ class Scheduler:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """Stop `ticket`: dropped if still queued, stopped at its next step if running; a no-op once ended."""
-        ticket.request_cancel()
+        """Stop `ticket`: dropped if still queued, stopped at its next step if running; a no-op once ended. A
+        client that gives up at its deadline ends its request as DEADLINE_EXCEEDED, not cancelled."""
+        late = ticket.deadline is not None and time.monotonic() >= ticket.deadline - _DEADLINE_SLACK_S
+        ticket.request_cancel(DeadlineExceeded("the deadline passed") if late else None)
         if self.queue.cancel(ticket):
             self.finish(ticket, ticket.cancel_error)  # never started; a running one stops at its next step
 
@@ -289,16 +300,20 @@ class Scheduler:
         self.queue.unblock(ticket)
 
     def _check_deadline(self, ticket: Ticket, spec: PairSpec) -> None:
-        """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet."""
+        """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet: with
+        the rest of the running requests and the queued ones it would wait for (each until its own deadline
+        at most; a request behind a running one once waited out its whole deadline and expired)."""
         if ticket.deadline is None:
             return
-        own = self._work(ticket.job, spec)
-        ahead = sum(
-            self._work(t.job, t.spec)
-            for t in self.queue.snapshot()
-            if t is not ticket and t.spec is not None and t.job.priority >= ticket.job.priority
-        )
-        self._pace.check(own, ahead, len(self.workers), ticket.deadline - time.monotonic())
+        now = time.monotonic()
+        with self._lock:
+            others = [t for t in self._tickets if t is not ticket and t.spec is not None]
+        ahead = [
+            (self._work(t.job, t.spec) * (1 - t.steps_done / max(t.job.total_steps, 1)), _until(t.deadline, now))
+            for t in others
+            if t.spec is not None and (t.timings.started or t.job.priority >= ticket.job.priority)
+        ]
+        self._pace.check(self._work(ticket.job, spec), ahead, len(self.workers), ticket.deadline - now)
 
     def _work(self, job: Job, spec: PairSpec) -> float:
         if job.width and job.height:
