@@ -37,6 +37,9 @@ pytestmark = [needs_nginx, pytest.mark.slow]
 
 # Long enough to be caught mid-stream (150 steps of the tiny models: seconds on a CPU).
 LONG_STEPS = 150
+# The size of a call that a kill -9 cuts: ~9x the work of the others, so that it is still running however
+# slowly the other long calls start; it costs nothing, as the kill ends it.
+CUT_SIZE = 192
 
 
 class Traffic:
@@ -51,11 +54,13 @@ class Traffic:
         self._stop = threading.Event()
         self._streams: list[Future[None]] = []
 
-    def start_long_calls(self) -> None:
+    def start_long_calls(self, size: Callable[[Pair], int]) -> None:
         """One long call per pair, returning once every one of them is running on its replica."""
         running = {pair: threading.Event() for pair in PAIRS}
         for pair in PAIRS:
-            self.long[pair] = self.pool.submit(generate, self.stub, pair, steps=LONG_STEPS, running=running[pair])
+            self.long[pair] = self.pool.submit(
+                generate, self.stub, pair, steps=LONG_STEPS, size=size(pair), running=running[pair]
+            )
         for pair, event in running.items():
             assert event.wait(TIMEOUT_S), f"{pair} never started running"
 
@@ -92,9 +97,15 @@ class Traffic:
         return [f.result() for f in self.long.values()] + [f.result() for f in self.short] + self.after
 
 
-def _run(fleet: Fleet, act: Callable[[Replica], float], *, stream: bool) -> tuple[Traffic, Replica, float]:
+def _run(
+    fleet: Fleet, act: Callable[[Replica], float], *, stream: bool, victim_size: int = 64
+) -> tuple[Traffic, Replica, float]:
     """Warm every pair up, start the long calls (and the stream), act on the replica holding PAIRS[0], burst."""
     victim = fleet.owner(PAIRS[0].key)
+
+    def size(pair: Pair) -> int:
+        return victim_size if fleet.owner(pair.key) is victim else 64
+
     with grpc.insecure_channel(fleet.front, options=CHANNEL_OPTIONS) as channel:
         stub = generation_stub(channel)
         assert all(generate(stub, pair).ok for pair in PAIRS)  # warm-up: every pair resident on its replica
@@ -103,7 +114,7 @@ def _run(fleet: Fleet, act: Callable[[Replica], float], *, stream: bool) -> tupl
             if stream:
                 traffic.start_stream(seed=1)
                 traffic.start_stream(seed=2)
-            traffic.start_long_calls()
+            traffic.start_long_calls(size)
             at = act(victim)
             traffic.burst(12, seed=3)
             traffic.finish()
@@ -121,7 +132,7 @@ def test_kill_9_fails_only_the_calls_in_flight_there_and_its_pairs_move(fleet: F
         victim.kill()  # returns once the process is gone
         return time.monotonic()
 
-    traffic, victim, killed_at = _run(fleet, kill, stream=True)
+    traffic, victim, killed_at = _run(fleet, kill, stream=True, victim_size=CUT_SIZE)
     victim_pairs = {p for p in PAIRS if fleet.owner(p.key) is victim}
 
     # The long calls on the victim were running there: they fail, as nginx reports a stream cut mid-response.

@@ -337,7 +337,7 @@ def test_a_link_that_keeps_dropping_fails_and_the_next_pull_resumes(
 def test_a_slow_body_reports_progress_as_it_goes(make_store: MakeStore, civitai: FakeCivitai) -> None:
     data = payloads.checkpoint(seed=12, extra_bytes=1_000_000)
     civitai.add_version(1, 2, [(FakeFile(3, "m.safetensors"), data)])
-    civitai.object_of(2, 3).trickle_s = 0.02
+    civitai.object_of(2, 3).trickle_s = 0.05  # 16 chunks in ~0.8 s: about eight reports (one per 0.1 s at most)
     events: list[DownloadProgress] = []
     make_store().resolve("civitai:1@2", progress=events.append)
     done = [e.bytes_done for e in events]
