@@ -217,6 +217,11 @@ class Scheduler:
 
     # ---- the workers' side (`WorkerHost`) ---------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
     def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
         peers = [w for w in self.workers if w is not worker]
 

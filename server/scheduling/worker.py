@@ -49,7 +49,12 @@ class WorkerHost(BatchHost, Protocol):
     ending and delivering requests), its next batch, and a wake-up."""
 
     def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
-        """Requests for this worker to run together ([] after `timeout`)."""
+        """Requests for this worker to run together ([] after `timeout`, or at once when `closed`)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether the host takes no more work (its workers are about to be stopped)."""
         ...
 
     def wake(self) -> None:
@@ -186,6 +191,9 @@ class DeviceWorker:
             self._run_calls()
             tickets = self.host.next_batch(self, TICK_S)
             if not tickets:
+                # A closed queue answers at once; wait for this worker's own stop rather than spin on it.
+                if self.host.closed:
+                    self._stopping.wait(TICK_S)
                 continue
             # Cleared only when the batch returns: if the thread dies inside it, _supervise still knows
             # which requests to end.
