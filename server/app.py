@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from types import TracebackType
@@ -216,15 +217,29 @@ class RefineryServer:
             await self.health.set(generation_service.SERVICE_NAME, _SERVING)
 
 
+def _loopback_only(host: str) -> bool:
+    """Whether the gRPC port listens on a loopback address only ("0.0.0.0" and "::" are every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _announce_access(settings: Settings, port: int) -> None:
     security = settings.security
+    # Open access is a warning on a port other machines can reach; on loopback (the CLI's own in-process
+    # server, a sidecar) only this machine can call, so it is worth a line but not a warning.
+    level = logging.INFO if _loopback_only(settings.host) else logging.WARNING
     if security.admin_token is None:
-        log.warning(
+        log.log(
+            level,
             "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are "
-            "allowed only from this machine (loopback)"
+            "allowed only from this machine (loopback)",
         )
     if security.token is None and security.admin_token is None:
-        log.warning("no tokens: anyone who can reach %s:%d may generate", settings.host, port)
+        log.log(level, "no tokens: anyone who can reach %s:%d may generate", settings.host, port)
     roots = ", ".join(str(r) for r in security.local_model_roots)
     log.info("local models from requests: %s", f"under {roots}" if roots else "none")
 

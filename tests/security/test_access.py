@@ -233,3 +233,14 @@ def test_the_start_up_log_says_who_may_administer(
         anyone = f"anyone who can reach 127.0.0.1:{thread.server.port} may generate"  # the port it bound
         assert (anyone in caplog.text) is (security.token is None)
         assert TOKEN not in caplog.text and ADMIN_TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(("host", "level"), [("127.0.0.1", logging.INFO), ("0.0.0.0", logging.WARNING)])
+def test_open_access_is_a_warning_only_where_other_machines_can_call(
+    store_settings: StoreSettings, model_store: ModelStore, caplog: pytest.LogCaptureFixture, host: str, level: int
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.app")
+    thread = ServerThread(make_settings(store_settings, host=host, pins=()), store=model_store)
+    thread.close()
+    about_access = [r for r in caplog.records if "may generate" in r.message or "only from this machine" in r.message]
+    assert len(about_access) == 2 and {r.levelno for r in about_access} == {level}
