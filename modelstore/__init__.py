@@ -2,7 +2,7 @@
 
 `ModelStore` is the front door, and this module exports everything a caller needs. It knows nothing of gRPC;
 errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `record`, `settings`, `store`,
-`loading`, `progress`, `components` and `units`; modules whose names start with an underscore (and the
+`loading`, `progress`, `components`, `role` and `units`; modules whose names start with an underscore (and the
 `_sources` package) are internal and change without notice.
 """
 
@@ -10,7 +10,8 @@ from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.progress import DownloadProgress, ProgressCallback
-from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Role, Verdict, Verification
+from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Verdict, Verification
+from modelstore.role import Role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore, require_role
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from modelstore._architecture import BASE_TIME_IDS, REFINER_TIME_IDS
 from modelstore.errors import CorruptModel
-from modelstore.record import Architecture, Role
+from modelstore.record import Architecture
+from modelstore.role import Role
 
 # Both SDXL text encoders read 77 tokens; the UNet was trained on exactly that many hidden states.
 SDXL_TOKENS = 77

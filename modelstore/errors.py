@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from modelstore.record import Role
+from modelstore.role import Role
 
 
 class ModelStoreError(Exception):
@@ -57,15 +55,9 @@ class ModelStoreError(Exception):
 
     @property
     def source(self) -> str | None:
-        """The source of `air` ("civitai", "huggingface", "builtin", "local"), when it is a well-formed AIR."""
-        from modelstore.air import parse_air  # air.py raises these errors: imported late
-
-        if self._air is None:
-            return None
-        try:
-            return parse_air(self._air).source.value
-        except InvalidModelId:
-            return None
+        """The source of `air` ("civitai", "huggingface", "builtin", "local"): the scheme of its canonical form
+        (`AIR.canonical` always starts with it)."""
+        return None if self._air is None else self._air.partition(":")[0]
 
     def about(self, air: str) -> ModelStoreError:
         """This error as a new value concerning `air` (this one is left as it is: other callers may hold it)."""
@@ -93,7 +85,11 @@ def concerning(air: str) -> Iterator[None]:
 
 
 class InvalidModelId(ModelStoreError):
-    """The model identifier (AIR or path) is malformed. `air` is the text as given."""
+    """The model identifier (AIR or path) is malformed. `air` is the text as given, so it names no source."""
+
+    @property
+    def source(self) -> str | None:
+        return None
 
 
 class ModelNotFound(ModelStoreError):

@@ -40,7 +40,8 @@ from modelstore._config_families import family_for, known_families
 from modelstore._pipeline_checks import check_pipeline
 from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import CorruptModel, ModelStoreError, WrongArchitecture, concerning
-from modelstore.record import Architecture, Layout, ModelRecord, Role
+from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.role import Role
 from modelstore.store import ROLE_ARCHITECTURES, require_role
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 
 from modelstore.air import AIR
@@ -35,15 +35,6 @@ _LABELS = {
     Architecture.FLUX: "FLUX",
     Architecture.UNKNOWN: "an unrecognised architecture",
 }
-
-
-class Role(StrEnum):
-    """What a model does in a pair: the base denoises from noise, the refiner continues the base's latent.
-
-    A `StrEnum`, so the role reads as "base" / "refiner" in logs, memos and diffusers' own vocabulary."""
-
-    BASE = "base"
-    REFINER = "refiner"
 
 
 class Layout(Enum):

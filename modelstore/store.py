@@ -57,7 +57,8 @@ from modelstore.errors import (
     concerning,
 )
 from modelstore.progress import ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, CachedModel, ModelRecord, Role, Verdict, Verification
+from modelstore.record import Architecture, CachedModel, ModelRecord, Verdict, Verification
+from modelstore.role import Role
 from modelstore.settings import StoreSettings
 
 log = logging.getLogger(__name__)
