@@ -84,7 +84,7 @@ class ProgressView(_View):
     def show(self, event: Event) -> None:
         if isinstance(event, Queued):
             ahead = "runs next" if event.position == 0 else f"{event.position} ahead"
-            self._line(f"queued: {ahead} ({event.queue_depth} waiting)")
+            self._line(f"queued: {ahead} ({event.queue_depth} in the queue, this one included)")
         elif isinstance(event, ModelLoading):
             self._loading(event)
         elif isinstance(event, Progress):

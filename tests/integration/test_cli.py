@@ -153,6 +153,8 @@ def test_generate_in_process_writes_a_png_and_shows_both_stages(tmp_path: Path, 
     assert "base" in progress and "9/9" in progress  # 90 % of 10: 9 base steps ...
     assert "refiner" in progress and "1/1" in progress  # ... and 1 refiner step
     assert "loaded base builtin:tiny-sdxl-base@1" in progress
+    assert "queued: runs next (1 in the queue, this one included)" in progress
+    assert "WARNING" not in progress  # the in-process server listens on loopback: open access is no warning there
     assert "seed 7" in result.stdout and "out/demo.png" in result.stdout
 
 
