@@ -121,7 +121,7 @@ class Batch:
             metrics.batch_images.observe(len(samples))
             self._started = self._last_step = time.perf_counter()
             result = self._run_with_oom_retry(pair, shape, samples)
-            work = shape.width * shape.height * len(samples) * shape.total_steps / 1e6
+            work = sum(t.job.work(shape.width, shape.height) for t in self._tickets)
             self._host.observe_pace(work, time.perf_counter() - self._started)
             self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:

@@ -197,11 +197,16 @@ class Scheduler:
         stopping = ShuttingDown("the server is shutting down; retry on another replica")
         for ticket in tickets:
             ticket.request_cancel(stopping)
+        # Every worker is told before the queue closes (a closed queue answers `take` at once, so a worker not
+        # yet told would poll it in a loop), then all are waited for against one deadline.
+        for worker in self.workers:
+            worker.request_stop()
         for ticket in self.queue.close():
             self.finish(ticket, stopping)
         self._stopping.set()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for worker in self.workers:
-            worker.stop(timeout_s)
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._resolving.shutdown(wait=False, cancel_futures=True)
         if self._encoders is not None:
             self._encoders.shutdown(wait=True)  # finished images still get sent: each takes well under a second
@@ -216,11 +221,6 @@ class Scheduler:
         return {model for w in self.workers for pair in w.residency.resident() for _, model in pair.key.roles()}
 
     # ---- the workers' side (`WorkerHost`) ---------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        with self._lock:
-            return self._closed
 
     def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
         peers = [w for w in self.workers if w is not worker]
@@ -293,18 +293,20 @@ class Scheduler:
                 ticket.job.pair, ticket.leases, sink=ticket.sink, give_up=ticket.cancel_signal
             )
             self._check_fits_somewhere(spec)
-            self._check_work(ticket.job, spec)
-            self._check_deadline(ticket, spec)
+            work = self._work(ticket.job, spec)
+            self._check_work(ticket.job, work)
+            self._check_deadline(ticket, work)
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, ServerError)):
                 log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
             if self.queue.cancel(ticket):
                 self.finish(ticket, exc)
             return
+        ticket.work = work  # before `spec`: a ticket with a spec has its work
         ticket.spec = spec
         self.queue.unblock(ticket)
 
-    def _check_deadline(self, ticket: Ticket, spec: PairSpec) -> None:
+    def _check_deadline(self, ticket: Ticket, work: float) -> None:
         """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet: with
         the rest of the running requests and the queued ones it would wait for (each until its own deadline
         at most; a request behind a running one once waited out its whole deadline and expired)."""
@@ -314,24 +316,26 @@ class Scheduler:
         with self._lock:
             others = [t for t in self._tickets if t is not ticket and t.spec is not None]
         ahead = [
-            (self._work(t.job, t.spec) * (1 - t.steps_done / max(t.job.total_steps, 1)), _until(t.deadline, now))
+            (t.work * (1 - t.steps_done / max(t.job.total_steps, 1)), _until(t.deadline, now))
             for t in others
-            if t.spec is not None and (t.timings.started or t.job.priority >= ticket.job.priority)
+            if t.timings.started or t.job.priority >= ticket.job.priority
         ]
-        self._pace.check(self._work(ticket.job, spec), ahead, len(self.workers), ticket.deadline - now)
+        self._pace.check(work, ahead, len(self.workers), ticket.deadline - now)
 
-    def _work(self, job: Job, spec: PairSpec) -> float:
+    @staticmethod
+    def _work(job: Job, spec: PairSpec) -> float:
+        """The request's megapixel-steps at the size it will run at (reading the base's configs when the
+        request leaves the size to the model: once per request, at resolution)."""
         if job.width and job.height:
             return job.work(job.width, job.height)
         native = native_size(spec.base.record) or (0, 0)
         return job.work(job.width or native[0], job.height or native[1])
 
-    def _check_work(self, job: Job, spec: PairSpec) -> None:
+    def _check_work(self, job: Job, work: float) -> None:
         """At the model's native size, the request's work is known only once the model is: checked here,
         still before any device work (a size given in the request was checked on arrival)."""
         if job.width and job.height:
             return
-        work = self._work(job, spec)
         if work > self.work_limit:
             raise too_much_work(work, self.work_limit)
 

@@ -49,12 +49,8 @@ class WorkerHost(BatchHost, Protocol):
     ending and delivering requests), its next batch, and a wake-up."""
 
     def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
-        """Requests for this worker to run together ([] after `timeout`, or at once when `closed`)."""
-        ...
-
-    @property
-    def closed(self) -> bool:
-        """Whether the host takes no more work (its workers are about to be stopped)."""
+        """Requests for this worker to run together ([] after `timeout`; at once when the host has closed,
+        by which time it has asked the worker to stop)."""
         ...
 
     def wake(self) -> None:
@@ -120,9 +116,13 @@ class DeviceWorker:
         )
         self._thread.start()
 
-    def stop(self, timeout_s: float | None) -> None:
+    def request_stop(self) -> None:
+        """Stop taking batches: the thread ends once its running batch (if any) returns."""
         self._stopping.set()
         self.host.wake()
+
+    def join(self, timeout_s: float | None) -> None:
+        """Wait up to `timeout_s` for the thread after `request_stop`."""
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         if self.compiler is not None:
@@ -191,9 +191,6 @@ class DeviceWorker:
             self._run_calls()
             tickets = self.host.next_batch(self, TICK_S)
             if not tickets:
-                # A closed queue answers at once; wait for this worker's own stop rather than spin on it.
-                if self.host.closed:
-                    self._stopping.wait(TICK_S)
                 continue
             # Cleared only when the batch returns: if the thread dies inside it, _supervise still knows
             # which requests to end.
