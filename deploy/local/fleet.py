@@ -27,9 +27,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from deploy.local.nginx import Nginx
-from deploy.local.pair_key import pair_key
 from deploy.local.replica import Replica, ReplicaSpec
 from deploy.local.ring import Ring
+from refinery.client import pair_affinity
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def _parse_pair(text: str) -> str:
     model, sep, refiner = text.partition("+")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected MODEL+REFINER (either may be empty), got {text!r}")
-    return pair_key(model, refiner)
+    return pair_affinity(model, refiner)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from deploy.local.pair_key import PAIR_HEADER, pair_key
+from refinery.client import DEFAULT_MAX_RECEIVE_BYTES, PAIR_HEADER, pair_affinity
+from refinery.client.channel import channel_options
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 
-# Images arrive whole, one per message (gRPC's default receive limit is 4 MiB).
-CHANNEL_OPTIONS: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+# The client package's channel: a receive limit above the server's image chunks, keepalive for long streams.
+CHANNEL_OPTIONS = channel_options(DEFAULT_MAX_RECEIVE_BYTES)
 # A hang ends the call instead of the run; never an expectation about speed.
 TIMEOUT_S = 120.0
 
@@ -33,7 +34,7 @@ class Pair:
 
     @property
     def key(self) -> str:
-        return pair_key(self.model, self.refiner)
+        return pair_affinity(self.model, self.refiner)
 
     def request(self, *, steps: int, size: int, seed: int) -> pb.GenerateRequest:
         request = pb.GenerateRequest(
