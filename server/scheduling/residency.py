@@ -69,7 +69,6 @@ class ResidentPair:
     bytes: int
     active: int
     pinned: bool
-    last_used: float  # the residency's clock (monotonic)
     last_used_wall: float  # seconds since the epoch
 
 
@@ -152,7 +151,6 @@ class Residency:
                     self._pair_bytes(pair.spec),
                     pair.active,
                     pair.pinned,
-                    pair.last_used,
                     wall - (age - pair.last_used),
                 )
                 for key, pair in self._pairs.items()

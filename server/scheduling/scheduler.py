@@ -339,9 +339,13 @@ class Scheduler:
         if work > self.work_limit:
             raise too_much_work(work, self.work_limit)
 
+    def _too_small(self, spec: PairSpec) -> list[DeviceWorker]:
+        """The devices `spec` can never fit on beside their pinned pairs."""
+        return [w for w in self.workers if not w.residency.could_ever_fit(spec)]
+
     def _check_fits_somewhere(self, spec: PairSpec) -> None:
-        if not any(w.residency.could_ever_fit(spec) for w in self.workers):
-            budgets = ", ".join(f"{w.device.name}: {format_bytes(w.residency.budget_bytes)}" for w in self.workers)
+        if len(too_small := self._too_small(spec)) == len(self.workers):
+            budgets = ", ".join(f"{w.device.name}: {format_bytes(w.residency.budget_bytes)}" for w in too_small)
             raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
 
     def _pin(self, pairs: Sequence[PairKey], pinned_before: set[PairKey], done: Future[None]) -> None:
@@ -350,12 +354,12 @@ class Scheduler:
         try:
             specs = [self._resolver.pair_spec(key, leases) for key in pairs]
             for spec in specs:
-                for w in self.workers:
-                    if not w.residency.could_ever_fit(spec):
-                        raise OutOfDeviceMemory(
-                            f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
-                            f"(budget {format_bytes(w.residency.budget_bytes)})"
-                        )
+                if too_small := self._too_small(spec):  # a pin holds the pair on every device
+                    w = too_small[0]
+                    raise OutOfDeviceMemory(
+                        f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
+                        f"(budget {format_bytes(w.residency.budget_bytes)})"
+                    )
             futures = [w.pin(spec) for w in self.workers for spec in specs]
             failures = [f.exception() for f in futures]  # every load ends before any rollback
             for failure in failures:

@@ -90,9 +90,8 @@ class DeviceWorker:
             release_memory=memory_releaser(device),
             on_unload=self._unload,
         )
-        self.busy = False
         self.busy_s = 0.0
-        self.running: list[Ticket] = []
+        self.running: list[Ticket] = []  # the batch on the device, if any
         self.restarts = 0
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._calls_lock = threading.Lock()
@@ -129,6 +128,11 @@ class DeviceWorker:
             # A compile in progress is not interrupted (torch cannot); the thread is a daemon, so it never
             # holds the process up: only the queued shapes are dropped.
             self.compiler.close(0)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is on the device."""
+        return bool(self.running)
 
     @property
     def accepting(self) -> bool:
@@ -183,7 +187,6 @@ class DeviceWorker:
                 for ticket in self.running:
                     self.host.finish(ticket, failed)
                 self.running = []
-                self.busy = False
                 time.sleep(0.1)  # do not spin if the failure repeats at once
 
     def _loop(self) -> None:
@@ -195,14 +198,12 @@ class DeviceWorker:
             # Cleared only when the batch returns: if the thread dies inside it, _supervise still knows
             # which requests to end.
             self.running = tickets
-            self.busy = True
             started = time.perf_counter()
             with self._using_device():
                 Batch(self, tickets).run()
             # Time with a batch on the device: against wall time, how much the device idled between batches.
             self.busy_s += time.perf_counter() - started
             self.running = []
-            self.busy = False
 
     def _using_device(self) -> contextlib.AbstractContextManager[Any]:
         """Held while this thread uses the device: the compiler runs its graphs' first passes only between."""
