@@ -13,9 +13,10 @@ import grpc
 import grpc.aio
 
 from refinery.client import TLS, AsyncClient
-from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, channel_credentials, channel_options
-from server.cli import options, serve
-from server.cli.options import env_flag
+from refinery.client.channel import open_aio_channel
+from refinery.client.metadata import auth_metadata
+from server.cli import options
+from server.cli.options import UsageError, env_flag, secret
 
 
 def add_flags(parser: argparse.ArgumentParser, env: Mapping[str, str], *, what: str) -> None:
@@ -37,15 +38,15 @@ def tls(args: argparse.Namespace) -> TLS | None:
     try:
         return TLS.from_files(*paths)
     except (OSError, ValueError) as exc:
-        raise serve.UsageError(f"TLS: {exc}") from None
+        raise UsageError(f"TLS: {exc}") from None
 
 
 def token(env: Mapping[str, str], *, admin: bool) -> str | None:
     """REFINERY_ADMIN_TOKEN for administration (else REFINERY_TOKEN), REFINERY_TOKEN for the rest; or the
     files their `_FILE` variables name."""
     if admin:
-        return serve.secret(env, "REFINERY_ADMIN_TOKEN") or serve.secret(env, "REFINERY_TOKEN")
-    return serve.secret(env, "REFINERY_TOKEN") or serve.secret(env, "REFINERY_ADMIN_TOKEN")
+        return secret(env, "REFINERY_ADMIN_TOKEN") or secret(env, "REFINERY_TOKEN")
+    return secret(env, "REFINERY_TOKEN") or secret(env, "REFINERY_ADMIN_TOKEN")
 
 
 def client(address: str, args: argparse.Namespace, env: Mapping[str, str]) -> AsyncClient:
@@ -55,17 +56,15 @@ def client(address: str, args: argparse.Namespace, env: Mapping[str, str]) -> As
 def channel(address: str, args: argparse.Namespace, env: Mapping[str, str], *, admin: bool) -> grpc.aio.Channel:
     """A channel whose every call carries the token (`admin`: the admin token where there is one)."""
     settings = tls(args)
-    limits = channel_options(DEFAULT_MAX_RECEIVE_BYTES)
-    secret = token(env, admin=admin)
-    interceptors = [_Bearer(secret), _BearerStream(secret)] if secret else []
-    if settings is None:
-        return grpc.aio.insecure_channel(address, options=limits, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, channel_credentials(settings), options=limits, interceptors=interceptors)
+    bearer = token(env, admin=admin)
+    interceptors = [_Bearer(bearer), _BearerStream(bearer)] if bearer else []
+    return open_aio_channel(address, tls=settings, interceptors=interceptors)
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add("authorization", f"Bearer {secret}")
+    for key, value in auth_metadata(secret):
+        metadata.add(key, value)
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )

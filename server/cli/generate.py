@@ -8,30 +8,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
-import grpc
 from PIL import Image as PILImage
 
-from refinery.client import AsyncClient, Branch, Image, Preview, RefineryError
+from refinery.client import (
+    AsyncClient,
+    Branch,
+    Image,
+    OutputFormat,
+    Preview,
+    Refiner,
+    RefineryError,
+    Scheduler,
+    generate_request,
+)
 from refinery.v1 import generation_pb2 as pb
 from server.cli import connect, options, serve
+from server.cli.options import UsageError
 from server.cli.side_by_side import side_by_side
-from server.cli.terminal import ProgressView, describe_error
+from server.cli.terminal import ProgressView, report_failure
 from server.logs import quiet_model_libraries
 
-SAMPLERS = {
-    "euler": pb.SCHEDULER_EULER,
-    "euler_ancestral": pb.SCHEDULER_EULER_ANCESTRAL,
-    "ddim": pb.SCHEDULER_DDIM,
-    "dpmpp_2m": pb.SCHEDULER_DPMPP_2M,
-    "dpmpp_2m_karras": pb.SCHEDULER_DPMPP_2M_KARRAS,
-    "unipc": pb.SCHEDULER_UNIPC,
-}
-FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -54,8 +55,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
     gen.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's native size")
     gen.add_argument("-n", "--number", type=count, default=1, help="how many images (seeds seed, seed+1, ...)")
-    gen.add_argument("--scheduler", choices=sorted(SAMPLERS), help="default euler")
-    gen.add_argument("--format", choices=sorted(FORMATS), help="default: from -o's suffix, else png")
+    gen.add_argument("--scheduler", choices=sorted(s.value for s in Scheduler), help="default euler")
+    gen.add_argument(
+        "--format", choices=sorted(f.value for f in OutputFormat), help="default: from -o's suffix, else png"
+    )
     gen.add_argument("-o", "--output", default="out.png", help="file to write; with -n > 1: PATH-0, PATH-1, ...")
     gen.add_argument("--preview-every", type=count, help="ask for a preview every N steps")
     gen.add_argument("--previews", metavar="DIR", help="write previews (JPEG) into DIR")
@@ -102,39 +105,42 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(
-        positive_prompt=args.prompt,
+    """The request the flags describe, built by the client package (`refinery.client.generate_request`)."""
+    width, height = args.size if args.size is not None else (0, 0)
+    return generate_request(
+        args.prompt,
         negative_prompt=args.negative or "",
         model=args.model or "",
+        refiner=_refiner(args),
+        width=width,
+        height=height,
         steps=args.steps or 0,
         cfg_scale=args.cfg or 0.0,
+        seed=args.seed,
+        scheduler=args.scheduler,
         number_results=args.number,
-        scheduler=SAMPLERS[args.scheduler] if args.scheduler else pb.SCHEDULER_UNSPECIFIED,
-        output_format=FORMATS[output_format(args)],
+        output_format=output_format(args),
         preview_every=args.preview_every or (1 if args.previews else 0),
     )
-    if args.seed is not None:
-        request.seed = args.seed
-    if args.size is not None:
-        request.width, request.height = args.size
-    controls = {
-        "aesthetic_score": args.aesthetic_score,
-        "negative_aesthetic_score": args.negative_aesthetic_score,
-        "positive_prompt": args.refiner_prompt,
-        "negative_prompt": args.refiner_negative,
-    }
-    wants_refiner = args.compare or any(value is not None for value in controls.values())
-    if args.refiner is not None or args.refiner_start is not None or wants_refiner:
-        # --refiner-start (or any refiner control) alone uses the server's default refiner.
-        request.refiner.model = args.refiner or ""
-        request.refiner.compare = args.compare
-        if args.refiner_start is not None:
-            field, value = args.refiner_start
-            setattr(request.refiner, field, value)
-        for name, value in controls.items():
-            if value is not None:
-                setattr(request.refiner, name, value)
-    return request
+
+
+def _refiner(args: argparse.Namespace) -> Refiner | None:
+    """--refiner, --refiner-start or any refiner control; without --refiner: the server's default refiner."""
+    controls = (args.aesthetic_score, args.negative_aesthetic_score, args.refiner_prompt, args.refiner_negative)
+    wants_refiner = args.compare or any(value is not None for value in controls)
+    if args.refiner is None and args.refiner_start is None and not wants_refiner:
+        return None
+    field, value = args.refiner_start if args.refiner_start is not None else ("", None)
+    return Refiner(
+        model=args.refiner or "",
+        start_step=value if field == "start_step" else None,
+        start_percentage=value if field == "start_step_percentage" else None,
+        compare=args.compare,
+        aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
+        prompt=args.refiner_prompt,
+        negative_prompt=args.refiner_negative,
+    )
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -164,7 +170,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         request = build_request(args)
     except ValueError as exc:  # protobuf refuses a number its field cannot hold
-        raise serve.UsageError(f"a value is out of range: {exc}") from None
+        raise UsageError(f"a value is out of range: {exc}") from None
     address = args.server
     async with contextlib.AsyncExitStack() as stack:
         if not address:
@@ -174,8 +180,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         try:
             written = await _stream_to_files(client, request, args)
         except RefineryError as err:
-            print(describe_error(err), file=sys.stderr)
-            return serve.EXIT_USAGE if err.code is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
+            return report_failure(err)
     _report(written)
     return 0
 
@@ -211,7 +216,8 @@ def _side_by_side_pictures(written: Sequence[_Written], out: Path, count: int, f
     base_only = {w.image.index: w for w in written if w.image.branch is Branch.BASE_ONLY}
     pictures = []
     for refined in [w for w in written if w.image.branch is Branch.MAIN and w.image.index in base_only]:
-        with PILImage.open(base_only[refined.image.index].path) as left, PILImage.open(refined.path) as right:
+        left_data, right_data = BytesIO(base_only[refined.image.index].image.data), BytesIO(refined.image.data)
+        with PILImage.open(left_data) as left, PILImage.open(right_data) as right:
             picture = side_by_side(left, right)
         path = output_path(out, refined.image.index, count, "compare")
         picture.save(path, format=fmt.upper())
@@ -248,6 +254,6 @@ async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -
     try:
         server = RefineryServer(settings)
     except ValueError as exc:  # e.g. --device cuda on a machine without one
-        raise serve.UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     async with server:
         yield f"127.0.0.1:{server.port}"

@@ -10,8 +10,8 @@
     refinery --version
 
 Each command lives in its own module (`serve.py`, `generate.py`, `models.py`, `operate.py`) and shares the
-terminal helpers (`terminal.py`), the flag converters (`options.py`) and the way to reach a server
-(`connect.py`: address, TLS, tokens). Settings are built from flags, then the environment
+terminal helpers (`terminal.py`), the flag converters, exit codes and UsageError (`options.py`) and the way to
+reach a server (`connect.py`: address, TLS, tokens). Settings are built from flags, then the environment
 (REFINERY_*), as argparse reads them; nothing else reads the environment. This is also the only place that
 configures logging.
 """
@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from server.cli import generate, models, operate, serve
+from server.cli.options import EXIT_USAGE, UsageError
 from server.logs import configure_logging
 
 EXIT_INTERRUPTED = 130
@@ -71,11 +72,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         configure_logging(level.upper(), json_format=bool(args.log_json))
     except ValueError as exc:
         print(f"refinery: error: --log-level: {exc}", file=sys.stderr)
-        return serve.EXIT_USAGE
+        return EXIT_USAGE
     try:
         return asyncio.run(COMMANDS[args.command](args, env))
-    except serve.UsageError as exc:
+    except UsageError as exc:
         print(f"refinery: error: {exc}", file=sys.stderr)
-        return serve.EXIT_USAGE
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

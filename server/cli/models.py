@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.model_service import ModelService
 from server.cli import connect, serve
-from server.cli.terminal import PullView, describe_rpc_error, print_table
+from server.cli.terminal import PullView, print_table, report_failure
 from server.cli.verify import verify_models
 
 _ARCHITECTURES = {
@@ -95,8 +94,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             else:
                 await _rm(stub, args.model)
         except grpc.aio.AioRpcError as err:
-            print(describe_rpc_error(err), file=sys.stderr)
-            return serve.EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
+            return report_failure(err)
     return 0
 
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 
-from modelstore.errors import InvalidModelId
 from modelstore.units import format_bytes
+from refinery.client import DEFAULT_TARGET
 from refinery.contract import write_protos
 from refinery.v1 import status_pb2 as pb
 from refinery.v1 import status_pb2_grpc as pb_grpc
-from server.cli import connect, serve
-from server.cli.terminal import describe_rpc_error, print_table
+from server.cli import connect, options, serve
+from server.cli.terminal import print_table, report_failure
 from server.domain import PairKey
 
 
@@ -32,9 +31,14 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], e
     pin = commands.add_parser("pin", help="load a pair on every device of a running server and keep it there")
     unpin = commands.add_parser("unpin", help="let a pinned pair be evicted again")
     for parser in (pin, unpin):
-        parser.add_argument("pair", metavar="BASE[+REFINER]", help="e.g. civitai:101055@128078+civitai:101055@128080")
+        parser.add_argument(
+            "pair",
+            type=options.argument_type(PairKey.parse),
+            metavar="BASE[+REFINER]",
+            help="e.g. civitai:101055@128078+civitai:101055@128080",
+        )
     for parser in (status, pin, unpin):
-        connect.add_flags(parser, env, what="default: localhost:50051")
+        connect.add_flags(parser, env, what=f"default: {DEFAULT_TARGET}")
         serve.add_log_flags(parser, env)
     proto = commands.add_parser("proto", help="write the contract's .proto files, for generating clients")
     proto.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write them under")
@@ -46,7 +50,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         for path in write_protos(args.out):
             print(path)
         return 0
-    address = args.server or "localhost:50051"
+    address = args.server or DEFAULT_TARGET
     admin = args.command != "status"
     async with contextlib.AsyncExitStack() as stack:
         channel = await stack.enter_async_context(connect.channel(address, args, env, admin=admin))
@@ -57,16 +61,11 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             else:
                 await _pin(stub, args.pair, pin=args.command == "pin")
         except grpc.aio.AioRpcError as err:
-            print(describe_rpc_error(err), file=sys.stderr)
-            return serve.EXIT_USAGE if err.code() is grpc.StatusCode.INVALID_ARGUMENT else serve.EXIT_FAILED
+            return report_failure(err)
     return 0
 
 
-async def _pin(stub: pb_grpc.ServerServiceStub, text: str, *, pin: bool) -> None:
-    try:
-        pair = PairKey.parse(text)
-    except (ValueError, InvalidModelId) as exc:
-        raise serve.UsageError(f"{text!r}: {exc}") from None
+async def _pin(stub: pb_grpc.ServerServiceStub, pair: PairKey, *, pin: bool) -> None:
     request = {"model": pair.base, "refiner_model": pair.refiner or ""}
     if pin:
         await stub.PinPair(pb.PinPairRequest(**request))

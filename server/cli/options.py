@@ -21,6 +21,13 @@ from server.settings import COMPILE_MODES, VAE_DECODES, Toggle
 
 Convert = Callable[[str], Any]
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad setting found after parsing; reported in one line with exit code 2."""
+
 
 def env_flag(
     parser: argparse._ActionsContainer,
@@ -54,6 +61,20 @@ def argument_type(convert: Convert, where: str = "", from_env: str | None = None
 
     checked.__name__ = convert.__name__  # argparse names the converter in some messages
     return checked
+
+
+def secret(env: Mapping[str, str], var: str) -> str | None:
+    """A token from `var`, or from the file `var`_FILE names (a mounted secret); surrounding whitespace is
+    dropped. UsageError when the file cannot be read; the token itself never appears in a message."""
+    path = env.get(f"{var}_FILE")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"{var}_FILE {path}: {exc.strerror or exc}") from None
+    else:
+        text = env.get(var, "")
+    return text.strip() or None
 
 
 # ---- converters: each raises ValueError with a message that reads after "argument --flag: " ------------------

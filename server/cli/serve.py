@@ -16,18 +16,11 @@ from pathlib import Path
 from modelstore import StoreSettings
 from modelstore.errors import ModelStoreError
 from server.cli import options
-from server.cli.options import env_flag
+from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
 from server.domain import PairKey
 from server.logs import quiet_model_libraries
 from server.prefetch import start_prefetch
 from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad setting found after parsing; reported in one line with exit code 2."""
 
 
 def add_device_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -252,20 +245,6 @@ def security_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Secur
         admin_token=secret(env, "REFINERY_ADMIN_TOKEN"),
         local_model_roots=tuple(roots),
     )
-
-
-def secret(env: Mapping[str, str], var: str) -> str | None:
-    """A token from `var`, or from the file `var`_FILE names (a mounted secret); surrounding whitespace is
-    dropped. UsageError when the file cannot be read; the token itself never appears in a message."""
-    path = env.get(f"{var}_FILE")
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise UsageError(f"{var}_FILE {path}: {exc.strerror or exc}") from None
-    else:
-        text = env.get(var, "")
-    return text.strip() or None
 
 
 def local_roots_of_the_caller(models: Sequence[str | None]) -> tuple[Path, ...]:

@@ -1,5 +1,5 @@
 """What the CLI shows at a terminal, shared by every command: progress bars (tqdm), tables, byte counts and the
-one-line error for a failed call.
+one-line error (and exit code) for a failed call.
 
 On a terminal a bar redraws in place; elsewhere (pipes, CI logs) a view prints one line per finished stage or
 download, so logs stay short.
@@ -19,6 +19,7 @@ from refinery.client import Branch, Event, ModelLoading, Phase, Progress, Queued
 from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES
 from refinery.client.errors import from_rpc_error
 from refinery.v1 import models_pb2 as models_pb
+from server.cli.options import EXIT_FAILED, EXIT_USAGE
 
 _BAR_WIDTH = 30
 
@@ -184,6 +185,10 @@ def describe_error(err: RefineryError) -> str:
     return f"error: {err.code.name}: {violations or err.message}"
 
 
-def describe_rpc_error(err: grpc.RpcError) -> str:
-    """The same line for a call made with a plain stub."""
-    return describe_error(from_rpc_error(err, receive_limit=DEFAULT_MAX_RECEIVE_BYTES))
+def report_failure(err: RefineryError | grpc.RpcError) -> int:
+    """The one-line error of a failed call on stderr; the exit code: usage (2) when the server called the
+    request invalid (INVALID_ARGUMENT), else failed (1)."""
+    if not isinstance(err, RefineryError):
+        err = from_rpc_error(err, receive_limit=DEFAULT_MAX_RECEIVE_BYTES)
+    print(describe_error(err), file=sys.stderr)
+    return EXIT_USAGE if err.code is grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED

@@ -227,8 +227,6 @@ class _Clock:
 def _indexed(refiner: StableDiffusionXLImg2ImgPipeline | None) -> _IndexedRefinerPipeline:
     """The refiner's components behind the index-start pipeline class (no weights are copied)."""
     assert refiner is not None
-    if isinstance(refiner, _IndexedRefinerPipeline):
-        return refiner
     indexed = _IndexedRefinerPipeline(**refiner.components, **_refiner_flags(refiner))
     indexed.set_progress_bar_config(disable=True)
     return indexed

@@ -13,9 +13,8 @@ from types import TracebackType
 from typing import Unpack
 
 import grpc
-import grpc.aio
 
-from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, channel_credentials, channel_options
+from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, open_aio_channel
 from refinery.client.chunks import ImageAssembler
 from refinery.client.client import DEFAULT_TARGET, target_from_env, token_from_env
 from refinery.client.errors import from_rpc_error
@@ -37,11 +36,7 @@ class AsyncClient:
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     ) -> None:
-        options = channel_options(max_receive_bytes)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, channel_credentials(tls), options=options)
+        self._channel = open_aio_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
         self._max_receive_bytes = max_receive_bytes

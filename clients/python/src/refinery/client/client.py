@@ -20,7 +20,7 @@ from typing import Unpack
 
 import grpc
 
-from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, channel_credentials, channel_options
+from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, open_channel
 from refinery.client.chunks import ImageAssembler
 from refinery.client.errors import from_rpc_error
 from refinery.client.events import Event, to_event
@@ -58,11 +58,7 @@ class Client:
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     ) -> None:
-        options = channel_options(max_receive_bytes)
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
+        self._channel = open_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
         self._max_receive_bytes = max_receive_bytes
