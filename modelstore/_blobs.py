@@ -20,7 +20,6 @@ moved to `quarantine/` in one rename, so no model uses it any more, and is fetch
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import stat
@@ -36,7 +35,6 @@ from modelstore.errors import UnsafeCheckpoint
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_KEY = re.compile(r"[0-9a-z\-]{3,80}")
-_READ_CHUNK = 4 << 20
 _LOCK_POLL_S = 0.25
 
 
@@ -62,7 +60,7 @@ class DigestRecord(Protocol):
 
 
 class BlobStore:
-    def __init__(self, root: Path, digests: DigestRecord | None = None) -> None:
+    def __init__(self, root: Path, digests: DigestRecord) -> None:
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._partial = root / "partial"
@@ -119,9 +117,7 @@ class BlobStore:
         finally:
             lock.release()
 
-    def adopt(
-        self, source: Path, sha256: str, *, fast_digest: str | None = None, check_safetensors_as: str | None = None
-    ) -> Path:
+    def adopt(self, source: Path, sha256: str, *, fast_digest: str, check_safetensors_as: str | None = None) -> Path:
         """Move the verified file `source` in as blob `sha256` (same file system); return the blob path.
 
         `fast_digest` (of the same verified bytes) is recorded for the checks before later uses. With
@@ -143,9 +139,8 @@ class BlobStore:
             os.fsync(f.fileno())
             size = os.fstat(f.fileno()).st_size
         os.chmod(source, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-        if fast_digest is not None and self._digests is not None:
-            # Before the rename: a blob in place always has its digest (a row without its blob is harmless).
-            self._digests.record_fast_digest(sha256, size, fast_digest)
+        # Before the rename: a blob in place always has its digest (a row without its blob is harmless).
+        self._digests.record_fast_digest(sha256, size, fast_digest)
         os.replace(source, target)
         fsync_dir(target.parent)
         self.mark_checked(sha256, identity(target))  # its bytes were verified on their way in
@@ -206,17 +201,6 @@ def check_safetensors(path: Path, label: str) -> None:
     """Raise UnsafeCheckpoint unless `path` is a well-formed safetensors file (by content, never by name)."""
     with path.open("rb") as f:
         parse_header(f, os.fstat(f.fileno()).st_size, name=label)
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """The file's SHA256; `on_bytes` hears how many bytes each read brought (progress for large files)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 from modelstore._blobs import BlobStore, FileIdentity
 from modelstore._index import Index, IndexEntry
 from modelstore._snapshots import Snapshots, content_digest
-from modelstore._staging import clean_old_files, clean_stale
+from modelstore._staging import UNCLAIMED_GRACE_S, clean_old_files, clean_stale
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound, QuotaExceeded
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE_NAME = "model.safetensors"
 # A blob that no model names is the trace of a crash between its rename and the index commit (or of a pull in
-# another process that has not committed yet): collected only once it is this old.
-_ORPHAN_GRACE_S = 3600.0
+# another process that has not committed yet): collected only once it is `UNCLAIMED_GRACE_S` old. A partial
+# download is kept this long for a later pull to resume.
 _STALE_PARTIAL_S = 14 * 24 * 3600.0
 # A quarantined blob is kept this long for an operator to look at, then removed when a store opens the cache.
 _QUARANTINE_KEPT_S = 7 * 24 * 3600.0
@@ -232,14 +232,11 @@ class Cache:
         for sha in set(on_disk) - referenced:
             path = self.blobs.path(sha)
             with contextlib.suppress(FileNotFoundError):
-                if now - path.stat().st_mtime > _ORPHAN_GRACE_S:
+                if now - path.stat().st_mtime > UNCLAIMED_GRACE_S:
                     log.info("removing unreferenced blob %s", sha)
                     freed += self.blobs.remove(sha)
-        for partial in (self.root / "partial").glob("*.part"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - partial.stat().st_mtime > _STALE_PARTIAL_S:
-                    log.info("removing stale partial download %s", partial.name)
-                    partial.unlink()
+        if stale := clean_old_files(self.root / "partial", "*.part", _STALE_PARTIAL_S):
+            log.info("removed %d stale partial download(s)", stale)
         return freed
 
     # --- writing -------------------------------------------------------------------------------------------

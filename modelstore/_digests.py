@@ -1,4 +1,5 @@
-"""Whole-file digests of blobs: the SHA256 that names a blob, and the fast digest kept beside it.
+"""Whole-file digests (the one read loop that hashes files): the SHA256 that names a blob or a local model's file,
+and the fast digest kept beside a blob.
 
 A blob's SHA256 is verified as it enters the cache (`_file_download`, `BlobStore.adopt`). Checking it again
 before every process's first load would cost a full SHA256 of each model at every start: for a 6.9 GB SDXL
@@ -43,6 +44,12 @@ def fast_hash() -> xxhash.xxh3_128:
 def fast_digest(path: Path, counter: ByteCounter | None = None) -> str:
     """The fast digest of the file at `path`; `counter` hears the bytes as they are read."""
     (digest,) = _digest_file(path, [fast_hash()], counter)
+    return digest
+
+
+def sha256_digest(path: Path, counter: ByteCounter | None = None) -> str:
+    """The SHA256 of the file at `path` (a local model's file); `counter` hears the bytes as they are read."""
+    (digest,) = _digest_file(path, [hashlib.sha256()], counter)
     return digest
 
 

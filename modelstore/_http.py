@@ -189,9 +189,9 @@ def read_capped(response: requests.Response, limit: int) -> bytes:
     return data
 
 
-def server_message(response: requests.Response, secrets: Iterable[str | None] = ()) -> str:
-    """The human part of an unread error response (`message`, else `error`, else the text): one short redacted
-    line, never the body whole."""
+def server_message(response: requests.Response) -> str:
+    """The human part of an unread error response (`message`, else `error`, else the text), from at most its
+    first 16 KiB, as the server wrote it: `error_for_status` makes it one short redacted line."""
     text = read_capped(response, _MAX_ERROR_BODY).decode("utf-8", errors="replace").strip()
     try:
         document = json.loads(text)
@@ -203,7 +203,7 @@ def server_message(response: requests.Response, secrets: Iterable[str | None] = 
         text = ": ".join(dict.fromkeys(parts)) if parts else ""
     elif text.startswith("<"):
         text = ""  # an HTML or XML page says nothing a user can act on
-    return summarise(text, MAX_MESSAGE, secrets)
+    return text
 
 
 def describe(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
@@ -250,9 +250,9 @@ def error_for_status(
 ) -> ModelStoreError:
     """The store error for an HTTP failure `status` while fetching `what` from `source`.
 
-    `message` is the server's own text (already short); `token_hint` names the setting that carries
-    credentials (e.g. "CIVITAI_TOKEN")."""
-    # The server's text may echo a token back: redacted before it becomes part of an error.
+    `message` is the server's own text, as it came; `token_hint` names the setting that carries credentials
+    (e.g. "CIVITAI_TOKEN")."""
+    # The server's text may echo a token back: redacted (here, and only here) before it becomes part of an error.
     said = f": {summarise(message, MAX_MESSAGE, secrets)}" if message.strip() else ""
     what = redact(what, secrets)
     if status == 401:
@@ -277,7 +277,7 @@ def response_error(
     return error_for_status(
         response.status_code,
         what=what,
-        message=server_message(response, secrets),
+        message=server_message(response),
         source=source,
         token_hint=token_hint,
         retry_after=retry_after_s(response),

@@ -32,8 +32,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _OWNER = ".owner"
-# A folder without an owner's marker is left alone this long: its owner may have created it an instant ago.
-_UNCLAIMED_GRACE_S = 3600.0
+# What another process may have just made and not yet claimed is left alone this long: a staging folder without
+# its owner's marker, a temporary file before its rename, a blob before the index names it (`_cache`).
+UNCLAIMED_GRACE_S = 3600.0
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def clean_stale(tmp: Path) -> int:
     return removed
 
 
-def clean_old_files(folder: Path, pattern: str, older_than_s: float = _UNCLAIMED_GRACE_S) -> int:
+def clean_old_files(folder: Path, pattern: str, older_than_s: float = UNCLAIMED_GRACE_S) -> int:
     """Remove files matching `pattern` in `folder` last changed more than `older_than_s` ago (temporary files
     written before a rename, whose writer is long gone); how many were removed."""
     removed = 0
@@ -90,7 +91,7 @@ def _remove_if_abandoned(folder: Path) -> bool:
             age = time.time() - os.fstat(fd).st_mtime
         except OSError:
             return False
-        if not claimed and age < _UNCLAIMED_GRACE_S:
+        if not claimed and age < UNCLAIMED_GRACE_S:
             return False
         shutil.rmtree(folder, ignore_errors=True)
         log.info("removed %s: a staging folder left by a process that ended before finishing", folder.name)

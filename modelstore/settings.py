@@ -10,6 +10,9 @@ from pathlib import Path
 
 from modelstore.units import parse_bytes
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
 
 @dataclass(frozen=True)
 class StoreSettings:
@@ -29,7 +32,8 @@ class StoreSettings:
         HF_TOKEN, REFINERY_OFFLINE; keyword overrides (from CLI flags) win.
 
         REFINERY_CACHE_MAX_BYTES is a size with an optional unit ("20GiB", "512MB", "1000000"; empty or 0:
-        no quota); anything else raises ValueError with a one-line message naming the variable."""
+        no quota); REFINERY_OFFLINE is 1/true/yes/on or 0/false/no/off (any case; empty: off). Anything else
+        in either raises ValueError with a one-line message naming the variable."""
         env = os.environ if env is None else env
         default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "refinery"
         values: dict[str, object] = {
@@ -39,7 +43,7 @@ class StoreSettings:
             "civitai_token": env.get("CIVITAI_TOKEN") or None,
             "hf_endpoint": env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
             "hf_token": env.get("HF_TOKEN") or None,
-            "offline": env.get("REFINERY_OFFLINE", "") not in ("", "0", "false"),
+            "offline": _flag(env, "REFINERY_OFFLINE"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -62,3 +66,13 @@ def _size(env: Mapping[str, str], name: str) -> int:
         return parse_bytes(text)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    text = env.get(name, "")
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{name}: {text!r} is neither on nor off: expected {'/'.join(_TRUE)} or {'/'.join(_FALSE[1:])}")

@@ -148,11 +148,18 @@ class ModelStore:
                 return record
             return self._flights.run(air.canonical, lambda flight: self._lead(air, flight), progress, give_up)
 
-    def lookup(self, model: str | AIR) -> ModelRecord | None:
+    def lookup(self, model: str | AIR, *, check: bool = True) -> ModelRecord | None:
         """The record of `model` if it is cached and intact (checked as `resolve` does), else None. Never
-        touches the network."""
+        touches the network.
+
+        With `check=False` nothing is read or hashed: the record of a model whose files are all in place, as
+        far as the index and a few stats tell (for a read-ahead, e.g.; what loads a model uses `resolve`)."""
+        air = _air(model)
+        if not check:
+            entry = self._cache.lookup(air)
+            return None if entry is None else self._cache.record(air, entry)
         try:
-            return self._cached(_air(model), touch=False)
+            return self._cached(air, touch=False)
         except IntegrityError:
             return None
 
@@ -179,7 +186,7 @@ class ModelStore:
             log.warning("%s: %s; fetching it again", air, damage)
             return
         log.error("%s: %s; downloads are turned off (offline mode), so it stays unusable", air, damage)
-        raise IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
+        raise _damaged_offline(air, damage)
 
     def _refetchable(self, air: AIR) -> bool:
         return air.source is Source.BUILTIN or not self.settings.offline
@@ -210,7 +217,7 @@ class ModelStore:
             entry = self._cache.index.get(air.canonical)
             set_aside = [] if entry is None else quarantined_files(self._cache, entry)
             if set_aside:
-                raise IntegrityError(f"{air.canonical}: {', '.join(set_aside)} failed its check; {_OFFLINE}")
+                raise _damaged_offline(air, f"{', '.join(set_aside)} failed its check")
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
@@ -356,6 +363,11 @@ def require_role(record: ModelRecord, role: Role) -> None:
             role=role,
             air=record.canonical,
         )
+
+
+def _damaged_offline(air: AIR, damage: str) -> IntegrityError:
+    """`air`'s files failed their check (`damage`, what failed) and offline mode forbids fetching them again."""
+    return IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
 
 
 def _still_damaged(air: AIR) -> ModelRecord:

@@ -35,7 +35,8 @@ def prefetch_pinned(settings: Settings) -> list[Path]:
         try:
             for pair in settings.pins:
                 for _, air in pair.roles():
-                    record = store.lookup(air)  # None unless cached and intact: nothing is registered here
+                    # None unless cached; nothing is registered, and no blob is read in full (check=False)
+                    record = store.lookup(air, check=False)
                     if record is not None:
                         files += [record.path] if record.path.is_file() else sorted(record.path.rglob("*.safetensors"))
         finally:

@@ -32,8 +32,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from modelstore._http import error_for_status
-from modelstore._redact import redact
+from modelstore._http import describe, error_for_status
 from modelstore._remote import Location, RemoteFile
 from modelstore._sources import RemotePlan
 from modelstore.air import AIR
@@ -118,7 +117,7 @@ class HuggingFaceSource:
         except HfHubHTTPError as exc:
             raise self._translate(exc, air, revision) from None
         except _TRANSPORT_ERROR as exc:
-            raise SourceUnavailable(f"{SOURCE} could not be reached ({self._redact(exc)})") from None
+            raise SourceUnavailable(f"{SOURCE} could not be reached ({describe(exc, (self._token,))})") from None
         return commit, entries
 
     def _remote(self, air: AIR, commit: str, target: str, entry: HubFile) -> RemoteFile:
@@ -165,9 +164,6 @@ class HuggingFaceSource:
             retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
             secrets=(self._token,),
         )
-
-    def _redact(self, exc: object) -> str:
-        return redact(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__, (self._token,))
 
 
 def select_diffusers_files(air: AIR, files: dict[str, HubFile]) -> dict[str, HubFile]:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from modelstore._architecture import detect_file, detect_folder
-from modelstore._blobs import check_safetensors, sha256_file
+from modelstore._blobs import check_safetensors
 from modelstore._cache import Cache
+from modelstore._digests import sha256_digest
 from modelstore._index import IndexEntry
 from modelstore._snapshots import content_digest
 from modelstore.air import AIR, Source
@@ -108,8 +109,7 @@ def inspect(path: Path, previous: Mapping[str, list[Any]], counter: ByteCounter 
         if unchanged(relative, size, mtime_ns):
             sha256 = previous[relative][2]
         else:
-            on_bytes = None if counter is None else counter.advance
-            sha256 = sha256_file(path / relative if relative else path, on_bytes)
+            sha256 = sha256_digest(path / relative if relative else path, counter)
         fingerprint[relative] = [size, mtime_ns, sha256]
     if path.is_file():
         layout, architecture, digest = Layout.SINGLE_FILE, detect_file(path), fingerprint[""][2]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import functools
+import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from modelstore import Architecture, Layout, _builtin
-from modelstore.errors import IntegrityError, ModelNotFound, SourceUnauthenticated, UnsafeCheckpoint
+from modelstore.errors import (
+    IntegrityError,
+    ModelNotFound,
+    SourceUnauthenticated,
+    SourceUnavailable,
+    UnsafeCheckpoint,
+)
 from modelstore.progress import DownloadProgress
 from tests.fakes import payloads
 from tests.fakes.cachefs import blob_files
@@ -153,3 +160,13 @@ def test_a_repo_with_only_pickled_weights_is_refused_before_downloading(make_sto
     with pytest.raises(UnsafeCheckpoint, match="unet/ has no safetensors"):
         make_store().resolve(f"hf:{REPO}")
     assert hub.file_gets(REPO) == []
+
+
+def test_an_unreachable_hub_is_one_line_without_the_token(make_store: MakeStore) -> None:
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = make_store(hf_endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(SourceUnavailable, match="could not be reached") as caught:
+        store.resolve(f"hf:{REPO}")
+    assert "\n" not in caught.value.message and HF_TOKEN not in caught.value.message

@@ -83,3 +83,16 @@ def test_the_cache_quota_takes_units_and_refuses_garbage(tmp_path: Path) -> None
         with pytest.raises(ValueError, match="REFINERY_CACHE_MAX_BYTES") as caught:
             StoreSettings.from_env({**env, "REFINERY_CACHE_MAX_BYTES": bad})
         assert "\n" not in str(caught.value)
+
+
+def test_offline_mode_reads_yes_and_no_words_and_refuses_others(tmp_path: Path) -> None:
+    env = {"REFINERY_CACHE_DIR": str(tmp_path)}
+    for on in ("1", "true", "yes", "on", "ON", " True "):
+        assert StoreSettings.from_env({**env, "REFINERY_OFFLINE": on}).offline, on
+    for off in ("", "0", "false", "no", "off", "Off", "NO"):
+        assert not StoreSettings.from_env({**env, "REFINERY_OFFLINE": off}).offline, off
+    assert not StoreSettings.from_env(env).offline
+    for bad in ("maybe", "2", "of\nf"):
+        with pytest.raises(ValueError, match="REFINERY_OFFLINE") as caught:
+            StoreSettings.from_env({**env, "REFINERY_OFFLINE": bad})
+        assert "\n" not in str(caught.value)
