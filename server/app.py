@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 from types import TracebackType
@@ -34,7 +33,7 @@ from modelstore import Loader, ModelStore, load_pipeline
 from modelstore.units import format_bytes
 from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
 from server.api import generation_service, model_service, server_service, transport
-from server.api.access import AccessInterceptor
+from server.api.access import AccessInterceptor, check_served, is_loopback_host
 from server.api.boundary import status_code_for
 from server.domain import PairKey
 from server.generation import runner
@@ -111,6 +110,8 @@ class RefineryServer:
 
     def _grpc_server(self) -> grpc.aio.Server:
         settings = self.settings
+        # A method the access check cannot guard stops the start (health and reflection are open).
+        check_served((generation_service.SERVICE, server_service.SERVICE, model_service.SERVICE))
         server = grpc.aio.server(
             options=transport.grpc_options(settings),
             interceptors=[AccessInterceptor(settings.security, self.metrics.calls)],
@@ -204,7 +205,7 @@ class RefineryServer:
                 log.error(
                     "could not pin %s: %s; serving the other pairs", pair, exc, exc_info=exc if unexpected else None
                 )
-        if pins and len(self.pin_failures.snapshot()) == len(pins):
+        if pins and len(self.pin_failures) == len(pins):
             log.error("no pinned pair could be loaded: not ready (NOT_SERVING) until PinPair loads one")
             return
         await self.health.set(generation_service.SERVICE_NAME, _SERVING)
@@ -217,21 +218,11 @@ class RefineryServer:
             await self.health.set(generation_service.SERVICE_NAME, _SERVING)
 
 
-def _loopback_only(host: str) -> bool:
-    """Whether the gRPC port listens on a loopback address only ("0.0.0.0" and "::" are every address)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _announce_access(settings: Settings, port: int) -> None:
     security = settings.security
     # Open access is a warning on a port other machines can reach; on loopback (the CLI's own in-process
     # server, a sidecar) only this machine can call, so it is worth a line but not a warning.
-    level = logging.INFO if _loopback_only(settings.host) else logging.WARNING
+    level = logging.INFO if is_loopback_host(settings.host) else logging.WARNING
     if security.admin_token is None:
         log.log(
             level,

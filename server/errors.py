@@ -1,4 +1,4 @@
-"""Errors raised inside the server. Each maps to one gRPC status in `server/status.py`.
+"""Errors raised inside the server. Each maps to one gRPC status in `server/api/boundary.py`.
 
     ServerError
     ├── InvalidRequest      the request can never work as sent (INVALID_ARGUMENT + google.rpc.BadRequest)

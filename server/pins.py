@@ -32,10 +32,14 @@ class PinFailures:
         with self._lock:
             self._failures[pair] = error
 
-    def clear(self, pair: PairKey) -> bool:
-        """Forget `pair`'s failure (it is pinned now); whether there was one."""
+    def clear(self, pair: PairKey) -> None:
+        """Forget `pair`'s failure (it is pinned now)."""
         with self._lock:
-            return self._failures.pop(pair, None) is not None
+            self._failures.pop(pair, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._failures)
 
     def snapshot(self) -> list[PinFailure]:
         with self._lock:

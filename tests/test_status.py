@@ -12,7 +12,7 @@ from google.rpc import code_pb2, error_details_pb2
 from modelstore import Role
 from modelstore import errors as store_errors
 from server import errors
-from server.api.boundary import INTERNAL_MESSAGE, ModelField, rpc_error_for, status_code_for
+from server.api.boundary import INTERNAL_MESSAGE, Logged, ModelField, failure_for, rpc_error_for, status_code_for
 
 
 def _subclasses(root: type[BaseException]) -> list[type[BaseException]]:
@@ -98,7 +98,34 @@ def test_overload_says_when_to_retry() -> None:
 
 def test_unexpected_errors_are_internal_and_logged_not_leaked(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
-    rpc = rpc_error_for(KeyError("/secret/path"))
+    rpc = failure_for(KeyError("/secret/path"), "GetStatus")  # what the rpc decorator does with it
     assert rpc.code is grpc.StatusCode.INTERNAL
     assert rpc.message == INTERNAL_MESSAGE and rpc.details == ()
     assert any(r.exc_info and isinstance(r.exc_info[1], KeyError) for r in caplog.records)
+
+
+def test_an_unexpected_error_is_logged_once_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="server.api.boundary")
+    assert rpc_error_for(KeyError("/secret/path")).code is grpc.StatusCode.INTERNAL
+    assert not caplog.records  # mapping alone logs nothing: pin_failure maps errors logged long ago
+    failure_for(KeyError("/secret/path"), "GetStatus")
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "GetStatus failed: INTERNAL" in record.getMessage() and "/secret/path" not in record.getMessage()
+
+
+def test_an_error_logged_where_it_happened_is_mapped_and_not_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="server.api.boundary")
+    assert failure_for(Logged(KeyError("boom")), "Generate").code is grpc.StatusCode.INTERNAL
+    assert failure_for(Logged(errors.JobCancelled("gone")), "Generate").code is grpc.StatusCode.CANCELLED
+    assert not caplog.records
+
+
+def test_a_known_error_is_one_info_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="server.api.boundary")
+    failure = failure_for(errors.NotPinned("a+b is not pinned"), "UnpinPair", target="'a+b'", request_id="r1")
+    assert failure.code is grpc.StatusCode.NOT_FOUND
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage() == "UnpinPair 'a+b' failed: NOT_FOUND: a+b is not pinned"
+    assert (record.__dict__["outcome"], record.__dict__["request_id"]) == ("not_found", "r1")

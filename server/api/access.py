@@ -8,6 +8,10 @@
 - Missing or wrong credentials are UNAUTHENTICATED; a valid generation token on an administrative call is
   PERMISSION_DENIED, as gRPC defines them. Tokens are compared in constant time and never logged or echoed.
 
+Every method of the three services has its level in `METHODS`; none is guessed. The server does not start while
+it serves a method missing there, or one that takes a stream of requests (`check_served`), and a call that
+still reaches such a method is refused (UNIMPLEMENTED).
+
 The same interceptor turns a request that is not valid protobuf into INVALID_ARGUMENT naming the message type,
 with no traceback (gRPC itself answers UNKNOWN and logs an error for every such request).
 """
@@ -19,31 +23,19 @@ import hmac
 import ipaddress
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from server.settings import Security
 
 log = logging.getLogger(__name__)
-
-_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
-ADMIN_METHODS = frozenset(
-    {
-        "/refinery.v1.ModelService/PullModel",
-        "/refinery.v1.ModelService/DeleteModel",
-        "/refinery.v1.ModelService/PinModel",
-        "/refinery.v1.ModelService/UnpinModel",
-        "/refinery.v1.ModelService/VerifyModel",
-        "/refinery.v1.ServerService/PinPair",
-        "/refinery.v1.ServerService/UnpinPair",
-    }
-)
 
 
 class Access(Enum):
@@ -52,10 +44,46 @@ class Access(Enum):
     ADMIN = "admin"
 
 
-def access_of(method: str) -> Access:
+# Health and reflection: every method of theirs, whatever their version of grpcio serves.
+_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
+# Every method of the three services, by the credential it needs (tests/security/test_access.py walks the
+# service descriptors: a method added to a .proto fails there until it has a row here).
+METHODS: dict[str, Access] = {
+    "/refinery.v1.GenerationService/Generate": Access.GENERATE,
+    "/refinery.v1.ServerService/GetStatus": Access.GENERATE,
+    "/refinery.v1.ModelService/ListModels": Access.GENERATE,
+    "/refinery.v1.ModelService/PullModel": Access.ADMIN,
+    "/refinery.v1.ModelService/DeleteModel": Access.ADMIN,
+    "/refinery.v1.ModelService/PinModel": Access.ADMIN,
+    "/refinery.v1.ModelService/UnpinModel": Access.ADMIN,
+    "/refinery.v1.ModelService/VerifyModel": Access.ADMIN,
+    "/refinery.v1.ServerService/PinPair": Access.ADMIN,
+    "/refinery.v1.ServerService/UnpinPair": Access.ADMIN,
+}
+
+
+def access_of(method: str) -> Access | None:
+    """The credential `method` ("/package.Service/Method") needs; None for a method with no level."""
     if method.startswith(_OPEN_SERVICES):
         return Access.OPEN
-    return Access.ADMIN if method in ADMIN_METHODS else Access.GENERATE
+    return METHODS.get(method)
+
+
+def check_served(services: Iterable[ServiceDescriptor]) -> None:
+    """Refuse to serve what the gate cannot guard: a method with no level in `METHODS`, or a guarded one that
+    takes a stream of requests (the gate checks a call with its one request in hand; no RPC of ours streams
+    requests, and one that does needs the gate to learn how first). Raises RuntimeError naming them all."""
+    problems: list[str] = []
+    for service in services:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            access = access_of(path)
+            if access is None:
+                problems.append(f"{path} has no access level in server/api/access.py")
+            elif access is not Access.OPEN and method.client_streaming:
+                problems.append(f"{path} streams requests, which the access check cannot guard")
+    if problems:
+        raise RuntimeError("refusing to serve: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -66,13 +94,20 @@ class Refusal:
 
 def is_loopback(peer: str) -> bool:
     """gRPC's peer string names a local caller: "ipv4:127.0.0.1:5000", "unix:/path", or an IPv6 one, which gRPC
-    percent-encodes ("ipv6:%5B::1%5D:5000"); an IPv4-mapped address counts as its IPv4 one."""
+    percent-encodes ("ipv6:%5B::1%5D:5000")."""
     kind, _, rest = peer.partition(":")
     if kind == "unix":
         return True
-    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]").partition("%")[0]  # "%zone" too
+    return is_loopback_host(urllib.parse.unquote(rest).rsplit(":", 1)[0])
+
+
+def is_loopback_host(host: str) -> bool:
+    """`host` (an address, bracketed or not, or "localhost") is this machine only. An IPv4-mapped address
+    counts as its IPv4 one; a "%zone" suffix is ignored; "0.0.0.0" and "::" (every address) are not."""
+    if host == "localhost":
+        return True
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.strip("[]").partition("%")[0])
     except ValueError:
         return False
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
@@ -160,13 +195,21 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        if handler is None:
+            return None  # no such method: gRPC answers UNIMPLEMENTED
         method: str = details.method
-        if handler is None or handler.request_streaming or access_of(method) is Access.OPEN:
-            # Unknown methods get UNIMPLEMENTED from gRPC; health and reflection are open and are not ours
-            # (health's Watch writes through its context rather than yielding).
+        access = access_of(method)
+        if access is Access.OPEN:
+            # Health and reflection are not ours (health's Watch writes through its context rather than yielding).
             return handler
+        if access is None or handler.request_streaming:
+            # `check_served` stops the start before this can happen; should a method slip past it, it is refused
+            # rather than guessed at. UNIMPLEMENTED, not PERMISSION_DENIED: no credential would let the call
+            # through, and to the client it is a method this server does not offer.
+            log.error("%s refused: the access check cannot guard it (server/api/access.py)", method)
+            return _unguardable(handler)
         metadata = tuple(details.invocation_metadata or ())
-        return _guarded(handler, _Call(method, self._gate, access_of(method), metadata, self._calls))
+        return _guarded(handler, _Call(method, self._gate, access, metadata, self._calls))
 
 
 @dataclass(frozen=True)
@@ -194,6 +237,24 @@ class _Call:
             status = context.code()
             code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
         self.calls.labels(self.method.rsplit("/", 1)[-1], code).inc()
+
+
+_HANDLER_KINDS = {  # (request streaming, response streaming)
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _unguardable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that ends every call with UNIMPLEMENTED, reading nothing of the request."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not served")
+
+    make = _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(refuse, response_serializer=handler.response_serializer)
 
 
 def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:

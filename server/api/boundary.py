@@ -130,10 +130,10 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
 
 
 def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcError:
-    """Map an exception to the client's status. Unknown exceptions are logged with their traceback."""
+    """What the client receives for `exc`: an error the table does not know is INTERNAL with a generic message.
+    Logs nothing (`failure_for` does, where an RPC ends)."""
     code = status_code_for(exc)
     if code is None:
-        log.error("unexpected error", exc_info=exc)
         return RpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     details: list[any_pb2.Any] = []
     message = str(exc)
@@ -163,11 +163,42 @@ def _bad_request(violations: list[tuple[str, str, str]]) -> any_pb2.Any:
 
 
 def _retry_info(seconds: float) -> any_pb2.Any:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(seconds * 1e9))
     packed = any_pb2.Any()
-    packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed.Pack(error_details_pb2.RetryInfo(retry_delay=duration(seconds)))
     return packed
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as a protobuf Duration (nanosecond resolution), for the details here and the responses."""
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def failure_for(
+    exc: Exception,
+    name: str,
+    *,
+    target: str = "",
+    models: Sequence[ModelField] = (),
+    request_id: str | None = None,
+) -> RpcError:
+    """The status RPC `name` ends with for `exc`, and its one log line: "`name` `target` failed: CODE: message",
+    and for an error the table does not know (a bug) the traceback, at ERROR. An error already logged where it
+    happened (`Logged`) is mapped and not logged again."""
+    if isinstance(exc, Logged):
+        return rpc_error_for(exc.cause, models)
+    failure = rpc_error_for(exc, models)
+    extra = {"outcome": failure.code.name.lower()}
+    if request_id is not None:  # for JSON logs: the refused request's id, bounded
+        extra["request_id"] = request_id[:MAX_LOGGED_CHARS]
+    where = f" {target}" if target else ""
+    if status_code_for(exc) is None:
+        log.error("%s%s failed: %s: unexpected error", name, where, failure.code.name, exc_info=exc, extra=extra)
+    else:
+        message = escaped(failure.message, MAX_MESSAGE_CHARS)
+        log.info("%s%s failed: %s: %s", name, where, failure.code.name, message, extra=extra)
+    return failure
 
 
 # ---- the decorator ----------------------------------------------------------------------------------------
@@ -193,16 +224,13 @@ def rpc(
         ) -> NoReturn:
             if isinstance(exc, grpc.aio.AbortError):
                 raise exc  # the call was already ended with a status of its own choosing
-            logged = isinstance(exc, Logged)
-            cause = exc.cause if isinstance(exc, Logged) else exc
-            failure = rpc_error_for(cause, models(servicer, request) if models is not None else ())
-            if not logged:
-                target = f" {describe(request)}" if describe is not None else ""
-                extra = {"outcome": failure.code.name.lower()}
-                if request_id is not None:  # for JSON logs: the refused request's id, bounded
-                    extra["request_id"] = request_id(request)[:MAX_LOGGED_CHARS]
-                message = escaped(failure.message, 1000)
-                log.info("%s%s failed: %s: %s", name, target, failure.code.name, message, extra=extra)
+            failure = failure_for(
+                exc,
+                name,
+                target=describe(request) if describe is not None else "",
+                models=models(servicer, request) if models is not None else (),
+                request_id=request_id(request) if request_id is not None else None,
+            )
             await context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise AssertionError("abort_with_status returned")  # it raises, ending the RPC
 

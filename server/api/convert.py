@@ -6,15 +6,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from modelstore import Architecture, CachedModel, DownloadProgress, Role, Verdict, Verification
 from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
 from server import domain
-from server.api.boundary import INTERNAL_MESSAGE, ModelField, RpcError, rpc_error_for, status_code_for
+from server.api.boundary import ModelField, duration, rpc_error_for
 from server.generation.compiling import CompileState, ShapeStatus
 from server.pins import PinFailure
 from server.scheduling.snapshot import DeviceSnapshot
@@ -92,15 +91,13 @@ def _model_loading(event: domain.ModelLoading) -> gen_pb.ModelLoading:
 
 
 def _progress(event: domain.Progress) -> gen_pb.Progress:
-    elapsed = duration_pb2.Duration()
-    elapsed.FromNanoseconds(int(event.elapsed_s * 1e9))
     return gen_pb.Progress(
         stage=_STAGES[event.stage],
         step=event.step,
         stage_steps=event.stage_steps,
         overall_step=event.overall_step,
         total_steps=event.total_steps,
-        elapsed=elapsed,
+        elapsed=duration(event.elapsed_s),
         image_indices=list(event.image_indices),
         branch=_BRANCHES[event.branch],
     )
@@ -214,14 +211,8 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         compiled_shapes=[_compiled_shape(shape) for shape in device.compiled],
         compiled_unet_calls=device.unet_calls.get("compiled", 0),
         eager_unet_calls=device.unet_calls.get("eager", 0),
-        busy_time=_duration(device.busy_s),
+        busy_time=duration(device.busy_s),
     )
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
 
 
 def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
@@ -233,17 +224,15 @@ def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
         max_images=shape.max_images,
         state=_COMPILE_STATES[shape.state],
         pinned=shape.pinned,
-        compile_time=_duration(shape.seconds),
+        compile_time=duration(shape.seconds),
         error=shape.error,
     )
 
 
 def pin_failure(failure: PinFailure) -> status_pb.PinFailure:
-    """A pinned pair that failed to load, with the status a request for it would have got."""
+    """A pinned pair that failed to load, with the status a request for it would have got (the failure was
+    logged when it happened)."""
     pair = failure.pair
     fields = (ModelField("model", pair.base, Role.BASE), ModelField("refiner_model", pair.refiner or "", Role.REFINER))
-    if status_code_for(failure.error) is None:  # a bug, logged with its traceback when it happened
-        error = RpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-    else:
-        error = rpc_error_for(failure.error, fields)
+    error = rpc_error_for(failure.error, fields)
     return status_pb.PinFailure(model=pair.base, refiner_model=pair.refiner or "", error=error.to_status())

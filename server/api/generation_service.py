@@ -25,7 +25,8 @@ from server.logs import quoted
 from server.scheduling.scheduler import Scheduler
 from server.settings import Settings
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
+SERVICE_NAME = SERVICE.full_name
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):

@@ -15,11 +15,9 @@ Errors map to statuses through `boundary.py`; model errors name the request fiel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -32,9 +30,11 @@ from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api import local_models
 from server.api.boundary import ModelField, rpc
 from server.api.convert import model_info, pull_progress, verify_result
+from server.api.stream import Channel
 from server.logs import quoted
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"]
+SERVICE_NAME = SERVICE.full_name
 T = TypeVar("T")
 
 # Canonical AIRs of the models loaded on any device right now. Called on the event loop: it must be quick
@@ -144,11 +144,6 @@ class ModelService(pb_grpc.ModelServiceServicer):
         return model_info(model, resident=model.air in self._resident_models())
 
 
-@dataclass(frozen=True)
-class _Done:
-    error: BaseException | None
-
-
 def _pull(store: ModelStore, air: AIR, *, pin: bool) -> _Background[CachedModel]:
     """One PullModel call: progress while the pull runs, then the cached model."""
 
@@ -193,9 +188,8 @@ class _Background(Generic[T]):
     """
 
     def __init__(self, name: str, work: Callable[[_Background[T], threading.Event], None]) -> None:
-        self._loop = asyncio.get_running_loop()
         # Unbounded: progress comes at most ten times a second, so a slow reader costs little.
-        self._queue: asyncio.Queue[DownloadProgress | T | _Done] = asyncio.Queue()
+        self._channel: Channel[DownloadProgress | T] = Channel()
         self._listening = True
         self._gave_up = threading.Event()
         thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
@@ -205,31 +199,21 @@ class _Background(Generic[T]):
         try:
             work(self, self._gave_up)
         except BaseException as exc:
-            self._send(_Done(exc))
+            self._channel.close(exc)
         else:
-            self._send(_Done(None))
+            self._channel.close(None)
 
     def progress(self, progress: DownloadProgress) -> None:
         if self._listening:
-            self._send(progress)
+            self._channel.put(progress)
 
     def emit(self, outcome: T) -> None:
-        self._send(outcome)
-
-    def _send(self, item: DownloadProgress | T | _Done) -> None:
-        # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._channel.put(outcome)
 
     async def events(self) -> AsyncIterator[DownloadProgress | T]:
         """Progress and outcomes while the work runs; raises what it raised."""
         try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Done):
-                    if item.error is not None:
-                        raise item.error
-                    return
+            async for item in self._channel:
                 yield item
         finally:
             self._listening = False

@@ -24,7 +24,8 @@ from server.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ServerService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["ServerService"]
+SERVICE_NAME = SERVICE.full_name
 
 
 def _pair_fields(_servicer: object, request: pb.PinPairRequest) -> Sequence[ModelField]:
@@ -43,14 +44,14 @@ class ServerService(pb_grpc.ServerServiceServicer):
         self,
         scheduler: Scheduler,
         *,
-        local_roots: Sequence[Path] = (),
-        pin_failures: PinFailures | None = None,
-        on_pinned: Callable[[PairKey], Awaitable[None]] | None = None,
+        local_roots: Sequence[Path],
+        pin_failures: PinFailures,
+        on_pinned: Callable[[PairKey], Awaitable[None]],
     ) -> None:
         self._scheduler = scheduler
         self._local_roots = tuple(local_roots)
         # Start-up pins that failed (reported by GetStatus), and who hears that PinPair loaded a pair.
-        self._pin_failures = pin_failures if pin_failures is not None else PinFailures()
+        self._pin_failures = pin_failures
         self._on_pinned = on_pinned
 
     @rpc("GetStatus")
@@ -72,8 +73,7 @@ class ServerService(pb_grpc.ServerServiceServicer):
         key = _pair(request)
         await asyncio.wrap_future(self._scheduler.pin([key]))
         log.info("pinned %s on every device", key)
-        if self._on_pinned is not None:
-            await self._on_pinned(key)
+        await self._on_pinned(key)
         return pb.PinPairResponse(devices=self._devices())
 
     @rpc("UnpinPair", describe=_target, models=_pair_fields)

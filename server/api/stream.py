@@ -3,6 +3,8 @@
 Unbounded on purpose: the worker hands an event over in microseconds and never waits for the client, so a
 slow reader cannot stall the device. What piles up is bounded by one request (a few hundred small progress
 messages, its previews and its images).
+
+`Channel` is that crossing for any thread and item type; ModelService's pulls and verifications use it too.
 """
 
 from __future__ import annotations
@@ -11,14 +13,52 @@ import asyncio
 import contextlib
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from server.api.boundary import Logged
 from server.domain import JobEvent
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class _End:
     error: BaseException | None
+
+
+class Channel(Generic[T]):
+    """Items from a thread to the event loop that created the channel: `put` them and `close` on the thread;
+    iterate on the loop. Iteration ends after `close(None)`, or raises the error `close` was given."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[T | _End] = asyncio.Queue()
+        self._ended = False
+
+    def put(self, item: T) -> None:
+        self._send(item)
+
+    def close(self, error: BaseException | None) -> None:
+        self._send(_End(error))
+
+    def _send(self, item: T | _End) -> None:
+        # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> Channel[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._ended = True
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        return item
 
 
 class AsyncEventStream:
@@ -29,23 +69,16 @@ class AsyncEventStream:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[JobEvent | _End] = asyncio.Queue()
-        self._ended = False
+        self._events: Channel[JobEvent] = Channel()
         self._delivered: Future[BaseException | None] = Future()
 
     # ---- the worker thread's side --------------------------------------------------------------------
 
     def emit(self, event: JobEvent) -> None:
-        self._put(event)
+        self._events.put(event)
 
     def close(self, error: BaseException | None) -> None:
-        self._put(_End(error))
-
-    def _put(self, item: JobEvent | _End) -> None:
-        # RuntimeError: the loop is closed; the RPC, and whoever would have read this, is long gone.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._events.close(Logged(error) if error is not None else None)
 
     def delivered(self) -> Future[BaseException | None]:
         return self._delivered
@@ -61,12 +94,4 @@ class AsyncEventStream:
         return self
 
     async def __anext__(self) -> JobEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._ended = True
-            if item.error is not None:
-                raise Logged(item.error)
-            raise StopAsyncIteration
-        return item
+        return await self._events.__anext__()

@@ -4,24 +4,30 @@ from the server's own machine when no admin token is set, and tokens that never 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import importlib
 import ipaddress
 import logging
+import pkgutil
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import prometheus_client
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+import refinery.v1
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import models_pb2, models_pb2_grpc, status_pb2, status_pb2_grpc
-from server.api.access import is_loopback
+from server.api.access import METHODS, Access, AccessInterceptor, check_served, is_loopback, is_loopback_host
 from server.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
@@ -218,6 +224,112 @@ def test_peers_are_loopback_in_every_form_grpc_writes_them() -> None:
     assert not is_loopback("ipv6:%5B::ffff:192.0.2.7%5D:50000")
     assert not is_loopback("ipv6:%5Bfe80::1%25eth0%5D:50000")
     assert not is_loopback("nonsense")
+
+
+def test_listening_hosts_are_loopback_in_every_form_an_operator_writes_them() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "::ffff:127.0.0.1", "[::1%lo]"):
+        assert is_loopback_host(host), host
+    for host in ("0.0.0.0", "::", "[::]", "192.0.2.7", "::ffff:192.0.2.7", "example.com", ""):
+        assert not is_loopback_host(host), host
+
+
+# ---- every method has a level; what the gate cannot guard is not served ------------------------------------
+
+# Every service of every refinery.v1 proto file, a new file's too.
+SERVICES = [
+    service
+    for info in pkgutil.iter_modules(refinery.v1.__path__)
+    if info.name.endswith("_pb2")
+    for service in importlib.import_module(f"refinery.v1.{info.name}").DESCRIPTOR.services_by_name.values()
+]
+
+
+def test_every_method_of_every_service_has_an_access_level() -> None:
+    methods = {f"/{service.full_name}/{method.name}" for service in SERVICES for method in service.methods}
+    assert {service.full_name for service in SERVICES} == {
+        "refinery.v1.GenerationService",
+        "refinery.v1.ModelService",
+        "refinery.v1.ServerService",
+    }
+    assert methods == set(METHODS)  # every method classified, and no row for a method that is gone
+    # ... as the calls above expect: the generation token reaches GENERATION, only the admin one ADMINISTRATION.
+    levels = {access: {name.rsplit("/", 1)[1] for name, a in METHODS.items() if a is access} for access in Access}
+    assert levels == {Access.OPEN: set(), Access.GENERATE: set(GENERATION), Access.ADMIN: set(ADMINISTRATION)}
+    check_served(SERVICES)  # what the server serves passes its start-up check
+
+
+def _service(name: str, *methods: tuple[str, bool]) -> Any:
+    return SimpleNamespace(
+        full_name=name, methods=[SimpleNamespace(name=m, client_streaming=streams) for m, streams in methods]
+    )
+
+
+def test_a_method_the_gate_cannot_guard_stops_the_start() -> None:
+    with pytest.raises(RuntimeError, match=r"/refinery\.v1\.ModelService/WipeCache has no access level"):
+        check_served([_service("refinery.v1.ModelService", ("ListModels", False), ("WipeCache", False))])
+    with pytest.raises(RuntimeError, match=r"/refinery\.v1\.ModelService/PullModel streams requests"):
+        check_served([_service("refinery.v1.ModelService", ("PullModel", True))])
+    # Health and reflection are open, streamed requests and all.
+    check_served([_service("grpc.reflection.v1alpha.ServerReflection", ("ServerReflectionInfo", True))])
+
+
+async def _call_unguardable_methods() -> tuple[list[grpc.StatusCode], list[str]]:
+    """A bare server with the access interceptor and handlers it cannot guard, each called with the admin token:
+    methods with no level (one answering, one streaming its answers), and a method with a level whose handler
+    streams requests. The codes the calls ended with, and the handlers that ran."""
+    reached: list[str] = []
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        reached.append("WipeCache")
+        return b"served"
+
+    async def answers(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        reached.append("WatchCache")
+        yield b"served"
+
+    async def streamed(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        reached.append("DeleteModel")
+        return b"served"
+
+    handlers = {
+        "WipeCache": grpc.unary_unary_rpc_method_handler(unary),
+        "WatchCache": grpc.unary_stream_rpc_method_handler(answers),
+        "DeleteModel": grpc.stream_unary_rpc_method_handler(streamed),
+    }
+    registry = prometheus_client.CollectorRegistry()
+    calls = prometheus_client.Counter("calls", "calls", ["method", "code"], registry=registry)
+    server = grpc.aio.server(interceptors=[AccessInterceptor(Security(token=TOKEN, admin_token=ADMIN_TOKEN), calls)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("refinery.v1.ModelService", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    codes: list[grpc.StatusCode] = []
+    admin = {"metadata": bearer(ADMIN_TOKEN), "timeout": TIMEOUT_S}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            calls_made = (
+                channel.unary_unary("/refinery.v1.ModelService/WipeCache")(b"", **admin),
+                channel.unary_stream("/refinery.v1.ModelService/WatchCache")(b"", **admin),
+                channel.stream_unary("/refinery.v1.ModelService/DeleteModel")(iter([b""]), **admin),
+            )
+            for call in calls_made:
+                try:
+                    if isinstance(call, grpc.aio.UnaryStreamCall):
+                        _ = [message async for message in call]
+                    else:
+                        await call
+                    codes.append(OK)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+    finally:
+        await server.stop(0)
+    return codes, reached
+
+
+def test_a_method_the_gate_cannot_guard_is_refused_even_to_the_admin(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="server.api.access")
+    codes, reached = asyncio.run(_call_unguardable_methods())
+    assert codes == [grpc.StatusCode.UNIMPLEMENTED] * 3 and reached == []
+    assert sum("the access check cannot guard it" in r.message for r in caplog.records) == 3
 
 
 def test_the_start_up_log_says_who_may_administer(
