@@ -19,6 +19,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # larger one is refused from its length prefix, before it is buffered (32 concurrent 60 MiB requests
         # once held 3.9 GB).
         ("grpc.max_receive_message_length", settings.max_request_bytes),
+        # ...but HTTP/2 flow control may let a client send far more than that before the refusal: gRPC grows
+        # its receive windows as it measures the link (BDP probing): 32 streams of 60 MiB requests on loopback
+        # usually grew the server by ~20 MiB before the refusals, and once by 320 MiB. A server that only ever
+        # receives small requests keeps the default 64 KiB windows (the same burst: under 2 MiB).
+        ("grpc.http2.bdp_probe", 0),
         # Long generations are quiet between events and clients keep their connections alive with pings.
         # gRPC's server default (no pings more often than every 5 minutes, GOAWAY "too_many_pings" after 2)
         # drops clients that ping every 10-60 s, so accept pings every 10 s, also with no call running.
