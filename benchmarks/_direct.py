@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from benchmarks._service import PROMPT, SEED
-from server.domain import ImageFormat
+from server.core.domain import ImageFormat
 from server.generation.compiling import Compiler
 from server.generation.encoding import DEFAULT_PNG_LEVEL, encode_image
 from server.generation.runner import native_size

@@ -32,10 +32,10 @@ from bench_scheduler import InProcess  # the benchmarks folder: sys.path[0] when
 
 from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
 from refinery.v1 import generation_pb2 as pb
-from server.domain import PairKey
+from server.core.domain import PairKey
+from server.core.logs import quiet_model_libraries
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 from server.generation.split import StartPercentage, base_step_count
-from server.logs import quiet_model_libraries
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky"
 

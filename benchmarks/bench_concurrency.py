@@ -52,7 +52,7 @@ class StandInDevice:
         self.image = natural_image(1024)
 
     def __call__(self, pair: Any, shape: Any, samples: Any, observer: Any) -> Any:
-        from server.domain import Stage
+        from server.core.domain import Stage
         from server.generation.runner import RunResult, StageTimings, StepState
 
         device_free = time.perf_counter()
@@ -85,8 +85,8 @@ def stand_in_loader(record: Any, *, role: str, components: Any, **_: Any) -> Any
 def serve(args: argparse.Namespace) -> None:
     """The server process: the real RefineryServer with the stand-in device, until killed."""
     from server.app import RefineryServer
-    from server.logs import configure_logging
-    from server.settings import Settings
+    from server.core.logs import configure_logging
+    from server.core.settings import Settings
 
     configure_logging("INFO", json_format=True)
     store = ModelStore(StoreSettings(cache_dir=args.cache))

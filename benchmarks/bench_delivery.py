@@ -33,11 +33,11 @@ from modelstore import ModelStore, StoreSettings
 from refinery.client import Client
 from refinery.client import Image as ClientImage
 from server.app import RefineryServer
-from server.domain import RenderShape, Sample
+from server.core.domain import RenderShape, Sample
+from server.core.logs import quiet_model_libraries
+from server.core.settings import Settings
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StageTimings, StepObserver
-from server.logs import quiet_model_libraries
-from server.settings import Settings
 
 SIDE = 2048
 MIB = 1024 * 1024

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.domain import ImageFormat
+from server.core.domain import ImageFormat
 from server.generation.encoding import encode_image
 
 PILLOW_DEFAULT = 6

@@ -40,10 +40,10 @@ from PIL import Image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.core.logs import quiet_model_libraries
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER
 from server.generation.split import StartPercentage, base_step_count
-from server.logs import quiet_model_libraries
 from server.scheduling.devices import cpu_threads, resolve_device
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky"
 

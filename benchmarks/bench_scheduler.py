@@ -40,11 +40,11 @@ from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
-from server.domain import ImageFormat, Job, PairKey, RefinerSpec, Sampler, StartPercentage
+from server.core.domain import ImageFormat, Job, PairKey, RefinerSpec, Sampler, StartPercentage
+from server.core.logs import quiet_model_libraries
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 from server.generation.runner import RunResult, StageTimings
-from server.logs import quiet_model_libraries
 from server.scheduling.scheduler import Scheduler
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
 from tests.fixtures.variants import write_variant_base
 
 PAIR = PairKey(DEFAULT_BASE, DEFAULT_REFINER)

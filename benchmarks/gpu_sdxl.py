@@ -50,9 +50,9 @@ from benchmarks._profile import device_profile
 from benchmarks._random_sdxl import write_random_sdxl
 from benchmarks._report import FLOOR_S, Report
 from benchmarks._service import Service, log
+from server.core.settings import Speed, Toggle
 from server.generation.compiling import configure_cache
 from server.generation.tuning import Tuning, tuning_for
-from server.settings import Speed, Toggle
 
 EAGER = ["--compile", "off", "--png-level", "6"]
 # What "auto" turns on for CUDA, spelled out so that the CPU smoke run takes the same path.

@@ -13,7 +13,7 @@ its models), and "refinery.v1.GenerationService" turns SERVING once the pinned p
 readiness probe). Both are NOT_SERVING from the moment the server starts draining.
 
 A pinned pair that cannot be loaded (a damaged or missing model, say) does not stop the server: it is logged
-and reported in GetStatus, and the other pairs are served (`server/pins.py` says what readiness does then).
+and reported in GetStatus, and the other pairs are served (`server/core/pins.py` says what readiness does then).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from refinery.v1 import generation_pb2_grpc, models_pb2_grpc, status_pb2_grpc
 from server.api import generation_service, model_service, server_service, transport
 from server.api.access import AccessInterceptor, check_served, is_loopback_host
 from server.api.boundary import status_code_for
-from server.domain import PairKey
+from server.core.domain import PairKey
+from server.core.metrics import Metrics
+from server.core.pins import PinFailures
+from server.core.settings import Settings
 from server.generation import runner
 from server.generation.encoding import Encoder
 from server.generation.runner import PipelineRunner
-from server.metrics import Metrics
-from server.pins import PinFailures
 from server.scheduling.scheduler import Scheduler
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 

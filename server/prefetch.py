@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from modelstore import ModelStore
-from server.settings import Settings
+from server.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from server.domain import ImageFormat
+from server.core.domain import ImageFormat
 from server.generation.encoding import encode_image
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from server.logs import JsonFormatter
+from server.core.logs import JsonFormatter
 
 
 def test_json_lines_keep_the_request_fields() -> None:

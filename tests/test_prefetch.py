@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from modelstore import ModelStore, StoreSettings, _digests, parse_air
-from server.domain import PairKey
+from server.core.domain import PairKey
+from server.core.settings import Settings
 from server.prefetch import prefetch_pinned
-from server.settings import Settings
 from tests.conftest import TINY_BASE, TINY_REFINER
 from tests.fixtures.variants import write_variant_base
 

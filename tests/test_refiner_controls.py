@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refinery.v1 import generation_pb2 as pb
-from server import domain
+from server.core import domain
 from server.scheduling.scheduler import batch_key
 from tests.test_validation import validate, violations
 

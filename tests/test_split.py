@@ -10,7 +10,7 @@ import torch
 
 from modelstore import ModelStore
 from modelstore.loading import load_pipeline
-from server.domain import RenderShape, Sample, Sampler, Stage, StartPercentage, StartStep
+from server.core.domain import RenderShape, Sample, Sampler, Stage, StartPercentage, StartStep
 from server.generation import runner
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import StepState

@@ -11,8 +11,8 @@ from google.rpc import code_pb2, error_details_pb2
 
 from modelstore import Role
 from modelstore import errors as store_errors
-from server import errors
 from server.api.boundary import INTERNAL_MESSAGE, Logged, ModelField, failure_for, rpc_error_for, status_code_for
+from server.core import errors
 
 
 def _subclasses(root: type[BaseException]) -> list[type[BaseException]]:

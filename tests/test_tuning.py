@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from modelstore import ModelStore, Role, load_pipeline
+from server.core.settings import Speed, Toggle
 from server.generation.tuning import Tuning, tune_pipeline, tuning_for
-from server.settings import Speed, Toggle
 from tests.conftest import TINY_BASE
 
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from refinery.v1 import generation_pb2 as pb
-from server import domain
 from server.api.validation import job_from_request
-from server.errors import InvalidRequest
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits
+from server.core import domain
+from server.core.errors import InvalidRequest
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits
 
 LIMITS = Limits()
 

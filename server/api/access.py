@@ -33,7 +33,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from server.settings import Security
+from server.core.settings import Security
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from grpc_status import rpc_status
 
 from modelstore import Role, parse_air
 from modelstore import errors as store_errors
-from server import errors
-from server.logs import MAX_LOGGED_CHARS, escaped
+from server.core import errors
+from server.core.logs import MAX_LOGGED_CHARS, escaped
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from modelstore import Architecture, CachedModel, DownloadProgress, Role, Verdic
 from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
-from server import domain
 from server.api.boundary import ModelField, duration, rpc_error_for
+from server.core import domain
+from server.core.pins import PinFailure
 from server.generation.compiling import CompileState, ShapeStatus
-from server.pins import PinFailure
 from server.scheduling.snapshot import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}

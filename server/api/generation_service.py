@@ -20,10 +20,10 @@ from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_responses
 from server.api.stream import AsyncEventStream
 from server.api.validation import job_from_request
-from server.errors import DeliveryFailed
-from server.logs import quoted
+from server.core.errors import DeliveryFailed
+from server.core.logs import quoted
+from server.core.settings import Settings
 from server.scheduling.scheduler import Scheduler
-from server.settings import Settings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from modelstore import Source, parse_air
 from modelstore.errors import InvalidModelId
-from server.errors import FieldViolation, InvalidRequest
+from server.core.errors import FieldViolation, InvalidRequest
 
 REFUSED = "local files are not served to remote requests (see the server's --local-models)"
 

@@ -31,7 +31,7 @@ from server.api import local_models
 from server.api.boundary import ModelField, rpc
 from server.api.convert import model_info, pull_progress, verify_result
 from server.api.stream import Channel
-from server.logs import quoted
+from server.core.logs import quoted
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"]
 SERVICE_NAME = SERVICE.full_name

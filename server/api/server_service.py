@@ -16,10 +16,10 @@ from refinery.v1 import status_pb2_grpc as pb_grpc
 from server.api import local_models
 from server.api.boundary import ModelField, rpc
 from server.api.convert import device_status, pin_failure
-from server.domain import PairKey
-from server.errors import FieldViolation, InvalidRequest, NotPinned
-from server.logs import quoted
-from server.pins import PinFailures
+from server.core.domain import PairKey
+from server.core.errors import FieldViolation, InvalidRequest, NotPinned
+from server.core.logs import quoted
+from server.core.pins import PinFailures
 from server.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server.api.boundary import Logged
-from server.domain import JobEvent
+from server.core.domain import JobEvent
 
 T = TypeVar("T")
 

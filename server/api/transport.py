@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from server.settings import Security, Settings
+from server.core.settings import Security, Settings
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:

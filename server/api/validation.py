@@ -15,11 +15,11 @@ from pathlib import Path
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
-from server import domain
 from server.api import local_models
-from server.errors import FieldViolation, InvalidRequest, too_much_work
+from server.core import domain
+from server.core.errors import FieldViolation, InvalidRequest, too_much_work
+from server.core.settings import Limits
 from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
-from server.settings import Limits
 
 MAX_SEED = 2**64 - 1
 

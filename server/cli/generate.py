@@ -31,7 +31,7 @@ from server.cli import connect, options, serve
 from server.cli.options import UsageError
 from server.cli.side_by_side import side_by_side
 from server.cli.terminal import ProgressView, report_failure
-from server.logs import quiet_model_libraries
+from server.core.logs import quiet_model_libraries
 
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 

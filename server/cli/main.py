@@ -28,7 +28,7 @@ from typing import Any
 
 from server.cli import generate, models, operate, serve
 from server.cli.options import EXIT_USAGE, UsageError
-from server.logs import configure_logging
+from server.core.logs import configure_logging
 
 EXIT_INTERRUPTED = 130
 

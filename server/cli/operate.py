@@ -23,7 +23,7 @@ from refinery.v1 import status_pb2 as pb
 from refinery.v1 import status_pb2_grpc as pb_grpc
 from server.cli import connect, options, serve
 from server.cli.terminal import print_table, report_failure
-from server.domain import PairKey
+from server.core.domain import PairKey
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
 from modelstore.units import parse_bytes
-from server.domain import PairKey
-from server.settings import COMPILE_MODES, VAE_DECODES, Toggle
+from server.core.domain import PairKey
+from server.core.settings import COMPILE_MODES, VAE_DECODES, Toggle
 
 Convert = Callable[[str], Any]
 

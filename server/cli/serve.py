@@ -17,10 +17,10 @@ from modelstore import StoreSettings
 from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
-from server.domain import PairKey
-from server.logs import quiet_model_libraries
+from server.core.domain import PairKey
+from server.core.logs import quiet_model_libraries
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
 from server.prefetch import start_prefetch
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
 
 
 def add_device_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from server.domain import ImageFormat
+from server.core.domain import ImageFormat
 
 # Lossy formats at qualities where artefacts are hard to see: callers who want smaller files re-encode, but
 # they cannot get back detail we threw away.

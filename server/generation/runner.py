@@ -33,7 +33,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from server.domain import Branch, RenderShape, Sample, Stage
+from server.core.domain import Branch, RenderShape, Sample, Stage
 from server.generation.compare import Handoff
 from server.generation.pipelines import PipelinePair
 from server.generation.samplers import make_scheduler

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.domain import Sampler
+from server.core.domain import Sampler
 
 
 def _classes() -> dict[Sampler, tuple[Any, dict[str, Any]]]:

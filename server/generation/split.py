@@ -13,7 +13,7 @@ schedule by index, and this module only does the arithmetic.
 
 from __future__ import annotations
 
-from server.domain import DEFAULT_REFINER_START, RefinerStart, StartPercentage, StartStep
+from server.core.domain import DEFAULT_REFINER_START, RefinerStart, StartPercentage, StartStep
 
 MIN_REFINER_TOTAL_STEPS = 2
 

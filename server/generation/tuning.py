@@ -1,6 +1,6 @@
 """Speed options applied where a pipeline is loaded onto a device, before it serves anything.
 
-`tuning_for` turns the settings (`server.settings.Speed`: each option "auto", on or off) into what holds on one
+`tuning_for` turns the settings (`server.core.settings.Speed`: each option "auto", on or off) into what holds on one
 device, and refuses what the device cannot do (FP8 without FP8 hardware) in one line. `tune_pipeline` then
 changes the loaded modules in place, once per module (a VAE two pipelines share is tuned once):
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from server.core.settings import Speed, Toggle
 from server.generation.compiling import Compiler, UNetInputs
-from server.settings import Speed, Toggle
 
 log = logging.getLogger(__name__)
 

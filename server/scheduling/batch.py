@@ -18,7 +18,7 @@ import torch
 from PIL.Image import Image as PILImage
 
 from modelstore.errors import ModelStoreError
-from server.domain import (
+from server.core.domain import (
     Branch,
     ImageResult,
     JobEvent,
@@ -30,12 +30,12 @@ from server.domain import (
     RenderShape,
     Sample,
 )
-from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
+from server.core.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
+from server.core.metrics import Metrics
 from server.generation import previews
 from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
-from server.metrics import Metrics
 from server.scheduling.delivery import Delivery, Item
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pairs import ModelSpec

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from server.domain import ImageResult
+from server.core.domain import ImageResult
 from server.generation.encoding import Encoder
 from server.scheduling.ticket import Ticket
 

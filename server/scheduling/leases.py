@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from server.errors import JobCancelled
+from server.core.errors import JobCancelled
 
 
 class Leases(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from server.errors import DeadlineExceeded, Overloaded
+from server.core.errors import DeadlineExceeded, Overloaded
 
 # A request ahead of another: its work still to do (megapixel-steps), and the seconds until its own deadline
 # (None: it has none). It holds a device no longer than either.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelstore import Component, ModelRecord, Role
-from server.domain import PairKey
+from server.core.domain import PairKey
 
 
 @dataclass(frozen=True)

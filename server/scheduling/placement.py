@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from server.domain import PairKey
+from server.core.domain import PairKey
 from server.scheduling.queue import Waiting
 from server.scheduling.residency import Residency
 from server.scheduling.ticket import Ticket

@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from server.errors import Overloaded
+from server.core.errors import Overloaded
 
 T = TypeVar("T")
 

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from modelstore import Role
 from modelstore.units import format_bytes
-from server.domain import PairKey
-from server.errors import OutOfDeviceMemory
+from server.core.domain import PairKey
+from server.core.errors import OutOfDeviceMemory
 from server.generation.pipelines import PipelinePair
 from server.scheduling.pairs import ModelSpec, PairSpec
 

@@ -13,7 +13,7 @@ import threading
 import time
 
 from modelstore import DownloadProgress, ModelStore, Role, require_role
-from server.domain import LoadPhase, ModelLoading, PairKey
+from server.core.domain import LoadPhase, ModelLoading, PairKey
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pairs import ModelSpec, PairSpec
 from server.scheduling.ticket import EventSink

@@ -36,14 +36,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from modelstore import Loader, ModelStore, load_pipeline, native_size
 from modelstore.errors import ModelStoreError
 from modelstore.units import format_bytes
-from server.domain import Job, PairKey, Queued
-from server.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError, ShuttingDown, too_much_work
+from server.core.domain import Job, PairKey, Queued
+from server.core.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError, ShuttingDown, too_much_work
+from server.core.metrics import Metrics
+from server.core.settings import Settings
 from server.generation import compiling, runner
 from server.generation.encoding import Encoder, encode_image
 from server.generation.runner import PipelineRunner
-from server.metrics import Metrics
 from server.scheduling import placement
 from server.scheduling.devices import cpu_threads, device_budget, is_cuda, resolve_devices
+from server.scheduling.gauges import SnapshotGauges
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pace import Pace
 from server.scheduling.pairs import PairSpec
@@ -52,7 +54,6 @@ from server.scheduling.resolver import Resolver
 from server.scheduling.snapshot import SchedulerSnapshot
 from server.scheduling.ticket import ConfirmingSink, EventSink, Ticket, log_outcome, outcome_of
 from server.scheduling.worker import TICK_S, DeviceWorker
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ class Scheduler:
         if any(w.compiler is not None for w in self.workers):
             speed = settings.speed
             compiling.configure_cache(speed.compile_cache_dir or settings.store.cache_dir / "compile")
-        self.metrics.watch(self.snapshot)
-        # Megapixel-steps one request may ask for (server.settings.WORK_LIMITS).
+        self.metrics.watch(SnapshotGauges(self.snapshot))
+        # Megapixel-steps one request may ask for (server.core.settings.WORK_LIMITS).
         self.work_limit = settings.limits.work_limit({"cuda" if is_cuda(w.device) else "cpu" for w in self.workers})
 
     # ---- the API's side ---------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from server.domain import Job, JobEvent
-from server.errors import DeadlineExceeded, JobCancelled, ServerError
+from server.core.domain import Job, JobEvent
+from server.core.errors import DeadlineExceeded, JobCancelled, ServerError
 from server.scheduling.leases import LeaseSet
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class EventSink(Protocol):
     """Where a request's events go. Called from the scheduler's threads; must not block.
 
     `emit` is called for each event, in order, then `close` exactly once: with None after the last image, or
-    with the exception that ended the request (a `server.errors.ServerError`, a
+    with the exception that ended the request (a `server.core.errors.ServerError`, a
     `modelstore.errors.ModelStoreError`, or anything unexpected, which the API reports as INTERNAL).
     """
 

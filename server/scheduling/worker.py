@@ -20,13 +20,14 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from modelstore import Loader
-from server.errors import WorkerFailed
+from server.core.errors import WorkerFailed
+from server.core.metrics import Metrics
+from server.core.settings import Speed
 from server.generation.compiling import Compiler
 from server.generation.encoding import Encoder
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import PipelineRunner, native_size
 from server.generation.tuning import tune_pipeline, tuning_for
-from server.metrics import Metrics
 from server.scheduling.batch import Batch, BatchHost
 from server.scheduling.devices import DeviceSpec, allocated_bytes, is_cuda, memory_releaser
 from server.scheduling.leases import Leases
@@ -34,7 +35,6 @@ from server.scheduling.pairs import ModelSpec, PairSpec
 from server.scheduling.residency import LoadReport, Residency
 from server.scheduling.snapshot import DeviceSnapshot
 from server.scheduling.ticket import Ticket
-from server.settings import Speed
 
 log = logging.getLogger(__name__)
 

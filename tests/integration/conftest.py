@@ -25,8 +25,8 @@ from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeli
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
-from server.domain import PairKey
-from server.settings import DEFAULT_BASE, DEFAULT_REFINER, Security, Settings
+from server.core.domain import PairKey
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Security, Settings
 
 T = TypeVar("T")
 TIMEOUT_S = 120  # a hang fails the test instead of the whole run; never an expectation about speed

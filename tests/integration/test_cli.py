@@ -22,7 +22,7 @@ from refinery.v1 import generation_pb2 as pb
 from server.cli.generate import build_request, output_path, parse_refiner_start, parse_size
 from server.cli.main import build_parser
 from server.cli.serve import server_settings
-from server.settings import Speed, Toggle
+from server.core.settings import Speed, Toggle
 
 from .conftest import ServerThread
 

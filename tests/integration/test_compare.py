@@ -18,7 +18,7 @@ from PIL import Image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
-from server.domain import RenderShape, Sample
+from server.core.domain import RenderShape, Sample
 from server.generation import runner
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StepObserver

@@ -20,7 +20,7 @@ from modelstore import ModelStore, StoreSettings
 from modelstore._safetensors_header import read_header
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2, status_pb2_grpc
-from server.domain import PairKey
+from server.core.domain import PairKey
 from tests.conftest import TINY_BASE, TINY_REFINER
 from tests.fakes.civitai import FakeCivitai, FakeFile, FakeStorage
 from tests.fixtures.ldm_layout import write_single_file

@@ -17,7 +17,7 @@ from modelstore import ModelStore, StoreSettings
 from refinery.client import Client
 from refinery.client import Image as ClientImage
 from refinery.v1 import generation_pb2 as pb
-from server.domain import RenderShape, Sample
+from server.core.domain import RenderShape, Sample
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StageTimings, StepObserver
 
@@ -84,7 +84,7 @@ def test_an_image_the_client_could_not_take_is_a_failure_not_ok(
 ) -> None:
     thread, _ = noisy
     caplog.set_level(logging.INFO, logger="server.scheduling.ticket")
-    registry = thread.server.metrics.registry
+    registry = thread.server.core.metrics.registry
 
     def count(outcome: str) -> float:
         return registry.get_sample_value("refinery_jobs_total", {"outcome": outcome}) or 0.0

@@ -23,7 +23,7 @@ from modelstore._pipeline_checks import check_pipeline
 from modelstore.errors import CorruptModel, UnsafeCheckpoint, WrongArchitecture
 from modelstore.loading import load_pipeline, load_single_file
 from modelstore.record import Layout
-from server.domain import RenderShape, Sample, Sampler
+from server.core.domain import RenderShape, Sample, Sampler
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import StepState, run
 from tests.fixtures.headers import write_header_only

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from server.errors import Overloaded
+from server.core.errors import Overloaded
 from server.scheduling.queue import AdmissionQueue, Waiting
 
 Queue = AdmissionQueue[str]

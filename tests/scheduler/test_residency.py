@@ -15,8 +15,8 @@ from modelstore import ModelStore
 from modelstore.air import parse_air
 from modelstore.components import Component, components_of
 from modelstore.record import Architecture, Layout, ModelRecord
-from server.domain import PairKey
-from server.errors import OutOfDeviceMemory
+from server.core.domain import PairKey
+from server.core.errors import OutOfDeviceMemory
 from server.scheduling.pairs import ModelSpec, PairSpec
 from server.scheduling.residency import Residency
 from tests.conftest import TINY_BASE, TINY_REFINER

@@ -22,7 +22,7 @@ from PIL import Image
 from modelstore import ModelRecord, ModelStore, Role, StoreSettings
 from modelstore.components import components_of
 from modelstore.errors import ModelNotFound, QuotaExceeded, WrongArchitecture
-from server.domain import (
+from server.core.domain import (
     ImageFormat,
     ImageResult,
     Job,
@@ -39,12 +39,12 @@ from server.domain import (
     Stage,
     StartPercentage,
 )
-from server.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, Overloaded, ShuttingDown, WorkerFailed
+from server.core.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, Overloaded, ShuttingDown, WorkerFailed
+from server.core.settings import Settings, Speed
 from server.generation.encoding import Encoder, encode_image
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StageTimings, StepObserver, StepState
 from server.scheduling.scheduler import Scheduler
-from server.settings import Settings, Speed
 from tests.conftest import TINY_BASE, TINY_REFINER
 from tests.fakes import payloads
 from tests.fakes.civitai import FakeCivitai, FakeFile

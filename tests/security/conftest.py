@@ -21,7 +21,7 @@ import pytest
 
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import status_pb2, status_pb2_grpc
-from server.settings import Security
+from server.core.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]

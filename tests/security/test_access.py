@@ -28,7 +28,7 @@ from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import models_pb2, models_pb2_grpc, status_pb2, status_pb2_grpc
 from server.api.access import METHODS, Access, AccessInterceptor, check_served, is_loopback, is_loopback_host
-from server.settings import Security
+from server.core.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
 from .conftest import ADMIN_TOKEN, TIMEOUT_S, TOKEN

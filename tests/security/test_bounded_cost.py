@@ -28,11 +28,11 @@ from grpc_status import rpc_status
 
 from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
 from refinery.v1 import generation_pb2 as pb
-from server.domain import RenderShape, Sample
+from server.core.domain import RenderShape, Sample
+from server.core.settings import Limits
 from server.generation import runner
 from server.generation.pipelines import PipelinePair
 from server.generation.runner import RunResult, StepObserver, StepState
-from server.settings import Limits
 from tests.integration.conftest import ServerThread, bad_request_fields, make_settings, new_stub
 
 from .conftest import TIMEOUT_S, ServeProcess, answer_of
@@ -184,7 +184,7 @@ def test_the_cpu_default_work_limit_refuses_the_request_that_held_a_worker_for_m
         kinds, err = run_stream(new_stub(channel), huge)
     assert kinds == [] and err is not None and err.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(err) == WORK_FIELDS
-    assert "allows 40.0 per request" in err.details()  # server.settings.WORK_LIMITS["cpu"]
+    assert "allows 40.0 per request" in err.details()  # server.core.settings.WORK_LIMITS["cpu"]
 
 
 # ---- deadlines ----------------------------------------------------------------------------------------------

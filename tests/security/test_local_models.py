@@ -21,7 +21,7 @@ from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from refinery.v1 import models_pb2, models_pb2_grpc, status_pb2, status_pb2_grpc
-from server.settings import Security
+from server.core.settings import Security
 from tests.fakes import payloads
 from tests.fixtures.tiny import TINY_BASE, another_base
 from tests.integration.conftest import ServerThread, make_settings

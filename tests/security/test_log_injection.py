@@ -14,7 +14,7 @@ import pytest
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import models_pb2, models_pb2_grpc
-from server.settings import Security
+from server.core.settings import Security
 from tests.integration.conftest import ServerThread, bad_request_fields, make_settings, new_stub
 
 from .conftest import TIMEOUT_S, answer_of

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelstore import ModelStore, StoreSettings
-from server.settings import Security
+from server.core.settings import Security
 from tests.integration.conftest import ServerThread, make_settings
 
 from .conftest import Pki, get_status

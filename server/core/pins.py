@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from server.domain import PairKey
+from server.core.domain import PairKey
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@
   (`refinery_request_seconds`), time to the first denoising step (`refinery_first_step_seconds`), time queued,
   step time, images delivered, batch sizes.
 - Devices: model loads and evictions (how often pairs move: the "is the fleet thrashing?" signal), budgets.
-- State read at scrape time from the scheduler's snapshot (`watch`), so it never drifts: queue depth per
-  priority, resident bytes and running requests per device; every one of these has a series even at zero.
+- State read at scrape time from the scheduler's snapshot (`watch`; the collector is
+  `server/scheduling/gauges.py`), so it never drifts: queue depth per priority, resident bytes and running
+  requests per device; every one of these has a series even at zero.
 - The process: bytes received from model sources, `refinery_build_info{version}`.
 
 Each server owns its registry (several servers can live in one test process); `serve` exposes it on
@@ -19,16 +20,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from modelstore import downloaded_bytes
-from server.scheduling.snapshot import SchedulerSnapshot
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -95,9 +95,10 @@ class Metrics:
         self.calls.labels("Generate", "OK")
         r.register(_DownloadCollector())
 
-    def watch(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
-        """Read the gauges of current state from `snapshot` at every scrape."""
-        self.registry.register(_SnapshotCollector(snapshot))
+    def watch(self, collector: Collector) -> None:
+        """Read gauges of live state from `collector` at every scrape (the room that owns the state makes it:
+        `server.scheduling.gauges` for the scheduler's snapshot)."""
+        self.registry.register(collector)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         """Serve /metrics over HTTP (404 elsewhere) on a daemon thread; `.shutdown()` stops it."""
@@ -136,44 +137,3 @@ class _DownloadCollector(Collector):
         yield CounterMetricFamily(
             "refinery_download_bytes", "Bytes received from model sources by this process", value=downloaded_bytes()
         )
-
-
-class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
-        self._snapshot = snapshot
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        status = self._snapshot()
-        depth = GaugeMetricFamily("refinery_queue_depth", "Requests waiting for a device", labels=["priority"])
-        # An empty queue still has a series (priority 0, the default), so dashboards and the HPA read 0.
-        for priority, count in sorted({0: 0, **status.depth_by_priority}.items()):
-            depth.add_metric([str(priority)], count)
-        resident = GaugeMetricFamily("refinery_resident_bytes", "Model weights resident on a device", labels=["device"])
-        running = GaugeMetricFamily("refinery_jobs_running", "Requests running on a device", labels=["device"])
-        for device in status.devices:
-            resident.add_metric([device.name], device.resident_bytes)
-            running.add_metric([device.name], device.jobs_running)
-        yield from (depth, resident, running)
-        yield from _compile_families(status)
-
-
-def _compile_families(status: SchedulerSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """Which UNet shapes are compiled (1 per shape, in its state), what compiling them took, how many UNet calls
-    ran compiled or eagerly, and how long batches kept each device busy."""
-    labels = ["device", "model", "role", "size", "state"]
-    shapes = GaugeMetricFamily("refinery_compiled_shapes", "UNet shapes by compile state", labels=labels)
-    seconds = GaugeMetricFamily(
-        "refinery_compile_seconds", "Compiling a UNet shape (with its first run)", labels=labels[:4]
-    )
-    calls = CounterMetricFamily("refinery_unet_calls", "UNet calls by path", labels=["device", "path"])
-    busy = CounterMetricFamily("refinery_device_busy_seconds", "Time a batch ran on the device", labels=["device"])
-    for device in status.devices:
-        for shape in device.compiled:
-            size = f"{shape.width}x{shape.height}"
-            shapes.add_metric([device.name, shape.model, shape.role, size, shape.state.value], 1)
-            if shape.seconds:
-                seconds.add_metric([device.name, shape.model, shape.role, size], shape.seconds)
-        for path, count in sorted(device.unet_calls.items()):
-            calls.add_metric([device.name, path], count)
-        busy.add_metric([device.name], device.busy_s)
-    yield from (shapes, seconds, calls, busy)

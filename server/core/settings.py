@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 
 from modelstore import StoreSettings
-from server.domain import PairKey
+from server.core.domain import PairKey
 
 DEFAULT_BASE = "builtin:tiny-sdxl-base@1"
 DEFAULT_REFINER = "builtin:tiny-sdxl-refiner@1"
