@@ -1,7 +1,8 @@
 """The scheduler on CPU with the tiny built-in models: what batching buys, what a load costs, what the
 scheduler itself costs per request.
 
-    python benchmarks/bench_scheduler.py            # all three, a few minutes on 2 cores
+    python benchmarks/bench_scheduler.py            # all four, a few minutes on 2 cores
+    python benchmarks/bench_scheduler.py --quick    # the same, tiny counts: a check that it runs
 
 1. Throughput of N concurrent requests (same pair and shape, one image each) through gRPC with --max-batch 4
    against --max-batch 1, same server settings otherwise, measured side by side in one run.
@@ -35,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from modelstore import ModelStore, StoreSettings
 from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
@@ -42,7 +44,7 @@ from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
 from server.core.domain import ImageFormat, Job, PairKey, RefinerSpec, Sampler, StartPercentage
 from server.core.logs import quiet_model_libraries
-from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Settings
+from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Security, Settings
 from server.generation.runner import RunResult, StageTimings
 from server.scheduling.scheduler import Scheduler
 from tests.fixtures.variants import write_variant_base
@@ -226,11 +228,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--device-s", type=float, default=0.3, help="stand-in device time per request (part 4)")
-    args = parser.parse_args()
+    quick = {"concurrent": 2, "rounds": 1, "reps": 2, "jobs": 20, "device_s": 0.05}
+    args = parse_args(parser, quick)
     quiet_model_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         store = ModelStore(StoreSettings(cache_dir=Path(tmp) / "cache"))
-        settings = Settings(store=store.settings, host="127.0.0.1", port=0, devices=("cpu",), pins=(PAIR,))
+        # Part 2's second base is a local model that the requests name: the server serves only the folders
+        # it is told to (--local-models).
+        security = Security(local_model_roots=(Path(tmp),))
+        settings = Settings(
+            store=store.settings, host="127.0.0.1", port=0, devices=("cpu",), pins=(PAIR,), security=security
+        )
         other = _other_base(store, Path(tmp))
         ips = throughput(settings, store, args.concurrent, args.rounds)
         warm, cold = warm_vs_cold(settings, store, other, args.reps)
