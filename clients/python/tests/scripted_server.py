@@ -1,6 +1,6 @@
-"""A scripted GenerationService on loopback: a real gRPC server that replays hand-built responses (and ends
-with a chosen status), recording each call's request and metadata. It stands in for a Refinery server in
-the client's tests, which need neither torch nor models."""
+"""A scripted Refinery server on loopback: a real gRPC server whose GenerationService, ModelService and
+ServerService replay hand-built responses (and end with a chosen status), recording each call's request and
+metadata. It stands in for a Refinery server in the client's tests, which need neither torch nor models."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from refinery.v1 import models_pb2_grpc, status_pb2_grpc
 
 
 @dataclass
@@ -45,9 +47,88 @@ class ScriptedGeneration(pb_grpc.GenerationServiceServicer):
 
 
 @dataclass
+class AdminCall:
+    method: str  # "PullModel"
+    request: Message
+    metadata: dict[str, str]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ScriptedAdmin:
+    """The model and server services: `answers[method]` is what a call of `method` gets (one message for a
+    unary call, every message of a stream), then `failure` if set; `hold` keeps a stream open until the client
+    cancels."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[Message]] = {}
+        self.failure: status_pb2.Status | None = None
+        self.hold = False
+        self.calls: list[AdminCall] = []
+
+    def unary(self, method: str, request: Message, context: grpc.ServicerContext) -> Message:
+        self._record(method, request, context)
+        if self.failure is not None:
+            context.abort_with_status(rpc_status.to_status(self.failure))
+        (answer,) = self.answers[method]
+        return answer
+
+    def stream(self, method: str, request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
+        call = self._record(method, request, context)
+        yield from self.answers.get(method, [])
+        if self.hold:
+            call.cancelled.wait(60)
+        if self.failure is not None:
+            context.abort_with_status(rpc_status.to_status(self.failure))
+
+    def _record(self, method: str, request: Message, context: grpc.ServicerContext) -> AdminCall:
+        call = AdminCall(method, request, {k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        context.add_callback(call.cancelled.set)
+        self.calls.append(call)
+        return call
+
+
+class _Models(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, admin: ScriptedAdmin) -> None:
+        self.admin = admin
+
+    def PullModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        return self.admin.stream("PullModel", request, context)
+
+    def VerifyModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        return self.admin.stream("VerifyModel", request, context)
+
+    def ListModels(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("ListModels", request, context)
+
+    def PinModel(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("PinModel", request, context)
+
+    def UnpinModel(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("UnpinModel", request, context)
+
+    def DeleteModel(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("DeleteModel", request, context)
+
+
+class _Server(status_pb2_grpc.ServerServiceServicer):
+    def __init__(self, admin: ScriptedAdmin) -> None:
+        self.admin = admin
+
+    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("GetStatus", request, context)
+
+    def PinPair(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("PinPair", request, context)
+
+    def UnpinPair(self, request: Any, context: grpc.ServicerContext) -> Message:
+        return self.admin.unary("UnpinPair", request, context)
+
+
+@dataclass
 class FakeServer:
     target: str
     service: ScriptedGeneration
+    admin: ScriptedAdmin
 
 
 def failure(code: grpc.StatusCode, message: str, *details: Any) -> status_pb2.Status:
@@ -62,13 +143,16 @@ def failure(code: grpc.StatusCode, message: str, *details: Any) -> status_pb2.St
 def serve(credentials: grpc.ServerCredentials | None) -> Iterator[FakeServer]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     service = ScriptedGeneration()
+    admin = ScriptedAdmin()
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(_Models(admin), server)
+    status_pb2_grpc.add_ServerServiceServicer_to_server(_Server(admin), server)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:
         port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
-        yield FakeServer(f"localhost:{port}" if credentials else f"127.0.0.1:{port}", service)
+        yield FakeServer(f"localhost:{port}" if credentials else f"127.0.0.1:{port}", service, admin)
     finally:
         server.stop(None)

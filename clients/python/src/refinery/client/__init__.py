@@ -1,5 +1,6 @@
-"""A small typed client for Refinery's `GenerationService.Generate`: `Client` (see client.py for an example)
-and `AsyncClient` for asyncio."""
+"""A small typed client for Refinery: `Client` (see client.py for an example) and `AsyncClient` for asyncio.
+`generate` streams a generation's events (events.py); the model service's and the server service's calls
+return the values of models.py and status.py."""
 
 from __future__ import annotations
 
@@ -10,32 +11,66 @@ from refinery.client.client import DEFAULT_TARGET, Client, token_from_env
 from refinery.client.errors import FieldViolation, RefineryError
 from refinery.client.events import Branch, Event, Image, ModelLoading, Phase, Preview, Progress, Queued, Role, Stage
 from refinery.client.metadata import PAIR_HEADER, pair_affinity
+from refinery.client.models import (
+    Architecture,
+    ModelInfo,
+    ModelList,
+    PullEvent,
+    PullProgress,
+    Verdict,
+    VerifyEvent,
+    VerifyResult,
+)
 from refinery.client.request import GenerateOptions, OutputFormat, Refiner, Scheduler, generate_request
+from refinery.client.status import (
+    CompiledShape,
+    CompileState,
+    DeviceStatus,
+    PinFailure,
+    QueueStatus,
+    ResidentPair,
+    ServerStatus,
+)
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_BYTES",
     "DEFAULT_TARGET",
     "PAIR_HEADER",
     "TLS",
+    "Architecture",
     "AsyncClient",
     "Branch",
     "Client",
+    "CompileState",
+    "CompiledShape",
+    "DeviceStatus",
     "Event",
     "FieldViolation",
     "GenerateOptions",
     "Image",
     "ImageAssembler",
+    "ModelInfo",
+    "ModelList",
     "ModelLoading",
     "OutputFormat",
     "Phase",
+    "PinFailure",
     "Preview",
     "Progress",
+    "PullEvent",
+    "PullProgress",
+    "QueueStatus",
     "Queued",
     "Refiner",
     "RefineryError",
+    "ResidentPair",
     "Role",
     "Scheduler",
+    "ServerStatus",
     "Stage",
+    "Verdict",
+    "VerifyEvent",
+    "VerifyResult",
     "generate_request",
     "pair_affinity",
     "token_from_env",

@@ -1,28 +1,34 @@
 """`AsyncClient`: `Client` for asyncio (grpc.aio), with the same events, errors, chunk reassembly and
-metadata.
+metadata, and the same model and server service methods (each call described once in _calls.py).
 
     async with AsyncClient("localhost:50051") as client:
         async for event in client.generate("a lighthouse at dusk", steps=20, refiner=Refiner()):
             ...
+        print((await client.list_models()).total_bytes)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Unpack
+from typing import TypeVar, Unpack
 
 import grpc
 
+from refinery.client import _calls
 from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, open_aio_channel
 from refinery.client.chunks import ImageAssembler
 from refinery.client.client import DEFAULT_TARGET, target_from_env, token_from_env
 from refinery.client.errors import from_rpc_error
 from refinery.client.events import Event, to_event
-from refinery.client.metadata import generate_metadata
+from refinery.client.metadata import bearer, generate_metadata
+from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
 from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
 
 
 class AsyncClient:
@@ -33,19 +39,22 @@ class AsyncClient:
         target: str = DEFAULT_TARGET,
         *,
         token: str | None = None,
+        admin_token: str | None = None,
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     ) -> None:
         self._channel = open_aio_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
+        self._admin_token = admin_token
         self._max_receive_bytes = max_receive_bytes
 
     @classmethod
     def from_env(
         cls, target: str | None = None, *, tls: TLS | None = None, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES
     ) -> AsyncClient:
-        return cls(target_from_env(target), token=token_from_env(), tls=tls, max_receive_bytes=max_receive_bytes)
+        tokens = {"token": token_from_env(), "admin_token": token_from_env(admin=True)}
+        return cls(target_from_env(target), **tokens, tls=tls, max_receive_bytes=max_receive_bytes)
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -60,7 +69,8 @@ class AsyncClient:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> AsyncGenerator[Event, None]:
-        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, self._token))
+        token = bearer(self._token, self._admin_token, admin=False)
+        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, token))
         assembler = ImageAssembler()
         request_id = request.request_id
         try:
@@ -74,6 +84,82 @@ class AsyncClient:
             raise from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id) from error
         finally:
             call.cancel()
+
+    # ---- the model and server services: as `Client`'s ------------------------------------------------------
+    # `timeout` is a gRPC deadline here too, as in `stream`: the server learns it and stops the work.
+
+    def pull_model(
+        self, model: str, *, pin: bool = False, timeout: float | None = None
+    ) -> AsyncGenerator[PullEvent, None]:
+        return self._stream(_calls.pull_model(model, pin), timeout)
+
+    async def list_models(self, *, timeout: float | None = None) -> ModelList:  # noqa: ASYNC109
+        return await self._unary(_calls.list_models(), timeout)
+
+    async def pin_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:  # noqa: ASYNC109
+        return await self._unary(_calls.pin_model(model), timeout)
+
+    async def unpin_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:  # noqa: ASYNC109
+        return await self._unary(_calls.unpin_model(model), timeout)
+
+    async def delete_model(self, model: str, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
+        return await self._unary(_calls.delete_model(model), timeout)
+
+    def verify_model(self, model: str = "", *, timeout: float | None = None) -> AsyncGenerator[VerifyEvent, None]:
+        return self._stream(_calls.verify_model(model), timeout)
+
+    async def status(self, *, timeout: float | None = None) -> ServerStatus:  # noqa: ASYNC109
+        return await self._unary(_calls.get_status(), timeout)
+
+    async def pin_pair(
+        self,
+        model: str,
+        refiner_model: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[DeviceStatus, ...]:
+        return await self._unary(_calls.pin_pair(model, refiner_model, pin=True), timeout)
+
+    async def unpin_pair(
+        self,
+        model: str,
+        refiner_model: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[DeviceStatus, ...]:
+        return await self._unary(_calls.pin_pair(model, refiner_model, pin=False), timeout)
+
+    async def _unary(self, call: _calls.Unary[R], timeout: float | None) -> R:  # noqa: ASYNC109
+        invoke = self._channel.unary_unary(
+            call.method, request_serializer=_calls.serialize, response_deserializer=call.response.FromString
+        )
+        metadata = _calls.metadata(call, self._token, self._admin_token)
+        try:
+            response = await invoke(call.request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, receive_limit=self._max_receive_bytes) from error
+        return call.convert(response)
+
+    async def _stream(
+        self,
+        call: _calls.Streaming[R],
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> AsyncGenerator[R, None]:
+        invoke = self._channel.unary_stream(
+            call.method, request_serializer=_calls.serialize, response_deserializer=call.response.FromString
+        )
+        responses = invoke(
+            call.request, timeout=timeout, metadata=_calls.metadata(call, self._token, self._admin_token)
+        )
+        try:
+            async for response in responses:
+                event = call.convert(response)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, receive_limit=self._max_receive_bytes) from error
+        finally:
+            responses.cancel()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -6,6 +6,10 @@ asyncio).
             if isinstance(event, Image):
                 Path(f"lighthouse-{event.index}.png").write_bytes(event.data)
 
+The same client administers a server: the model service (`pull_model`, `list_models`, `pin_model`,
+`unpin_model`, `verify_model`, `delete_model`; values in models.py) and the server service (`status`,
+`pin_pair`, `unpin_pair`; values in status.py), each call described once in _calls.py.
+
 Every failure is a `RefineryError` (errors.py). Results sent in chunks are reassembled (chunks.py), the
 pair-affinity header and the bearer token are sent on every call (metadata.py), and the channel's receive
 limit fits any image (channel.py).
@@ -16,18 +20,23 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from types import TracebackType
-from typing import Unpack
+from typing import TypeVar, Unpack
 
 import grpc
 
+from refinery.client import _calls
 from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, open_channel
 from refinery.client.chunks import ImageAssembler
 from refinery.client.errors import from_rpc_error
 from refinery.client.events import Event, to_event
-from refinery.client.metadata import generate_metadata
+from refinery.client.metadata import bearer, generate_metadata
+from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
 from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -45,9 +54,11 @@ def target_from_env(target: str | None = None) -> str:
 class Client:
     """A connection to one Refinery server (or balancer). Thread-safe; close it, or use it as a context manager.
 
-    `token` is sent as `authorization: Bearer <token>` on every call; without `tls` it crosses the network in
-    the clear, so use TLS beyond loopback. `max_receive_bytes` bounds every message the server may send; a
-    bigger one fails the call with RESOURCE_EXHAUSTED saying so.
+    `token` is sent as `authorization: Bearer <token>` on generation and status calls, `admin_token` on
+    administration (pulling, verifying, pinning and deleting models, pinning pairs); each stands in for the
+    other when only one is given. Without `tls` a token crosses the network in the clear, so use TLS beyond
+    loopback. `max_receive_bytes` bounds every message the server may send; a bigger one fails the call with
+    RESOURCE_EXHAUSTED saying so.
     """
 
     def __init__(
@@ -55,20 +66,24 @@ class Client:
         target: str = DEFAULT_TARGET,
         *,
         token: str | None = None,
+        admin_token: str | None = None,
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     ) -> None:
         self._channel = open_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
+        self._admin_token = admin_token
         self._max_receive_bytes = max_receive_bytes
 
     @classmethod
     def from_env(
         cls, target: str | None = None, *, tls: TLS | None = None, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES
     ) -> Client:
-        """The server from `target`, else REFINERY_SERVER, else localhost:50051; the token from REFINERY_TOKEN."""
-        return cls(target_from_env(target), token=token_from_env(), tls=tls, max_receive_bytes=max_receive_bytes)
+        """The server from `target`, else REFINERY_SERVER, else localhost:50051; the tokens from REFINERY_TOKEN
+        and REFINERY_ADMIN_TOKEN."""
+        tokens = {"token": token_from_env(), "admin_token": token_from_env(admin=True)}
+        return cls(target_from_env(target), **tokens, tls=tls, max_receive_bytes=max_receive_bytes)
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -80,7 +95,8 @@ class Client:
 
     def stream(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> Generator[Event, None, None]:
         """`generate` for a GenerateRequest built by hand."""
-        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, self._token))
+        token = bearer(self._token, self._admin_token, admin=False)
+        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, token))
         assembler = ImageAssembler()
         request_id = request.request_id
         try:
@@ -94,6 +110,82 @@ class Client:
             raise from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id) from error
         finally:
             call.cancel()  # nothing once the call has ended; stops the job if the caller stopped listening
+
+    # ---- the model service: the server's model cache --------------------------------------------------------
+
+    def pull_model(
+        self, model: str, *, pin: bool = False, timeout: float | None = None
+    ) -> Generator[PullEvent, None, None]:
+        """Download `model` (an AIR) into the server's cache if it is not there, and check its files; yields
+        `PullProgress` meanwhile, then the `ModelInfo` pulled. `pin`: exempt it from the cache quota's eviction.
+        Stopping the iteration early cancels the pull (the bytes received are kept for the next one)."""
+        return self._stream(_calls.pull_model(model, pin), timeout)
+
+    def list_models(self, *, timeout: float | None = None) -> ModelList:
+        return self._unary(_calls.list_models(), timeout)
+
+    def pin_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        """Exempt a cached model from the quota's eviction (never downloads: NOT_FOUND when not cached)."""
+        return self._unary(_calls.pin_model(model), timeout)
+
+    def unpin_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        return self._unary(_calls.unpin_model(model), timeout)
+
+    def delete_model(self, model: str, *, timeout: float | None = None) -> int:
+        """Delete a cached model; the bytes freed. FAILED_PRECONDITION while it is in use."""
+        return self._unary(_calls.delete_model(model), timeout)
+
+    def verify_model(self, model: str = "", *, timeout: float | None = None) -> Generator[VerifyEvent, None, None]:
+        """Read `model` (empty: every cached model) in full and check each file's SHA256; yields `PullProgress`
+        while it reads, and one `VerifyResult` per model. A damaged file is set aside and fetched again."""
+        return self._stream(_calls.verify_model(model), timeout)
+
+    # ---- the server service: devices, queue, pinned pairs -----------------------------------------------------
+
+    def status(self, *, timeout: float | None = None) -> ServerStatus:
+        return self._unary(_calls.get_status(), timeout)
+
+    def pin_pair(
+        self, model: str, refiner_model: str = "", *, timeout: float | None = None
+    ) -> tuple[DeviceStatus, ...]:
+        """Load a base (and refiner) on every device and keep them there; answers once they are resident
+        (RESOURCE_EXHAUSTED, nothing pinned, when the pair cannot fit beside those already pinned)."""
+        return self._unary(_calls.pin_pair(model, refiner_model, pin=True), timeout)
+
+    def unpin_pair(
+        self, model: str, refiner_model: str = "", *, timeout: float | None = None
+    ) -> tuple[DeviceStatus, ...]:
+        """Let a pinned pair be evicted again, least recently used first."""
+        return self._unary(_calls.pin_pair(model, refiner_model, pin=False), timeout)
+
+    def _unary(self, call: _calls.Unary[R], timeout: float | None) -> R:
+        invoke = self._channel.unary_unary(
+            call.method, request_serializer=_calls.serialize, response_deserializer=call.response.FromString
+        )
+        try:
+            response = invoke(
+                call.request, timeout=timeout, metadata=_calls.metadata(call, self._token, self._admin_token)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, receive_limit=self._max_receive_bytes) from error
+        return call.convert(response)
+
+    def _stream(self, call: _calls.Streaming[R], timeout: float | None) -> Generator[R, None, None]:
+        invoke = self._channel.unary_stream(
+            call.method, request_serializer=_calls.serialize, response_deserializer=call.response.FromString
+        )
+        responses = invoke(
+            call.request, timeout=timeout, metadata=_calls.metadata(call, self._token, self._admin_token)
+        )
+        try:
+            for response in responses:
+                event = call.convert(response)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, receive_limit=self._max_receive_bytes) from error
+        finally:
+            responses.cancel()  # nothing once the call has ended; stops the pull if the caller stopped listening
 
     def close(self) -> None:
         self._channel.close()

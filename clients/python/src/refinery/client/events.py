@@ -110,7 +110,7 @@ class Image:
 
 Event = Queued | ModelLoading | Progress | Preview | Image
 
-_E = TypeVar("_E", Stage, Role, Phase)
+_E = TypeVar("_E", bound=StrEnum)
 
 
 def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | None:
@@ -141,8 +141,8 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
         return ModelLoading(
             rid,
             m.model,
-            _enum(Role, pb.ModelRole, "MODEL_ROLE_", m.role),
-            _enum(Phase, pb.ModelLoading.Phase, "PHASE_", m.phase),
+            proto_enum(Role, pb.ModelRole, "MODEL_ROLE_", m.role),
+            proto_enum(Phase, pb.ModelLoading.Phase, "PHASE_", m.phase),
             m.bytes_done,
             m.bytes_total,
             m.bytes_per_second,
@@ -151,7 +151,7 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
         p = response.progress
         return Progress(
             rid,
-            _enum(Stage, pb.Stage, "STAGE_", p.stage),
+            proto_enum(Stage, pb.Stage, "STAGE_", p.stage),
             p.step,
             p.stage_steps,
             p.overall_step,
@@ -162,7 +162,7 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
         )
     if kind == "preview":
         v = response.preview
-        stage = _enum(Stage, pb.Stage, "STAGE_", v.stage)
+        stage = proto_enum(Stage, pb.Stage, "STAGE_", v.stage)
         return Preview(
             rid, stage, v.step, v.overall_step, v.image_index, v.data, v.mime_type, v.width, v.height, _branch(v.branch)
         )
@@ -173,7 +173,9 @@ def _branch(value: int) -> Branch:
     return Branch.BASE_ONLY if value == pb.BRANCH_BASE_ONLY else Branch.MAIN
 
 
-def _enum(cls: type[_E], proto: EnumTypeWrapper, prefix: str, value: int) -> _E:
+def proto_enum(cls: type[_E], proto: EnumTypeWrapper, prefix: str, value: int) -> _E:
+    """The `StrEnum` member named like the protobuf value without its prefix (`STAGE_BASE` -> `base`); every
+    such enumeration of the client has an UNSPECIFIED member."""
     try:
         return cls(proto.Name(value).removeprefix(prefix).lower())
     except ValueError:  # a value added to the contract after this client was built

@@ -1,4 +1,5 @@
-"""Request metadata the client sends: the pair-affinity header and the bearer token.
+"""Request metadata the client sends: the pair-affinity header and the bearer token (the generation token, or
+the admin token for administration).
 
 `refinery-pair: <model>+<refiner model>` lets an L7 load balancer hash requests for one model pair onto the
 replica that already holds it (consistent hashing on a header). The value is built from the request's own
@@ -20,6 +21,13 @@ _PAIR_SAFE = ":@+/._-~"
 
 def pair_affinity(model: str, refiner_model: str) -> str:
     return quote(f"{model}+{refiner_model}", safe=_PAIR_SAFE)
+
+
+def bearer(token: str | None, admin_token: str | None, *, admin: bool) -> str | None:
+    """The token a call sends: the admin token for administration, the generation token for the rest, each
+    falling back to the other. The server takes either token for generation, and a client given one token only
+    (an operator's admin token, a service's generation token) should send it rather than nothing."""
+    return (admin_token or token) if admin else (token or admin_token)
 
 
 def auth_metadata(token: str | None) -> list[tuple[str, str]]:
