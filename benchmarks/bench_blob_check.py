@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_blob_check.py                  # a 6.9 GB file (an SDXL checkpoint's size)
     .venv/bin/python benchmarks/bench_blob_check.py --path FILE      # an existing file, e.g. a real checkpoint
     .venv/bin/python benchmarks/bench_blob_check.py --sparse         # a sparse file: no disk at all, CPU only
+    .venv/bin/python benchmarks/bench_blob_check.py --quick          # 10 MB, one run: a check that it runs
 
 Each method reads the whole file twice: "cold" after the file's pages were dropped from the page cache
 (posix_fadvise DONTNEED: the read goes to the disk, or under a VM to the host's cache), and "warm" from the
@@ -20,12 +21,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._quick import parse_args
 from modelstore._digests import fast_digest, full_digests
 
 _BLOCK = 16 << 20
@@ -97,7 +102,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to make the file (default: the temp dir)")
     parser.add_argument("--runs", type=int, default=2, help="best of this many runs per method and state")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    args = parser.parse_args()
+    args = parse_args(parser, {"size_gb": 0.01, "runs": 1})
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = args.path
         if path is None:

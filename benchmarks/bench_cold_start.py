@@ -2,6 +2,7 @@
 and the first request after it; where the time goes (importing the server, loading the pair).
 
     .venv/bin/python benchmarks/bench_cold_start.py --starts 5
+    .venv/bin/python benchmarks/bench_cold_start.py --quick       # one cached start: a check that it runs
 
 The pair is a local copy of the tiny built-in models (local models are what a first start must register: read
 and hash). The first start registers it and is reported apart; the next `--starts` find it cached, as a
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from benchmarks._service import ROOT, Service, log
 from benchmarks.gpu_sdxl import build_pair
 
@@ -37,19 +39,31 @@ def start(folders: dict[str, Path], cache: Path) -> dict[str, float]:
     service = Service(folders, "cpu", cache, ["--pin", f"local:{folders['A']}+local:{folders['R']}"])
     try:
         first = service.generate(64, 20)
-        messages = [json.loads(line).get("message", "") for line in service.log_path.read_text().splitlines()]
         load = [
-            float(m.group(1)) for text in messages if (m := re.search(r"^device cpu: loaded .* in ([0-9.]+)s\)", text))
+            float(m.group(1))
+            for text in _messages(service.log_path)
+            if (m := re.search(r"^device cpu: loaded .* in ([0-9.]+)s\)", text))
         ]
     finally:
         service.close()
     return {"serving_s": service.ready_s, "first_request_s": first, "pair_load_s": sum(load)}
 
 
+def _messages(log_path: Path) -> list[str]:
+    """The server's log messages; the log file also holds what the libraries print to stderr (not JSON)."""
+    entries = []
+    for line in log_path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return [str(e.get("message", "")) for e in entries if isinstance(e, dict)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args(parser, {"starts": 1})
     with tempfile.TemporaryDirectory() as tmp:
         folders = build_pair(Path(tmp) / "models", argparse.Namespace(smoke=True))
         cache = Path(tmp) / "cache"

@@ -3,6 +3,7 @@ the refiner, and without one), on the CPU with the tiny built-in pair.
 
     python benchmarks/bench_compare.py                  # 64x64, 30 steps, refiner from 90 %: 27 + 3
     python benchmarks/bench_compare.py --reps 20 --refiner-start 85
+    python benchmarks/bench_compare.py --quick          # 10 steps, one run: a check that it runs
 
 Both sides go through gRPC to one in-process server (models pinned, `--max-batch 1` so nothing batches), and
 run interleaved (compare, then the two separate requests back to back, ...) after a warm-up, so drift in
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_scheduler import InProcess  # the benchmarks folder: sys.path[0] when run as a script
 
+from benchmarks._quick import parse_args
 from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
 from refinery.v1 import generation_pb2 as pb
 from server.core.domain import PairKey
@@ -133,7 +135,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--refiner-start", type=int, default=90, help="percent (default 90)")
     parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args()
+    args = parse_args(parser, {"reps": 1, "warmup": 0, "steps": 10})
 
     quiet_model_libraries()
     loader = CountingLoader()

@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_concurrency.py              # 3 rounds, about 2 minutes
     .venv/bin/python benchmarks/bench_concurrency.py --py-spy 8   # also sample the server for 8 s under load
+    .venv/bin/python benchmarks/bench_concurrency.py --quick      # 2 requests, a fast device: does it run
 
 The stand-in device runs 30 steps (27 + 3) per image. Each step holds the GIL for `--launch-ms` (the CPU work of
 launching a step's kernels, as eager PyTorch does) and queues `--gpu-ms` of device time on a virtual device
@@ -35,6 +36,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._profile import thread_profile
+from benchmarks._quick import parse_args
+from benchmarks._service import free_port
 from benchmarks.bench_encode import natural_image
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
@@ -134,7 +137,9 @@ def measure(client: Client, n: int, concurrent: bool) -> tuple[float, float]:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    quick = {"n": 2, "rounds": 1, "launch_ms": 1.0, "gpu_ms": 5.0, "decode_ms": 20.0}
+    args = parse_args(_parser(), quick)
+    args.port = args.port or free_port()
     if args.serve:
         serve(args)
         return
@@ -187,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-ms", type=float, default=70.0, help="device time per step")
     parser.add_argument("--decode-ms", type=float, default=150.0, help="device time of the decode")
     parser.add_argument("--py-spy", type=int, default=0, help="sample the server for this many seconds")
-    parser.add_argument("--port", type=int, default=50931)
+    parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     return parser

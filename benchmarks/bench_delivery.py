@@ -3,6 +3,7 @@ image in one message to a client that raised its limit.
 
     python benchmarks/bench_delivery.py            # 10 interleaved runs each after 2 warm-up
     python benchmarks/bench_delivery.py --reps 20
+    python benchmarks/bench_delivery.py --quick    # one run each: a check that it runs
 
 Two servers in this process, the same in all but `image_chunk_bytes` (3 MiB, the default, against 64 MiB: one
 message). A stand-in for the two-stage runner returns the same 2048x2048 noise image every time (a PNG of
@@ -29,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from modelstore import ModelStore, StoreSettings
 from refinery.client import Client
 from refinery.client import Image as ClientImage
@@ -76,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args(parser, {"reps": 1, "warmup": 0})
     quiet_model_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         store = ModelStore(StoreSettings(cache_dir=Path(tmp), offline=True))

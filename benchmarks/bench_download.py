@@ -1,6 +1,7 @@
 """Download throughput of the model store against a plain copy of the same bytes over one loopback server.
 
     python benchmarks/bench_download.py [--mb 512] [--runs 3]
+    python benchmarks/bench_download.py --quick        # 8 MiB, one run: a check that it runs
 
 "store" is `ModelStore.resolve("civitai:1@2")` from an empty cache: the metadata request, the 307, streaming
 to a partial file while hashing, SHA256 and size verification, the safetensors header check, fsync, the
@@ -27,6 +28,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loopback import LoopbackServer, write_checkpoint
+from benchmarks._quick import parse_args
 from modelstore import ModelStore, StoreSettings
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process, all threads)
@@ -61,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, {"mb": 8, "runs": 1})
     size = args.mb << 20
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
         root = Path(tmp)

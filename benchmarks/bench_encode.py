@@ -1,6 +1,7 @@
 """What a PNG result costs to encode at 1024x1024, by zlib level, and what each level costs in size.
 
     .venv/bin/python benchmarks/bench_encode.py            # levels 0-9, 7 rounds, about a minute on 2 cores
+    .venv/bin/python benchmarks/bench_encode.py --quick    # 256x256, levels 1 and 6, one round: does it run
 
 The image stands in for a generated one: smooth shapes and gradients with fine texture and a little grain,
 which compresses like a photograph (a few MB at Pillow's default level), unlike the noise a random-weight
@@ -26,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from server.core.domain import ImageFormat
 from server.generation.encoding import encode_image
 
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--levels", default="0,1,2,3,4,6,9")
-    args = parser.parse_args()
+    args = parse_args(parser, {"size": 256, "rounds": 1, "levels": "1,6"})
     image = natural_image(args.size)
     levels = [int(v) for v in args.levels.split(",")]
     results = by_level(image, levels, args.rounds)

@@ -2,6 +2,7 @@
 pairs, one fixed random request mix sent through each balancer in turn, side by side.
 
     .venv/bin/python benchmarks/bench_fleet.py [--requests 120] [--clients 3] [--seed 11] [--json PATH]
+    .venv/bin/python benchmarks/bench_fleet.py --quick     # 12 requests: a check that it runs
 
 Each replica's budget holds two of the three pairs but not all three (measured from a replica's
 `refinery_resident_bytes`, as the fleet tests do). Each policy gets a fresh fleet (nothing resident), one
@@ -32,6 +33,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from deploy.local import sizing
 from deploy.local.fleet import Fleet, FleetSettings
 from deploy.local.traffic import CHANNEL_OPTIONS, Outcome, Pair, generate, generation_stub, mix
@@ -99,7 +101,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=3, help="concurrent callers")
     parser.add_argument("--seed", type=int, default=11, help="the request mix (the same for both policies)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parse_args(parser, {"requests": 12})
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         root = Path(tmp)

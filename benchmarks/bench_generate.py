@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py     # the tiny built-in pair, 64x64, 20 steps, refiner at 90 %
     python benchmarks/bench_generate.py --reps 30 --steps 30 --size 128
+    python benchmarks/bench_generate.py --quick     # 10 steps, one run each: a check that it runs
 
 Both paths use the same device, dtype and torch thread count, and run interleaved (direct, service, direct,
 ...) after a warm-up, so drift in machine load hits both alike:
@@ -37,6 +38,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._quick import parse_args
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
@@ -174,7 +178,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: REFINERY_CACHE_DIR, ~/.cache)")
-    args = parser.parse_args()
+    args = parse_args(parser, {"reps": 1, "warmup": 1, "steps": 10})
 
     quiet_model_libraries()
     store = ModelStore(StoreSettings.from_env(cache_dir=args.cache_dir, offline=True))

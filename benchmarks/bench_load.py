@@ -6,6 +6,7 @@ diffusers (`from_single_file(config=...)` / `from_pretrained`, the same argument
 the two (ABBA...) after one warm-up each, so both see the same page cache; the median of `--runs` is shown.
 
     python benchmarks/bench_load.py                      # the tiny built-in pair on the CPU
+    python benchmarks/bench_load.py --quick              # one run each: a check that it runs
     python benchmarks/bench_load.py --full-size --device cuda --models base
         # builds full-size random-weight single files from modelstore/configs (or --config-dir) first
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks._quick import parse_args  # noqa: E402
 from modelstore import ModelRecord, ModelStore, StoreSettings  # noqa: E402
 from modelstore._builtin import CONFIG_ROOT  # noqa: E402
 from modelstore._config_families import known_families  # noqa: E402
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="base,refiner", help="full size: which of base,refiner")
     parser.add_argument("--work", type=Path, help="where to build the files (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, {"runs": 1}, argv)
 
     dtype = preferred_dtype(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:

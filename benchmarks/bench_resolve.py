@@ -1,6 +1,7 @@
 """How long `ModelStore.resolve` takes for a model that is already cached (the per-request cost).
 
     python benchmarks/bench_resolve.py [--n 2000]
+    python benchmarks/bench_resolve.py --quick         # n=50: a check that it runs
 
 Times `resolve` (index read, file checks, last-used update) and `lookup` (the same without the update) for a
 single-file civitai checkpoint and for the built-in diffusers-layout SDXL base (14 files), each in a fresh
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loopback import LoopbackServer, write_checkpoint
+from benchmarks._quick import parse_args
 from modelstore import ModelStore, StoreSettings
 
 
@@ -37,7 +39,7 @@ def timings(call: Callable[[], object], n: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
-    args = parser.parse_args()
+    args = parse_args(parser, {"n": 50})
     with tempfile.TemporaryDirectory(prefix="bench-resolve-") as tmp:
         root = Path(tmp)
         source = root / "model.safetensors"

@@ -5,6 +5,7 @@ last one is encoded).
 
     python benchmarks/gpu_encode_overlap.py                      # full size on cuda:0, 1024x1024, 30 steps
     python benchmarks/gpu_encode_overlap.py --tiny --device cpu  # the same flow on the tiny models (dry run)
+    python benchmarks/gpu_encode_overlap.py --quick              # that, 2 requests, 10 steps: does it run
 
 Both servers load the same random-weight SDXL base and refiner (benchmarks/_random_sdxl.py) on one GPU, with
 `--max-batch 1` so that every request is its own batch; bursts alternate between them, so both see the same
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._quick import parse_args
 from benchmarks._service import Service, log
 from benchmarks.gpu_sdxl import build_pair
 
@@ -49,7 +52,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests per burst")
     parser.add_argument("--reps", type=int, default=2, help="bursts per server")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser, {"tiny": True, "device": "cpu", "steps": 10, "requests": 2, "reps": 1})
     size = args.size or (64 if args.tiny else 1024)
     args.smoke = args.tiny
     budget = ["--budget", "45MB" if args.tiny else "14GiB", "--pin", "none", "--max-batch", "1"]
@@ -94,6 +97,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "gpu_encode_overlap.json").write_text(json.dumps(results, indent=2))
+    if args.quick and args.workdir is None:
+        shutil.rmtree(workdir)  # a check leaves nothing behind
 
 
 if __name__ == "__main__":
