@@ -39,10 +39,8 @@ from server.core.domain import PairKey
 from server.core.metrics import Metrics
 from server.core.pins import PinFailures
 from server.core.settings import Settings
-from server.generation import runner
-from server.generation.encoding import Encoder
-from server.generation.runner import PipelineRunner
-from server.scheduling.scheduler import Scheduler
+from server.generation import Encoder, PipelineRunner, run_pair
+from server.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class RefineryServer:
         *,
         store: ModelStore | None = None,
         loader: Loader = load_pipeline,
-        run: PipelineRunner = runner.run,
+        run: PipelineRunner = run_pair,
         encode: Encoder | None = None,
     ) -> None:
         self.settings = settings

@@ -66,7 +66,7 @@ def test_no_module_imports_itself_back_through_a_cycle() -> None:
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("room", ["server.scheduling", "server.generation", "server.core.domain", "server.core.errors"])
+@pytest.mark.parametrize("room", ["server.scheduling", "server.generation", "server.core"])
 def test_below_the_api_nothing_sees_protobuf_or_grpc(room: str) -> None:
     for name in [m for m in MODULES if _in(m, room)]:
         bad = {m for m in _imports(MODULES[name]) if m.split(".")[0] in ("refinery", "grpc", "google")}
@@ -90,3 +90,52 @@ def test_the_model_store_knows_nothing_of_the_server_or_grpc() -> None:
     for name in [m for m in MODULES if _in(m, "modelstore")]:
         bad = {m for m in _imports(MODULES[name]) if m.split(".")[0] in ("server", "refinery", "grpc")}
         assert not bad, f"{name} imports {sorted(bad)}"
+
+
+# The server's floors, lowest first: a module imports only from its own floor or those below it. The ground
+# floor is what every room shares; `server.app` (and the start-up's prefetch) wires the rooms together; the CLI
+# runs a server (`serve`, the in-process `generate`) or talks to one.
+FLOORS = (
+    ("server.core",),
+    ("server.generation",),
+    ("server.scheduling",),
+    ("server.api",),
+    ("server.app", "server.prefetch", "server"),
+    ("server.cli",),
+)
+# Rooms whose package `__init__` is their one public surface: from outside, only the package itself is imported.
+FRONT_DOORS = ("server.generation", "server.scheduling")
+
+
+def _floor(module: str) -> int:
+    # The longest matching room decides ("server" itself is the top floor's package, below the CLI).
+    matches = [(len(room), level) for level, rooms in enumerate(FLOORS) for room in rooms if _in(module, room)]
+    assert matches, f"{module} is on no floor: add its room to FLOORS"
+    return max(matches)[1]
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if _in(m, "server")])
+def test_no_module_imports_a_floor_above_its_own(name: str) -> None:
+    up = {m for m in GRAPH[name] if _in(m, "server") and _floor(m) > _floor(name)}
+    assert not up, f"{name} (floor {_floor(name)}) imports upward: {sorted(up)}"
+
+
+@pytest.mark.parametrize("room", FRONT_DOORS)
+def test_other_rooms_enter_through_the_front_door(room: str) -> None:
+    for name in [m for m in MODULES if not _in(m, room)]:
+        side = {m for m in GRAPH[name] if _in(m, room) and m != room}
+        assert not side, f"{name} imports {sorted(side)}: use `from {room} import ...`"
+
+
+def test_the_api_depends_on_the_engine_protocol_not_the_scheduler_class() -> None:
+    for name in [m for m in MODULES if _in(m, "server.api")]:
+        tree = ast.parse(MODULES[name].read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert "Scheduler" not in names, f"{name} imports the concrete Scheduler; type it as Engine"
+
+
+def test_the_layout_checks_see_a_side_door(tmp_path: Path) -> None:
+    """The graph the checks above walk counts a submodule import as that submodule, so a side door shows."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from server.scheduling import queue\nfrom server.generation.runner import run\n")
+    assert _imports(probe, MODULES) == {"server.scheduling.queue", "server.generation.runner"}

@@ -15,8 +15,8 @@ from refinery.v1 import status_pb2 as status_pb
 from server.api.boundary import ModelField, duration, rpc_error_for
 from server.core import domain
 from server.core.pins import PinFailure
-from server.generation.compiling import CompileState, ShapeStatus
-from server.scheduling.snapshot import DeviceSnapshot
+from server.generation import CompileState, ShapeStatus
+from server.scheduling import DeviceSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}

@@ -23,14 +23,14 @@ from server.api.validation import job_from_request
 from server.core.errors import DeliveryFailed
 from server.core.logs import quoted
 from server.core.settings import Settings
-from server.scheduling.scheduler import Scheduler
+from server.scheduling import Engine
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    def __init__(self, scheduler: Scheduler, settings: Settings) -> None:
+    def __init__(self, scheduler: Engine, settings: Settings) -> None:
         self._scheduler = scheduler
         self._settings = settings
 

@@ -20,7 +20,7 @@ from server.core.domain import PairKey
 from server.core.errors import FieldViolation, InvalidRequest, NotPinned
 from server.core.logs import quoted
 from server.core.pins import PinFailures
-from server.scheduling.scheduler import Scheduler
+from server.scheduling import Engine
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _target(request: pb.PinPairRequest) -> str:
 class ServerService(pb_grpc.ServerServiceServicer):
     def __init__(
         self,
-        scheduler: Scheduler,
+        scheduler: Engine,
         *,
         local_roots: Sequence[Path],
         pin_failures: PinFailures,

@@ -19,7 +19,7 @@ from server.api import local_models
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest, too_much_work
 from server.core.settings import Limits
-from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
+from server.generation import MIN_REFINER_TOTAL_STEPS, base_step_count
 
 MAX_SEED = 2**64 - 1
 

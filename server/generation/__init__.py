@@ -1,1 +1,39 @@
-"""The exact two-stage generation: the split, the samplers, the runner, previews and image encoding."""
+"""The exact two-stage generation: the split, the samplers, the runner, previews and image encoding.
+
+This is the room's front door: the rooms above it (`server.scheduling`, `server.api`, `server.app`) import
+only the names below, never a module of this package (tests/test_layout.py holds them to it). Inside the
+package, modules import each other directly. Nothing here knows of scheduling, gRPC or protobuf.
+"""
+
+from server.generation.compiling import Compiler, CompileState, ShapeStatus, configure_cache
+from server.generation.encoding import Encoder, encode_image
+from server.generation.pipelines import PipelinePair
+from server.generation.previews import PREVIEW_MIME, encode_preview, latents_to_images
+from server.generation.runner import PipelineRunner, RunResult, StageTimings, StepState, native_size
+from server.generation.runner import run as run_pair
+from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
+from server.generation.tuning import Tuning, tune_pipeline, tuning_for
+
+__all__ = [
+    "MIN_REFINER_TOTAL_STEPS",
+    "PREVIEW_MIME",
+    "CompileState",
+    "Compiler",
+    "Encoder",
+    "PipelinePair",
+    "PipelineRunner",
+    "RunResult",
+    "ShapeStatus",
+    "StageTimings",
+    "StepState",
+    "Tuning",
+    "base_step_count",
+    "configure_cache",
+    "encode_image",
+    "encode_preview",
+    "latents_to_images",
+    "native_size",
+    "run_pair",
+    "tune_pipeline",
+    "tuning_for",
+]

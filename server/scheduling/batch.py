@@ -32,10 +32,17 @@ from server.core.domain import (
 )
 from server.core.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
 from server.core.metrics import Metrics
-from server.generation import previews
-from server.generation.encoding import Encoder
-from server.generation.pipelines import PipelinePair
-from server.generation.runner import PipelineRunner, RunResult, StepState, native_size
+from server.generation import (
+    PREVIEW_MIME,
+    Encoder,
+    PipelinePair,
+    PipelineRunner,
+    RunResult,
+    StepState,
+    encode_preview,
+    latents_to_images,
+    native_size,
+)
 from server.scheduling.delivery import Delivery, Item
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pairs import ModelSpec
@@ -225,7 +232,7 @@ class Batch:
 
     def _preview(self, ticket: Ticket, state: StepState, latents: torch.Tensor) -> None:
         start = ticket.batch_offset
-        images = previews.latents_to_images(latents[start : start + ticket.job.number_results])
+        images = latents_to_images(latents[start : start + ticket.job.number_results])
         for index, image in enumerate(images):
             ticket.sink.emit(
                 Preview(
@@ -233,8 +240,8 @@ class Batch:
                     step=state.step,
                     overall_step=state.overall_step,
                     image_index=index,
-                    data=previews.encode_preview(image),
-                    mime_type=previews.PREVIEW_MIME,
+                    data=encode_preview(image),
+                    mime_type=PREVIEW_MIME,
                     width=image.width,
                     height=image.height,
                     branch=state.branch,

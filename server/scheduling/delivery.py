@@ -18,7 +18,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from server.core.domain import ImageResult
-from server.generation.encoding import Encoder
+from server.generation import Encoder
 from server.scheduling.ticket import Ticket
 
 log = logging.getLogger(__name__)

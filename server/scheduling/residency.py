@@ -27,7 +27,7 @@ from modelstore import Role
 from modelstore.units import format_bytes
 from server.core.domain import PairKey
 from server.core.errors import OutOfDeviceMemory
-from server.generation.pipelines import PipelinePair
+from server.generation import PipelinePair
 from server.scheduling.pairs import ModelSpec, PairSpec
 
 log = logging.getLogger(__name__)

@@ -33,22 +33,20 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from modelstore import Loader, ModelStore, load_pipeline, native_size
+from modelstore import Loader, ModelStore, load_pipeline
 from modelstore.errors import ModelStoreError
-from modelstore.units import format_bytes
 from server.core.domain import Job, PairKey, Queued
-from server.core.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError, ShuttingDown, too_much_work
+from server.core.errors import DeadlineExceeded, ServerError, ShuttingDown
 from server.core.metrics import Metrics
 from server.core.settings import Settings
-from server.generation import compiling, runner
-from server.generation.encoding import Encoder, encode_image
-from server.generation.runner import PipelineRunner
+from server.generation import Encoder, PipelineRunner, configure_cache, encode_image, run_pair
 from server.scheduling import placement
+from server.scheduling.admission import Admission
 from server.scheduling.devices import cpu_threads, device_budget, is_cuda, resolve_devices
 from server.scheduling.gauges import SnapshotGauges
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pace import Pace
-from server.scheduling.pairs import PairSpec
+from server.scheduling.pinning import pin_everywhere
 from server.scheduling.queue import AdmissionQueue, Waiting
 from server.scheduling.resolver import Resolver
 from server.scheduling.snapshot import SchedulerSnapshot
@@ -61,10 +59,6 @@ log = logging.getLogger(__name__)
 # A call cancelled this close to its deadline was cancelled by it (the client's timer and the server's fire at
 # about the same moment, in either order).
 _DEADLINE_SLACK_S = 0.05
-
-
-def _until(deadline: float | None, now: float) -> float | None:
-    return None if deadline is None else deadline - now
 
 
 def batch_key(job: Job) -> Hashable:
@@ -84,7 +78,7 @@ class Scheduler:
         store: ModelStore,
         *,
         loader: Loader = load_pipeline,
-        run: PipelineRunner = runner.run,
+        run: PipelineRunner = run_pair,
         encode: Encoder | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -125,10 +119,11 @@ class Scheduler:
         ]
         if any(w.compiler is not None for w in self.workers):
             speed = settings.speed
-            compiling.configure_cache(speed.compile_cache_dir or settings.store.cache_dir / "compile")
+            configure_cache(speed.compile_cache_dir or settings.store.cache_dir / "compile")
         self.metrics.watch(SnapshotGauges(self.snapshot))
         # Megapixel-steps one request may ask for (server.core.settings.WORK_LIMITS).
         self.work_limit = settings.limits.work_limit({"cuda" if is_cuda(w.device) else "cpu" for w in self.workers})
+        self._admission = Admission(self.workers, self._pace, self.work_limit)
 
     # ---- the API's side ---------------------------------------------------------------------------------
 
@@ -182,7 +177,18 @@ class Scheduler:
         beside those already pinned is refused before anything loads)."""
         done: Future[None] = Future()
         pinned_before = {p.key for w in self.workers for p in w.residency.resident() if p.pinned}
-        threading.Thread(target=self._pin, args=(pairs, pinned_before, done), name="refinery-pin", daemon=True).start()
+        pin = functools.partial(
+            pin_everywhere,
+            pairs,
+            pinned_before,
+            store=self.store,
+            resolver=self._resolver,
+            admission=self._admission,
+            workers=self.workers,
+            unpin=self.unpin,
+            done=done,
+        )
+        threading.Thread(target=pin, name="refinery-pin", daemon=True).start()
         return done
 
     def unpin(self, key: PairKey) -> bool:
@@ -293,10 +299,9 @@ class Scheduler:
             spec = self._resolver.pair_spec(
                 ticket.job.pair, ticket.leases, sink=ticket.sink, give_up=ticket.cancel_signal
             )
-            self._check_fits_somewhere(spec)
-            work = self._work(ticket.job, spec)
-            self._check_work(ticket.job, work)
-            self._check_deadline(ticket, work)
+            with self._lock:
+                others = list(self._tickets)
+            work = self._admission.admit(ticket, spec, others)
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, ServerError)):
                 log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
@@ -306,72 +311,3 @@ class Scheduler:
         ticket.work = work  # before `spec`: a ticket with a spec has its work
         ticket.spec = spec
         self.queue.unblock(ticket)
-
-    def _check_deadline(self, ticket: Ticket, work: float) -> None:
-        """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet: with
-        the rest of the running requests and the queued ones it would wait for (each until its own deadline
-        at most; a request behind a running one once waited out its whole deadline and expired)."""
-        if ticket.deadline is None:
-            return
-        now = time.monotonic()
-        with self._lock:
-            others = [t for t in self._tickets if t is not ticket and t.spec is not None]
-        ahead = [
-            (t.work * (1 - t.steps_done / max(t.job.total_steps, 1)), _until(t.deadline, now))
-            for t in others
-            if t.timings.started or t.job.priority >= ticket.job.priority
-        ]
-        self._pace.check(work, ahead, len(self.workers), ticket.deadline - now)
-
-    @staticmethod
-    def _work(job: Job, spec: PairSpec) -> float:
-        """The request's megapixel-steps at the size it will run at (reading the base's configs when the
-        request leaves the size to the model: once per request, at resolution)."""
-        if job.width and job.height:
-            return job.work(job.width, job.height)
-        native = native_size(spec.base.record) or (0, 0)
-        return job.work(job.width or native[0], job.height or native[1])
-
-    def _check_work(self, job: Job, work: float) -> None:
-        """At the model's native size, the request's work is known only once the model is: checked here,
-        still before any device work (a size given in the request was checked on arrival)."""
-        if job.width and job.height:
-            return
-        if work > self.work_limit:
-            raise too_much_work(work, self.work_limit)
-
-    def _too_small(self, spec: PairSpec) -> list[DeviceWorker]:
-        """The devices `spec` can never fit on beside their pinned pairs."""
-        return [w for w in self.workers if not w.residency.could_ever_fit(spec)]
-
-    def _check_fits_somewhere(self, spec: PairSpec) -> None:
-        if len(too_small := self._too_small(spec)) == len(self.workers):
-            budgets = ", ".join(f"{w.device.name}: {format_bytes(w.residency.budget_bytes)}" for w in too_small)
-            raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
-
-    def _pin(self, pairs: Sequence[PairKey], pinned_before: set[PairKey], done: Future[None]) -> None:
-        leases = LeaseSet(self.store)  # held until every device has loaded them
-        specs: list[PairSpec] = []
-        try:
-            specs = [self._resolver.pair_spec(key, leases) for key in pairs]
-            for spec in specs:
-                if too_small := self._too_small(spec):  # a pin holds the pair on every device
-                    w = too_small[0]
-                    raise OutOfDeviceMemory(
-                        f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
-                        f"(budget {format_bytes(w.residency.budget_bytes)})"
-                    )
-            futures = [w.pin(spec) for w in self.workers for spec in specs]
-            failures = [f.exception() for f in futures]  # every load ends before any rollback
-            for failure in failures:
-                if failure is not None:
-                    raise failure
-        except BaseException as exc:
-            for spec in specs:
-                if spec.key not in pinned_before:
-                    self.unpin(spec.key)
-            done.set_exception(exc)
-        else:
-            done.set_result(None)
-        finally:
-            leases.release_all()

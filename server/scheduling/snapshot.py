@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.generation.compiling import ShapeStatus
+from server.generation import ShapeStatus
 from server.scheduling.residency import ResidentPair
 
 

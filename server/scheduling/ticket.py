@@ -22,7 +22,7 @@ from server.core.errors import DeadlineExceeded, JobCancelled, ServerError
 from server.scheduling.leases import LeaseSet
 
 if TYPE_CHECKING:
-    from server.generation.runner import StageTimings
+    from server.generation import StageTimings
     from server.scheduling.pairs import PairSpec
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,7 @@ from modelstore import Loader
 from server.core.errors import WorkerFailed
 from server.core.metrics import Metrics
 from server.core.settings import Speed
-from server.generation.compiling import Compiler
-from server.generation.encoding import Encoder
-from server.generation.pipelines import PipelinePair
-from server.generation.runner import PipelineRunner, native_size
-from server.generation.tuning import tune_pipeline, tuning_for
+from server.generation import Compiler, Encoder, PipelinePair, PipelineRunner, native_size, tune_pipeline, tuning_for
 from server.scheduling.batch import Batch, BatchHost
 from server.scheduling.devices import DeviceSpec, allocated_bytes, is_cuda, memory_releaser
 from server.scheduling.leases import Leases

@@ -78,7 +78,7 @@ def test_batched_requests_each_equal_their_solo_run(batching_server: ServerThrea
             futures = {p: pool.submit(collect, stub, request(p, s)) for p, s in prompts}
             results = {p: f.result(TIMEOUT_S) for p, f in futures.items()}
             blocker.result(TIMEOUT_S)
-    registry = batching_server.server.core.metrics.registry
+    registry = batching_server.server.metrics.registry
     images = registry.get_sample_value("refinery_batch_images_sum")
     assert images is not None and images >= 5 and max(b for b, c in _histogram(registry).items() if c) >= 2, (
         "nothing batched"

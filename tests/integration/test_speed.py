@@ -75,7 +75,7 @@ def test_pinned_shapes_compile_in_the_background_and_a_restart_compiles_nothing(
             after = _status(channel)
             assert after.compiled_unet_calls == before.compiled_unet_calls + 4  # 4 steps of one batch of 2
             assert after.eager_unet_calls == before.eager_unet_calls
-            scraped = generate_latest(server.server.core.metrics.registry).decode()
+            scraped = generate_latest(server.server.metrics.registry).decode()
             labels = f'device="cpu",model="{DEFAULT_BASE}",role="base",size="64x64",state="ready"'
             assert f"refinery_compiled_shapes{{{labels}}} 1.0" in scraped
             assert 'refinery_unet_calls_total{device="cpu",path="compiled"}' in scraped
