@@ -99,6 +99,13 @@ class ModelStore:
         self._sources_lock = threading.Lock()
         self._flights = Flights()
         self._leases = Leases(settings.cache_dir / "leases")
+        self._local_roots: tuple[Path, ...] = ()
+
+    def confine_local(self, roots: Iterable[Path]) -> None:
+        """Folders whose local models may read nothing outside them (a server's `--local-models`): a model
+        named under one of them is opened below it without following a changed name, and a link in its folder
+        that leads out of the roots is refused (`local_files`). Added to those given before."""
+        self._local_roots = tuple(dict.fromkeys((*self._local_roots, *roots)))
 
     def close(self) -> None:
         if self._own_session:
@@ -170,7 +177,8 @@ class ModelStore:
         if entry is None:
             return None
         if entry.source == Source.LOCAL.value:
-            if not local_source.fingerprint_matches(Path(entry.path), entry.metadata.get("fingerprint", {})):
+            fingerprint = entry.metadata.get("fingerprint", {})
+            if not local_source.fingerprint_matches(Path(entry.path), fingerprint, self._local_roots):
                 return None  # the files changed since they were hashed: re-register
         elif damages := self._checks.check(entry, progress, again=again):
             self._refetch_or_raise(air, describe(damages))
@@ -210,7 +218,7 @@ class ModelStore:
 
     def _fetch(self, air: AIR, flight: Flight) -> ModelRecord:
         if air.source is Source.LOCAL:
-            return local_source.register(air, self._cache, flight.progress)
+            return local_source.register(air, self._cache, flight.progress, self._local_roots)
         if air.source is Source.BUILTIN:
             return _builtin.install(air, self._cache, self._in_use)
         if self.settings.offline:

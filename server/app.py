@@ -62,6 +62,7 @@ class RefineryServer:
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)
+        self.store.confine_local(settings.security.local_model_roots)  # request-named models stay inside
         self.metrics = Metrics()
         self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, encode=encode, metrics=self.metrics)
         self.health = health.aio.HealthServicer()

@@ -1,7 +1,9 @@
 """Local models: `local:/abs/path` or `/abs/path`, a diffusers folder or a single .safetensors file,
 registered by reference. Nothing is copied (a local model is the user's, and may be large); the store only
 checks it (safetensors by content, every weight file), hashes it once, and remembers each file's size and
-mtime so later lookups re-hash only files that changed. It is never counted in the quota and never evicted;
+mtime so later lookups re-hash only files that changed. Its files are opened once each, along one
+resolution of their names, and read only through what was opened (`local_files`); a file is known by its
+device and inode as well as its size and mtime. It is never counted in the quota and never evicted;
 deleting it from the store forgets it and leaves the files alone.
 
 `register` checks a model and records it in the index; `fingerprint_matches` tells a later lookup whether the
@@ -10,8 +12,9 @@ files are still the ones registered."""
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +27,13 @@ from modelstore._index import IndexEntry
 from modelstore._snapshots import content_digest
 from modelstore.air import AIR, Source
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
+from modelstore.local_files import FileId, Opened, identities, open_model
 from modelstore.progress import ByteCounter, ProgressFanout
 from modelstore.record import Architecture, Layout, ModelRecord
 
 log = logging.getLogger(__name__)
 
 _WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
-_LOADED_SUFFIXES = {".json", ".txt", ".model", ".safetensors"}
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,29 @@ class LocalModel:
     fingerprint: Mapping[str, list[Any]]
 
 
-def fingerprint_matches(path: Path, fingerprint: Mapping[str, list[Any]]) -> bool:
-    """Whether the files under `path` are still the ones hashed before (sizes and mtimes only: no hashing)."""
+def fingerprint_matches(path: Path, fingerprint: Mapping[str, list[Any]], roots: Sequence[Path] = ()) -> bool:
+    """Whether the files under `path` are still the ones hashed before: the same files (device and inode, as
+    opened without following a changed name), sizes and mtimes. Nothing is read or hashed."""
     try:
-        current = _stat_files(path)
-    except FileNotFoundError:
+        current = identities(path, roots)
+    except (ModelNotFound, OSError):
         return False
-    return current.keys() == fingerprint.keys() and all(list(current[p]) == list(fingerprint[p][:2]) for p in current)
+    return current.keys() == fingerprint.keys() and all(_same(current[p], fingerprint[p]) for p in current)
 
 
-def register(air: AIR, cache: Cache, progress: ProgressFanout) -> ModelRecord:
+def _same(now: FileId, recorded: list[Any]) -> bool:
+    return [now.size, now.mtime_ns] == list(recorded[:2]) and [now.device, now.inode] == list(recorded[3:5])
+
+
+def register(air: AIR, cache: Cache, progress: ProgressFanout, roots: Sequence[Path] = ()) -> ModelRecord:
     """Check the local model `air` names, hash what changed since it was last registered, and record it in
-    `cache`'s index; `progress` hears the hashing (seconds for gigabytes) as VERIFYING progress."""
+    `cache`'s index; `progress` hears the hashing (seconds for gigabytes) as VERIFYING progress. A model under
+    one of `roots` may read nothing outside them (`local_files`)."""
     path = Path(air.id)
     old = cache.index.get(air.canonical)
     previous = old.metadata.get("fingerprint", {}) if old is not None else {}
     progress.set_verifying()
-    model = inspect(path, previous, progress)
+    model = inspect(path, previous, progress, roots)
     progress.finish()
     now = time.time()
     cache.register_local(
@@ -82,39 +91,41 @@ def register(air: AIR, cache: Cache, progress: ProgressFanout) -> ModelRecord:
     return ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
 
 
-def inspect(path: Path, previous: Mapping[str, list[Any]], counter: ByteCounter | None = None) -> LocalModel:
+def inspect(
+    path: Path, previous: Mapping[str, list[Any]], counter: ByteCounter | None = None, roots: Sequence[Path] = ()
+) -> LocalModel:
     """Check and describe the model at `path`, re-using hashes of files unchanged since `previous`;
-    `counter` hears how many bytes must be hashed and how far hashing has got."""
-    if not path.exists():
+    `counter` hears how many bytes must be hashed and how far hashing has got. Every file is opened once
+    (`local_files.open_model`) and everything here reads the opened files, never their names again."""
+    if not os.path.lexists(path):
         raise ModelNotFound(f"{path} does not exist")
-    if not path.is_file() and not path.is_dir():
-        raise ModelNotFound(f"{path} is neither a file nor a folder")
-    if path.is_dir():
-        detect_folder(path)  # raises ModelNotFound unless it is a diffusers folder
-    files = _stat_files(path)
+    with open_model(path, roots, confined=False) as opened, opened.view() as view:
+        return _inspect(opened, view, previous, counter)
+
+
+def _inspect(opened: Opened, view: Path, previous: Mapping[str, list[Any]], counter: ByteCounter | None) -> LocalModel:
+    path, files = opened.path, opened.ids
+    if not opened.is_file:
+        _check_components(path, files)
+        detect_folder(view)  # raises ModelNotFound unless it is a diffusers folder
     for relative in files:
         if relative == "" or relative.endswith(".safetensors"):
-            check_safetensors(path / relative if relative else path, relative or path.name)
-    if path.is_dir():
-        _check_components(path, files)
+            check_safetensors(opened.fd_path(relative), relative or path.name)
 
-    def unchanged(relative: str, size: int, mtime_ns: int) -> bool:
+    def unchanged(relative: str, now: FileId) -> bool:
         old = previous.get(relative)
-        return old is not None and old[0] == size and old[1] == mtime_ns
+        return old is not None and _same(now, old)
 
     if counter is not None:
-        counter.set_total(sum(size for r, (size, mtime) in files.items() if not unchanged(r, size, mtime)))
+        counter.set_total(sum(now.size for r, now in files.items() if not unchanged(r, now)))
     fingerprint: dict[str, list[Any]] = {}
-    for relative, (size, mtime_ns) in files.items():
-        if unchanged(relative, size, mtime_ns):
-            sha256 = previous[relative][2]
-        else:
-            sha256 = sha256_digest(path / relative if relative else path, counter)
-        fingerprint[relative] = [size, mtime_ns, sha256]
-    if path.is_file():
-        layout, architecture, digest = Layout.SINGLE_FILE, detect_file(path), fingerprint[""][2]
+    for relative, now in files.items():
+        sha256 = previous[relative][2] if unchanged(relative, now) else sha256_digest(opened.fd_path(relative), counter)
+        fingerprint[relative] = [now.size, now.mtime_ns, sha256, now.device, now.inode]
+    if opened.is_file:
+        layout, architecture, digest = Layout.SINGLE_FILE, detect_file(view), fingerprint[""][2]
     else:
-        layout, architecture = Layout.DIFFUSERS, detect_folder(path)
+        layout, architecture = Layout.DIFFUSERS, detect_folder(view)
         digest = content_digest({p: v[2] for p, v in fingerprint.items()})
     size = sum(v[0] for v in fingerprint.values())
     return LocalModel(path, layout, architecture, digest, size, fingerprint)
@@ -128,26 +139,3 @@ def _check_components(folder: Path, files: Mapping[str, object]) -> None:
             raise UnsafeCheckpoint(
                 f"{folder}: {component}/ has no safetensors weights (pickled weights are never loaded)"
             )
-
-
-def _stat_files(path: Path) -> dict[str, tuple[int, int]]:
-    """relative path ("" for a single file) -> (size, mtime_ns) of the files the loader reads.
-
-    For a folder: model_index.json and the configs, tokenizer files and safetensors weights of its component
-    folders; pickled weights, ONNX/Flax exports, hidden folders (.git, huggingface_hub's .cache) and loose
-    checkpoints next to the components are not part of what is loaded, so they are not hashed."""
-    if path.is_file():
-        st = path.stat()
-        return {"": (st.st_size, st.st_mtime_ns)}
-    files = {}
-    index = path / "model_index.json"
-    st = index.stat()
-    files["model_index.json"] = (st.st_size, st.st_mtime_ns)
-    for component in sorted(path.iterdir()):
-        if component.name.startswith(".") or not component.is_dir():
-            continue
-        for file in sorted(component.iterdir()):
-            if file.suffix in _LOADED_SUFFIXES and file.is_file():
-                st = file.stat()
-                files[f"{component.name}/{file.name}"] = (st.st_size, st.st_mtime_ns)
-    return files

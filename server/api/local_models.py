@@ -2,47 +2,91 @@
 (`--local-models DIR`); none by default.
 
 A refusal says nothing about the path: not whether it exists, not what it is, not its size or its first bytes.
-The check looks only at where the path leads (symlinks resolved), never at the file, and every refused path
-gets the same answer, byte for byte. Nothing a refused request named reaches the model store, so nothing is
-registered or listed.
+Every refused path gets the same answer, byte for byte, whatever the cause: outside the roots, a link out of
+them (the path's own or one inside a diffusers folder), a name that changed while it was opened, a path that
+cannot even be resolved (`/proc/1/root/...`), a device or a FIFO. Nothing a refused request named reaches the
+model store, so nothing is registered or listed.
+
+An accepted path is resolved once and opened along that resolution (`modelstore.local_files`), and the request
+goes on naming the model by its real path: one model per real file, whatever spelling the client used
+(`/proc/self/root/...`, `/proc/self/cwd/...`, `//`). The store opens that real path again without following
+any link, so a name swapped for a link after this check is refused there, not followed.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from modelstore import Source, parse_air
 from modelstore.errors import InvalidModelId
+from modelstore.local_files import LocalPathRefused, open_model
 from server.core.errors import FieldViolation, InvalidRequest
 
 REFUSED = "local files are not served to remote requests (see the server's --local-models)"
 
 
-def allowed(text: str, roots: Sequence[Path]) -> bool:
-    """Whether `text` may be used: any AIR that is not a local path, or a local path under one of `roots`.
-    A malformed AIR is allowed here: validation reports it with its own message."""
+def canonical(text: str, roots: Sequence[Path]) -> str | None:
+    """What the request should name instead of `text`: `text` itself for any AIR that is not a local path (a
+    malformed AIR too: validation reports it with its own message), `local:<real path>` for a local model
+    under one of `roots` that opens safely; None when it is refused."""
     try:
         air = parse_air(text)
     except InvalidModelId:
-        return True
+        return text
     if air.source is not Source.LOCAL:
-        return True
-    target = os.path.realpath(air.id)
-    for root in roots:
-        base = os.path.realpath(root)
-        if target == base or target.startswith(base.rstrip(os.sep) + os.sep):
-            return True
-    return False
+        return text
+    if not roots:
+        return None
+    try:
+        with open_model(air.id, roots, confined=True) as opened:
+            return f"local:{opened.path}"
+    except (LocalPathRefused, OSError):
+        return None
+
+
+def allowed(text: str, roots: Sequence[Path]) -> bool:
+    """Whether `text` may be used (see `canonical`)."""
+    return canonical(text, roots) is not None
 
 
 def check(fields: Sequence[tuple[str, str]], roots: Sequence[Path]) -> None:
     """Raise InvalidRequest naming every (field, text) that names a local file outside `roots`."""
-    refused = [
-        FieldViolation(field, REFUSED, "LOCAL_MODEL_REFUSED")
-        for field, text in fields
-        if text and not allowed(text, roots)
-    ]
-    if refused:
-        raise InvalidRequest(refused)
+    _refuse([field for field, text in fields if text and canonical(text, roots) is None])
+
+
+def canonicalize(request: Message, fields: Sequence[str], roots: Sequence[Path]) -> None:
+    """`check` the request's `fields` (dotted paths: "refiner.model"), then make each local model they name
+    its real path, in place: what the store is given is what was checked here."""
+    found: dict[str, str | None] = {}
+    for field in fields:
+        text = _get(request, field)
+        if text:
+            found[field] = canonical(text, roots)
+    _refuse([field for field, value in found.items() if value is None])
+    for field, value in found.items():
+        assert value is not None
+        if value != _get(request, field):
+            _set(request, field, value)
+
+
+def _refuse(fields: Sequence[str]) -> None:
+    if fields:
+        raise InvalidRequest([FieldViolation(field, REFUSED, "LOCAL_MODEL_REFUSED") for field in fields])
+
+
+def _get(request: Message, field: str) -> str:
+    value: object = request
+    for name in field.split("."):
+        value = getattr(value, name)
+    return str(value)
+
+
+def _set(request: Message, field: str, text: str) -> None:
+    *parents, name = field.split(".")
+    target: object = request
+    for parent in parents:
+        target = getattr(target, parent)
+    setattr(target, name, text)

@@ -74,7 +74,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
-        local_models.check([("model", request.model)], self._local_roots)
+        local_models.canonicalize(request, ("model",), self._local_roots)
         async for event in _pull(self._store, parse_air(request.model), pin=request.pin).events():
             if isinstance(event, DownloadProgress):
                 yield pull_progress(event)
@@ -87,7 +87,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
     ) -> AsyncIterator[pb.VerifyModelResponse]:
         # Only models already in the cache are read: a path is never registered here (local models are skipped).
         # A path outside the local-model roots gets the same refusal as everywhere else.
-        local_models.check([("model", request.model)], self._local_roots)
+        local_models.canonicalize(request, ("model",), self._local_roots)
         models = [parse_air(request.model)] if request.model else None
         async for event in _verify(self._store, models).events():
             if isinstance(event, DownloadProgress):

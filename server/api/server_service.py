@@ -69,7 +69,7 @@ class ServerService(pb_grpc.ServerServiceServicer):
 
     @rpc("PinPair", describe=_target, models=_pair_fields)
     async def PinPair(self, request: pb.PinPairRequest, context: grpc.aio.ServicerContext) -> pb.PinPairResponse:
-        local_models.check([("model", request.model), ("refiner_model", request.refiner_model)], self._local_roots)
+        local_models.canonicalize(request, ("model", "refiner_model"), self._local_roots)
         key = _pair(request)
         await asyncio.wrap_future(self._scheduler.pin([key]))
         log.info("pinned %s on every device", key)

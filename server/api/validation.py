@@ -71,7 +71,7 @@ def job_from_request(
     """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field. `work_limit`
     (megapixel-steps) is checked here when the request gives its size; at the model's native size, once the
     model is resolved. Local models are accepted only under `local_roots`."""
-    local_models.check([("model", request.model), ("refiner.model", request.refiner.model)], local_roots)
+    local_models.canonicalize(request, ("model", "refiner.model"), local_roots)
     bad = _Violations()
     request_id = request.request_id or make_request_id()
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():

@@ -50,12 +50,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class PlainFormatter(logging.Formatter):
+    """One plain line per record: the message with every control or invisible formatting character escaped
+    (`escaped`, uncut), so a name from a request (a local model's path with U+202E in it) cannot reorder or
+    hide what a person reads. Tracebacks follow the message as they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escaped(record.message, limit=len(record.message))
+        return super().formatMessage(record)
+
+
 def configure_logging(level: int | str = logging.INFO, *, json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
