@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
 
@@ -16,7 +16,7 @@ from server.api.boundary import ModelField, duration, rpc_error_for
 from server.core import domain
 from server.core.pins import PinFailure
 from server.generation import CompileState, ShapeStatus
-from server.scheduling import DeviceSnapshot
+from server.scheduling import DeviceSnapshot, SchedulerSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}
@@ -236,3 +236,16 @@ def pin_failure(failure: PinFailure) -> status_pb.PinFailure:
     fields = (ModelField("model", pair.base, Role.BASE), ModelField("refiner_model", pair.refiner or "", Role.REFINER))
     error = rpc_error_for(failure.error, fields)
     return status_pb.PinFailure(model=pair.base, refiner_model=pair.refiner or "", error=error.to_status())
+
+
+def server_status(status: SchedulerSnapshot, failures: Sequence[PinFailure]) -> status_pb.GetStatusResponse:
+    """GetStatus's answer: the devices, the queue, and the start-up pins that failed."""
+    queue = status_pb.QueueStatus(
+        depth=status.queue_depth, max_queue=status.max_queue, depth_by_priority=status.depth_by_priority
+    )
+    return status_pb.GetStatusResponse(
+        devices=[device_status(d) for d in status.devices],
+        queue=queue,
+        jobs_running=status.jobs_running,
+        pin_failures=[pin_failure(f) for f in failures],
+    )

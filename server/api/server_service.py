@@ -10,14 +10,15 @@ from pathlib import Path
 
 import grpc
 
-from modelstore import Role, parse_air
+from modelstore import Role
 from refinery.v1 import status_pb2 as pb
 from refinery.v1 import status_pb2_grpc as pb_grpc
 from server.api import local_models
 from server.api.boundary import ModelField, rpc
-from server.api.convert import device_status, pin_failure
+from server.api.convert import device_status, server_status
+from server.api.validation import pair_from_request
 from server.core.domain import PairKey
-from server.core.errors import FieldViolation, InvalidRequest, NotPinned
+from server.core.errors import NotPinned
 from server.core.logs import quoted
 from server.core.pins import PinFailures
 from server.scheduling import Engine
@@ -56,21 +57,12 @@ class ServerService(pb_grpc.ServerServiceServicer):
 
     @rpc("GetStatus")
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
-        status = self._scheduler.snapshot()
-        queue = pb.QueueStatus(
-            depth=status.queue_depth, max_queue=status.max_queue, depth_by_priority=status.depth_by_priority
-        )
-        return pb.GetStatusResponse(
-            devices=[device_status(d) for d in status.devices],
-            queue=queue,
-            jobs_running=status.jobs_running,
-            pin_failures=[pin_failure(f) for f in self._pin_failures.snapshot()],
-        )
+        return server_status(self._scheduler.snapshot(), self._pin_failures.snapshot())
 
     @rpc("PinPair", describe=_target, models=_pair_fields)
     async def PinPair(self, request: pb.PinPairRequest, context: grpc.aio.ServicerContext) -> pb.PinPairResponse:
         local_models.canonicalize(request, ("model", "refiner_model"), self._local_roots)
-        key = _pair(request)
+        key = pair_from_request(request)
         await asyncio.wrap_future(self._scheduler.pin([key]))
         log.info("pinned %s on every device", key)
         await self._on_pinned(key)
@@ -78,7 +70,7 @@ class ServerService(pb_grpc.ServerServiceServicer):
 
     @rpc("UnpinPair", describe=_target, models=_pair_fields)
     async def UnpinPair(self, request: pb.UnpinPairRequest, context: grpc.aio.ServicerContext) -> pb.UnpinPairResponse:
-        key = _pair(request)
+        key = pair_from_request(request)
         if not self._scheduler.unpin(key):
             raise NotPinned(f"{key} is not pinned on any device")
         log.info("unpinned %s", key)
@@ -86,11 +78,3 @@ class ServerService(pb_grpc.ServerServiceServicer):
 
     def _devices(self) -> list[pb.DeviceStatus]:
         return [device_status(d) for d in self._scheduler.snapshot().devices]
-
-
-def _pair(request: pb.PinPairRequest | pb.UnpinPairRequest) -> PairKey:
-    """The request's pair as canonical AIRs (a malformed AIR raises InvalidModelId, named by the boundary)."""
-    if not request.model:
-        raise InvalidRequest([FieldViolation("model", "required: the base's AIR")])
-    base = parse_air(request.model).canonical
-    return PairKey(base, parse_air(request.refiner_model).canonical if request.refiner_model else None)

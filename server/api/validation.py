@@ -15,6 +15,7 @@ from pathlib import Path
 from modelstore import parse_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
+from refinery.v1 import status_pb2 as status_pb
 from server.api import local_models
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest, too_much_work
@@ -248,3 +249,12 @@ def _score(message: pb.Refiner, name: str, default: float, bad: _Violations) -> 
     if not math.isfinite(value) or not low <= value <= high:
         bad(f"refiner.{name}", f"must be a finite number in {low:g}..{high:g} (unset: {default:g}), got {value:g}")
     return value
+
+
+def pair_from_request(request: status_pb.PinPairRequest | status_pb.UnpinPairRequest) -> domain.PairKey:
+    """The pair PinPair or UnpinPair names, as canonical AIRs (a malformed AIR raises InvalidModelId, which the
+    boundary names by its field)."""
+    if not request.model:
+        raise InvalidRequest([FieldViolation("model", "required: the base's AIR")])
+    base = parse_air(request.model).canonical
+    return domain.PairKey(base, parse_air(request.refiner_model).canonical if request.refiner_model else None)
