@@ -95,8 +95,13 @@ class RefineryServer:
         await server.start()
         self._server = server
         if self.settings.metrics_port:
-            self._metrics_server = self.metrics.serve(self.settings.metrics_port, self.settings.host)
-            self.metrics_port = int(self._metrics_server.server_address[1])
+            try:
+                self._metrics_server = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            except OSError as exc:  # taken: stop what started, and say so in one line
+                await self.stop(0)
+                address = f"{self.settings.host}:{self.settings.metrics_port}"
+                raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+            self.metrics_port = self._metrics_server.port
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         devices = ", ".join(
             f"{w.device.label} (budget {format_bytes(w.residency.budget_bytes)})" for w in self.scheduler.workers
@@ -167,8 +172,7 @@ class RefineryServer:
             if self._preloading is not None and not self._preloading.done():
                 self._preloading.cancel()
             if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
+                self._metrics_server.close()
             if self._health_server is not None:
                 await self._health_server.stop(0)
             log.info("stopped")
@@ -222,12 +226,14 @@ def _announce_access(settings: Settings, port: int) -> None:
     # Open access is a warning on a port other machines can reach; on loopback (the CLI's own in-process
     # server, a sidecar) only this machine can call, so it is worth a line but not a warning.
     level = logging.INFO if is_loopback_host(settings.host) else logging.WARNING
-    if security.admin_token is None:
+    if security.admin_token is None and security.trust_loopback_admin:
         log.log(
             level,
             "no admin token (REFINERY_ADMIN_TOKEN): pull, verify, pin, unpin, delete, PinPair and UnpinPair are "
-            "allowed only from this machine (loopback)",
+            "allowed only from this machine (loopback), to any caller there (--trust-loopback-admin)",
         )
+    elif security.admin_token is None:
+        log.info("no admin token (REFINERY_ADMIN_TOKEN): administration (pull, pin, delete, ...) is off")
     if security.token is None and security.admin_token is None:
         log.log(level, "no tokens: anyone who can reach %s:%d may generate", settings.host, port)
     roots = ", ".join(str(r) for r in security.local_model_roots)

@@ -3,8 +3,9 @@
     python -m deploy.local.fleet [--replicas 3] [--port 50050] [--budget 0] [--round-robin] [--pair M+R]...
     make fleet                                   # the same with the defaults
 
-It prints the front address (point any client or `refinery generate --server` at it) and where the ring puts
-each `--pair`, then runs until Ctrl-C or SIGTERM, which stop nginx and then every replica (each drains).
+It prints the front address (point any client or `refinery generate --server` at it), where the ring puts
+each `--pair`, and the file holding this run's admin token (REFINERY_ADMIN_TOKEN, drawn per run), then runs
+until Ctrl-C or SIGTERM, which stop nginx and then every replica (each drains).
 
 Importable: tests and the benchmark drive it as `with Fleet(FleetSettings(...)) as fleet: ...`.
 
@@ -16,6 +17,7 @@ all. On Kubernetes each pod gets its own cache volume instead (deploy/README.md,
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import socket
 import sys
@@ -69,6 +71,14 @@ class Fleet:
             self.run_dir = settings.run_dir
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = settings.cache_dir or self.run_dir / "cache"
+        # nginx reaches every replica from loopback, so loopback proves nothing about a caller: administration
+        # needs this token, drawn per fleet run (or the one `env` brings) and kept in an owner-only file.
+        self.admin_token = settings.env.get("REFINERY_ADMIN_TOKEN") or secrets.token_urlsafe(32)
+        self.admin_token_file = self.run_dir / "admin-token"
+        self.admin_token_file.touch(mode=0o600)
+        self.admin_token_file.chmod(0o600)
+        self.admin_token_file.write_text(self.admin_token + "\n")
+        replica_env = {**settings.env, "REFINERY_ADMIN_TOKEN": self.admin_token}
         ports, metrics_ports, front_port = self._ports()
         self.replicas = [
             Replica(
@@ -82,7 +92,7 @@ class Fleet:
                     budget=settings.budget,
                     grace_s=settings.grace_s,
                     max_batch=settings.max_batch,
-                    env=settings.env,
+                    env=replica_env,
                 )
             )
             for i, port in enumerate(ports)
@@ -246,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  pair {key} -> {fleet.owner(key).spec.name}", flush=True)
         policy = "round-robin" if args.round_robin else "pair affinity (header refinery-pair)"
         print(f"front {fleet.front} ({policy}); Ctrl-C to stop", flush=True)
+        print(f"administration: REFINERY_ADMIN_TOKEN_FILE={fleet.admin_token_file}", flush=True)
         stop.wait()
         print("stopping", flush=True)
     return 0

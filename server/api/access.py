@@ -3,8 +3,10 @@
 - Health and reflection are open (probes and tools need them).
 - Generation and status (`Generate`, `GetStatus`, `ListModels`) need `authorization: Bearer <token>` when a
   generation or an admin token is configured; either token is accepted.
-- Administration (pull, verify, pin, unpin, delete, `PinPair`, `UnpinPair`) needs the admin token when one is
-  configured; without one it is allowed only from loopback, and the server says so at start-up.
+- Administration (pull, verify, pin, unpin, delete, `PinPair`, `UnpinPair`) needs the admin token. Without one
+  it is off, unless the operator trusts loopback peers with it (`Security.trust_loopback_admin`,
+  `--trust-loopback-admin`): not by default, because a proxy on the same host (nginx, a sidecar, a port-forward)
+  makes every remote caller a loopback peer (issue 21, item 3). The server says at start-up which holds.
 - Missing or wrong credentials are UNAUTHENTICATED; a valid generation token on an administrative call is
   PERMISSION_DENIED, as gRPC defines them. Tokens are compared in constant time and never logged or echoed.
 
@@ -22,6 +24,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -30,9 +33,9 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
+from server.api.lenient import HANDLER_KINDS, lenient, lenient_handler, reject
 from server.core.settings import Security
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,13 @@ class Gate:
     def __init__(self, security: Security) -> None:
         self._token = _secret(security.token)
         self._admin = _secret(security.admin_token)
+        self._trust_loopback = security.trust_loopback_admin
+        self._refusals = _Throttle(REFUSAL_LOG_EVERY_S)
+        self._no_admin = (
+            "administration is allowed only from the server's own machine (no admin token is configured)"
+            if security.trust_loopback_admin
+            else "administration is off: the server has no admin token (REFINERY_ADMIN_TOKEN)"
+        )
 
     def refusal(self, access: Access, metadata: tuple[tuple[str, str | bytes], ...], peer: str) -> Refusal | None:
         if access is Access.OPEN:
@@ -134,17 +144,47 @@ class Gate:
                 return None
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
         if self._admin is None:
-            if is_loopback(peer):
+            if self._trust_loopback and is_loopback(peer):
                 return None
-            return Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "administration is allowed only from the server's own machine (no admin token is configured)",
-            )
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED, self._no_admin)
         if is_admin:
             return None
         if is_user:
             return Refusal(grpc.StatusCode.PERMISSION_DENIED, "this call needs the admin token")
         return Refusal(grpc.StatusCode.UNAUTHENTICATED, "a valid admin bearer token is required")
+
+    def log_refusal(self, method: str, refusal: Refusal) -> None:
+        """One line per reason per `REFUSAL_LOG_EVERY_S` at most, with how many like it were not written: a
+        client that retries with a wrong token cannot flood the log (issue 21, item 10)."""
+        suppressed = self._refusals.allow((refusal.code, refusal.message))
+        if suppressed is None:
+            return
+        more = f" ({suppressed} more like it since the last such line, not logged)" if suppressed else ""
+        log.info("%s refused: %s: %s%s", method, refusal.code.name, refusal.message, more)
+
+
+# At most one log line per refusal reason in this many seconds.
+REFUSAL_LOG_EVERY_S = 10.0
+
+
+class _Throttle:
+    """Per key: the first event, then at most one per `every_s`; `allow` says how many were held back since the
+    last one let through (None: hold this one back too). Keys are a handful of fixed reasons."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every_s
+        self._clock = clock
+        self._last: dict[object, float] = {}
+        self._held: dict[object, int] = {}
+
+    def allow(self, key: object) -> int | None:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
 
 
 def _secret(token: str | None) -> bytes | None:
@@ -159,26 +199,6 @@ def _bearer(metadata: tuple[tuple[str, str | bytes], ...]) -> bytes | None:
             if scheme.lower() == "bearer" and credential:
                 return credential.strip().encode("latin-1", "replace")
     return None
-
-
-class _Malformed:
-    """Stands in for a request that did not parse, so the call can end with INVALID_ARGUMENT."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-
-def _lenient(deserialize: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except (DecodeError, ValueError):
-            return _Malformed(type_name)
-
-    return parse
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
@@ -200,8 +220,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         method: str = details.method
         access = access_of(method)
         if access is Access.OPEN:
-            # Health and reflection are not ours (health's Watch writes through its context rather than yielding).
-            return handler
+            # Health and reflection are not ours, but garbage sent to them is answered as to ours.
+            return lenient_handler(handler)
         if access is None or handler.request_streaming:
             # `check_served` stops the start before this can happen; should a method slip past it, it is refused
             # rather than guessed at. UNIMPLEMENTED, not PERMISSION_DENIED: no credential would let the call
@@ -223,10 +243,9 @@ class _Call:
     async def check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         refusal = self.gate.refusal(self.access, self.metadata, context.peer())
         if refusal is not None:
-            log.info("%s refused: %s: %s", self.method, refusal.code.name, refusal.message)
+            self.gate.log_refusal(self.method, refusal)
             await context.abort(refusal.code, refusal.message)
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name}")
+        await reject(request, context)
 
     def count(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         if error is None:
@@ -239,26 +258,18 @@ class _Call:
         self.calls.labels(self.method.rsplit("/", 1)[-1], code).inc()
 
 
-_HANDLER_KINDS = {  # (request streaming, response streaming)
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _unguardable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind that ends every call with UNIMPLEMENTED, reading nothing of the request."""
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not served")
 
-    make = _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    make = HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return make(refuse, response_serializer=handler.response_serializer)
 
 
 def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
-    deserialize = _lenient(handler.request_deserializer, call.method.rsplit("/", 1)[-1] + "Request")
+    deserialize = lenient(handler.request_deserializer, call.method.rsplit("/", 1)[-1] + "Request")
     if handler.response_streaming:
         stream = handler.unary_stream
 

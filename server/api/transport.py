@@ -3,11 +3,13 @@ optional plaintext port that serves only health (for probes that cannot speak TL
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from server.api.lenient import LenientInterceptor
 from server.core.settings import Security, Settings
 
 
@@ -50,6 +52,7 @@ def credentials(security: Security) -> grpc.ServerCredentials | None:
     chain = _read(security.tls_cert, "--tls-cert")
     key = _read(security.tls_key, "--tls-key")
     roots = _read(security.tls_client_ca, "--tls-client-ca") if security.tls_client_ca is not None else None
+    _check_pem(security)
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=roots is not None)
 
 
@@ -58,6 +61,27 @@ def _read(path: Path, setting: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{setting} {path}: {exc.strerror or exc}") from None
+
+
+def _check_pem(security: Security) -> None:
+    """gRPC takes any bytes here and fails later, as "Failed to bind": parse them first (OpenSSL, as gRPC does),
+    so a file that is not PEM, a key that is not the certificate's, or a CA file without a certificate is
+    refused naming its setting."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password: an encrypted key (which gRPC cannot use) fails here instead of prompting.
+        context.load_cert_chain(security.tls_cert, security.tls_key, password=lambda: b"")  # type: ignore[arg-type]
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(
+            f"--tls-cert {security.tls_cert} / --tls-key {security.tls_key}: not a PEM certificate chain and its "
+            f"private key ({exc.args[-1] if exc.args else exc})"
+        ) from None
+    if security.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=security.tls_client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            reason = exc.args[-1] if exc.args else exc
+            raise ValueError(f"--tls-client-ca {security.tls_client_ca}: not PEM certificates ({reason})") from None
 
 
 def bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
@@ -73,6 +97,9 @@ def bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | 
 def health_only_server(servicer: health.aio.HealthServicer, address: str) -> tuple[grpc.aio.Server, int]:
     """A plaintext server with nothing but grpc.health.v1 (the same servicer, so the same answers): for
     Kubernetes' native gRPC probes, which cannot present TLS credentials."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
+        interceptors=[LenientInterceptor()],  # garbage gets INVALID_ARGUMENT, not a traceback in the log
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return server, bind(server, address, None)

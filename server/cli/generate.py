@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -171,11 +172,12 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         request = build_request(args)
     except ValueError as exc:  # protobuf refuses a number its field cannot hold
         raise UsageError(f"a value is out of range: {exc}") from None
-    address = args.server
     async with contextlib.AsyncExitStack() as stack:
-        if not address:
-            address = await stack.enter_async_context(_in_process_server(args, env))
-        client = connect.client(address, args, env)
+        if args.server:
+            client = connect.client(args.server, args, env)
+        else:
+            address, run_token = await stack.enter_async_context(_in_process_server(args, env))
+            client = AsyncClient(address, token=run_token)
         stack.push_async_callback(client.close)
         try:
             written = await _stream_to_files(client, request, args)
@@ -246,8 +248,13 @@ def _report(written: Sequence[_Written]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -> AsyncIterator[str]:
+async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -> AsyncIterator[tuple[str, str]]:
+    """A server on a free loopback port for this command alone, and the secret its every call needs: any user of
+    the machine can reach a loopback port, and this server reads the caller's files (issue 21, item 3). The
+    secret is random per run, lives only in this process, and is sent by this command's own client."""
+    run_token = secrets.token_urlsafe(32)
     settings = serve.server_settings(args, env, in_process=True)
+    settings = replace(settings, security=replace(settings.security, token=run_token, admin_token=run_token))
     quiet_model_libraries()
     from server.app import RefineryServer  # torch and diffusers load only when a server runs here
 
@@ -256,4 +263,4 @@ async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -
     except ValueError as exc:  # e.g. --device cuda on a machine without one
         raise UsageError(str(exc)) from None
     async with server:
-        yield f"127.0.0.1:{server.port}"
+        yield f"127.0.0.1:{server.port}", run_token

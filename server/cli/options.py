@@ -65,16 +65,26 @@ def argument_type(convert: Convert, where: str = "", from_env: str | None = None
 
 def secret(env: Mapping[str, str], var: str) -> str | None:
     """A token from `var`, or from the file `var`_FILE names (a mounted secret); surrounding whitespace is
-    dropped. UsageError when the file cannot be read; the token itself never appears in a message."""
+    dropped; None when neither is set. UsageError, naming the variable and never the token, when the file cannot
+    be read or the token is not one a client can send: empty or only whitespace (which would otherwise turn
+    authentication off), or anything but visible ASCII (an HTTP/2 header value)."""
     path = env.get(f"{var}_FILE")
     if path:
+        source = f"{var}_FILE {path}"
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise UsageError(f"{var}_FILE {path}: {exc.strerror or exc}") from None
+            raise UsageError(f"{source}: {exc.strerror or exc}") from None
+    elif var in env:
+        source, text = var, env[var]
     else:
-        text = env.get(var, "")
-    return text.strip() or None
+        return None
+    token = text.strip()
+    if not token:
+        raise UsageError(f"{source}: the token is empty; set a token or unset the variable")
+    if not all(0x21 <= ord(char) <= 0x7E for char in token):
+        raise UsageError(f"{source}: a token may hold only visible ASCII characters (no spaces or line breaks)")
+    return token
 
 
 # ---- converters: each raises ValueError with a message that reads after "argument --flag: " ------------------
@@ -195,6 +205,27 @@ def _one_of(text: str, choices: tuple[str, ...]) -> str:
 
 def directory(text: str) -> Path:
     return Path(text).expanduser()
+
+
+def local_root(text: str) -> Path:
+    """A folder requests may name local models under: absolute (a relative one would depend on where the
+    server was started) and an existing folder, or the setting is a mistake."""
+    path = directory(text)
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, got {text!r}")
+    if not path.is_dir():
+        raise ValueError(f"{text!r} is not a folder" if path.exists() else f"{text!r} does not exist")
+    return path
+
+
+def yes_no(text: str) -> bool:
+    """yes/no, true/false, on/off, 1/0 (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
 
 
 def optional_directory(text: str) -> Path | None:

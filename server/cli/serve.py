@@ -104,10 +104,22 @@ def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) 
         ("--tls-client-ca", "REFINERY_TLS_CLIENT_CA", "require client certificates signed by this CA (mTLS)"),
     ):
         env_flag(parser, env, name, var=var, convert=options.directory, default=None, help=what)
+    env_flag(
+        parser,
+        env,
+        "--trust-loopback-admin",
+        var="REFINERY_TRUST_LOOPBACK_ADMIN",
+        convert=options.yes_no,
+        default="no",
+        nargs="?",
+        const=True,
+        help="without an admin token, let any caller on this machine's loopback administer (default: no; never "
+        "behind a proxy on this host, which makes every caller loopback)",
+    )
     parser.add_argument(
         "--local-models",
         action="append",
-        type=options.argument_type(options.directory),
+        type=options.argument_type(options.local_root),
         metavar="DIR",
         help="a folder whose files requests may name as local models (repeatable; default: none) "
         f"[REFINERY_LOCAL_MODELS, separated by {os.pathsep!r}]",
@@ -210,6 +222,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
             security=security,
             speed=Speed(compile="off"),
         )
+    _distinct_ports(args)
     pins = _pins(args)
     limits = Limits(max_work=args.max_work)
     return Settings(
@@ -234,17 +247,30 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
 
 
 def security_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Security:
-    roots = args.local_models or [
-        options.directory(p) for p in env.get("REFINERY_LOCAL_MODELS", "").split(os.pathsep) if p
-    ]
+    try:
+        roots = args.local_models or [
+            options.local_root(p) for p in env.get("REFINERY_LOCAL_MODELS", "").split(os.pathsep) if p
+        ]
+    except ValueError as exc:
+        raise UsageError(f"REFINERY_LOCAL_MODELS: {exc}") from None
     return Security(
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         token=secret(env, "REFINERY_TOKEN"),
         admin_token=secret(env, "REFINERY_ADMIN_TOKEN"),
+        trust_loopback_admin=args.trust_loopback_admin,
         local_model_roots=tuple(roots),
     )
+
+
+def _distinct_ports(args: argparse.Namespace) -> None:
+    """The gRPC, metrics and health ports are three listeners: two on one port cannot both bind."""
+    named = [("--port", args.port), ("--metrics-port", args.metrics_port), ("--health-port", args.health_port)]
+    for i, (flag, number) in enumerate(named):
+        for other, other_number in named[i + 1 :]:
+            if number and number == other_number:
+                raise UsageError(f"{flag} and {other} are both {number}: each needs a port of its own")
 
 
 def local_roots_of_the_caller(models: Sequence[str | None]) -> tuple[Path, ...]:

@@ -19,16 +19,14 @@ Each server owns its registry (several servers can live in one test process); `s
 from __future__ import annotations
 
 import importlib.metadata
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from modelstore import downloaded_bytes
+from server.core.http_endpoint import HttpEndpoint
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -100,29 +98,12 @@ class Metrics:
         `server.scheduling.gauges` for the scheduler's snapshot)."""
         self.registry.register(collector)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        """Serve /metrics over HTTP (404 elsewhere) on a daemon thread; `.shutdown()` stops it."""
+    def serve(self, port: int, host: str = "0.0.0.0") -> HttpEndpoint:
+        """Serve /metrics over HTTP (404 elsewhere) from a thread of its own, with a bounded cost however many
+        connections are open (`http_endpoint.py`); `.port` is the bound port, `.close()` stops it. OSError when
+        the port is taken."""
         registry = self.registry
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # scrapes every few seconds would flood the log
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="refinery-metrics", daemon=True).start()
-        return server
+        return HttpEndpoint(host, port, "/metrics", lambda: (generate_latest(registry), CONTENT_TYPE_LATEST))
 
 
 def _version() -> str:

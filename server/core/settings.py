@@ -55,10 +55,12 @@ class Security:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     # `authorization: Bearer <token>`: `token` for generation and status, `admin_token` for everything
-    # (pull, verify, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is allowed only
-    # from loopback.
+    # (pull, verify, pin, unpin, delete, PinPair, UnpinPair). Without an admin token, administration is off...
     token: str | None = None
     admin_token: str | None = None
+    # ...unless the operator trusts every loopback peer with it (`--trust-loopback-admin`). Off by default: a
+    # proxy on the same host (nginx, a sidecar, `kubectl port-forward`) makes every remote caller a loopback peer.
+    trust_loopback_admin: bool = False
     # Folders whose files remote requests may name as local models; none: no local models from requests.
     local_model_roots: tuple[Path, ...] = ()
 

@@ -89,8 +89,9 @@ def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
         pins=(PairKey(DEFAULT_BASE, DEFAULT_REFINER),),
         grace_period_s=10.0,
         drain_delay_s=0.0,  # tests of the delay set it
-        # The tests' own files (under the temp folder) are local models the operator allows.
-        security=Security(local_model_roots=(Path(tempfile.gettempdir()),)),
+        # The tests' own files (under the temp folder) are local models the operator allows; the tests administer
+        # their loopback server as its operator, who opts in to that (issue 21: off by default).
+        security=Security(local_model_roots=(Path(tempfile.gettempdir()),), trust_loopback_admin=True),
     )
     return replace(settings, **overrides)
 

@@ -180,8 +180,10 @@ def non_loopback_addresses() -> list[str]:
 
 @pytest.fixture(scope="module")
 def open_admin(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    """A server with a generation token but no admin token, on every address of the machine."""
-    settings = make_settings(store_settings, host="[::]", pins=(), security=Security(token=TOKEN))
+    """A server with a generation token but no admin token, on every address of the machine, whose operator
+    trusts loopback peers with administration (issue 21 made that an explicit opt-in: test_admin_trust.py)."""
+    security = Security(token=TOKEN, trust_loopback_admin=True)
+    settings = make_settings(store_settings, host="[::]", pins=(), security=security)
     thread = ServerThread(settings, store=model_store)
     try:
         yield thread
@@ -336,7 +338,12 @@ def test_the_start_up_log_says_who_may_administer(
     store_settings: StoreSettings, model_store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="server.app")
-    for security in (Security(), Security(token=TOKEN), Security(token=TOKEN, admin_token=ADMIN_TOKEN)):
+    # The loopback line is about the operator's opt-in (without it administration is off: test_admin_trust.py).
+    for security in (
+        Security(trust_loopback_admin=True),
+        Security(token=TOKEN, trust_loopback_admin=True),
+        Security(token=TOKEN, admin_token=ADMIN_TOKEN, trust_loopback_admin=True),
+    ):
         caplog.clear()
         thread = ServerThread(make_settings(store_settings, pins=(), security=security), store=model_store)
         thread.close()

@@ -75,10 +75,16 @@ def servers(
 ) -> Iterator[dict[str, str]]:
     """Two servers over one cache: one that allows local models under `allowed`, one that allows none."""
     with_root = ServerThread(
-        make_settings(store_settings, pins=(), security=Security(local_model_roots=(places["allowed"],))),
+        make_settings(
+            store_settings,
+            pins=(),
+            security=Security(local_model_roots=(places["allowed"],), trust_loopback_admin=True),
+        ),
         store=model_store,
     )
-    without = ServerThread(make_settings(store_settings, pins=(), security=Security()), store=model_store)
+    without = ServerThread(
+        make_settings(store_settings, pins=(), security=Security(trust_loopback_admin=True)), store=model_store
+    )
     try:
         yield {"with a root": with_root.address, "with no roots": without.address}
     finally:

@@ -28,7 +28,9 @@ LOGGED_PER_REQUEST = 4_000
 
 @pytest.fixture(scope="module")
 def server(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    thread = ServerThread(make_settings(store_settings, pins=(), security=Security()), store=model_store)
+    thread = ServerThread(
+        make_settings(store_settings, pins=(), security=Security(trust_loopback_admin=True)), store=model_store
+    )
     try:
         yield thread
     finally:
