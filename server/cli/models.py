@@ -32,7 +32,7 @@ import grpc
 
 from modelstore import ModelStore, StoreSettings
 from modelstore.units import format_bytes
-from refinery.v1 import models_pb2 as pb
+from refinery.client import Architecture, AsyncClient, ModelInfo, RefineryError
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.model_service import ModelService
 from server.cli import connect, serve
@@ -40,13 +40,13 @@ from server.cli.terminal import PullView, print_table, report_failure
 from server.cli.verify import verify_models
 
 _ARCHITECTURES = {
-    pb.ARCHITECTURE_SDXL_BASE: "SDXL base",
-    pb.ARCHITECTURE_SDXL_REFINER: "SDXL refiner",
-    pb.ARCHITECTURE_SD1: "SD 1.x",
-    pb.ARCHITECTURE_SD2: "SD 2.x",
-    pb.ARCHITECTURE_SD3: "SD 3",
-    pb.ARCHITECTURE_FLUX: "FLUX",
-    pb.ARCHITECTURE_UNKNOWN: "unknown",
+    Architecture.SDXL_BASE: "SDXL base",
+    Architecture.SDXL_REFINER: "SDXL refiner",
+    Architecture.SD1: "SD 1.x",
+    Architecture.SD2: "SD 2.x",
+    Architecture.SD3: "SD 3",
+    Architecture.FLUX: "FLUX",
+    Architecture.UNKNOWN: "unknown",
 }
 
 
@@ -79,21 +79,20 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if not address:
             roots = serve.local_roots_of_the_caller([getattr(args, "model", None)])
             address = await stack.enter_async_context(_local_service(serve.store_settings(args, env), roots))
-        admin = args.models_command != "list"  # pull, pin, unpin, rm administer; list only reads
-        channel = await stack.enter_async_context(connect.channel(address, args, env, admin=admin))
-        stub = pb_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        # The client sends the admin token for pull, pin, unpin, rm and verify, the generation token for list.
+        client = await stack.enter_async_context(connect.client(address, args, env))
         try:
             if args.models_command == "pull":
-                await _pull(stub, args.model, pin=args.pin)
+                await _pull(client, args.model, pin=args.pin)
             elif args.models_command == "list":
-                await _list(stub)
+                await _list(client)
             elif args.models_command in ("pin", "unpin"):
-                await _pin(stub, args.model, pinned=args.models_command == "pin")
+                await _pin(client, args.model, pinned=args.models_command == "pin")
             elif args.models_command == "verify":
-                return await verify_models(stub, args.model)
+                return await verify_models(client, args.model)
             else:
-                await _rm(stub, args.model)
-        except grpc.aio.AioRpcError as err:
+                await _rm(client, args.model)
+        except RefineryError as err:
             return report_failure(err)
     return 0
 
@@ -114,15 +113,15 @@ async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -
         store.close()
 
 
-async def _pull(stub: pb_grpc.ModelServiceStub, model: str, *, pin: bool) -> None:
+async def _pull(client: AsyncClient, model: str, *, pin: bool) -> None:
     view = PullView(model)
-    info: pb.ModelInfo | None = None
+    info: ModelInfo | None = None
     try:
-        async for response in stub.PullModel(pb.PullModelRequest(model=model, pin=pin)):
-            if response.WhichOneof("event") == "progress":
-                view.show(response.progress)
+        async for event in client.pull_model(model, pin=pin):
+            if isinstance(event, ModelInfo):
+                info = event
             else:
-                info = response.model
+                view.show(event)
     finally:
         view.close(completed=info is not None)
     if info is not None:
@@ -130,11 +129,11 @@ async def _pull(stub: pb_grpc.ModelServiceStub, model: str, *, pin: bool) -> Non
         print(f"pulled {info.model} ({_architecture(info)}, {format_bytes(info.size_bytes)}{pinned})")
 
 
-async def _list(stub: pb_grpc.ModelServiceStub) -> None:
-    cache: pb.ListModelsResponse = await stub.ListModels(pb.ListModelsRequest())
+async def _list(client: AsyncClient) -> None:
+    cache = await client.list_models()
     rows = [("MODEL", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT", "IN USE")]
     for m in cache.models:
-        last_used = m.last_used.ToDatetime().strftime("%Y-%m-%d %H:%M")
+        last_used = m.last_used.strftime("%Y-%m-%d %H:%M")
         size = format_bytes(m.size_bytes)
         rows.append((m.model, _architecture(m), size, last_used, _yes(m.pinned), _yes(m.resident), _yes(m.in_use)))
     if cache.models:
@@ -146,20 +145,17 @@ async def _list(stub: pb_grpc.ModelServiceStub) -> None:
     print(f"{count}, {format_bytes(cache.total_bytes)} on disk{quota}")
 
 
-async def _pin(stub: pb_grpc.ModelServiceStub, model: str, *, pinned: bool) -> None:
-    if pinned:
-        info: pb.ModelInfo = (await stub.PinModel(pb.PinModelRequest(model=model))).model
-    else:
-        info = (await stub.UnpinModel(pb.UnpinModelRequest(model=model))).model
+async def _pin(client: AsyncClient, model: str, *, pinned: bool) -> None:
+    info = await (client.pin_model(model) if pinned else client.unpin_model(model))
     print(f"{'pinned' if info.pinned else 'unpinned'} {info.model} ({format_bytes(info.size_bytes)})")
 
 
-async def _rm(stub: pb_grpc.ModelServiceStub, model: str) -> None:
-    deleted: pb.DeleteModelResponse = await stub.DeleteModel(pb.DeleteModelRequest(model=model))
-    print(f"deleted {model} ({format_bytes(deleted.freed_bytes)} freed)")
+async def _rm(client: AsyncClient, model: str) -> None:
+    freed = await client.delete_model(model)
+    print(f"deleted {model} ({format_bytes(freed)} freed)")
 
 
-def _architecture(info: pb.ModelInfo) -> str:
+def _architecture(info: ModelInfo) -> str:
     return _ARCHITECTURES.get(info.architecture, "unspecified")
 
 

@@ -10,17 +10,12 @@ pinned pairs (ServerService), and the contract's .proto files for generating cli
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
-import grpc
-
 from modelstore.units import format_bytes
-from refinery.client import DEFAULT_TARGET
+from refinery.client import DEFAULT_TARGET, AsyncClient, RefineryError, ServerStatus
 from refinery.contract import write_protos
-from refinery.v1 import status_pb2 as pb
-from refinery.v1 import status_pb2_grpc as pb_grpc
 from server.cli import connect, options, serve
 from server.cli.terminal import print_table, report_failure
 from server.core.domain import PairKey
@@ -51,30 +46,27 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             print(path)
         return 0
     address = args.server or DEFAULT_TARGET
-    admin = args.command != "status"
-    async with contextlib.AsyncExitStack() as stack:
-        channel = await stack.enter_async_context(connect.channel(address, args, env, admin=admin))
-        stub = pb_grpc.ServerServiceStub(channel)  # type: ignore[no-untyped-call]
+    # The client sends the admin token for pin and unpin, the generation token for status.
+    async with connect.client(address, args, env) as client:
         try:
             if args.command == "status":
-                _print_status(await stub.GetStatus(pb.GetStatusRequest()))
+                _print_status(await client.status())
             else:
-                await _pin(stub, args.pair, pin=args.command == "pin")
-        except grpc.aio.AioRpcError as err:
+                await _pin(client, args.pair, pin=args.command == "pin")
+        except RefineryError as err:
             return report_failure(err)
     return 0
 
 
-async def _pin(stub: pb_grpc.ServerServiceStub, pair: PairKey, *, pin: bool) -> None:
-    request = {"model": pair.base, "refiner_model": pair.refiner or ""}
+async def _pin(client: AsyncClient, pair: PairKey, *, pin: bool) -> None:
     if pin:
-        await stub.PinPair(pb.PinPairRequest(**request))
+        await client.pin_pair(pair.base, pair.refiner or "")
     else:
-        await stub.UnpinPair(pb.UnpinPairRequest(**request))
+        await client.unpin_pair(pair.base, pair.refiner or "")
     print(f"{'pinned' if pin else 'unpinned'} {pair} on every device")
 
 
-def _print_status(status: pb.GetStatusResponse) -> None:
+def _print_status(status: ServerStatus) -> None:
     queue = status.queue
     by_priority = ", ".join(f"{n} at priority {p}" for p, n in sorted(queue.depth_by_priority.items()))
     print(f"queue: {queue.depth} of {queue.max_queue} waiting{f' ({by_priority})' if by_priority else ''}")
@@ -88,7 +80,7 @@ def _print_status(status: pb.GetStatusResponse) -> None:
         rows = [("  PAIR", "SIZE", "ACTIVE", "PINNED", "LAST USED (UTC)")]
         for pair in device.pairs:
             name = pair.model + (f"+{pair.refiner_model}" if pair.refiner_model else "")
-            last_used = pair.last_used.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            last_used = pair.last_used.strftime("%Y-%m-%d %H:%M:%S")
             pinned = "yes" if pair.pinned else "no"
             rows.append((f"  {name}", format_bytes(pair.bytes), str(pair.active_jobs), pinned, last_used))
         if device.pairs:

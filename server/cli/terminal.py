@@ -15,10 +15,18 @@ import grpc
 from tqdm import tqdm
 
 from modelstore.units import format_bytes
-from refinery.client import Branch, Event, ModelLoading, Phase, Progress, Queued, RefineryError, Role, Stage
-from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES
-from refinery.client.errors import from_rpc_error
-from refinery.v1 import models_pb2 as models_pb
+from refinery.client import (
+    Branch,
+    Event,
+    ModelLoading,
+    Phase,
+    Progress,
+    PullProgress,
+    Queued,
+    RefineryError,
+    Role,
+    Stage,
+)
 from server.cli.options import EXIT_FAILED, EXIT_USAGE
 
 _BAR_WIDTH = 30
@@ -129,13 +137,13 @@ class PullView(_View):
     def __init__(self, model: str, stream: TextIO | None = None, *, interactive: bool | None = None) -> None:
         super().__init__(stream, interactive)
         self._model = model
-        self._last: models_pb.PullProgress | None = None
+        self._last: PullProgress | None = None
 
     @property
     def model(self) -> str:
         return self._model
 
-    def show(self, progress: models_pb.PullProgress) -> None:
+    def show(self, progress: PullProgress) -> None:
         self._last = progress
         if not self._interactive:
             return
@@ -152,20 +160,20 @@ class PullView(_View):
         if self._interactive:
             self._end_bar()  # the bar stays, as far as it got
         last = self._last
-        resumed = not last.verifying and last.HasField("bytes_transferred") and last.bytes_done > last.bytes_transferred
+        resumed = not last.verifying and last.bytes_transferred is not None and last.bytes_done > last.bytes_transferred
         if completed and (resumed or not self._interactive):  # on a terminal the bar says the rest
             self._out.write(f"{self._model}: {_summary(last)}\n")
         self._out.flush()
         self._last = None
 
 
-def _summary(last: models_pb.PullProgress) -> str:
+def _summary(last: PullProgress) -> str:
     """What a finished pull did: the bytes it hashed, or those it downloaded, never counting as downloaded the
     bytes an interrupted attempt had left in the cache."""
     rate = format_bytes(int(last.bytes_per_second))
     if last.verifying:
         return f"{format_bytes(last.bytes_done)} verified ({rate}/s)"
-    if not last.HasField("bytes_transferred"):  # a server that does not say
+    if last.bytes_transferred is None:  # a server that does not say
         return f"{format_bytes(last.bytes_done)} downloaded ({rate}/s)"
     kept = last.bytes_done - last.bytes_transferred
     already = f", {format_bytes(kept)} were already here" if kept > 0 else ""
@@ -185,10 +193,8 @@ def describe_error(err: RefineryError) -> str:
     return f"error: {err.code.name}: {violations or err.message}"
 
 
-def report_failure(err: RefineryError | grpc.RpcError) -> int:
+def report_failure(err: RefineryError) -> int:
     """The one-line error of a failed call on stderr; the exit code: usage (2) when the server called the
     request invalid (INVALID_ARGUMENT), else failed (1)."""
-    if not isinstance(err, RefineryError):
-        err = from_rpc_error(err, receive_limit=DEFAULT_MAX_RECEIVE_BYTES)
     print(describe_error(err), file=sys.stderr)
     return EXIT_USAGE if err.code is grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED

@@ -12,38 +12,28 @@ from __future__ import annotations
 from collections import Counter
 
 from modelstore.units import format_bytes
-from refinery.v1 import models_pb2 as pb
-from refinery.v1 import models_pb2_grpc as pb_grpc
+from refinery.client import AsyncClient, PullProgress, Verdict, VerifyResult
 from server.cli.terminal import PullView
 
-_VERDICTS = {
-    pb.VerifyResult.VERDICT_INTACT: "intact",
-    pb.VerifyResult.VERDICT_REPAIRED: "repaired",
-    pb.VerifyResult.VERDICT_CORRUPT: "corrupt",
-    pb.VerifyResult.VERDICT_SKIPPED: "skipped",
-}
 
-
-async def verify_models(stub: pb_grpc.ModelServiceStub, model: str) -> int:
+async def verify_models(client: AsyncClient, model: str) -> int:
     """Verify `model` (empty: every cached model); the exit status."""
     counts: Counter[str] = Counter()
     view: PullView | None = None
     try:
-        async for response in stub.VerifyModel(pb.VerifyModelRequest(model=model)):
-            if response.WhichOneof("event") == "progress":
-                progress = response.progress
-                if view is None or view.model != progress.model:
+        async for event in client.verify_model(model):
+            if isinstance(event, PullProgress):
+                if view is None or view.model != event.model:
                     if view is not None:
                         view.close(completed=False)
-                    view = PullView(progress.model)
-                view.show(progress)
+                    view = PullView(event.model)
+                view.show(event)
                 continue
             if view is not None:
                 view.close(completed=False)
                 view = None
-            result = response.result
-            counts[_VERDICTS.get(result.verdict, "unknown")] += 1
-            print(_line(result), flush=True)
+            counts[_verdict(event)] += 1
+            print(_line(event), flush=True)
     finally:
         if view is not None:
             view.close(completed=False)
@@ -53,8 +43,13 @@ async def verify_models(stub: pb_grpc.ModelServiceStub, model: str) -> int:
     return 1 if counts["corrupt"] or counts["unknown"] else 0
 
 
-def _line(result: pb.VerifyResult) -> str:
-    verdict = _VERDICTS.get(result.verdict, "unknown")
+def _verdict(result: VerifyResult) -> str:
+    """A verdict this client does not know (a newer server's) counts as damage: "unknown", exit status 1."""
+    return "unknown" if result.verdict is Verdict.UNSPECIFIED else str(result.verdict)
+
+
+def _line(result: VerifyResult) -> str:
+    verdict = _verdict(result)
     if verdict == "intact":
         return f"{result.model}: intact ({format_bytes(result.bytes_checked)} read)"
     if verdict == "skipped":

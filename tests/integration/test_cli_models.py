@@ -15,7 +15,7 @@ import pytest
 
 from modelstore import ModelStore, StoreSettings
 from modelstore.units import format_bytes
-from refinery.v1 import models_pb2 as pb
+from refinery.client import PullProgress
 from server.cli.terminal import PullView
 from tests.conftest import CIVITAI_TOKEN
 from tests.fakes import payloads
@@ -153,8 +153,8 @@ def test_models_through_a_running_server(tmp_path: Path, civitai: FakeCivitai, b
 def test_the_bar_on_a_terminal_shows_bytes_and_rate() -> None:
     out = io.StringIO()
     view = PullView(BASE, out, interactive=True)
-    view.show(pb.PullProgress(bytes_done=0, bytes_total=6_900_000_000, bytes_per_second=0))
-    view.show(pb.PullProgress(bytes_done=3_450_000_000, bytes_total=6_900_000_000, bytes_per_second=85_300_000))
+    view.show(PullProgress(BASE, bytes_done=0, bytes_total=6_900_000_000, bytes_per_second=0))
+    view.show(PullProgress(BASE, bytes_done=3_450_000_000, bytes_total=6_900_000_000, bytes_per_second=85_300_000))
     view.close(completed=True)
 
     last = out.getvalue().split("\r")[-1]  # the bar redraws in place
@@ -203,7 +203,15 @@ def _start_pull(cache: Path, civitai: FakeCivitai) -> subprocess.Popen[str]:
 def test_a_resumed_pull_on_a_terminal_says_what_was_already_here() -> None:
     out = io.StringIO()
     view = PullView(BASE, out, interactive=True)
-    view.show(pb.PullProgress(bytes_done=6_900_000_000, bytes_total=6_900_000_000, bytes_transferred=2_300_000_000))
+    view.show(
+        PullProgress(
+            BASE,
+            bytes_done=6_900_000_000,
+            bytes_total=6_900_000_000,
+            bytes_per_second=0,
+            bytes_transferred=2_300_000_000,
+        )
+    )
     view.close(completed=True)
 
     assert out.getvalue().endswith(f"{BASE}: 2.3 GB downloaded, 4.6 GB were already here (0 B/s)\n")
