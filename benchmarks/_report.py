@@ -1,6 +1,6 @@
 """The GPU benchmark's figures as they are measured: every section time-boxed, the JSON rewritten after each
-one (to $OUT and benchmarks/results/), so a run cut short still leaves what it measured; per-image figures also
-as multiples of the arithmetic floor."""
+one (to $OUT and benchmarks/results/, or only to `folder`), so a run cut short still leaves what it measured;
+per-image figures also as multiples of the arithmetic floor."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ FLOOR_S = 0.42
 
 
 class Report:
-    def __init__(self, name: str, *, budget_s: float, floor_s: float | None) -> None:
+    def __init__(self, name: str, *, budget_s: float, floor_s: float | None, folder: Path | None = None) -> None:
         self.started = time.monotonic()
         self.deadline = self.started + budget_s
         self.floor_s = floor_s
         self.figures: dict[str, Any] = {"sections": {}}
-        self.paths = [RESULTS / f"{name}.json"]
-        if os.environ.get("OUT"):
+        self.paths = [(folder or RESULTS) / f"{name}.json"]
+        if os.environ.get("OUT") and folder is None:
             self.paths.append(Path(os.environ["OUT"]) / f"{name}.json")
 
     def left_s(self) -> float:
@@ -64,6 +64,10 @@ class Report:
         finally:
             record["seconds"] = round(time.monotonic() - started, 1)
             self.write()
+
+    def failed(self) -> list[str]:
+        """The sections that raised."""
+        return [name for name, record in self.figures["sections"].items() if "error" in record]
 
     def write(self) -> None:
         self.figures["elapsed_s"] = round(time.monotonic() - self.started, 1)

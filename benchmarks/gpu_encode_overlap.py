@@ -43,6 +43,25 @@ def burst(service: Service, n: int, size: int, steps: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+def start_services(
+    folders: dict[str, Path], args: argparse.Namespace, workdir: Path, flags: list[str]
+) -> dict[str, Service]:
+    """The two servers, started at once; if one fails to start, the other is closed before the error rises."""
+    configs = {"inline": ["--encode-threads", "0"], "overlapped": ["--encode-threads", "2"]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {
+            name: pool.submit(Service, folders, args.device, workdir / f"cache-{name}", [*flags, *own])
+            for name, own in configs.items()
+        }
+    failed = [error for future in started.values() if (error := future.exception()) is not None]
+    if failed:
+        for future in started.values():
+            if future.exception() is None:
+                future.result().close()
+        raise failed[0]
+    return {name: future.result() for name, future in started.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny built-in models (a CPU dry run)")
@@ -61,18 +80,13 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refinery-overlap-"))
     folders = build_pair(workdir / "models", args)
 
-    configs = {"inline": ["--encode-threads", "0"], "overlapped": ["--encode-threads", "2"]}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started = {
-            name: pool.submit(Service, folders, args.device, workdir / f"cache-{name}", [*budget, *flags])
-            for name, flags in configs.items()
-        }
-        services = {name: future.result() for name, future in started.items()}
-        # Register, hash and load the pair in both at once (this is also the warm-up).
-        for _ in pool.map(lambda s: s.generate(size, args.steps), services.values()):
-            pass
+    services = start_services(folders, args, workdir, budget)
     rates: dict[str, list[float]] = {name: [] for name in services}
     try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            # Register, hash and load the pair in both at once (this is also the warm-up).
+            for _ in pool.map(lambda s: s.generate(size, args.steps), services.values()):
+                pass
         for rep in range(args.reps):
             for name, service in services.items():
                 rates[name].append(burst(service, args.requests, size, args.steps))

@@ -3,6 +3,12 @@ service, the tuned service and diffusers run by hand with the same tuning, side 
 
     python benchmarks/gpu_sdxl.py                       # H100/H200: 1024x1024, 30 steps (27 + 3), fp16
     python benchmarks/gpu_sdxl.py --smoke               # the same flow on the tiny models on the CPU
+    python benchmarks/gpu_sdxl.py --quick               # --smoke, 10 steps, one rep, no compiling: does it run
+
+--quick is --smoke with small numbers and `--cpu-compile off`: the tuned runs keep the rest of the tuning but run
+eagerly, because compiling the tiny UNets on a CPU takes minutes (the compile and restart sections then have no
+shapes to wait for); `--quick --cpu-compile default` compiles too. It records nothing (its JSON stays in its
+temporary folder, removed at the end) and exits 1 if a section failed (FP8's refusal on a CPU aside).
 
 Random-weight SDXL base A and refiner R (sharing A's VAE and OpenCLIP files, as the official pair does) are
 built from the shipped configs (benchmarks/_random_sdxl.py); timing does not depend on the weights' values.
@@ -47,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _phases, _quality
 from benchmarks._direct import Direct
 from benchmarks._profile import device_profile
+from benchmarks._quick import parse_args
 from benchmarks._random_sdxl import write_random_sdxl
 from benchmarks._report import FLOOR_S, Report
 from benchmarks._service import Service, log
@@ -55,8 +62,8 @@ from server.generation.compiling import configure_cache
 from server.generation.tuning import Tuning, tuning_for
 
 EAGER = ["--compile", "off", "--png-level", "6"]
-# What "auto" turns on for CUDA, spelled out so that the CPU smoke run takes the same path.
-TUNED_ON_CPU = ["--compile", "default", "--fuse-qkv", "on", "--channels-last", "on", "--vae-decode", "bfloat16"]
+# What "auto" turns on for CUDA, spelled out so that the CPU smoke run takes the same path (with --cpu-compile).
+TUNED_ON_CPU = ["--fuse-qkv", "on", "--channels-last", "on", "--vae-decode", "bfloat16"]
 
 
 def build_pair(root: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -92,8 +99,9 @@ class Run:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.report = Report("gpu_sdxl" + ("_smoke" if args.smoke else ""), budget_s=args.budget, floor_s=args.floor)
         self.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refinery-gpu-bench-"))
+        name, folder = "gpu_sdxl" + ("_smoke" if args.smoke else ""), self.workdir if args.quick else None
+        self.report = Report(name, budget_s=args.budget, floor_s=args.floor, folder=folder)
         self.cache = self.workdir / "cache"
         self.compile_cache = self.workdir / "compile"
         self.services: list[Service] = []
@@ -108,13 +116,19 @@ class Run:
 
     def tuned_flags(self) -> list[str]:
         tuned = ["--compile-cache", str(self.compile_cache)]
-        return tuned + (TUNED_ON_CPU if not self.args.device.startswith("cuda") else [])
+        if self.args.device.startswith("cuda"):
+            return tuned
+        return [*tuned, "--compile", self.args.cpu_compile, *TUNED_ON_CPU]
 
     def tuning(self) -> Tuning:
         if self.args.device.startswith("cuda"):
             return tuning_for(Speed(), self.args.device)
-        on = Toggle.ON
-        return tuning_for(Speed(compile="default", fuse_qkv=on, channels_last=on, vae_decode="bfloat16"), "cpu")
+        on, mode = Toggle.ON, self.args.cpu_compile
+        return tuning_for(Speed(compile=mode, fuse_qkv=on, channels_last=on, vae_decode="bfloat16"), "cpu")
+
+    def compiles(self) -> bool:
+        """Whether the tuned runs compile their UNets (so there are compiled shapes to wait for)."""
+        return self.args.device.startswith("cuda") or self.args.cpu_compile != "off"
 
     def stop(self, service: Service) -> None:
         service.close()
@@ -153,7 +167,7 @@ def tuned_phase(run: Run) -> Service | None:
     if tuned is None:
         return None
     with report.section("compile", needs_s=args.needs_s) as go:
-        if go:
+        if go and run.compiles():
             deadline = time.monotonic() + report.left_s() - args.needs_s * 3
             report.put(tuned_compiled=tuned.wait_compiled(deadline))
     with report.section("tuned", needs_s=args.needs_s * 2) as go:
@@ -202,8 +216,9 @@ def restart_phase(run: Run, tuned: Service | None) -> None:
         if go:
             again = _phases.start(report, "restart", lambda: run.service(run.tuned_flags()), args)
             started = time.monotonic()
-            report.put(restart_compiled=again.wait_compiled(time.monotonic() + report.left_s() - 5))
-            report.put(restart_compiled_after_s=round(time.monotonic() - started, 1))
+            if run.compiles():
+                report.put(restart_compiled=again.wait_compiled(time.monotonic() + report.left_s() - 5))
+                report.put(restart_compiled_after_s=round(time.monotonic() - started, 1))
 
 
 def main() -> None:
@@ -227,6 +242,19 @@ def main() -> None:
         watchdog.cancel()
         run.report.write()
     _print(run.report.figures)
+    if args.quick:
+        _quick_verdict(run)
+
+
+def _quick_verdict(run: Run) -> None:
+    """A quick run fails when a section did; it leaves no files behind."""
+    failed = run.report.failed()
+    if not run.args.device.startswith("cuda"):
+        failed = [name for name in failed if name != "fp8"]  # FP8 refuses a CPU by design
+    if run.args.workdir is None:
+        shutil.rmtree(run.workdir, ignore_errors=True)
+    if failed:
+        sys.exit(f"gpu_sdxl --quick: sections failed: {', '.join(failed)}")
 
 
 def _overtime(run: Run) -> None:
@@ -258,9 +286,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--budget", type=float, default=None, help="seconds for the run (default 450; 1500 smoke)")
     parser.add_argument("--grace", type=float, default=60.0, help="then the watchdog stops it")
+    parser.add_argument("--cpu-compile", default="default", help="torch.compile mode of the tuned CPU runs (off: none)")
     parser.add_argument("--py-spy-s", type=float, default=6.0, help="py-spy sampling of the tuned server (0: off)")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    quick = {"smoke": True, "steps": 10, "reps": 1, "concurrent": 2, "py_spy_s": 0.0, "cpu_compile": "off"}
+    args = parse_args(parser, quick)
     args.device = args.device or ("cpu" if args.smoke else "cuda:0")
     args.size = args.size or (64 if args.smoke else 1024)
     args.reps = args.reps or (2 if args.smoke else 3)
