@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a lighthouse on a cliff at dusk, dramatic sky
 
-.PHONY: setup demo test lint proto bench serve fleet
+.PHONY: setup demo test lint proto bench bench-quick serve fleet
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ lint: setup
 
 proto: setup
 	$(PY) scripts/gen_proto.py
+
+# Every benchmark's --quick (seconds each, tiny sizes, the same code path): CI's check that they still run.
+bench-quick: setup
+	bash .ci/benchmarks.sh
 
 serve: setup
 	$(VENV)/bin/refinery serve
