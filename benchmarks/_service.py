@@ -64,7 +64,7 @@ class Service:
         request = health_pb2.HealthCheckRequest(service="refinery.v1.GenerationService")
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"refinery serve exited:\n{self.log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"refinery serve exited:\n{self.log_tail()}")
             try:
                 if health.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -81,7 +81,10 @@ class Service:
         if not model:
             request.refiner.CopyFrom(pb.Refiner(start_step_percentage=90))
         started = time.perf_counter()
-        images = sum(r.WhichOneof("event") == "image" for r in self.stub.Generate(request, timeout=900))
+        try:
+            images = sum(r.WhichOneof("event") == "image" for r in self.stub.Generate(request, timeout=900))
+        except grpc.RpcError as error:  # INTERNAL hides the cause from clients; the server's log has it
+            raise RuntimeError(f"Generate failed: {error}; the server's log ends:\n{self.log_tail()}") from error
         assert images == n, f"expected {n} images, got {images}"
         return time.perf_counter() - started
 
@@ -99,6 +102,9 @@ class Service:
         for i in range(count):
             self.generate(size, steps, cfg=7 + i / 100)
         return time.perf_counter() - started
+
+    def log_tail(self, size: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-size:]
 
     def timings(self) -> list[dict[str, float]]:
         """The server's own timings of the requests that ended since the last call (whole lines only)."""
