@@ -10,7 +10,8 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -77,7 +78,7 @@ def test_garbage_to_health_and_reflection_is_invalid_argument_without_a_tracebac
     garbage = b"\xff\xff\xff\xff"
     codes = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        calls = [
+        calls: list[Callable[[], Any]] = [
             lambda: channel.unary_unary(_HEALTH_CHECK)(garbage, timeout=TIMEOUT_S),
             lambda: list(channel.unary_stream("/grpc.health.v1.Health/Watch")(garbage, timeout=TIMEOUT_S)),
         ]
