@@ -9,6 +9,7 @@ errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `recor
 from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
+from modelstore.local_files import LocalPathRefused, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Verdict, Verification
 from modelstore.role import Role
@@ -31,6 +32,7 @@ __all__ = [
     "DownloadProgress",
     "Layout",
     "Loader",
+    "LocalPathRefused",
     "ModelRecord",
     "ModelStore",
     "ProgressCallback",
@@ -42,6 +44,7 @@ __all__ = [
     "downloaded_bytes",
     "load_pipeline",
     "native_size",
+    "open_model",
     "parse_air",
     "preferred_dtype",
     "require_role",

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from modelstore import Source, parse_air
+from modelstore import LocalPathRefused, Source, open_model, parse_air
 from modelstore.errors import InvalidModelId
-from modelstore.local_files import LocalPathRefused, open_model
 from server.core.errors import FieldViolation, InvalidRequest
 
 REFUSED = "local files are not served to remote requests (see the server's --local-models)"

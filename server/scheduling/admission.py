@@ -11,7 +11,7 @@ from modelstore import native_size
 from modelstore.units import format_bytes
 from server.core.domain import Job
 from server.core.errors import OutOfDeviceMemory, too_much_work
-from server.scheduling.pace import Pace
+from server.scheduling.pace import Pace, Shape, shape_of
 from server.scheduling.pairs import PairSpec
 from server.scheduling.ticket import Ticket
 from server.scheduling.worker import DeviceWorker
@@ -27,14 +27,17 @@ class Admission:
         self._pace = pace
         self._work_limit = work_limit
 
-    def admit(self, ticket: Ticket, spec: PairSpec, others: Iterable[Ticket]) -> float:
+    def admit(self, ticket: Ticket, spec: PairSpec, others: Iterable[Ticket]) -> tuple[float, Shape]:
         """Check `ticket` now that its models are resolved to `spec`, with the other requests not yet ended
-        (`others`); its work in megapixel-steps. Raises the error that ends it otherwise."""
+        (`others`): its work in megapixel-steps and the shape it runs in. Raises the error that ends it
+        otherwise."""
         self.check_fits_somewhere(spec)
-        work = self.work(ticket.job, spec)
+        width, height = self.size(ticket.job, spec)
+        work = ticket.job.work(width, height)
         self._check_work(ticket.job, work)
-        self._check_deadline(ticket, work, others)
-        return work
+        shape = shape_of(ticket.job, width, height)
+        self._check_deadline(ticket, shape, others)
+        return work, shape
 
     def too_small(self, spec: PairSpec) -> list[DeviceWorker]:
         """The devices `spec` can never fit on beside their pinned pairs."""
@@ -46,13 +49,13 @@ class Admission:
             raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
 
     @staticmethod
-    def work(job: Job, spec: PairSpec) -> float:
-        """The request's megapixel-steps at the size it will run at (reading the base's configs when the
-        request leaves the size to the model: once per request, at resolution)."""
+    def size(job: Job, spec: PairSpec) -> tuple[int, int]:
+        """The size the request will run at (reading the base's configs when the request leaves the size to
+        the model: once per request, at resolution)."""
         if job.width and job.height:
-            return job.work(job.width, job.height)
+            return job.width, job.height
         native = native_size(spec.base.record) or (0, 0)
-        return job.work(job.width or native[0], job.height or native[1])
+        return job.width or native[0], job.height or native[1]
 
     def _check_work(self, job: Job, work: float) -> None:
         """At the model's native size, the request's work is known only once the model is: checked here,
@@ -62,7 +65,7 @@ class Admission:
         if work > self._work_limit:
             raise too_much_work(work, self._work_limit)
 
-    def _check_deadline(self, ticket: Ticket, work: float, others: Iterable[Ticket]) -> None:
+    def _check_deadline(self, ticket: Ticket, shape: Shape, others: Iterable[Ticket]) -> None:
         """Refuse, before it reaches a device, a request whose deadline the measured pace cannot meet: with
         the rest of the running requests and the queued ones it would wait for (each until its own deadline
         at most; a request behind a running one once waited out its whole deadline and expired)."""
@@ -70,8 +73,15 @@ class Admission:
             return
         now = time.monotonic()
         ahead = [
-            (t.work * (1 - t.steps_done / max(t.job.total_steps, 1)), _until(t.deadline, now))
+            (self._seconds_left(t), _until(t.deadline, now))
             for t in others
-            if t is not ticket and t.spec is not None and (t.timings.started or t.job.priority >= ticket.job.priority)
+            if t is not ticket and t.shape is not None and (t.timings.started or t.job.priority >= ticket.job.priority)
         ]
-        self._pace.check(work, ahead, len(self._workers), ticket.deadline - now)
+        self._pace.check(shape, ahead, len(self._workers), ticket.deadline - now)
+
+    def _seconds_left(self, ticket: Ticket) -> float:
+        """The device time `ticket` still needs as the pace estimates it (0 when unknown: never a reason to
+        refuse another request)."""
+        assert ticket.shape is not None
+        seconds = self._pace.seconds_for(ticket.shape) or 0.0
+        return seconds * (1 - ticket.steps_done / max(ticket.job.total_steps, 1))

@@ -45,6 +45,7 @@ from server.generation import (
 )
 from server.scheduling.delivery import Delivery, Item
 from server.scheduling.devices import DeviceSpec
+from server.scheduling.pace import Shape, shape_of
 from server.scheduling.pairs import ModelSpec
 from server.scheduling.residency import LoadReport, Residency
 from server.scheduling.ticket import Ticket
@@ -61,8 +62,8 @@ class BatchHost(Protocol):
 
     def deliver(self, send: Callable[[], None]) -> None: ...
 
-    def observe_pace(self, work: float, seconds: float) -> None:
-        """A batch of `work` megapixel-steps took `seconds` on a device."""
+    def observe_pace(self, shape: Shape, seconds: float, step_seconds: float | None) -> None:
+        """A batch of `shape` took `seconds` on a device, `step_seconds` a step (None: one step)."""
         ...
 
 
@@ -104,6 +105,8 @@ class Batch:
             ticket.batch_offset = offset
             offset += ticket.job.number_results
         self._started = self._last_step = time.perf_counter()
+        self._first_step = 0.0  # when the first step was reported: steps alone are timed from there
+        self._steps_seen = 0
         self._replay_until = 0
 
     def run(self) -> None:
@@ -128,8 +131,7 @@ class Batch:
             metrics.batch_images.observe(len(samples))
             self._started = self._last_step = time.perf_counter()
             result = self._run_with_oom_retry(pair, shape, samples)
-            work = sum(t.job.work(shape.width, shape.height) for t in self._tickets)
-            self._host.observe_pace(work, time.perf_counter() - self._started)
+            self._observe_pace(shape_of(job, shape.width, shape.height, images=len(samples)))
             self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:
                 ticket.timings.run = result.timings
@@ -180,6 +182,12 @@ class Batch:
                 "try fewer results or a smaller size"
             ) from None
 
+    def _observe_pace(self, shape: Shape) -> None:
+        """Tell the host what this run took, and its steps apart from the rest (prompts, the decode)."""
+        steps = self._steps_seen
+        step_s = (self._last_step - self._first_step) / (steps - 1) if steps > 1 else None
+        self._host.observe_pace(shape, time.perf_counter() - self._started, step_s)
+
     def _emit_all(self, event: JobEvent) -> None:
         for ticket in self._active:
             ticket.sink.emit(event)
@@ -205,6 +213,8 @@ class Batch:
         now = time.perf_counter()
         self._worker.metrics.step_time.labels(state.stage.value).observe(now - self._last_step)
         self._last_step = now
+        self._first_step = self._first_step or now
+        self._steps_seen += 1
         self._drop_cancelled()  # raising here unwinds out of diffusers: the device is free at once
         if state.overall_step <= self._replay_until:
             return

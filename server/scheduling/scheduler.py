@@ -45,7 +45,7 @@ from server.scheduling.admission import Admission
 from server.scheduling.devices import cpu_threads, device_budget, is_cuda, resolve_devices
 from server.scheduling.gauges import SnapshotGauges
 from server.scheduling.leases import LeaseSet
-from server.scheduling.pace import Pace
+from server.scheduling.pace import Pace, Shape
 from server.scheduling.pinning import pin_everywhere
 from server.scheduling.queue import AdmissionQueue, Waiting
 from server.scheduling.resolver import Resolver
@@ -278,8 +278,8 @@ class Scheduler:
     def wake(self) -> None:
         self.queue.notify()
 
-    def observe_pace(self, work: float, seconds: float) -> None:
-        self._pace.observe(work, seconds)
+    def observe_pace(self, shape: Shape, seconds: float, step_seconds: float | None) -> None:
+        self._pace.observe(shape, seconds, step_seconds)
 
     # ---- internals --------------------------------------------------------------------------------------
 
@@ -301,13 +301,13 @@ class Scheduler:
             )
             with self._lock:
                 others = list(self._tickets)
-            work = self._admission.admit(ticket, spec, others)
+            work, shape = self._admission.admit(ticket, spec, others)
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, ServerError)):
                 log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
             if self.queue.cancel(ticket):
                 self.finish(ticket, exc)
             return
-        ticket.work = work  # before `spec`: a ticket with a spec has its work
+        ticket.work, ticket.shape = work, shape  # before `spec`: a ticket with a spec has its work and shape
         ticket.spec = spec
         self.queue.unblock(ticket)

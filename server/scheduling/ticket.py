@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from server.core.domain import Job, JobEvent
-from server.core.errors import DeadlineExceeded, JobCancelled, ServerError
+from server.core.errors import DeadlineExceeded, JobCancelled, Overloaded, ServerError
 from server.scheduling.leases import LeaseSet
 
 if TYPE_CHECKING:
     from server.generation import StageTimings
+    from server.scheduling.pace import Shape
     from server.scheduling.pairs import PairSpec
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Ticket:
         self.timings = Timings()
         self.spec: PairSpec | None = None  # the resolved models, once the resolver is done
         self.work = 0.0  # megapixel-steps at the size it runs at, known with `spec`
+        self.shape: Shape | None = None  # what its run costs depends on, as the pace learns it; with `spec`
         # Its place in the batch it runs in: images offset..offset+count of the batch are its own.
         self.batch_offset = 0
         self.steps_done = 0
@@ -110,6 +112,8 @@ def outcome_of(error: BaseException | None) -> str:
         return "cancelled"
     if isinstance(error, DeadlineExceeded):
         return "deadline_exceeded"
+    if isinstance(error, Overloaded):
+        return "rejected"  # refused for load (RESOURCE_EXHAUSTED, retry later): never a failure of the server
     return "failed"
 
 
