@@ -4,8 +4,9 @@
     make fleet                                   # the same with the defaults
 
 It prints the front address (point any client or `refinery generate --server` at it), where the ring puts
-each `--pair`, and the file holding this run's admin token (REFINERY_ADMIN_TOKEN, drawn per run), then runs
-until Ctrl-C or SIGTERM, which stop nginx and then every replica (each drains).
+each `--pair`, and with `--admin` the file holding this run's admin token (REFINERY_ADMIN_TOKEN, drawn per run;
+without it administration is off), then runs until Ctrl-C or SIGTERM, which stop nginx and then every replica
+(each drains).
 
 Importable: tests and the benchmark drive it as `with Fleet(FleetSettings(...)) as fleet: ...`.
 
@@ -58,6 +59,8 @@ class FleetSettings:
     per_replica: int = 0
     nginx_workers: str = "1"
     env: dict[str, str] = field(default_factory=dict)
+    # Draw an admin token for the replicas (RUN_DIR/admin-token); without one the fleet cannot be administered.
+    admin: bool = False
 
 
 class Fleet:
@@ -71,14 +74,19 @@ class Fleet:
             self.run_dir = settings.run_dir
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = settings.cache_dir or self.run_dir / "cache"
-        # nginx reaches every replica from loopback, so loopback proves nothing about a caller: administration
-        # needs this token, drawn per fleet run (or the one `env` brings) and kept in an owner-only file.
-        self.admin_token = settings.env.get("REFINERY_ADMIN_TOKEN") or secrets.token_urlsafe(32)
+        # nginx reaches every replica from loopback, so loopback proves nothing about a caller: without an admin
+        # token administration is off. `admin` draws one per run (or takes the one `env` brings), kept in an
+        # owner-only file; a server with a token wants one for Generate too (README, "Security").
+        self.admin_token: str | None = settings.env.get("REFINERY_ADMIN_TOKEN")
+        if settings.admin and not self.admin_token:
+            self.admin_token = secrets.token_urlsafe(32)
         self.admin_token_file = self.run_dir / "admin-token"
-        self.admin_token_file.touch(mode=0o600)
-        self.admin_token_file.chmod(0o600)
-        self.admin_token_file.write_text(self.admin_token + "\n")
-        replica_env = {**settings.env, "REFINERY_ADMIN_TOKEN": self.admin_token}
+        replica_env = dict(settings.env)
+        if self.admin_token:
+            self.admin_token_file.touch(mode=0o600)
+            self.admin_token_file.chmod(0o600)
+            self.admin_token_file.write_text(self.admin_token + "\n")
+            replica_env["REFINERY_ADMIN_TOKEN"] = self.admin_token
         ports, metrics_ports, front_port = self._ports()
         self.replicas = [
             Replica(
@@ -210,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default="0", help="model memory per replica, e.g. 2GiB (default: RAM less 25%%)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds a replica drains on SIGTERM")
     parser.add_argument("--round-robin", action="store_true", help="no pair affinity (for comparison)")
+    parser.add_argument(
+        "--admin", action="store_true", help="draw an admin token for this run (then every call needs it)"
+    )
     parser.add_argument("--run-dir", type=Path, help="logs and nginx files (default: a temporary folder)")
     parser.add_argument("--cache-dir", type=Path, help="the replicas' shared model cache (default: RUN_DIR/cache)")
     parser.add_argument(
@@ -238,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         affinity=not args.round_robin,
         run_dir=args.run_dir,
         cache_dir=args.cache_dir,
+        admin=args.admin,
     )
     stop = threading.Event()
 
@@ -256,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  pair {key} -> {fleet.owner(key).spec.name}", flush=True)
         policy = "round-robin" if args.round_robin else "pair affinity (header refinery-pair)"
         print(f"front {fleet.front} ({policy}); Ctrl-C to stop", flush=True)
-        print(f"administration: REFINERY_ADMIN_TOKEN_FILE={fleet.admin_token_file}", flush=True)
+        if fleet.admin_token:
+            print(f"administration and generation: REFINERY_ADMIN_TOKEN_FILE={fleet.admin_token_file}", flush=True)
+        else:
+            print("administration is off (--admin draws a token for it)", flush=True)
         stop.wait()
         print("stopping", flush=True)
     return 0

@@ -1,5 +1,6 @@
-"""Issue 21, item 3: behind nginx every caller reaches a replica from loopback, so the local fleet draws an admin
-token per run (kept in an owner-only file) and its replicas administer only for it."""
+"""Issue 21, item 3: behind nginx every caller reaches a replica from loopback, so the local fleet's replicas never
+administer for an address: with `admin` the fleet draws a token per run (kept in an owner-only file) and they
+administer only for it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from .conftest import NO_NGINX
 def small_fleet(fleet_cache: Path, tmp_path: Path) -> Iterator[Fleet]:
     if nginx_binary() is None:
         pytest.skip(NO_NGINX)
-    with Fleet(FleetSettings(replicas=2, run_dir=tmp_path / "run", cache_dir=fleet_cache, grace_s=5.0)) as fleet:
+    with Fleet(
+        FleetSettings(replicas=2, run_dir=tmp_path / "run", cache_dir=fleet_cache, grace_s=5.0, admin=True)
+    ) as fleet:
         yield fleet
 
 
