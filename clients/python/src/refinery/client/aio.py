@@ -53,8 +53,10 @@ class AsyncClient:
     def from_env(
         cls, target: str | None = None, *, tls: TLS | None = None, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES
     ) -> AsyncClient:
-        tokens = {"token": token_from_env(), "admin_token": token_from_env(admin=True)}
-        return cls(target_from_env(target), **tokens, tls=tls, max_receive_bytes=max_receive_bytes)
+        token, admin_token = token_from_env(), token_from_env(admin=True)
+        return cls(
+            target_from_env(target), token=token, admin_token=admin_token, tls=tls, max_receive_bytes=max_receive_bytes
+        )
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]

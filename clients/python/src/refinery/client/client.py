@@ -82,8 +82,10 @@ class Client:
     ) -> Client:
         """The server from `target`, else REFINERY_SERVER, else localhost:50051; the tokens from REFINERY_TOKEN
         and REFINERY_ADMIN_TOKEN."""
-        tokens = {"token": token_from_env(), "admin_token": token_from_env(admin=True)}
-        return cls(target_from_env(target), **tokens, tls=tls, max_receive_bytes=max_receive_bytes)
+        token, admin_token = token_from_env(), token_from_env(admin=True)
+        return cls(
+            target_from_env(target), token=token, admin_token=admin_token, tls=tls, max_receive_bytes=max_receive_bytes
+        )
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
