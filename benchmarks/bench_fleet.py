@@ -64,8 +64,8 @@ def run(policy: str, settings: FleetSettings, requests: list[Pair], clients: int
     with Fleet(settings) as fleet, grpc.insecure_channel(fleet.front, options=CHANNEL_OPTIONS) as channel:
         stub = generation_stub(channel)
         for pair in PAIRS:  # warm-up: each pair once
-            if not generate(stub, pair).ok:
-                raise RuntimeError(f"warm-up of {pair} failed")
+            if not (outcome := generate(stub, pair)).ok:
+                raise RuntimeError(f"warm-up of {pair} failed: {outcome.code.name}: {outcome.details}")
 
         def counter(name: str) -> float:
             return sum(r.total(name) for r in fleet.replicas)
