@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 from modelstore import ModelStore
 from modelstore.units import format_bytes
@@ -30,11 +31,14 @@ def pin_everywhere(
     """Resolve `pairs`, load each on every device and pin it there; settle `done` with None, or with the first
     error after unpinning those of `pairs` not in `pinned_before` (taken when the call arrived). A pair that
     cannot fit beside the pairs already pinned on some device is refused before anything loads. Runs on its own
-    thread."""
+    thread, which never dies of its caller: a caller that gives up cancels `done`, and then nothing stays newly
+    pinned (loads already under way finish, and are unpinned)."""
     leases = LeaseSet(store)  # held until every device has loaded them
     specs: list[PairSpec] = []
     try:
-        specs = [resolver.pair_spec(key, leases) for key in pairs]
+        give_up = threading.Event()  # a download for a caller who left stops
+        done.add_done_callback(lambda settled: give_up.set() if settled.cancelled() else None)
+        specs = [resolver.pair_spec(key, leases, give_up=give_up) for key in pairs]
         for spec in specs:
             if too_small := admission.too_small(spec):  # a pin holds the pair on every device
                 w = too_small[0]
@@ -42,17 +46,42 @@ def pin_everywhere(
                     f"{spec.key} cannot fit on {w.device.name} beside the pairs pinned there "
                     f"(budget {format_bytes(w.residency.budget_bytes)})"
                 )
+        if done.cancelled():
+            return  # abandoned before anything loaded
         futures = [w.pin(spec) for w in workers for spec in specs]
         failures = [f.exception() for f in futures]  # every load ends before any rollback
         for failure in failures:
             if failure is not None:
                 raise failure
+        _settle(done, None)
     except BaseException as exc:
-        for spec in specs:
-            if spec.key not in pinned_before:
-                unpin(spec.key)
-        done.set_exception(exc)
-    else:
-        done.set_result(None)
+        _roll_back(specs, pinned_before, unpin)
+        _settle(done, exc)
     finally:
         leases.release_all()
+
+
+class _Abandoned(Exception):
+    """The caller cancelled `done` while the pairs loaded."""
+
+
+def _settle(done: Future[None], error: BaseException | None) -> None:
+    """Settle `done`; raises _Abandoned when its caller cancelled it meanwhile (a success is then undone)."""
+    if done.cancelled():
+        if error is None:
+            raise _Abandoned
+        return
+    try:
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+    except InvalidStateError:  # cancelled between the check and now
+        if error is None:
+            raise _Abandoned from None
+
+
+def _roll_back(specs: Sequence[PairSpec], pinned_before: set[PairKey], unpin: Callable[[PairKey], bool]) -> None:
+    for spec in specs:
+        if spec.key not in pinned_before:
+            unpin(spec.key)
