@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_scheduler import InProcess  # the benchmarks folder: sys.path[0] when run as a script
 
 from benchmarks._quick import parse_args
-from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
+from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeline, parse_air
 from refinery.v1 import generation_pb2 as pb
 from server.core.domain import PairKey
 from server.core.logs import quiet_model_libraries
@@ -141,7 +141,8 @@ def main() -> None:
     loader = CountingLoader()
     with tempfile.TemporaryDirectory() as tmp:
         store = ModelStore(StoreSettings(cache_dir=Path(tmp) / "cache"))
-        pins = (PairKey(DEFAULT_BASE, DEFAULT_REFINER), PairKey(DEFAULT_BASE, None))
+        base, refiner = parse_air(DEFAULT_BASE), parse_air(DEFAULT_REFINER)
+        pins = (PairKey(base, refiner), PairKey(base, None))
         settings = Settings(store=store.settings, host="127.0.0.1", port=0, devices=("cpu",), pins=pins, max_batch=1)
         server = InProcess(settings, store, loader=loader)
         try:

@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._quick import parse_args
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelStore, StoreSettings, parse_air
 from modelstore.components import components_of
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
@@ -49,7 +49,7 @@ from server.generation.runner import RunResult, StageTimings
 from server.scheduling.scheduler import Scheduler
 from tests.fixtures.variants import write_variant_base
 
-PAIR = PairKey(DEFAULT_BASE, DEFAULT_REFINER)
+PAIR = PairKey(parse_air(DEFAULT_BASE), parse_air(DEFAULT_REFINER))
 
 
 class InProcess:
@@ -159,8 +159,8 @@ def _stand_in_scheduler(settings: Settings, store: ModelStore, run: Any) -> Sche
 
 _JOB = Job(
     request_id="bench",
-    model=DEFAULT_BASE,
-    refiner=RefinerSpec(DEFAULT_REFINER, StartPercentage(90)),
+    model=parse_air(DEFAULT_BASE),
+    refiner=RefinerSpec(parse_air(DEFAULT_REFINER), StartPercentage(90)),
     prompt="x",
     negative_prompt=None,
     width=64,

@@ -2,8 +2,8 @@
 
 `ModelStore` is the front door, and this module exports everything a caller needs. It knows nothing of gRPC;
 errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `record`, `settings`, `store`,
-`loading`, `progress`, `components`, `role` and `units`; modules whose names start with an underscore (and the
-`_sources` package) are internal and change without notice.
+`loading`, `progress`, `components`, `role`, `role_policy` and `units`; modules whose names start with an
+underscore (and the `_sources` package) are internal and change without notice.
 """
 
 from modelstore.air import AIR, Source, parse_air
@@ -13,8 +13,9 @@ from modelstore.local_files import LocalPathRefused, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Verdict, Verification
 from modelstore.role import Role
+from modelstore.role_policy import ROLE_ARCHITECTURES, require_role
 from modelstore.settings import StoreSettings
-from modelstore.store import ModelStore, require_role
+from modelstore.store import ModelStore
 
 
 def downloaded_bytes() -> int:
@@ -26,6 +27,7 @@ def downloaded_bytes() -> int:
 
 __all__ = [
     "AIR",
+    "ROLE_ARCHITECTURES",
     "Architecture",
     "CachedModel",
     "Component",

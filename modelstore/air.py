@@ -77,9 +77,15 @@ _BUILTIN_NAME = re.compile(r"[a-z0-9][a-z0-9\-]{0,63}")
 _BUILTIN_VERSION = re.compile(r"[0-9]{1,6}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AIR:
-    """A parsed model identifier. Compare and key caches by `canonical`."""
+    """A parsed model identifier, known by its `canonical` form.
+
+    Two AIRs are equal, and hash alike, when their canonical forms are: `urn:air:sdxl:checkpoint:civitai:1@2`
+    and `civitai:1@2` name one model (what the URN adds, ecosystem, type and format, is checked at parsing and
+    is not part of the identity), so pairs, batches and caches keyed by AIRs group them together. An AIR also
+    equals its canonical text, as `Role` equals its value: the canonical text is what records, logs and the
+    wire carry."""
 
     source: Source
     id: str
@@ -102,6 +108,16 @@ class AIR:
 
     def __str__(self) -> str:
         return self.canonical
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AIR):
+            return self.canonical == other.canonical
+        if isinstance(other, str):
+            return self.canonical == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.canonical)
 
 
 def parse_air(text: str) -> AIR:

@@ -39,10 +39,10 @@ from modelstore._architecture import detect_folder, detect_header
 from modelstore._config_families import family_for, known_families
 from modelstore._pipeline_checks import check_pipeline
 from modelstore._safetensors_header import SafetensorsHeader, read_header
-from modelstore.errors import CorruptModel, ModelStoreError, WrongArchitecture, concerning
+from modelstore.errors import CorruptModel, ModelStoreError, concerning
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.role import Role
-from modelstore.store import ROLE_ARCHITECTURES, require_role
+from modelstore.role_policy import require_architecture, require_role
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,7 @@ def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any
     role = Role(role)
     header = _single_file_header(path)
     architecture = detect_header(header, name=path.name)
-    if architecture not in ROLE_ARCHITECTURES[role]:
-        raise WrongArchitecture(
-            f"{path.name} is {architecture.label}; it cannot be the {role}",
-            expected=" or ".join(a.label for a in ROLE_ARCHITECTURES[role]),
-            found=architecture.label,
-            role=role,
-        )
+    require_architecture(architecture, role, name=path.name)
     return _load_with_config(path, config, _Build(path.name, role, architecture, dtype))
 
 

@@ -19,6 +19,10 @@ cache; `verify` checks their SHA256 in full (`_integrity`).
 Operators get `pull`, `verify`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which
 never touches the network).
 
+A model is named by an `AIR` or by its text. The server parses a request's models once, at its edge, and hands
+the store those AIRs as they are; text, from callers that hold nothing else (scripts, the benchmarks, tests,
+a child process given its model on the command line), is parsed here.
+
 HTTP goes through one `requests.Session`: the caller's (`session=`, e.g. a test's, left open by `close`) or the
 store's own.
 """
@@ -53,24 +57,15 @@ from modelstore.errors import (
     ModelNotFound,
     ModelStoreError,
     SourceUnavailable,
-    WrongArchitecture,
     concerning,
 )
 from modelstore.progress import ProgressCallback, ProgressFanout
-from modelstore.record import Architecture, CachedModel, ModelRecord, Verdict, Verification
-from modelstore.role import Role
+from modelstore.record import CachedModel, ModelRecord, Verdict, Verification
 from modelstore.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROLE_ARCHITECTURES", "ModelStore", "RetryPolicy", "require_role"]
-
-# What each role accepts: any SDXL model can continue a latent as refiner (diffusers' own mixture-of-denoisers
-# example uses the base for both), but only a base can start from noise.
-ROLE_ARCHITECTURES = {
-    Role.BASE: (Architecture.SDXL_BASE,),
-    Role.REFINER: (Architecture.SDXL_REFINER, Architecture.SDXL_BASE),
-}
+__all__ = ["ModelStore", "RetryPolicy"]
 
 ModelRef = str | AIR | ModelRecord
 # How many times a model is fetched in one resolve when its files keep failing their check.
@@ -359,20 +354,6 @@ class ModelStore:
         return canonical in self._flights or self._leases.held_anywhere(canonical)
 
 
-def require_role(record: ModelRecord, role: Role) -> None:
-    """Raise WrongArchitecture unless `record` can serve as `role`."""
-    allowed = ROLE_ARCHITECTURES[role]
-    if record.architecture not in allowed:
-        expected = " or ".join(a.label for a in allowed)
-        raise WrongArchitecture(
-            f"{record.canonical} is {record.architecture.label}; the {role} must be {expected}",
-            expected=expected,
-            found=record.architecture.label,
-            role=role,
-            air=record.canonical,
-        )
-
-
 def _damaged_offline(air: AIR, damage: str) -> IntegrityError:
     """`air`'s files failed their check (`damage`, what failed) and offline mode forbids fetching them again."""
     return IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
@@ -386,6 +367,7 @@ def _still_damaged(air: AIR) -> ModelRecord:
 
 
 def _air(model: str | AIR) -> AIR:
+    """`model` as an AIR: one given as an AIR is used as it is, never parsed again."""
     return parse_air(model) if isinstance(model, str) else model
 
 

@@ -63,7 +63,9 @@ def compiled(model_store: ModelStore, gate: GatedGraphCompiler) -> Iterator[Load
         load_pipeline(model_store.resolve(TINY_BASE), role=Role.BASE, device="cpu"),
         Compiler("cpu", "default", max_images=2, max_sizes=1, compile_graph=gate),
     )
-    tune_pipeline(loaded.pipe, Tuning("default", fuse_qkv=True), compiler=loaded.compiler, model=TINY_BASE, role="base")
+    tune_pipeline(
+        loaded.pipe, Tuning("default", fuse_qkv=True), compiler=loaded.compiler, model=TINY_BASE, role=Role.BASE
+    )
     yield loaded
     gate.release.set()
     loaded.compiler.close(WAIT_S)
@@ -148,9 +150,9 @@ def test_an_evicted_unet_is_freed_and_another_base_reuses_the_graph_with_its_own
     folder = write_variant_base(model_store.resolve(TINY_BASE).path, tmp_path / "variant")
     record = model_store.resolve(f"local:{folder}")
     reference = load_pipeline(record, role=Role.BASE, device="cpu")
-    tune_pipeline(reference, Tuning(None, fuse_qkv=True), compiler=None, model="variant", role="base")
+    tune_pipeline(reference, Tuning(None, fuse_qkv=True), compiler=None, model="variant", role=Role.BASE)
     other = load_pipeline(record, role=Role.BASE, device="cpu")
-    tune_pipeline(other, Tuning("default", fuse_qkv=True), compiler=compiler, model="variant", role="base")
+    tune_pipeline(other, Tuning("default", fuse_qkv=True), compiler=compiler, model="variant", role=Role.BASE)
     compiler.request_size(other.unet, 64, 64)
     assert compiler.wait_idle(WAIT_S)
     assert np.array_equal(_generate(other), _generate(reference))

@@ -22,8 +22,8 @@ def test_only_cached_pinned_models_are_read_ahead(
 ) -> None:
     base = model_store.resolve(TINY_BASE)
     model_store.resolve(TINY_REFINER)
-    unregistered = parse_air(f"local:{write_variant_base(base.path, tmp_path / 'never-registered')}").canonical
-    pins = (PairKey(TINY_BASE, TINY_REFINER), PairKey(unregistered, None))
+    unregistered = parse_air(f"local:{write_variant_base(base.path, tmp_path / 'never-registered')}")
+    pins = (PairKey(parse_air(TINY_BASE), parse_air(TINY_REFINER)), PairKey(unregistered, None))
     files = prefetch_pinned(Settings(store=store_settings, pins=pins))
     assert set(files) == set(base.path.rglob("*.safetensors")) | set(
         model_store.resolve(TINY_REFINER).path.rglob("*.safetensors")
@@ -46,7 +46,7 @@ def test_prefetch_reads_no_blob_in_full(
         return whole_file(path, hashes, counter)
 
     monkeypatch.setattr(_digests, "_digest_file", counting)
-    files = prefetch_pinned(Settings(store=store_settings, pins=(PairKey(TINY_BASE, TINY_REFINER),)))
+    files = prefetch_pinned(Settings(store=store_settings, pins=(PairKey.parse(f"{TINY_BASE}+{TINY_REFINER}"),)))
     assert files
     assert digested == []
     # The spy sees what a check reads: a fresh store's first lookup of the same model digests its blobs.

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2
 
-from modelstore import Role
+from modelstore import Role, parse_air
 from modelstore import errors as store_errors
 from server.api.boundary import INTERNAL_MESSAGE, Logged, ModelField, failure_for, rpc_error_for, status_code_for
 from server.core import errors
@@ -63,7 +63,7 @@ def test_invalid_request_carries_field_violations() -> None:
 
 FIELDS = (
     ModelField("model", "builtin:tiny-sdxl-base@1", Role.BASE),
-    ModelField("refiner.model", "", Role.REFINER, default="builtin:tiny-sdxl-refiner@1"),
+    ModelField("refiner.model", "", Role.REFINER, default=parse_air("builtin:tiny-sdxl-refiner@1")),
 )
 
 

@@ -46,7 +46,9 @@ def test_fused_qkv_and_channels_last_change_the_unet_not_the_image(base_pipeline
     untuned = _generate(base_pipeline)
     unet = base_pipeline.unet
     weights = sum(p.numel() for p in unet.parameters())
-    tune_pipeline(base_pipeline, Tuning(None, fuse_qkv=True, channels_last=True), compiler=None, model="m", role="base")
+    tune_pipeline(
+        base_pipeline, Tuning(None, fuse_qkv=True, channels_last=True), compiler=None, model="m", role=Role.BASE
+    )
     assert sum(p.numel() for p in unet.parameters()) == weights  # fused, not held twice
     attention = next(m for m in unet.modules() if type(m).__name__ == "Attention")
     assert attention.fused_projections
@@ -56,7 +58,7 @@ def test_fused_qkv_and_channels_last_change_the_unet_not_the_image(base_pipeline
 
 def test_the_vae_decodes_in_bfloat16_close_to_float32(base_pipeline: Any) -> None:
     upcast = _generate(base_pipeline)
-    tune_pipeline(base_pipeline, Tuning(None, vae_bfloat16=True), compiler=None, model="m", role="base")
+    tune_pipeline(base_pipeline, Tuning(None, vae_bfloat16=True), compiler=None, model="m", role=Role.BASE)
     assert base_pipeline.vae.dtype == torch.bfloat16 and base_pipeline.unet.dtype == torch.float32
     decoded = _generate(base_pipeline)  # fp32 latents into the bfloat16 VAE: the hook casts them
     difference = np.abs(decoded - upcast)

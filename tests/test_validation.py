@@ -6,21 +6,22 @@ from typing import Any
 
 import pytest
 
+from modelstore import AIR
 from refinery.v1 import generation_pb2 as pb
 from server.api.validation import job_from_request
 from server.core import domain
 from server.core.errors import InvalidRequest
-from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits
+from server.core.settings import DEFAULT_BASE, DEFAULT_PAIR, DEFAULT_REFINER, Limits
 
 LIMITS = Limits()
 
 
-def validate(default_refiner: str | None = DEFAULT_REFINER, **fields: Any) -> domain.Job:
+def validate(default_refiner: AIR | None = DEFAULT_PAIR.refiner, **fields: Any) -> domain.Job:
     request = pb.GenerateRequest(**{"positive_prompt": "a cat", **fields})
     return job_from_request(
         request,
         limits=LIMITS,
-        default_model=DEFAULT_BASE,
+        default_model=DEFAULT_PAIR.base,
         default_refiner=default_refiner,
         make_request_id=lambda: "assigned-id",
         make_seed=lambda: 1234,

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from modelstore import Role, parse_air
+from modelstore import AIR, Role, parse_air
 from modelstore import errors as store_errors
 from server.core import errors
 from server.core.logs import MAX_LOGGED_CHARS, escaped
@@ -81,7 +81,7 @@ class ModelField:
     field: str
     text: str
     role: Role | None = None
-    default: str | None = None
+    default: AIR | None = None
 
     def names(self, error: store_errors.ModelStoreError) -> bool:
         if error.air is None:
@@ -89,11 +89,12 @@ class ModelField:
         wrong_role = isinstance(error, store_errors.WrongArchitecture) and error.role not in (None, self.role)
         if wrong_role and self.role is not None:
             return False
-        text = self.text or self.default or ""
-        if error.air == text:
+        if not self.text:
+            return self.default is not None and self.default.canonical == error.air
+        if error.air == self.text:
             return True
-        try:
-            return bool(text) and parse_air(text).canonical == error.air
+        try:  # the request's own text, as sent: parsed here only to name the field of an error
+            return parse_air(self.text).canonical == error.air
         except store_errors.InvalidModelId:
             return False
 

@@ -81,7 +81,7 @@ def generate_response(request_id: str, event: domain.JobEvent) -> gen_pb.Generat
 
 def _model_loading(event: domain.ModelLoading) -> gen_pb.ModelLoading:
     return gen_pb.ModelLoading(
-        model=event.model,
+        model=event.model.canonical,
         role=_ROLES[event.role],
         phase=_PHASES[event.phase],
         bytes_done=event.bytes_done,
@@ -192,8 +192,8 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
         last_used.FromNanoseconds(int(pair.last_used_wall * 1e9))
         pairs.append(
             status_pb.ResidentPair(
-                model=pair.key.base,
-                refiner_model=pair.key.refiner or "",
+                model=pair.key.base.canonical,
+                refiner_model=_refiner_text(pair.key),
                 bytes=pair.bytes,
                 active_jobs=pair.active,
                 pinned=pair.pinned,
@@ -218,7 +218,7 @@ def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
 def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
     return status_pb.CompiledShape(
         model=shape.model,
-        role=_ROLES[Role(shape.role)],
+        role=_ROLES[shape.role],
         width=shape.width,
         height=shape.height,
         max_images=shape.max_images,
@@ -232,10 +232,15 @@ def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
 def pin_failure(failure: PinFailure) -> status_pb.PinFailure:
     """A pinned pair that failed to load, with the status a request for it would have got (the failure was
     logged when it happened)."""
-    pair = failure.pair
-    fields = (ModelField("model", pair.base, Role.BASE), ModelField("refiner_model", pair.refiner or "", Role.REFINER))
+    base, refiner = failure.pair.base.canonical, _refiner_text(failure.pair)
+    fields = (ModelField("model", base, Role.BASE), ModelField("refiner_model", refiner, Role.REFINER))
     error = rpc_error_for(failure.error, fields)
-    return status_pb.PinFailure(model=pair.base, refiner_model=pair.refiner or "", error=error.to_status())
+    return status_pb.PinFailure(model=base, refiner_model=refiner, error=error.to_status())
+
+
+def _refiner_text(pair: domain.PairKey) -> str:
+    """The pair's refiner as the protos spell it: its canonical AIR, or "" for none."""
+    return "" if pair.refiner is None else pair.refiner.canonical
 
 
 def server_status(status: SchedulerSnapshot, failures: Sequence[PinFailure]) -> status_pb.GetStatusResponse:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from modelstore import parse_air
+from modelstore import AIR, parse_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2 as status_pb
@@ -62,8 +62,8 @@ def job_from_request(
     request: pb.GenerateRequest,
     *,
     limits: Limits,
-    default_model: str,
-    default_refiner: str | None,
+    default_model: AIR,
+    default_refiner: AIR | None,
     work_limit: float | None = None,
     local_roots: Sequence[Path] = (),
     make_request_id: Callable[[], str] = new_request_id,
@@ -78,7 +78,7 @@ def job_from_request(
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
         bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
     _check_prompts(request, limits, bad)
-    model = _model(request.model or default_model, "model", bad)
+    model = _model(request.model, "model", bad) if request.model else default_model
     _check_size(request, limits, bad)
     steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
     sampler, output_format = _check_enums(request, bad)
@@ -173,19 +173,20 @@ def _check_enums(
     return sampler, output_format
 
 
-def _model(text: str, field: str, bad: _Violations) -> str | None:
+def _model(text: str, field: str, bad: _Violations) -> AIR | None:
+    """The AIR `text` names: parsed here, once; everything past the edge carries this value."""
     try:
-        return parse_air(text).canonical
+        return parse_air(text)
     except InvalidModelId as exc:
         bad(field, str(exc), "MALFORMED_AIR")
         return None
 
 
 def _refiner(
-    request: pb.GenerateRequest, steps: int, default_refiner: str | None, limits: Limits, bad: _Violations
+    request: pb.GenerateRequest, steps: int, default_refiner: AIR | None, limits: Limits, bad: _Violations
 ) -> tuple[domain.RefinerSpec | None, int]:
     message = request.refiner
-    model: str | None
+    model: AIR | None
     if message.model:
         model = _model(message.model, "refiner.model", bad)
     elif default_refiner is not None:
@@ -252,9 +253,8 @@ def _score(message: pb.Refiner, name: str, default: float, bad: _Violations) -> 
 
 
 def pair_from_request(request: status_pb.PinPairRequest | status_pb.UnpinPairRequest) -> domain.PairKey:
-    """The pair PinPair or UnpinPair names, as canonical AIRs (a malformed AIR raises InvalidModelId, which the
+    """The pair PinPair or UnpinPair names, its AIRs parsed here (a malformed AIR raises InvalidModelId, which the
     boundary names by its field)."""
     if not request.model:
         raise InvalidRequest([FieldViolation("model", "required: the base's AIR")])
-    base = parse_air(request.model).canonical
-    return domain.PairKey(base, parse_air(request.refiner_model).canonical if request.refiner_model else None)
+    return domain.PairKey(parse_air(request.model), parse_air(request.refiner_model) if request.refiner_model else None)

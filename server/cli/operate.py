@@ -60,9 +60,9 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 async def _pin(client: AsyncClient, pair: PairKey, *, pin: bool) -> None:
     if pin:
-        await client.pin_pair(pair.base, pair.refiner or "")
+        await client.pin_pair(pair.base.canonical, "" if pair.refiner is None else pair.refiner.canonical)
     else:
-        await client.unpin_pair(pair.base, pair.refiner or "")
+        await client.unpin_pair(pair.base.canonical, "" if pair.refiner is None else pair.refiner.canonical)
     print(f"{'pinned' if pin else 'unpinned'} {pair} on every device")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelstore import parse_air
+from modelstore import AIR, parse_air
 from modelstore.errors import InvalidModelId
 from modelstore.units import parse_bytes
 from server.core.domain import PairKey
@@ -150,11 +150,11 @@ def flag_on(text: str) -> bool:
     return text.strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def air(text: str) -> str:
-    return parse_air(text).canonical
+def air(text: str) -> AIR:
+    return parse_air(text)
 
 
-def optional_air(text: str) -> str | None:
+def optional_air(text: str) -> AIR | None:
     """An AIR, or "none" / "" for no model."""
     return None if text.strip().lower() in ("", "none") else air(text)
 

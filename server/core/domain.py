@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from modelstore import Role, parse_air
+from modelstore import AIR, Role, parse_air
 
 
 class Sampler(Enum):
@@ -49,13 +49,14 @@ class Branch(Enum):
 
 @dataclass(frozen=True)
 class PairKey:
-    """The models a request runs on: a base and, optionally, a refiner (canonical AIRs)."""
+    """The models a request runs on: a base and, optionally, a refiner, as parsed at the edge (an AIR equals
+    another naming the same model, so pairs compare and hash by the models' canonical identity)."""
 
-    base: str
-    refiner: str | None
+    base: AIR
+    refiner: AIR | None
 
     def __str__(self) -> str:
-        return self.base if self.refiner is None else f"{self.base}+{self.refiner}"
+        return str(self.base) if self.refiner is None else f"{self.base}+{self.refiner}"
 
     @classmethod
     def parse(cls, text: str) -> PairKey:
@@ -71,11 +72,9 @@ class PairKey:
                 models[-1] += "+" + part
         if len(models) > 2:
             raise ValueError(f"{text!r}: a pair is BASE or BASE+REFINER")
-        base = parse_air(models[0]).canonical
-        refiner = parse_air(models[1]).canonical if len(models) == 2 else None
-        return cls(base, refiner)
+        return cls(parse_air(models[0]), parse_air(models[1]) if len(models) == 2 else None)
 
-    def roles(self) -> list[tuple[Role, str]]:
+    def roles(self) -> list[tuple[Role, AIR]]:
         """Each model with its role, the base first."""
         return [(Role.BASE, self.base)] + ([] if self.refiner is None else [(Role.REFINER, self.refiner)])
 
@@ -120,7 +119,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class RefinerSpec:
-    model: str  # canonical AIR
+    model: AIR
     start: RefinerStart = DEFAULT_REFINER_START
     # Also return the image the base makes alone (same seed): the base's shared steps run once for both.
     compare: bool = False
@@ -173,7 +172,7 @@ class Job:
     """A validated request. `width`/`height` of 0 mean the base model's native size, resolved on load."""
 
     request_id: str
-    model: str  # canonical AIR of the base
+    model: AIR  # the base
     refiner: RefinerSpec | None
     prompt: str
     negative_prompt: str | None
@@ -241,7 +240,7 @@ class LoadPhase(Enum):
 
 @dataclass(frozen=True)
 class ModelLoading:
-    model: str
+    model: AIR
     role: Role
     phase: LoadPhase
     bytes_done: int = 0

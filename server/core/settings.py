@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from modelstore import StoreSettings
+from modelstore import AIR, StoreSettings, parse_air
 from server.core.domain import PairKey
 
 DEFAULT_BASE = "builtin:tiny-sdxl-base@1"
 DEFAULT_REFINER = "builtin:tiny-sdxl-refiner@1"
+DEFAULT_PAIR = PairKey(parse_air(DEFAULT_BASE), parse_air(DEFAULT_REFINER))
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,11 @@ class Settings:
     # the CPU.
     devices: tuple[str, ...] = ("auto",)
     # Used when a request leaves `model` (or `refiner.model`) empty.
-    default_model: str = DEFAULT_BASE
-    default_refiner: str | None = DEFAULT_REFINER
+    default_model: AIR = DEFAULT_PAIR.base
+    default_refiner: AIR | None = DEFAULT_PAIR.refiner
     # "BASE[+REFINER]" pairs loaded on every device at start-up and never evicted; health turns SERVING once
     # they are resident.
-    pins: tuple[PairKey, ...] = (PairKey(DEFAULT_BASE, DEFAULT_REFINER),)
+    pins: tuple[PairKey, ...] = (DEFAULT_PAIR,)
     # Requests waiting for a device; beyond this a request is refused at once (RESOURCE_EXHAUSTED + RetryInfo).
     max_queue: int = 64
     # Images denoised together (requests with the same pair and shape); 1 turns batching off.

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from modelstore import Role
+
 log = logging.getLogger(__name__)
 
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -70,8 +72,8 @@ class CompileState(Enum):
 class ShapeStatus:
     """One compiled (or compiling) shape of one UNet, for GetStatus and the metrics."""
 
-    model: str  # canonical AIR
-    role: str  # "base" / "refiner"
+    model: str  # the UNet's model, by its canonical AIR: a name for the status and the metrics
+    role: Role
     width: int  # image pixels
     height: int
     max_images: int
@@ -124,7 +126,7 @@ class _Tls(threading.local):
 class UNetDispatch:
     """A UNet's `forward`: its compiled graph for shapes that have one, eager otherwise."""
 
-    def __init__(self, unet: Any, *, model: str, role: str, inputs: UNetInputs, compiler: Compiler) -> None:
+    def __init__(self, unet: Any, *, model: str, role: Role, inputs: UNetInputs, compiler: Compiler) -> None:
         self.unet = unet
         self.model = model
         self.role = role
@@ -228,7 +230,7 @@ class Compiler:
 
     # ---- the worker's side --------------------------------------------------------------------------------
 
-    def attach(self, unet: Any, *, model: str, role: str, inputs: UNetInputs) -> UNetDispatch:
+    def attach(self, unet: Any, *, model: str, role: Role, inputs: UNetInputs) -> UNetDispatch:
         dispatch = UNetDispatch(unet, model=model, role=role, inputs=inputs, compiler=self)
         unet.forward = dispatch  # nn.Module.__call__ calls the instance's `forward`
         with self._lock:

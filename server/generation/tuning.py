@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from modelstore import Role
 from server.core.settings import Speed, Toggle
 from server.generation.compiling import Compiler, UNetInputs
 
@@ -106,7 +107,7 @@ def check_fp8(device: str) -> None:
         raise ValueError("--fp8 needs torchao: pip install 'refinery[fp8]'") from None
 
 
-def tune_pipeline(pipe: Any, tuning: Tuning, *, compiler: Compiler | None, model: str, role: str) -> None:
+def tune_pipeline(pipe: Any, tuning: Tuning, *, compiler: Compiler | None, model: str, role: Role) -> None:
     """Apply `tuning` to a loaded pipeline in place; `model` and `role` name it in the compiler's status."""
     unet = pipe.unet
     if not getattr(unet, _TUNED, False):

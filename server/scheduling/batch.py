@@ -155,9 +155,7 @@ class Batch:
         assert spec is not None
 
         def on_load(model: ModelSpec, done: bool) -> None:
-            self._emit_all(
-                ModelLoading(model.record.canonical, model.role, LoadPhase.READY if done else LoadPhase.LOADING)
-            )
+            self._emit_all(ModelLoading(model.record.air, model.role, LoadPhase.READY if done else LoadPhase.LOADING))
 
         protected = self._host.waiting_pairs() - {spec.key}
         pair, report = self._worker.residency.acquire(spec, protected, on_load=on_load)
@@ -266,7 +264,7 @@ class Batch:
         image per index keeps the refined one."""
         job = ticket.job
         offset = ticket.batch_offset
-        refiner_model = job.refiner.model if job.refiner is not None else ""
+        refiner_model = job.refiner.model.canonical if job.refiner is not None else ""
         branches = [(result.images, Branch.MAIN, shape.base_steps, shape.refiner_steps, refiner_model)]
         if result.base_only:
             branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps, 0, ""))
@@ -284,7 +282,7 @@ class Batch:
                 height=image.height,
                 base_steps=base_steps,
                 refiner_steps=refiner_steps,
-                model=job.model,
+                model=job.model.canonical,
                 refiner_model=refiner,
                 branch=branch,
             )

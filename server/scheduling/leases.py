@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+from modelstore import AIR
 from server.core.errors import JobCancelled
 
 
@@ -12,9 +13,9 @@ class Leases(Protocol):
     """The model cache's leases (`ModelStore.acquire` / `release`): a leased model is never evicted from the
     cache or deleted, by this process or any other sharing the cache."""
 
-    def acquire(self, model: str) -> str: ...
+    def acquire(self, model: AIR) -> object: ...
 
-    def release(self, model: str) -> None: ...
+    def release(self, model: AIR) -> None: ...
 
 
 class LeaseSet:
@@ -25,14 +26,15 @@ class LeaseSet:
     def __init__(self, leases: Leases) -> None:
         self._leases = leases
         self._lock = threading.Lock()
-        self._held: list[str] = []
+        self._held: list[AIR] = []
         self._released = False
 
-    def hold(self, model: str) -> None:
+    def hold(self, model: AIR) -> None:
         with self._lock:
             if self._released:
                 raise JobCancelled("the request ended while its models were resolved")
-            self._held.append(self._leases.acquire(model))
+            self._leases.acquire(model)
+            self._held.append(model)
 
     def release_all(self) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from modelstore import DownloadProgress, ModelStore, Role, require_role
+from modelstore import AIR, DownloadProgress, ModelStore, Role, require_role
 from server.core.domain import LoadPhase, ModelLoading, PairKey
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pairs import ModelSpec, PairSpec
@@ -40,7 +40,7 @@ class Resolver:
         return PairSpec(key, specs[0], specs[1] if len(specs) > 1 else None)
 
     def _model_spec(
-        self, model: str, role: Role, leases: LeaseSet, sink: EventSink | None, give_up: threading.Event | None
+        self, model: AIR, role: Role, leases: LeaseSet, sink: EventSink | None, give_up: threading.Event | None
     ) -> ModelSpec:
         leases.hold(model)
         progress = None if sink is None else _DownloadReporter(model, role, sink)
@@ -53,7 +53,7 @@ class _DownloadReporter:
     """Turns the store's progress into `ModelLoading` DOWNLOADING (or VERIFYING: bytes being read to hash or
     measure them) events, a few per second."""
 
-    def __init__(self, model: str, role: Role, sink: EventSink) -> None:
+    def __init__(self, model: AIR, role: Role, sink: EventSink) -> None:
         self._model, self._role, self._sink = model, role, sink
         self._last = 0.0
 

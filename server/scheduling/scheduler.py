@@ -225,7 +225,8 @@ class Scheduler:
         return SchedulerSnapshot(devices, self.queue.depth(), self.queue.max_queue, self.queue.depth_by_priority())
 
     def resident_models(self) -> set[str]:
-        return {model for w in self.workers for pair in w.residency.resident() for _, model in pair.key.roles()}
+        resident = (pair.key for w in self.workers for pair in w.residency.resident())
+        return {model.canonical for key in resident for _, model in key.roles()}
 
     # ---- the workers' side (`WorkerHost`) ---------------------------------------------------------------
 

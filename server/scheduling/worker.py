@@ -231,18 +231,17 @@ class DeviceWorker:
                 self.compiler.request_size(pipe.unet, width, height)
 
     def _load(self, spec: ModelSpec, reuse: Mapping[str, Any]) -> Any:
-        self._leases.acquire(spec.record.canonical)  # a resident model is never evicted from the cache
+        self._leases.acquire(spec.record.air)  # a resident model is never evicted from the cache
         try:
             pipe = self._loader(
                 spec.record, role=spec.role, device=self.device.name, dtype=self.device.dtype, components=dict(reuse)
             )
             if not self.tuning.untuned:
-                model, role = spec.record.canonical, spec.role.value
-                tune_pipeline(pipe, self.tuning, compiler=self.compiler, model=model, role=role)
+                tune_pipeline(pipe, self.tuning, compiler=self.compiler, model=spec.record.canonical, role=spec.role)
             return pipe
         except BaseException:
-            self._leases.release(spec.record.canonical)
+            self._leases.release(spec.record.air)
             raise
 
     def _unload(self, spec: ModelSpec) -> None:
-        self._leases.release(spec.record.canonical)
+        self._leases.release(spec.record.air)

@@ -25,8 +25,7 @@ from modelstore import ModelRecord, ModelStore, Role, StoreSettings, load_pipeli
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.app import RefineryServer
-from server.core.domain import PairKey
-from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Security, Settings
+from server.core.settings import DEFAULT_PAIR, Security, Settings
 
 T = TypeVar("T")
 TIMEOUT_S = 120  # a hang fails the test instead of the whole run; never an expectation about speed
@@ -84,9 +83,9 @@ def make_settings(store_settings: StoreSettings, **overrides: Any) -> Settings:
         host="127.0.0.1",
         port=0,
         devices=("cpu",),
-        default_model=DEFAULT_BASE,
-        default_refiner=DEFAULT_REFINER,
-        pins=(PairKey(DEFAULT_BASE, DEFAULT_REFINER),),
+        default_model=DEFAULT_PAIR.base,
+        default_refiner=DEFAULT_PAIR.refiner,
+        pins=(DEFAULT_PAIR,),
         grace_period_s=10.0,
         drain_delay_s=0.0,  # tests of the delay set it
         # The tests' own files (under the temp folder) are local models the operator allows; the tests administer

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelStore, StoreSettings, parse_air
 from modelstore._safetensors_header import read_header
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2, status_pb2_grpc
@@ -157,7 +157,7 @@ def test_a_damaged_pinned_model_is_reported_and_the_other_pairs_are_served(
 ) -> None:
     settings = _damaged_civitai_cache(tmp_path, store_settings, civitai_base[0])
     store = ModelStore(settings)
-    pins = (PairKey(CIVITAI_BASE, None), PairKey(TINY_BASE, TINY_REFINER))
+    pins = (PairKey(parse_air(CIVITAI_BASE), None), PairKey(parse_air(TINY_BASE), parse_air(TINY_REFINER)))
     thread = ServerThread(make_settings(settings, pins=pins), store=store)
     try:
         thread.wait_ready()
@@ -188,7 +188,7 @@ def test_when_every_pinned_pair_fails_the_server_lives_but_is_not_ready_until_on
 ) -> None:
     settings = _damaged_civitai_cache(tmp_path, store_settings, civitai_base[0])
     store = ModelStore(settings)
-    thread = ServerThread(make_settings(settings, pins=(PairKey(CIVITAI_BASE, None),)), store=store)
+    thread = ServerThread(make_settings(settings, pins=(PairKey(parse_air(CIVITAI_BASE), None),)), store=store)
     try:
         thread.wait_ready()
         with grpc.insecure_channel(thread.address) as channel:

@@ -15,7 +15,7 @@ import torch._dynamo
 from prometheus_client import generate_latest
 from torch._dynamo.utils import counters
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelStore, StoreSettings, parse_air
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2, status_pb2_grpc
 from server.core.domain import PairKey
@@ -58,7 +58,7 @@ def test_pinned_shapes_compile_in_the_background_and_a_restart_compiles_nothing(
         vae_decode="bfloat16",
         compile_cache_dir=tmp_path / "compile",
     )
-    settings = make_settings(store_settings, pins=(PairKey(DEFAULT_BASE, None),), max_batch=2, speed=speed)
+    settings = make_settings(store_settings, pins=(PairKey(parse_air(DEFAULT_BASE), None),), max_batch=2, speed=speed)
     server = ServerThread(settings, store=model_store)
     try:
         server.wait_ready()  # SERVING once the pair is loaded: the compile goes on in the background

@@ -74,7 +74,7 @@ def pair(base: str, refiner: str | None = None) -> PairSpec:
         if refiner is None
         else model(refiner, "refiner", component("unet", f"unet-{refiner}", 40), SHARED_VAE, SHARED_TE2)
     )
-    return PairSpec(PairKey(b.record.canonical, None if r is None else r.record.canonical), b, r)
+    return PairSpec(PairKey(b.record.air, None if r is None else r.record.air), b, r)
 
 
 class Clock:

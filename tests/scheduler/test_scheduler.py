@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modelstore import ModelRecord, ModelStore, Role, StoreSettings
+from modelstore import ModelRecord, ModelStore, Role, StoreSettings, parse_air
 from modelstore.components import components_of
 from modelstore.errors import ModelNotFound, QuotaExceeded, WrongArchitecture
 from server.core.domain import (
@@ -143,7 +143,7 @@ def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> Job:
     values: dict[str, Any] = {
         "request_id": prompt,
         "model": TINY_BASE,
-        "refiner": RefinerSpec(TINY_REFINER, StartPercentage(75)) if refiner else None,
+        "refiner": RefinerSpec(parse_air(TINY_REFINER), StartPercentage(75)) if refiner else None,
         "prompt": prompt,
         "negative_prompt": None,
         "width": 0,
@@ -158,6 +158,7 @@ def job(prompt: str = "a cat", *, refiner: bool = True, **fields: Any) -> Job:
         "preview_every": 0,
     }
     values.update(fields)
+    values["model"] = parse_air(str(values["model"]))  # the tests name models by their text
     return Job(**values)
 
 
@@ -585,7 +586,7 @@ def test_a_pair_pinned_at_run_time_stays_until_it_is_unpinned(
     store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path
 ) -> None:
     other = another_base(model_store, tmp_path)
-    pair = PairKey(TINY_BASE, TINY_REFINER)
+    pair = PairKey(parse_air(TINY_BASE), parse_air(TINY_REFINER))
     scheduler, _, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
     try:
         scheduler.pin([pair]).result(WAIT_S)
@@ -608,8 +609,8 @@ def test_a_pair_pinned_at_run_time_stays_until_it_is_unpinned(
 def test_a_pair_that_cannot_fit_beside_the_pinned_ones_is_refused_and_nothing_loads(
     store_settings: StoreSettings, model_store: ModelStore, tmp_path: Path
 ) -> None:
-    other = PairKey(another_base(model_store, tmp_path), None)
-    pair = PairKey(TINY_BASE, TINY_REFINER)
+    other = PairKey(parse_air(another_base(model_store, tmp_path)), None)
+    pair = PairKey(parse_air(TINY_BASE), parse_air(TINY_REFINER))
     scheduler, loader, runner = make(store_settings, model_store, budget_bytes=(PAIR_MB + 3) * 10**6)
     try:
         scheduler.pin([pair]).result(WAIT_S)
