@@ -209,7 +209,11 @@ class Batch:
     def on_step(self, state: StepState) -> None:
         """The runner's `StepObserver`: close cancelled requests, report progress and previews to the others."""
         now = time.perf_counter()
-        self._worker.metrics.step_time.labels(state.stage.value).observe(now - self._last_step)
+        step_s = now - self._last_step
+        self._worker.metrics.step_time.labels(state.stage.value).observe(step_s)
+        for ticket in self._active:
+            stepped = ticket.timings.stepped
+            stepped[state.stage.value] = stepped.get(state.stage.value, 0.0) + step_s
         self._last_step = now
         self._first_step = self._first_step or now
         self._steps_seen += 1

@@ -60,7 +60,9 @@ class Timings:
     started: float = 0.0  # when a device took it
     loading_s: float = 0.0
     encode_s: float = 0.0
-    run: StageTimings | None = None
+    run: StageTimings | None = None  # the runner's own account, once the run is over
+    # Seconds to each reported step, by stage ("base" / "refiner"): what a request that ended mid-run spent.
+    stepped: dict[str, float] = field(default_factory=dict)
 
 
 class Ticket:
@@ -160,6 +162,8 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
 
 def _stage_seconds(timings: Timings) -> Callable[[str], float]:
     def seconds(stage: str) -> float:
-        return float(getattr(timings.run, f"{stage}_s")) if timings.run is not None else 0.0
+        if timings.run is not None:
+            return float(getattr(timings.run, f"{stage}_s"))
+        return timings.stepped.get(stage, 0.0)  # ended mid-run: its steps so far, and no decode
 
     return seconds
