@@ -84,7 +84,7 @@ def test_an_image_the_client_could_not_take_is_a_failure_not_ok(
 ) -> None:
     thread, _ = noisy
     caplog.set_level(logging.INFO, logger="server.scheduling.ticket")
-    registry = thread.server.core.metrics.registry
+    registry = thread.server.metrics.registry
 
     def count(outcome: str) -> float:
         return registry.get_sample_value("refinery_jobs_total", {"outcome": outcome}) or 0.0
