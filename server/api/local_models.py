@@ -59,21 +59,31 @@ def check(fields: Sequence[tuple[str, str]], roots: Sequence[Path]) -> None:
 def canonicalize(request: Message, fields: Sequence[str], roots: Sequence[Path]) -> None:
     """`check` the request's `fields` (dotted paths: "refiner.model"), then make each local model they name
     its real path, in place: what the store is given is what was checked here."""
+    if violations := refusals(request, fields, roots):
+        raise InvalidRequest(violations)
+
+
+def refusals(request: Message, fields: Sequence[str], roots: Sequence[Path]) -> list[FieldViolation]:
+    """`canonicalize`, returning the refused fields instead of raising: for validation that names every bad
+    field of a request at once (the accepted ones are rewritten in place all the same)."""
     found: dict[str, str | None] = {}
     for field in fields:
         text = _get(request, field)
         if text:
             found[field] = canonical(text, roots)
-    _refuse([field for field, value in found.items() if value is None])
     for field, value in found.items():
-        assert value is not None
-        if value != _get(request, field):
+        if value is not None and value != _get(request, field):
             _set(request, field, value)
+    return _violations([field for field, value in found.items() if value is None])
 
 
 def _refuse(fields: Sequence[str]) -> None:
-    if fields:
-        raise InvalidRequest([FieldViolation(field, REFUSED, "LOCAL_MODEL_REFUSED") for field in fields])
+    if violations := _violations(fields):
+        raise InvalidRequest(violations)
+
+
+def _violations(fields: Sequence[str]) -> list[FieldViolation]:
+    return [FieldViolation(field, REFUSED, "LOCAL_MODEL_REFUSED") for field in fields]
 
 
 def _get(request: Message, field: str) -> str:

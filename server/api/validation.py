@@ -72,8 +72,9 @@ def job_from_request(
     """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field. `work_limit`
     (megapixel-steps) is checked here when the request gives its size; at the model's native size, once the
     model is resolved. Local models are accepted only under `local_roots`."""
-    local_models.canonicalize(request, ("model", "refiner.model"), local_roots)
     bad = _Violations()
+    # A refused local path is one bad field among the others, all named at once.
+    bad.found.extend(local_models.refusals(request, ("model", "refiner.model"), local_roots))
     request_id = request.request_id or make_request_id()
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
         bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")

@@ -24,7 +24,7 @@ from refinery.v1 import models_pb2, models_pb2_grpc, status_pb2, status_pb2_grpc
 from server.core.settings import Security
 from tests.fakes import payloads
 from tests.fixtures.tiny import TINY_BASE, another_base
-from tests.integration.conftest import ServerThread, make_settings
+from tests.integration.conftest import ServerThread, bad_request_fields, make_settings
 
 from .conftest import TIMEOUT_S, Answer, answer_of, env_for_cli, refinery
 
@@ -198,3 +198,16 @@ def test_the_cli_server_in_process_uses_the_callers_own_files(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cat.png").stat().st_size > 0
+
+
+def test_a_refused_local_path_is_named_with_the_requests_other_bad_fields(
+    servers: dict[str, str], places: dict[str, Path]
+) -> None:
+    """A client fixing its request learns every bad field at once, the refused path among them."""
+    request = pb.GenerateRequest(positive_prompt="a cat", model="/etc/shadow", steps=100000, width=65)
+    with grpc.insecure_channel(servers["with a root"]) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(request, timeout=TIMEOUT_S))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(bad_request_fields(refused.value)) == ["model", "steps", "width"]
