@@ -5,6 +5,8 @@ store knows nothing of the server, and no module imports itself back through a c
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Collection
 from pathlib import Path
 
@@ -139,3 +141,15 @@ def test_the_layout_checks_see_a_side_door(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("from server.scheduling import queue\nfrom server.generation.runner import run\n")
     assert _imports(probe, MODULES) == {"server.scheduling.queue", "server.generation.runner"}
+
+
+def test_a_front_door_loads_a_room_only_as_far_as_its_caller_needs() -> None:
+    """The API's views of the rooms (compile states, the engine protocol) and the CLI do not load the runner,
+    the scheduler or diffusers' pipelines: the front doors import a name's module on first use."""
+    probe = (
+        "import sys, server.cli.main, server.api.convert, server.api.generation_service;"
+        "print(sorted(m for m in ('server.generation.runner', 'server.scheduling.scheduler', 'diffusers')"
+        " if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
