@@ -13,8 +13,9 @@ ModelService started in this process on a free loopback port, over the local cac
 settings `serve` uses (--cache-dir / REFINERY_CACHE_DIR, REFINERY_CACHE_MAX_BYTES, REFINERY_CIVITAI_API,
 CIVITAI_TOKEN, HF_ENDPOINT, HF_TOKEN, REFINERY_OFFLINE). So one client path runs either way: the output,
 the error lines and the exit codes are the same for a local cache and a remote server, and they are the
-statuses a gRPC client of the server would see. That in-process service needs neither torch nor a device,
-so `list` answers at once.
+statuses a gRPC client of the server would see. That in-process service needs no device and loads no
+pipeline, so `list` answers at once. It answers only this command's own client (a secret drawn per run): other
+users of the machine can reach its port, but not the caller's cache or files through it.
 
 A running server holds leases on the models it has loaded and those its requests use. Every process sharing
 the cache sees them (a shared file lock per model, `modelstore/leases.py`), so `rm` on the local cache refuses
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -34,10 +36,13 @@ from modelstore import ModelStore, StoreSettings
 from modelstore.units import format_bytes
 from refinery.client import Architecture, AsyncClient, ModelInfo, RefineryError
 from refinery.v1 import models_pb2_grpc as pb_grpc
+from server.api.access import AccessInterceptor
 from server.api.model_service import ModelService
 from server.cli import connect, serve
 from server.cli.terminal import PullView, print_table, report_failure
 from server.cli.verify import verify_models
+from server.core.metrics import Metrics
+from server.core.settings import Security
 
 _ARCHITECTURES = {
     Architecture.SDXL_BASE: "SDXL base",
@@ -76,11 +81,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     address = args.server
     async with contextlib.AsyncExitStack() as stack:
-        if not address:
+        if address:
+            # The client sends the admin token for pull, pin, unpin, rm and verify, the generation token for list.
+            client = await stack.enter_async_context(connect.client(address, args, env))
+        else:
             roots = serve.local_roots_of_the_caller([getattr(args, "model", None)])
-            address = await stack.enter_async_context(_local_service(serve.store_settings(args, env), roots))
-        # The client sends the admin token for pull, pin, unpin, rm and verify, the generation token for list.
-        client = await stack.enter_async_context(connect.client(address, args, env))
+            local = _local_service(serve.store_settings(args, env), roots)
+            address, run_token = await stack.enter_async_context(local)
+            client = await stack.enter_async_context(AsyncClient(address, token=run_token, admin_token=run_token))
         try:
             if args.models_command == "pull":
                 await _pull(client, args.model, pin=args.pin)
@@ -98,16 +106,20 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -> AsyncIterator[str]:
-    """The ModelService in this process, on loopback: the caller's own cache and files."""
+async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -> AsyncIterator[tuple[str, str]]:
+    """The ModelService in this process, on loopback: the caller's own cache and files; and the secret its every
+    call needs. Any user of the machine can reach a loopback port, so the service answers only this command's
+    own client, which holds a secret drawn for this run (as `refinery generate`'s in-process server does)."""
+    run_token = secrets.token_urlsafe(32)
     store = ModelStore(settings)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    gate = AccessInterceptor(Security(token=run_token, admin_token=run_token), Metrics().calls)
+    server = grpc.aio.server(interceptors=[gate], options=[("grpc.so_reuseport", 0)])
     service = ModelService(store, local_roots=local_roots)
     pb_grpc.add_ModelServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", run_token
     finally:
         await server.stop(1.0)
         store.close()
