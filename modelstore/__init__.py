@@ -2,12 +2,13 @@
 
 `ModelStore` is the front door, and this module exports everything a caller needs. It knows nothing of gRPC;
 errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `record`, `settings`, `store`,
-`loading`, `progress`, `components`, `role`, `role_policy` and `units`; modules whose names start with an
-underscore (and the `_sources` package) are internal and change without notice.
+`loading`, `progress`, `components`, `role`, `role_policy`, `downloads` and `units`; modules whose names start
+with an underscore (and the `_sources` package) are internal and change without notice.
 """
 
 from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component
+from modelstore.downloads import Cause, DownloadCause, OnDemandPolicy
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.local_files import LocalPathRefused, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
@@ -30,13 +31,16 @@ __all__ = [
     "ROLE_ARCHITECTURES",
     "Architecture",
     "CachedModel",
+    "Cause",
     "Component",
+    "DownloadCause",
     "DownloadProgress",
     "Layout",
     "Loader",
     "LocalPathRefused",
     "ModelRecord",
     "ModelStore",
+    "OnDemandPolicy",
     "ProgressCallback",
     "Role",
     "Source",

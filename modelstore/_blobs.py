@@ -177,6 +177,15 @@ class BlobStore:
             self._checked.pop(sha256, None)
         return target
 
+    def quarantined(self) -> list[tuple[Path, int]]:
+        """Blobs set aside and their sizes, oldest first: counted by the quota and the bytes on disk."""
+        found = []
+        for path in self._quarantine.glob("*") if self._quarantine.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                found.append((st.st_mtime, path, st.st_size))
+        return [(path, size) for _, path, size in sorted(found)]
+
     def remove(self, sha256: str) -> int:
         """Delete a blob; the bytes freed (0 if it was not there)."""
         path = self.path(sha256)

@@ -12,10 +12,12 @@ On disk, under `settings.cache_dir`:
                                  what a killed process left there is removed when a store opens the cache
                                  (see _staging.py)
 
-Quota (`max_bytes`, 0 = none) counts the blob bytes on disk, each distinct content once. Room for a model is
-made before its first byte is requested: least recently used models that are neither pinned nor in use are
-evicted, oldest first, and a model that cannot fit even then (or that the free disk space cannot hold) is
-refused with QuotaExceeded. Eviction deletes a model's folder and index row, then the blobs no other model
+Quota (`max_bytes`, 0 = none) counts the blob bytes on disk, each distinct content once, and the quarantined
+blobs. Room for a model is made before its first byte is requested: quarantined blobs go first, then least
+recently used models that are neither pinned nor in use are evicted, oldest first (for a download a request
+caused, only models that requests brought in: never one an operator pulled or pinned), and a model that
+cannot fit even then is refused with QuotaExceeded, one the free disk space cannot hold with DiskFull
+(`_disk_space`). Eviction deletes a model's folder and index row, then the blobs no other model
 uses. Local models (registered by reference) are never ours to delete and are not counted.
 
 Every change of what is cached (commit, evict, delete) happens under one lock, a thread lock plus a file lock
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from modelstore._blobs import BlobStore, FileIdentity
+from modelstore._disk_space import check_room
 from modelstore._index import Index, IndexEntry
 from modelstore._snapshots import Snapshots, content_digest
 from modelstore._staging import UNCLAIMED_GRACE_S, clean_old_files, clean_stale
@@ -57,19 +60,22 @@ _QUARANTINE_KEPT_S = 7 * 24 * 3600.0
 
 @dataclass(frozen=True)
 class Need:
-    """A file a model needs: its blob (when known in advance) and its size."""
+    """A file a model needs: its blob (when known in advance), its size, and what its partial file holds."""
 
     sha256: str | None
     size: int
+    partial: int = 0
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: two pulls may reserve the same numbers
 class _Reservation:
-    """Room held for a pull in flight in this process: its model, the blobs it counts on, bytes to come."""
+    """Room held for a pull in flight in this process: its model, the blobs it counts on, bytes to come (in
+    the quota; on the disk, less what partial files hold)."""
 
     model: str
     blobs: frozenset[str]
     missing: int
+    to_write: int
 
 
 class BlobsVanished(Exception):
@@ -120,7 +126,24 @@ class Cache:
         )
 
     def touch(self, air: AIR) -> None:
-        self.index.touch(air.canonical, time.time())
+        """Note a use (for eviction). On a full disk the note is lost, never the use: a cached model still
+        serves (issue 21: a full disk once failed every request here)."""
+        try:
+            self.index.touch(air.canonical, time.time())
+        except sqlite3.OperationalError as exc:
+            log.warning("could not note that %s was used: %s", air, exc)
+
+    def claim(self, air: AIR) -> None:
+        """An operator pulled or pinned `air`: no request's download may evict it."""
+        try:
+            self.index.claim(air.canonical)
+        except sqlite3.OperationalError as exc:
+            log.warning("could not note that %s is the operator's: %s", air, exc)
+
+    def discard(self, air: AIR) -> None:
+        """Remove `air` and its blobs no other model uses (a model a request brought in that nothing can use)."""
+        with contextlib.suppress(ModelNotFound):
+            self.delete(air, lambda _: False)
 
     def models(self, in_use: Callable[[str], bool]) -> list[CachedModel]:
         return [self._described(e, in_use) for e in self.index.entries()]
@@ -145,21 +168,28 @@ class Cache:
         )
 
     def used_bytes(self) -> int:
-        """The bytes the quota counts: every blob on disk, each distinct content once."""
-        return sum(self._blob_sizes().values())
+        """The bytes the quota counts: every blob on disk, each distinct content once, and quarantined ones."""
+        return sum(self._blob_sizes().values()) + sum(size for _, size in self.blobs.quarantined())
 
     # --- quota ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def reserve(self, air: AIR, needs: list[Need], in_use: Callable[[str], bool]) -> Iterator[None]:
-        """Make room for `needs` (evicting if the quota requires it) before anything is downloaded, and hold
-        that room until the block ends. Raises QuotaExceeded if the model cannot fit."""
+    def reserve(
+        self, air: AIR, needs: list[Need], in_use: Callable[[str], bool], *, on_demand: bool = False, floor: int = 0
+    ) -> Iterator[None]:
+        """Make room for `needs` (evicting if the quota requires it; `on_demand`: only models requests brought
+        in) before anything is downloaded, and hold that room until the block ends. Raises QuotaExceeded if
+        the model cannot fit, DiskFull if the disk cannot take it and still keep `floor` free."""
         with self._exclusive():
-            missing = sum(n.size for n in _distinct(needs) if n.sha256 is None or not self.blobs.has(n.sha256))
+            absent = [n for n in _distinct(needs) if n.sha256 is None or not self.blobs.has(n.sha256)]
+            missing = sum(n.size for n in absent)
+            to_write = sum(max(0, n.size - n.partial) for n in absent)
             if self.max_bytes:
-                self._make_room(air, needs, missing, in_use)
-            self._check_disk(air, missing)
-            reservation = _Reservation(air.canonical, frozenset(n.sha256 for n in needs if n.sha256), missing)
+                self._make_room(air, needs, missing, in_use, on_demand)
+            reserved = sum(r.to_write for r in self._reservations)
+            check_room(self.root, air, to_write, reserved=reserved, floor=floor)
+            blobs = frozenset(n.sha256 for n in needs if n.sha256)
+            reservation = _Reservation(air.canonical, blobs, missing, to_write)
             self._reservations.add(reservation)
         try:
             yield
@@ -167,12 +197,18 @@ class Cache:
             with self._lock:
                 self._reservations.discard(reservation)
 
-    def _make_room(self, air: AIR, needs: list[Need], missing: int, in_use: Callable[[str], bool]) -> None:
+    def _make_room(
+        self, air: AIR, needs: list[Need], missing: int, in_use: Callable[[str], bool], on_demand: bool
+    ) -> None:
         on_disk = self._blob_sizes()
         reserved_bytes = sum(r.missing for r in self._reservations)
         entries = [e for e in self.index.entries() if not Path(e.path).is_absolute()]
         kept_models = {r.model for r in self._reservations} | {air.canonical}
-        protected = {e.air for e in entries if e.pinned or in_use(e.air) or e.air in kept_models}
+        protected = {
+            e.air
+            for e in entries
+            if e.pinned or in_use(e.air) or e.air in kept_models or (on_demand and not e.on_demand)
+        }
         wanted = {n.sha256 for n in needs if n.sha256}
         protected_blobs = wanted.union(*(r.blobs for r in self._reservations))
         for e in entries:
@@ -183,13 +219,20 @@ class Cache:
         if model_bytes + untouchable > self.max_bytes:
             raise QuotaExceeded(
                 f"{air.canonical} needs {format_bytes(model_bytes)}, but the cache quota is "
-                f"{format_bytes(self.max_bytes)}, and {format_bytes(untouchable)} of it is pinned, in use or "
-                "downloading"
+                f"{format_bytes(self.max_bytes)}, and {format_bytes(untouchable)} of it is pinned, in use, "
+                + ("downloading or an operator's" if on_demand else "or downloading")
             )
-        used = sum(on_disk.values()) + reserved_bytes
+        quarantined = self.blobs.quarantined()
+        used = sum(on_disk.values()) + sum(size for _, size in quarantined) + reserved_bytes
         if used + missing <= self.max_bytes:
             return
         used -= self._collect_orphans(on_disk, protected_blobs)
+        for path, size in quarantined:  # kept for an operator to look at, but never at a model's expense
+            if used + missing <= self.max_bytes:
+                break
+            log.info("removing quarantined blob %s to make room for %s", path.name, air)
+            path.unlink(missing_ok=True)
+            used -= size
         victims = sorted((e for e in entries if e.air not in protected), key=lambda e: e.last_used)
         for victim in victims:
             if used + missing <= self.max_bytes:
@@ -200,14 +243,6 @@ class Cache:
             raise QuotaExceeded(
                 f"{air.canonical} needs {format_bytes(missing)} more, and the cache quota of "
                 f"{format_bytes(self.max_bytes)} cannot make room for it"
-            )
-
-    def _check_disk(self, air: AIR, missing: int) -> None:
-        free = shutil.disk_usage(self.root).free
-        if missing > free:
-            raise QuotaExceeded(
-                f"{air.canonical} needs {format_bytes(missing)}, but only {format_bytes(free)} is free on the disk "
-                f"holding {self.root}"
             )
 
     def _blob_sizes(self) -> dict[str, int]:
@@ -250,8 +285,10 @@ class Cache:
         files: Mapping[str, str],
         metadata: Mapping[str, Any],
         detect: Callable[[Path], Architecture],
+        on_demand: bool = False,
     ) -> ModelRecord:
-        """Build the model's folder from blobs already in place and record it in the index."""
+        """Build the model's folder from blobs already in place and record it in the index (`on_demand`: for a
+        request). Weights that `detect` refuses leave nothing behind: their folder and blobs are removed."""
         with self._exclusive():
             missing = [sha for sha in files.values() if not self.blobs.has(sha)]
             if missing:
@@ -262,6 +299,9 @@ class Cache:
                 architecture = detect(path)
             except Exception:
                 self.snapshots.remove(folder)
+                others = {sha for r in self._reservations if r.model != air.canonical for sha in r.blobs}
+                for sha in set(files.values()) - self.index.referenced_blobs() - others:
+                    self.blobs.remove(sha)
                 raise
             sizes = {p: (sha, self.blobs.size(sha)) for p, sha in files.items()}
             digest = files[SINGLE_FILE_NAME] if layout is Layout.SINGLE_FILE else content_digest(files)
@@ -279,6 +319,7 @@ class Cache:
                 last_used=now,
                 pinned=False,
                 files=sizes,
+                on_demand=on_demand,
             )
             old = self.index.get(air.canonical)
             self.index.put(entry)

@@ -4,6 +4,7 @@ make them up.
     models(air, source, layout, architecture, path, sha256, size_bytes, metadata, added, last_used, pinned)
     model_files(air, path, sha256, size)    -- the blobs of a cached model, by path inside its folder
     blob_digests(sha256, size, fast)        -- each blob's fast digest, taken from its verified bytes (_digests.py)
+    on_demand(air)                          -- models only requests brought in: the ones their downloads may evict
 
 A row is written only after every blob it names is in place and its folder is built, in one transaction, so
 the index never points at something that is not there (at worst, after a crash, a blob or a folder exists that
@@ -60,6 +61,9 @@ CREATE TABLE IF NOT EXISTS blob_digests (
     size   INTEGER NOT NULL,
     fast   TEXT NOT NULL      -- XXH3-128, hex
 );
+CREATE TABLE IF NOT EXISTS on_demand (
+    air TEXT PRIMARY KEY      -- a row of models that only requests (never an operator) have fetched
+);
 """
 
 
@@ -78,6 +82,8 @@ class IndexEntry:
     pinned: bool
     # path inside the model folder -> (blob sha256, size); empty for local models.
     files: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # Fetched for requests only: their downloads may evict it. An operator's pull or pin makes it theirs.
+    on_demand: bool = False
 
     @property
     def blobs(self) -> set[str]:
@@ -131,23 +137,31 @@ class Index:
             if row is None:
                 return None
             files = self._db.execute("SELECT path, sha256, size FROM model_files WHERE air = ?", (air,)).fetchall()
-        return _entry(row, files)
+            on_demand = self._db.execute("SELECT 1 FROM on_demand WHERE air = ?", (air,)).fetchone() is not None
+        return _entry(row, files, on_demand)
 
     def entries(self) -> list[IndexEntry]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM models ORDER BY air").fetchall()
             files = self._db.execute("SELECT air, path, sha256, size FROM model_files").fetchall()
+            on_demand = {air for (air,) in self._db.execute("SELECT air FROM on_demand")}
         by_air: dict[str, list[tuple[str, str, int]]] = {}
         for air, path, sha256, size in files:
             by_air.setdefault(air, []).append((path, sha256, size))
-        return [_entry(row, by_air.get(row[0], [])) for row in rows]
+        return [_entry(row, by_air.get(row[0], []), row[0] in on_demand) for row in rows]
 
     def put(self, entry: IndexEntry) -> None:
         """Insert or replace `entry` and its files in one transaction; `added` and `pinned` of an existing row
-        are kept (re-pulling a model does not unpin it)."""
+        are kept (re-pulling a model does not unpin it), and so is an operator's claim on it (a request that
+        fetches an operator's model again does not make it evictable by requests)."""
         with self._transaction() as db:
             old = db.execute("SELECT added, pinned FROM models WHERE air = ?", (entry.air,)).fetchone()
             added, pinned = (old[0], bool(old[1]) or entry.pinned) if old else (entry.added, entry.pinned)
+            was_on_demand = db.execute("SELECT 1 FROM on_demand WHERE air = ?", (entry.air,)).fetchone()
+            if not entry.on_demand or (old is not None and was_on_demand is None):
+                db.execute("DELETE FROM on_demand WHERE air = ?", (entry.air,))
+            else:
+                db.execute("INSERT OR IGNORE INTO on_demand VALUES (?)", (entry.air,))
             db.execute("DELETE FROM model_files WHERE air = ?", (entry.air,))
             db.execute(
                 "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -179,9 +193,16 @@ class Index:
             cursor = self._db.execute("UPDATE models SET pinned = ? WHERE air = ?", (int(pinned), air))
             return cursor.rowcount > 0
 
+    def claim(self, air: str) -> None:
+        """`air` is the operator's now (pulled or pinned): no request's download may evict it."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM on_demand WHERE air = ?", (air,)).fetchone() is not None:
+                self._db.execute("DELETE FROM on_demand WHERE air = ?", (air,))
+
     def remove(self, air: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM models WHERE air = ?", (air,))
+            db.execute("DELETE FROM on_demand WHERE air = ?", (air,))
 
     def fast_digest(self, sha256: str) -> tuple[int, str] | None:
         """(size, fast digest) recorded for blob `sha256`, if any."""
@@ -198,7 +219,7 @@ class Index:
             return {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM model_files")}
 
 
-def _entry(row: tuple[Any, ...], files: list[tuple[str, str, int]]) -> IndexEntry:
+def _entry(row: tuple[Any, ...], files: list[tuple[str, str, int]], on_demand: bool = False) -> IndexEntry:
     air, source, layout, architecture, path, sha256, size, metadata, added, last_used, pinned = row
     return IndexEntry(
         air=air,
@@ -213,4 +234,5 @@ def _entry(row: tuple[Any, ...], files: list[tuple[str, str, int]]) -> IndexEntr
         last_used=last_used,
         pinned=bool(pinned),
         files={p: (sha, n) for p, sha, n in files},
+        on_demand=on_demand,
     )

@@ -22,14 +22,31 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from modelstore._blobs import BlobStore, identity
 from modelstore._cache import Cache
 from modelstore._digests import fast_digest, full_digests
 from modelstore._index import IndexEntry
+from modelstore.air import AIR
+from modelstore.errors import IntegrityError
 from modelstore.progress import ByteCounter, ProgressCallback, ProgressFanout
 
 log = logging.getLogger(__name__)
+
+OFFLINE = "it was set aside, and downloads are turned off (offline mode): pull it again once they are on"
+
+
+def damaged_offline(air: AIR, damage: str) -> IntegrityError:
+    """`air`'s files failed their check (`damage`, what failed) and offline mode forbids fetching them again."""
+    return IntegrityError(f"{air.canonical}: {damage}; {OFFLINE}", air=air.canonical)
+
+
+def still_damaged(air: AIR, fetches: int) -> NoReturn:
+    raise IntegrityError(
+        f"{air.canonical}: its files failed their check again after being fetched {fetches} times",
+        air=air.canonical,
+    )
 
 
 @dataclass(frozen=True)

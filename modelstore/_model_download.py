@@ -1,5 +1,6 @@
 """Downloading a whole model from a remote source: its plan, room in the quota before the first byte, each of
-its files through the downloader, then its folder and index row.
+its files through the downloader, then its folder and index row. Each download is logged and counted with
+its `DownloadCause` (a request's id, a pull, a pin).
 
 Every file is verified as it arrives (`_file_download`); the model is committed only once all of them are
 blobs. If another process evicts one of them before the commit, the model is fetched once more.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelstore._architecture import detect_file, detect_folder
@@ -19,6 +21,7 @@ from modelstore._flights import Flight
 from modelstore._remote import RemoteFile
 from modelstore._sources import RemotePlan, RemoteSource
 from modelstore.air import AIR
+from modelstore.downloads import DownloadCause
 from modelstore.errors import SourceUnavailable
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.units import format_bytes
@@ -34,14 +37,18 @@ def download_model(
     cache: Cache,
     downloader: Downloader,
     in_use: Callable[[str], bool],
+    cause: DownloadCause,
+    floor: int,
+    started: Callable[[DownloadCause], None],
 ) -> ModelRecord:
-    """Fetch `air` from `source` into `cache`, reporting to `flight`; its record. `in_use` says which models
-    eviction must spare."""
+    """Fetch `air` from `source` into `cache` for `cause`, reporting to `flight`; its record. `in_use` says
+    which models eviction must spare; `floor`, the free space to leave on the disk; `started` hears of each
+    download that begins (not of a model whose files were all here)."""
     plan = source.plan(air)
     retried = False
     while True:
         try:
-            return _download_plan(plan, source.name, flight, cache, downloader, in_use)
+            return _download_plan(plan, source.name, flight, cache, downloader, in_use, _Why(cause, floor, started))
         except BlobsVanished:
             if retried:
                 raise SourceUnavailable(
@@ -58,14 +65,25 @@ def _download_plan(
     cache: Cache,
     downloader: Downloader,
     in_use: Callable[[str], bool],
+    why: _Why,
 ) -> ModelRecord:
     air, progress = plan.air, flight.progress
-    with cache.reserve(air, [Need(f.sha256, f.approx_size) for f in plan.files], in_use):
+    needs = [Need(f.sha256, f.approx_size, cache.blobs.partial_size(f.key)) for f in plan.files]
+    with cache.reserve(air, needs, in_use, on_demand=why.cause.on_demand, floor=why.floor):
         todo = [f for f in plan.files if f.sha256 is None or not cache.blobs.has(f.sha256)]
         total = sum(f.approx_size for f in todo)
         progress.set_total(total)
         if todo:
-            log.info("downloading %s from %s: %d file(s), %s", air, source, len(todo), format_bytes(total))
+            log.info(
+                "downloading %s from %s for %s: %d file(s), %s",
+                air,
+                source,
+                why.cause,
+                len(todo),
+                format_bytes(total),
+                extra={"download_cause": why.cause.cause.value},
+            )
+            why.started(why.cause)
         started = time.monotonic()
         files = {}
         for file in plan.files:
@@ -80,12 +98,20 @@ def _download_plan(
             files=files,
             metadata=plan.metadata,
             detect=_detector(plan.layout),
+            on_demand=why.cause.on_demand,
         )
     progress.finish()
     if todo:
         elapsed = max(time.monotonic() - started, 1e-6)
         log.info("downloaded %s in %.1f s (%s/s)", air, elapsed, format_bytes(int(total / elapsed)))
     return record
+
+
+@dataclass(frozen=True)
+class _Why:
+    cause: DownloadCause
+    floor: int
+    started: Callable[[DownloadCause], None]
 
 
 class _FileProgress:

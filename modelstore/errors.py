@@ -17,6 +17,8 @@ there.
     ├── SourceRateLimited     the source asks us to slow down (retry_after_s when known)
     ├── SourceUnavailable     the source could not be reached or failed (retryable)
     ├── QuotaExceeded         the model cannot fit in the cache quota or on the disk
+    ├── DiskFull              the disk holding the cache is full right now (retryable once space returns)
+    ├── DownloadRefused       the operator's policy lets no request download this model (pull it first)
     ├── ModelInUse            the model cannot be deleted while a job uses it
     └── DownloadAbandoned     every caller waiting for a download gave up; it stopped, its bytes are kept
 
@@ -147,6 +149,20 @@ class SourceUnavailable(ModelStoreError):
 
 class QuotaExceeded(ModelStoreError):
     """The model cannot fit in the cache quota or in the free disk space."""
+
+
+class DiskFull(ModelStoreError):
+    """The disk holding the model cache filled up while the model was being fetched (ENOSPC): the bytes
+    received are kept, and the fetch resumes once space returns. `retry_after_s`: a suggested pause."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 60.0, air: str | None = None) -> None:
+        super().__init__(message, air=air)
+        self.retry_after_s = retry_after_s
+
+
+class DownloadRefused(ModelStoreError):
+    """The model is not cached, and the operator's on-demand policy lets no request download it: an operator
+    pulls or pins it first (`modelstore.downloads`)."""
 
 
 class ModelInUse(ModelStoreError):

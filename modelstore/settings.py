@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelstore.downloads import DEFAULT_MIN_FREE_BYTES, NO_DOWNLOADS, OnDemandPolicy
 from modelstore.units import parse_bytes
 
 _TRUE = ("1", "true", "yes", "on")
@@ -25,11 +26,17 @@ class StoreSettings:
     hf_token: str | None = None
     # Refuse every download (the cache and local files still work).
     offline: bool = False
+    # What a server's requests may download on demand (`modelstore.downloads`): none by default, so only an
+    # operator decides what fills the disk; pulls and pins are never limited by it.
+    on_demand: OnDemandPolicy = NO_DOWNLOADS
+    # Free space a download for a request leaves on the cache's disk (0: none).
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreSettings:
         """REFINERY_CACHE_DIR, REFINERY_CACHE_MAX_BYTES, REFINERY_CIVITAI_API, CIVITAI_TOKEN, HF_ENDPOINT,
-        HF_TOKEN, REFINERY_OFFLINE; keyword overrides (from CLI flags) win.
+        HF_TOKEN, REFINERY_OFFLINE, REFINERY_DOWNLOAD_ON_DEMAND (none, any or AIR patterns),
+        REFINERY_CACHE_MIN_FREE (a size); keyword overrides (from CLI flags) win.
 
         REFINERY_CACHE_MAX_BYTES is a size with an optional unit ("20GiB", "512MB", "1000000"; empty or 0:
         no quota); REFINERY_OFFLINE is 1/true/yes/on or 0/false/no/off (any case; empty: off). Anything else
@@ -44,7 +51,10 @@ class StoreSettings:
             "hf_endpoint": env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
             "hf_token": env.get("HF_TOKEN") or None,
             "offline": _flag(env, "REFINERY_OFFLINE"),
+            "on_demand": _policy(env, "REFINERY_DOWNLOAD_ON_DEMAND"),
         }
+        if env.get("REFINERY_CACHE_MIN_FREE", "").strip():
+            values["min_free_bytes"] = _size(env, "REFINERY_CACHE_MIN_FREE")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -64,6 +74,13 @@ def _size(env: Mapping[str, str], name: str) -> int:
         return 0
     try:
         return parse_bytes(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _policy(env: Mapping[str, str], name: str) -> OnDemandPolicy:
+    try:
+        return OnDemandPolicy.parse(env.get(name, ""))
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
 

@@ -13,6 +13,9 @@ per-file lock and finds the file in place. How a model gets in depends on its so
 (`_sources/local.py`). Where it is kept: `_cache` (layout, quota, eviction), `_index` (SQLite), `_snapshots`
 (model folders).
 
+Who wants a model (`DownloadCause`) decides whether a request may download it and what it may evict
+(`_on_demand`); a full disk is `DiskFull`, never a stray OSError (`_disk_space`).
+
 Before a process first uses a cached model its files are checked against digests kept since they entered the
 cache; `verify` checks their SHA256 in full (`_integrity`).
 
@@ -30,6 +33,7 @@ store's own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -38,18 +42,22 @@ from pathlib import Path
 import requests
 
 from modelstore import _builtin
+from modelstore import _integrity as integrity
 from modelstore._cache import Cache
+from modelstore._disk_space import disk_full_as_error
 from modelstore._file_download import Downloader, RetryPolicy
 from modelstore._flights import Flight, Flights
 from modelstore._http import guard_library_logs
 from modelstore._integrity import BlobChecks, Damage, describe, quarantined_files
 from modelstore._leases import Leases
 from modelstore._model_download import download_model
+from modelstore._on_demand import DownloadCounts, gate, require_servable
 from modelstore._sources import RemoteSource
 from modelstore._sources import local as local_source
 from modelstore._sources.civitai import CivitaiSource
 from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component, components_of
+from modelstore.downloads import PULL, Cause, DownloadCause
 from modelstore.errors import (
     DownloadAbandoned,
     IntegrityError,
@@ -70,7 +78,6 @@ __all__ = ["ModelStore", "RetryPolicy"]
 ModelRef = str | AIR | ModelRecord
 # How many times a model is fetched in one resolve when its files keep failing their check.
 _FETCHES = 2
-_OFFLINE = "it was set aside, and downloads are turned off (offline mode): pull it again once they are on"
 
 
 class ModelStore:
@@ -95,6 +102,7 @@ class ModelStore:
         self._flights = Flights()
         self._leases = Leases(settings.cache_dir / "leases")
         self._local_roots: tuple[Path, ...] = ()
+        self._downloads = DownloadCounts()
 
     def confine_local(self, roots: Iterable[Path]) -> None:
         """Folders whose local models may read nothing outside them (a server's `--local-models`): a model
@@ -116,8 +124,10 @@ class ModelStore:
         *,
         progress: ProgressCallback | None = None,
         give_up: threading.Event | None = None,
+        cause: DownloadCause = PULL,
     ) -> ModelRecord:
-        """The record of `model`, fetching it into the cache first if needed (blocking).
+        """The record of `model`, fetching it into the cache first if needed (blocking), for `cause` (a
+        request may only download what the settings' `on_demand` policy allows: DownloadRefused otherwise).
 
         Before a record is first handed out in this process, its files are checked against the digests kept
         when they entered the cache (`_integrity`; VERIFYING progress): a file that fails is quarantined and the
@@ -128,7 +138,7 @@ class ModelStore:
         DownloadAbandoned. A call waiting on a download another call runs raises it within a tenth of a second
         of giving up; the call that runs the download returns when it ends or stops. Raises the
         `modelstore.errors` tree."""
-        return self._resolve(_air(model), progress, give_up, again=False)
+        return self._resolve(_air(model), progress, give_up, again=False, cause=cause)
 
     def pull(
         self,
@@ -139,16 +149,27 @@ class ModelStore:
     ) -> ModelRecord:
         """Make sure `model` is in the cache (an operator's pre-fetch): `resolve`, except that the files of a
         cached model are checked again even if this process checked them before."""
-        return self._resolve(_air(model), progress, give_up, again=True)
+        return self._resolve(_air(model), progress, give_up, again=True, cause=PULL)
 
     def _resolve(
-        self, air: AIR, progress: ProgressCallback | None, give_up: threading.Event | None, *, again: bool
+        self,
+        air: AIR,
+        progress: ProgressCallback | None,
+        give_up: threading.Event | None,
+        *,
+        again: bool,
+        cause: DownloadCause,
     ) -> ModelRecord:
-        with concerning(air.canonical):
+        with concerning(air.canonical), disk_full_as_error(self.settings.cache_dir, air):
             record = self._cached(air, touch=True, progress=progress, again=again)
-            if record is not None:
-                return record
-            return self._flights.run(air.canonical, lambda flight: self._lead(air, flight), progress, give_up)
+            if record is None:
+                if air.canonical not in self._flights:  # a request may wait for an operator's download
+                    gate(air, cause, self.settings.on_demand, self._cache)
+                lead = functools.partial(self._lead, air, cause=cause)
+                record = self._flights.run(air.canonical, lead, progress, give_up)
+            if not cause.on_demand:
+                self._cache.claim(air)  # pulled or pinned: the operator's now, whoever fetched it
+            return record
 
     def lookup(self, model: str | AIR, *, check: bool = True) -> ModelRecord | None:
         """The record of `model` if it is cached and intact (checked as `resolve` does), else None. Never
@@ -189,29 +210,31 @@ class ModelStore:
             log.warning("%s: %s; fetching it again", air, damage)
             return
         log.error("%s: %s; downloads are turned off (offline mode), so it stays unusable", air, damage)
-        raise _damaged_offline(air, damage)
+        raise integrity.damaged_offline(air, damage)
 
     def _refetchable(self, air: AIR) -> bool:
         return air.source is Source.BUILTIN or not self.settings.offline
 
-    def _lead(self, air: AIR, flight: Flight) -> ModelRecord:
+    def _lead(self, air: AIR, flight: Flight, *, cause: DownloadCause) -> ModelRecord:
         """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look), then
         check what the fetch did not verify itself (files other models had brought in already)."""
         try:
             if air.source is Source.LOCAL:
-                return self._cached(air, touch=True) or self._fetch(air, flight)
+                return self._cached(air, touch=True) or self._fetch(air, flight, cause)
             for _ in range(_FETCHES):
                 record = self._cached(air, touch=True)
                 if record is not None:
                     return record
-                self._fetch(air, flight)
-            return self._cached(air, touch=True) or _still_damaged(air)
+                fetched = self._fetch(air, flight, cause)
+                if cause.on_demand:
+                    require_servable(fetched, self._cache)
+            return self._cached(air, touch=True) or integrity.still_damaged(air, _FETCHES)
         except DownloadAbandoned:
             # Logged here, once the partial file is closed and complete: operators (and tests) wait for it.
             log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", air)
             raise
 
-    def _fetch(self, air: AIR, flight: Flight) -> ModelRecord:
+    def _fetch(self, air: AIR, flight: Flight, cause: DownloadCause) -> ModelRecord:
         if air.source is Source.LOCAL:
             return local_source.register(air, self._cache, flight.progress, self._local_roots)
         if air.source is Source.BUILTIN:
@@ -220,7 +243,7 @@ class ModelStore:
             entry = self._cache.index.get(air.canonical)
             set_aside = [] if entry is None else quarantined_files(self._cache, entry)
             if set_aside:
-                raise _damaged_offline(air, f"{', '.join(set_aside)} failed its check")
+                raise integrity.damaged_offline(air, f"{', '.join(set_aside)} failed its check")
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
@@ -229,6 +252,9 @@ class ModelStore:
             cache=self._cache,
             downloader=self._downloader,
             in_use=self._in_use,
+            cause=cause,
+            floor=self.settings.min_free_bytes if cause.on_demand else 0,
+            started=self._downloads.started,
         )
 
     def _source(self, source: Source) -> RemoteSource:
@@ -299,7 +325,7 @@ class ModelStore:
                 return Verification(air.canonical, Verdict.INTACT, read, "")
             damage = describe(damages)
             if not self._refetchable(air):
-                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {_OFFLINE}")
+                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {integrity.OFFLINE}")
             log.warning("%s: %s; fetching it again", air, damage)
             try:
                 self.resolve(air, progress=progress)
@@ -308,8 +334,13 @@ class ModelStore:
                 return Verification(air.canonical, Verdict.CORRUPT, read, failed)
             return Verification(air.canonical, Verdict.REPAIRED, read, f"{damage}; fetched again and verified")
 
+    def download_counts(self) -> dict[Cause, int]:
+        """Downloads this store began, per cause (a model whose files were all here is not counted)."""
+        return self._downloads.snapshot()
+
     def used_bytes(self) -> int:
-        """What the cache holds on disk, as the quota (`settings.max_bytes`) counts it: each distinct file once."""
+        """What the cache holds on disk, as the quota (`settings.max_bytes`) counts it: each distinct file once,
+        and the files set aside as damaged (`quarantine/`, until they are a week old or the quota needs room)."""
         return self._cache.used_bytes()
 
     def delete(self, model: str | AIR) -> int:
@@ -352,18 +383,6 @@ class ModelStore:
 
     def _in_use(self, canonical: str) -> bool:
         return canonical in self._flights or self._leases.held_anywhere(canonical)
-
-
-def _damaged_offline(air: AIR, damage: str) -> IntegrityError:
-    """`air`'s files failed their check (`damage`, what failed) and offline mode forbids fetching them again."""
-    return IntegrityError(f"{air.canonical}: {damage}; {_OFFLINE}", air=air.canonical)
-
-
-def _still_damaged(air: AIR) -> ModelRecord:
-    raise IntegrityError(
-        f"{air.canonical}: its files failed their check again after being fetched {_FETCHES} times",
-        air=air.canonical,
-    )
 
 
 def _air(model: str | AIR) -> AIR:

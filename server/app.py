@@ -36,7 +36,7 @@ from server.api import generation_service, model_service, server_service, transp
 from server.api.access import AccessInterceptor, check_served, is_loopback_host
 from server.api.boundary import status_code_for
 from server.core.domain import PairKey
-from server.core.metrics import Metrics
+from server.core.metrics import DownloadCounter, Metrics
 from server.core.pins import PinFailures
 from server.core.settings import Settings
 from server.generation import Encoder, PipelineRunner, run_pair
@@ -64,6 +64,7 @@ class RefineryServer:
         self.store = store if store is not None else ModelStore(settings.store)
         self.store.confine_local(settings.security.local_model_roots)  # request-named models stay inside
         self.metrics = Metrics()
+        self.metrics.watch(DownloadCounter(self.store))  # who made this server download what
         self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, encode=encode, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0

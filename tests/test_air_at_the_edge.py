@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelstore import AIR, Architecture, Component, Layout, ModelRecord, ProgressCallback, parse_air
+from modelstore import AIR, Architecture, Component, DownloadCause, Layout, ModelRecord, ProgressCallback, parse_air
 from refinery.v1 import generation_pb2 as pb
 from server.api.validation import job_from_request
 from server.core.domain import PairKey
@@ -31,7 +31,9 @@ class RecordingStore:
     def release(self, model: object) -> None:
         self.seen.append(("release", model))
 
-    def resolve(self, model: AIR, *, progress: ProgressCallback | None = None, give_up: Any = None) -> ModelRecord:
+    def resolve(
+        self, model: AIR, *, progress: ProgressCallback | None = None, give_up: Any = None, cause: Any = None
+    ) -> ModelRecord:
         self.seen.append(("resolve", model))
         return ModelRecord(model, Path("/nonexistent"), Layout.DIFFUSERS, Architecture.SDXL_BASE, 0, "0" * 64)
 
@@ -58,7 +60,7 @@ def test_the_store_receives_the_airs_the_edge_parsed() -> None:
 
     store = RecordingStore()
     leases = LeaseSet(store)
-    spec = Resolver(store).pair_spec(pair, leases)  # type: ignore[arg-type]
+    spec = Resolver(store).pair_spec(pair, leases, cause=DownloadCause.request("r-1"))  # type: ignore[arg-type]
     leases.release_all()
 
     for verb in ("acquire", "resolve", "release"):

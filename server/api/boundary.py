@@ -58,6 +58,10 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     store_errors.SourceRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     store_errors.SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     store_errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The disk under the cache is full now; RetryInfo: the partial download resumes once space returns.
+    store_errors.DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Not cached, and the operator lets no request download it: no retry helps until someone pulls it.
+    store_errors.DownloadRefused: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.ModelInUse: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.DownloadAbandoned: grpc.StatusCode.CANCELLED,
 }

@@ -8,12 +8,13 @@ server inside the command (loopback, a free port, nothing pinned).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from modelstore import StoreSettings
+from modelstore import OnDemandPolicy, StoreSettings
 from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
@@ -213,6 +214,8 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         # request would not pay for a compile.
         roots = local_roots_of_the_caller([getattr(args, "model", None), getattr(args, "refiner", None)])
         security = Security(local_model_roots=roots)
+        # The models named on the command line are the caller's choice, as a pull would be: downloaded on demand.
+        common["store"] = dataclasses.replace(common["store"], on_demand=OnDemandPolicy.parse("any"))
         return Settings(
             **common,
             host="127.0.0.1",

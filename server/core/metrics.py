@@ -10,7 +10,9 @@
 - State read at scrape time from the scheduler's snapshot (`watch`; the collector is
   `server/scheduling/gauges.py`), so it never drifts: queue depth per priority, resident bytes and running
   requests per device; every one of these has a series even at zero.
-- The process: bytes received from model sources, `refinery_build_info{version}`.
+- The process: bytes received from model sources, `refinery_build_info{version}`; downloads begun by the
+  model store per cause (`refinery_downloads_total{cause}`: request, pull, pin), read from the store at scrape
+  time (`watch(DownloadCounter(store))`).
 
 Each server owns its registry (several servers can live in one test process); `serve` exposes it on
 `--metrics-port` at /metrics, and answers 404 on any other path (a health check must not mistake it for one).
@@ -25,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from modelstore import downloaded_bytes
+from modelstore import Cause, ModelStore, downloaded_bytes
 from server.core.http_endpoint import HttpEndpoint
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -111,6 +113,23 @@ def _version() -> str:
         return importlib.metadata.version("refinery")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+class DownloadCounter(Collector):
+    """`refinery_downloads_total{cause}` from the store's own count: who made the server download (a request,
+    an operator's pull, a pin), with a series for each cause from the start."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "refinery_downloads", "Model downloads begun, by who caused them (request, pull, pin)", labels=["cause"]
+        )
+        counts = self._store.download_counts()
+        for cause in Cause:
+            family.add_metric([cause.value], counts.get(cause, 0))
+        yield family
 
 
 class _DownloadCollector(Collector):

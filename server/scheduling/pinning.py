@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 
-from modelstore import ModelStore
+from modelstore import Cause, DownloadCause, ModelStore
 from modelstore.units import format_bytes
 from server.core.domain import PairKey
 from server.core.errors import OutOfDeviceMemory
@@ -38,7 +38,8 @@ def pin_everywhere(
     try:
         give_up = threading.Event()  # a download for a caller who left stops
         done.add_done_callback(lambda settled: give_up.set() if settled.cancelled() else None)
-        specs = [resolver.pair_spec(key, leases, give_up=give_up) for key in pairs]
+        pin = DownloadCause(Cause.PIN)
+        specs = [resolver.pair_spec(key, leases, cause=pin, give_up=give_up) for key in pairs]
         for spec in specs:
             if too_small := admission.too_small(spec):  # a pin holds the pair on every device
                 w = too_small[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from modelstore import AIR, DownloadProgress, ModelStore, Role, require_role
+from modelstore import AIR, DownloadCause, DownloadProgress, ModelStore, Role, require_role
 from server.core.domain import LoadPhase, ModelLoading, PairKey
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pairs import ModelSpec, PairSpec
@@ -31,20 +31,28 @@ class Resolver:
         key: PairKey,
         leases: LeaseSet,
         *,
+        cause: DownloadCause,
         sink: EventSink | None = None,
         give_up: threading.Event | None = None,
     ) -> PairSpec:
-        """Lease, resolve and measure the pair's models (blocking). A request cancelled meanwhile sets
-        `give_up`, which stops a download nobody else waits for."""
-        specs = [self._model_spec(model, role, leases, sink, give_up) for role, model in key.roles()]
+        """Lease, resolve and measure the pair's models (blocking), downloading for `cause` (a request only as
+        the store's on-demand policy allows). A request cancelled meanwhile sets `give_up`, which stops a
+        download nobody else waits for."""
+        specs = [self._model_spec(model, role, leases, sink, give_up, cause) for role, model in key.roles()]
         return PairSpec(key, specs[0], specs[1] if len(specs) > 1 else None)
 
     def _model_spec(
-        self, model: AIR, role: Role, leases: LeaseSet, sink: EventSink | None, give_up: threading.Event | None
+        self,
+        model: AIR,
+        role: Role,
+        leases: LeaseSet,
+        sink: EventSink | None,
+        give_up: threading.Event | None,
+        cause: DownloadCause,
     ) -> ModelSpec:
         leases.hold(model)
         progress = None if sink is None else _DownloadReporter(model, role, sink)
-        record = self._store.resolve(model, progress=progress, give_up=give_up)
+        record = self._store.resolve(model, progress=progress, give_up=give_up, cause=cause)
         require_role(record, role)
         return ModelSpec(record, role, self._store.components(record, progress))
 

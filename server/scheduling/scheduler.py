@@ -33,10 +33,11 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from modelstore import Loader, ModelStore, load_pipeline
+from modelstore import DownloadCause, Loader, ModelStore, load_pipeline
 from modelstore.errors import ModelStoreError
 from server.core.domain import Job, PairKey, Queued
 from server.core.errors import DeadlineExceeded, ServerError, ShuttingDown
+from server.core.logs import escaped
 from server.core.metrics import Metrics
 from server.core.settings import Settings
 from server.generation import Encoder, PipelineRunner, configure_cache, encode_image, run_pair
@@ -297,8 +298,9 @@ class Scheduler:
     def _resolve(self, ticket: Ticket) -> None:
         """On a resolver thread: make the request's models available and check they can run somewhere."""
         try:
+            cause = DownloadCause.request(escaped(ticket.job.request_id))  # a client's text, bound for the log
             spec = self._resolver.pair_spec(
-                ticket.job.pair, ticket.leases, sink=ticket.sink, give_up=ticket.cancel_signal
+                ticket.job.pair, ticket.leases, cause=cause, sink=ticket.sink, give_up=ticket.cancel_signal
             )
             with self._lock:
                 others = list(self._tickets)

@@ -4,6 +4,9 @@
     the first request downloads both checkpoints once, every later request finds them cached, and after that
     the service runs with no network at all.
 
+Since issue 21 a request downloads only on a server whose operator allows it (`on_demand`, off by default):
+these servers opt in (`ON_DEMAND`); tests/integration/test_download_policy.py covers the default.
+
 The checkpoints are the tiny built-in base and refiner written as single files in the original key layout, as
 civitai ships SDXL, served by the fake civitai API and its separate storage host. Each version also lists a
 VAE that civitai marks primary, which must never be the file downloaded.
@@ -20,7 +23,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import ModelStore, OnDemandPolicy, StoreSettings
 from modelstore._builtin import BUILTIN_MODELS, build
 from refinery.v1 import generation_pb2 as pb
 from tests.fakes import payloads
@@ -33,6 +36,7 @@ from .conftest import TIMEOUT_S, ServerThread, collect, events, make_settings, n
 BASE = "civitai:101055@128078"
 REFINER = "civitai:101055@128080"
 BASE_FILE, REFINER_FILE = 126002, 126004
+ON_DEMAND = OnDemandPolicy.parse("any")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def pixels(image: pb.Image) -> bytes:
 def test_the_civitai_pair_downloads_once_and_then_runs_with_no_network(
     tmp_path: Path, civitai: FakeCivitai, storage: FakeStorage
 ) -> None:
-    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url)
+    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url, on_demand=ON_DEMAND)
 
     online, loading = generate(settings)
 
@@ -158,7 +162,7 @@ def test_a_request_cancelled_while_its_model_downloads_stops_the_download(
     caplog.set_level(logging.INFO, logger="modelstore.store")
     link = civitai.object_of(128078, BASE_FILE)
     link.trickle_s = 0.01  # a slow link: the whole file would take seconds
-    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url)
+    settings = StoreSettings(cache_dir=tmp_path / "cache", civitai_api=civitai.url, on_demand=ON_DEMAND)
     store = ModelStore(settings)
     thread = ServerThread(make_settings(settings, pins=()), store=store)
     request = pb.GenerateRequest(

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modelstore import ModelRecord, ModelStore, Role, StoreSettings, parse_air
+from modelstore import ModelRecord, ModelStore, OnDemandPolicy, Role, StoreSettings, parse_air
 from modelstore.components import components_of
 from modelstore.errors import ModelNotFound, QuotaExceeded, WrongArchitecture
 from server.core.domain import (
@@ -634,7 +634,10 @@ def test_a_queued_request_holds_its_models_against_a_pull_under_quota_pressure(
         civitai.add_version(n, n * 10, [(FakeFile(n * 100, f"m{n}.safetensors"), checkpoint)])
     running, queued, pulled = "civitai:1@10", "civitai:2@20", "civitai:3@30"
     settings = StoreSettings(
-        cache_dir=tmp_path / "cache", civitai_api=civitai.url, max_bytes=int(2 * (size + 4_500_000))
+        cache_dir=tmp_path / "cache",
+        civitai_api=civitai.url,
+        max_bytes=int(2 * (size + 4_500_000)),
+        on_demand=OnDemandPolicy.parse("any"),  # the requests download their models (off by default)
     )
     store = ModelStore(settings)
     scheduler, _, runner = make(settings, store)
