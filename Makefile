@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a lighthouse on a cliff at dusk, dramatic sky
 
-.PHONY: setup demo test lint proto bench bench-quick serve fleet
+.PHONY: setup demo test lint proto bench-quick serve fleet
 
 setup: $(VENV)/.installed
 
