@@ -10,7 +10,7 @@ from modelstore.air import AIR, Source, parse_air
 from modelstore.components import Component
 from modelstore.downloads import Cause, DownloadCause, OnDemandPolicy
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
-from modelstore.local_files import LocalPathRefused, open_model
+from modelstore.local_files import LocalPathRefused, folders_read, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
 from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Verdict, Verification
 from modelstore.role import Role
@@ -48,6 +48,7 @@ __all__ = [
     "Verdict",
     "Verification",
     "downloaded_bytes",
+    "folders_read",
     "load_pipeline",
     "native_size",
     "open_model",

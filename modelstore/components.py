@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from modelstore._safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
+from modelstore.local_files import reading
 from modelstore.progress import ByteCounter
 from modelstore.record import Layout, ModelRecord
 
@@ -79,6 +80,13 @@ def components_of(
 
 
 def _measure(record: ModelRecord, counter: ByteCounter | None) -> tuple[Component, ...]:
+    # A local model is measured through what was checked, as it is loaded: these fingerprints choose modules
+    # to share, so they must describe the very files the load will read.
+    with reading(record) as path:
+        return _measure_at(replace(record, path=path), counter)
+
+
+def _measure_at(record: ModelRecord, counter: ByteCounter | None) -> tuple[Component, ...]:
     groups: dict[str, list[tuple[Path, SafetensorsHeader, str, str]]] = {}
     if record.layout is Layout.DIFFUSERS:
         for name in COMPONENTS:

@@ -10,7 +10,9 @@ Two layouts load:
 
 Before anything reaches diffusers, every weight file is checked to be safetensors by its content (diffusers
 would `torch.load` any file not named `.safetensors`) and the architecture is read from the headers, so a
-model that cannot serve the role is refused with WrongArchitecture before any tensor is read. After loading,
+model that cannot serve the role is refused with WrongArchitecture before any tensor is read. A local model
+is read, for the whole load, through its files as they were opened and matched against what was checked and
+hashed (`local_files.reading`), never through its names. After loading,
 `_pipeline_checks` looks for what diffusers gets wrong silently (meta tensors, broken tokenizers, the
 aesthetics flag) and raises CorruptModel.
 
@@ -40,6 +42,7 @@ from modelstore._config_families import family_for, known_families
 from modelstore._pipeline_checks import check_pipeline
 from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import CorruptModel, ModelStoreError, concerning
+from modelstore.local_files import reading
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.role import Role
 from modelstore.role_policy import require_architecture, require_role
@@ -101,16 +104,19 @@ def load_pipeline(
 def _load(
     record: ModelRecord, role: Role, dtype: Any, components: Mapping[str, Any] | None
 ) -> tuple[Any, Architecture]:
-    if record.layout is Layout.DIFFUSERS:
-        architecture = detect_folder(record.path)
+    # A local model is read through what was opened and matched against its check, for the whole load: a
+    # name swapped for a link meanwhile cannot lead diffusers elsewhere (issue 21, item 5).
+    with reading(record) as path:
+        if record.layout is Layout.DIFFUSERS:
+            architecture = detect_folder(path)
+            _require_role(record, architecture, role)
+            build = _Build(record.canonical, role, architecture, dtype, components)
+            return build.load("from_pretrained", path, use_safetensors=True), architecture  # never .bin
+        header = _single_file_header(path)
+        architecture = detect_header(header, name=record.canonical)
         _require_role(record, architecture, role)
         build = _Build(record.canonical, role, architecture, dtype, components)
-        return build.load("from_pretrained", record.path, use_safetensors=True), architecture  # never .bin
-    header = _single_file_header(record.path)
-    architecture = detect_header(header, name=record.canonical)
-    _require_role(record, architecture, role)
-    build = _Build(record.canonical, role, architecture, dtype, components)
-    return _from_single_file(record.path, header, build), architecture
+        return _from_single_file(path, header, build), architecture
 
 
 def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any:
@@ -238,16 +244,17 @@ def native_size(record: ModelRecord) -> tuple[int, int] | None:
     """The model's training resolution as (width, height), read from its configs without touching a weight
     (1024x1024 for SDXL, 64x64 for the built-in tiny models); None if the configs do not say."""
     try:
-        if record.layout is Layout.DIFFUSERS:
-            folder = record.path
-        else:
-            dims = _model_dims.from_single_file(_single_file_header(record.path).tensors)
-            family = family_for(dims, record.architecture)
-            if family is None:
-                return None
-            folder = family.folder
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
+        with reading(record) as path:
+            if record.layout is Layout.DIFFUSERS:
+                folder = path
+            else:
+                dims = _model_dims.from_single_file(_single_file_header(path).tensors)
+                family = family_for(dims, record.architecture)
+                if family is None:
+                    return None
+                folder = family.folder
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
         side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError, ModelStoreError):
         return None

@@ -6,6 +6,8 @@ link between the resolution and the opening is refused, not followed. Inside a d
 the loader reads is resolved and opened the same way, and (under confinement) must lead into one of the
 roots. What was opened is kept open: `Opened.view` is a private folder of links to `/proc/self/fd/N`, so
 whatever reads through it (hashing, header checks, diffusers) reads exactly the inodes that were checked.
+Loading and measuring a model come later, from a record: `reading` opens it again, under the roots it was
+checked with, and reads it only if each file is still the one hashed (the record carries their identities).
 
 Identity is the opened file's (st_dev, st_ino, size, mtime): a model is registered under its real path, once,
 whatever spelling named it (`/proc/self/root/...`, `/proc/self/cwd/...`, `//`, `/./`).
@@ -20,12 +22,15 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from modelstore.errors import ModelNotFound
+from modelstore.air import Source
+from modelstore.errors import ModelNotFound, ModelStoreError
+from modelstore.record import FileId, LocalFiles, ModelRecord
 
 # What the loader reads from a diffusers folder; pickles, ONNX/Flax exports and hidden folders are never read.
 LOADED_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
@@ -37,20 +42,6 @@ _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 class LocalPathRefused(ModelNotFound):
     """A local path that cannot be opened safely: outside the roots, through a link that changed, unreadable,
     or neither a regular file nor a folder. The message never describes what is there."""
-
-
-@dataclass(frozen=True)
-class FileId:
-    """What a file was when it was opened: its identity and the two facts that tell a change."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileId:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass
@@ -69,14 +60,22 @@ class Opened:
 
     @contextmanager
     def view(self) -> Iterator[Path]:
-        """A private folder (or file) laid out like the model whose entries lead to the opened descriptors."""
+        """A private folder laid out like the model (a single file is `model.safetensors`: diffusers picks its
+        reader by name) whose entries lead to the opened descriptors. A store error raised while it is in use
+        names the model's own path, not the view's."""
         top = Path(tempfile.mkdtemp(prefix="refinery-local-"))
         try:
             for relative in self.fds:
-                link = top / (relative or f"model{self.path.suffix or '.safetensors'}")
+                link = top / (relative or "model.safetensors")
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(self.fd_path(relative))
-            yield next(iter(top.iterdir())) if self.is_file else top
+            view = top / "model.safetensors" if self.is_file else top
+            try:
+                yield view
+            except ModelStoreError as exc:
+                if str(view) not in exc.message:
+                    raise
+                raise _reworded(exc, exc.message.replace(str(view), str(self.path))) from exc
         finally:
             shutil.rmtree(top, ignore_errors=True)
 
@@ -140,6 +139,50 @@ def identities(path: str | Path, roots: Sequence[Path]) -> dict[str, FileId]:
     """What `open_model(path, roots, confined=False)` would open, by identity (nothing is read)."""
     with open_model(path, roots, confined=False) as opened:
         return dict(opened.ids)
+
+
+@contextmanager
+def reading(record: ModelRecord) -> Iterator[Path]:
+    """Where to read `record`'s files: its own path for a model in the cache; for a local model, a view of
+    its files opened again now (below the roots it was checked under, as `open_model`) and kept open while
+    the block reads, refused (LocalPathRefused) unless each is the very file that was checked and hashed.
+    What loads or measures a local model reads that, never its names: a name swapped after the check cannot
+    lead the reader elsewhere."""
+    if record.air.source is not Source.LOCAL:
+        yield record.path
+        return
+    checked = record.local or LocalFiles(())
+    with open_model(record.path, checked.roots, confined=False) as opened:
+        if checked.ids and opened.ids != dict(checked.ids):
+            raise LocalPathRefused("the local model changed since it was checked; ask for it again")
+        with opened.view() as view:
+            yield view
+
+
+def checked(record: ModelRecord, fingerprint: Mapping[str, Sequence[Any]], roots: Sequence[Path]) -> ModelRecord:
+    """`record` carrying what its files were when hashed (a local source's fingerprint: relative path ->
+    [size, mtime_ns, sha256, device, inode]) and the roots it was confined to, for `reading`."""
+    ids = tuple((p, FileId(int(v[3]), int(v[4]), int(v[0]), int(v[1]))) for p, v in fingerprint.items())
+    return replace(record, local=LocalFiles(ids, tuple(roots)))
+
+
+def folders_read(path: str | Path) -> tuple[Path, ...]:
+    """The folders that the files of the model at `path` really lie in, links followed (e.g. a Hugging Face
+    cache snapshot's `blobs/`); () if it cannot be opened. For a caller vouching for the links its own model
+    makes (`refinery generate`'s command line), never for a path a request named."""
+    try:
+        with open_model(path, (), confined=False) as opened:
+            return tuple(dict.fromkeys(Path(os.readlink(opened.fd_path(r))).parent for r in opened.fds))
+    except (LocalPathRefused, OSError):
+        return ()
+
+
+def _reworded(exc: ModelStoreError, message: str) -> ModelStoreError:
+    """`exc` as a new error of its kind saying `message` (errors are values: the raised one stays as it is)."""
+    clone = type(exc).__new__(type(exc))
+    clone.__dict__.update(exc.__dict__, _message=message)
+    clone.args = (message,)
+    return clone
 
 
 def _open_folder(opened: Opened, folder_fd: int, roots: Sequence[Path]) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -45,6 +46,29 @@ class Layout(Enum):
 
 
 @dataclass(frozen=True)
+class FileId:
+    """What a file was when it was opened: its identity and the two facts that tell a change."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """A local model's files as they were checked and hashed (relative path, "" for a single file, and
+    identity), and the roots it was confined to: what loading it must open again (`local_files.reading`)."""
+
+    ids: tuple[tuple[str, FileId], ...]
+    roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """A model that is available locally and can be loaded without the network."""
 
@@ -55,6 +79,8 @@ class ModelRecord:
     size_bytes: int
     # Content hash of the weights (sha256 of the file, or of the folder's sorted file hashes).
     sha256: str
+    # A local model's checked files (None for the cache's own, and for a record nobody checked).
+    local: LocalFiles | None = field(default=None, compare=False, repr=False)
 
     @property
     def canonical(self) -> str:

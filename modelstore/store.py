@@ -41,7 +41,7 @@ from pathlib import Path
 
 import requests
 
-from modelstore import _builtin
+from modelstore import _builtin, local_files
 from modelstore import _integrity as integrity
 from modelstore._cache import Cache
 from modelstore._disk_space import disk_full_as_error
@@ -201,6 +201,8 @@ class ModelStore:
             return None
         if touch:
             self._cache.touch(air)
+        if entry.source == Source.LOCAL.value:  # a load opens again exactly what was hashed (`local_files`)
+            return local_files.checked(self._cache.record(air, entry), fingerprint, self._local_roots)
         return self._cache.record(air, entry)
 
     def _refetch_or_raise(self, air: AIR, damage: str) -> None:

@@ -27,9 +27,9 @@ from modelstore._index import IndexEntry
 from modelstore._snapshots import content_digest
 from modelstore.air import AIR, Source
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
-from modelstore.local_files import FileId, Opened, identities, open_model
+from modelstore.local_files import Opened, checked, identities, open_model
 from modelstore.progress import ByteCounter, ProgressFanout
-from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.record import Architecture, FileId, Layout, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def register(air: AIR, cache: Cache, progress: ProgressFanout, roots: Sequence[P
         )
     )
     log.info("registered local model %s (%s)", path, model.architecture.label)
-    return ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
+    record = ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
+    return checked(record, model.fingerprint, roots)  # what a load must find again (`local_files.reading`)
 
 
 def inspect(

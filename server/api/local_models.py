@@ -10,7 +10,8 @@ model store, so nothing is registered or listed.
 An accepted path is resolved once and opened along that resolution (`modelstore.local_files`), and the request
 goes on naming the model by its real path: one model per real file, whatever spelling the client used
 (`/proc/self/root/...`, `/proc/self/cwd/...`, `//`). The store opens that real path again without following
-any link, so a name swapped for a link after this check is refused there, not followed.
+any link, so a name swapped for a link after this check is refused there, not followed, and it loads the
+model from the files it opened and hashed, never by name.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from modelstore import OnDemandPolicy, StoreSettings
+from modelstore import OnDemandPolicy, StoreSettings, folders_read
 from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
@@ -278,9 +278,15 @@ def _distinct_ports(args: argparse.Namespace) -> None:
 
 def local_roots_of_the_caller(models: Sequence[str | None]) -> tuple[Path, ...]:
     """For a server inside a command (loopback, for this caller only): local models in the current folder, or
-    named on this command line, are the caller's own files."""
-    named = [m for m in models if m and m.startswith(("/", "local:"))]
-    return (Path.cwd(), *(Path(m.removeprefix("local:")).parent for m in named))
+    named on this command line, are the caller's own files, and so are the folders the links of a named
+    model lead into (a Hugging Face cache snapshot's files are links into its `blobs/`): the caller chose
+    that model, links and all. Computed once, here, from the caller's own command line; a server's
+    `--local-models` roots stay strict (a link out of them is refused)."""
+    named = [Path(m.removeprefix("local:")) for m in models if m and m.startswith(("/", "local:"))]
+    roots = [Path.cwd(), *(path.parent for path in named)]
+    for path in named:
+        roots += [f for f in folders_read(path) if not any(f == r or r in f.parents for r in roots)]
+    return tuple(dict.fromkeys(roots))
 
 
 def _pins(args: argparse.Namespace) -> tuple[PairKey, ...] | None:
