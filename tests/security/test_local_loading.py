@@ -37,7 +37,15 @@ def confined(store_settings: StoreSettings, tmp_path: Path) -> Iterator[ModelSto
     (tmp_path / "allowed").mkdir()
     store.confine_local([tmp_path / "allowed"])
     yield store
+    forget_under(store, tmp_path)
     store.close()
+
+
+def forget_under(store: ModelStore, folder: Path) -> None:
+    """Forget the local models under `folder` (the cache is shared: other tests list it)."""
+    for model in store.list_models():
+        if model.source == "local" and folder in model.path.parents:
+            store.delete(model.air)
 
 
 def test_a_name_swapped_during_loads_never_loads_the_outside_file(
@@ -130,6 +138,7 @@ def test_refinery_generate_runs_a_hugging_face_snapshot(
         "generate", "a lighthouse", "--model", str(snapshot), "--steps", "2", "-o", "out.png",
         cache=store_settings.cache_dir, cwd=work,
     )  # fmt: skip
+    forget_under(model_store, tmp_path)
     assert result.returncode == 0, result.stderr
     assert (work / "out.png").is_file()
     assert f"local:{snapshot}" in result.stdout
