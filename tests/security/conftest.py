@@ -11,17 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import torch
+from PIL import Image
 
 from modelstore import ModelStore, StoreSettings
 from refinery.v1 import status_pb2, status_pb2_grpc
+from server.core.domain import RenderShape, Sample, Stage
 from server.core.settings import Security
+from server.generation import PipelinePair, RunResult, StageTimings, StepState
+from server.generation.runner import StepObserver
 from tests.integration.conftest import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,3 +236,33 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         stranger_cert=folder / "stranger.pem",
         stranger_key=folder / "stranger.key",
     )
+
+
+# ---- a stand-in device with a known cost (admission and log-line tests) -------------------------------------
+
+FIXED_S = 0.2  # a run's fixed part: half before the steps (the prompts), half after (the decode)
+STEP_S = 0.02  # a step at 256 x 256; in proportion to the pixels
+
+
+def timed_device(
+    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
+) -> RunResult:
+    """Reports every step like the runner, sleeping what a device of this cost would take; no model runs."""
+    time.sleep(FIXED_S / 2)
+    per_step = STEP_S * shape.width * shape.height / (256 * 256)
+    latents = torch.zeros(len(samples), 4, shape.height // 8, shape.width // 8)
+    for overall in range(1, shape.steps + 1):
+        time.sleep(per_step)
+        observer.on_step(StepState(Stage.BASE, overall, shape.steps, overall, shape.steps, latents, 1.0))
+    time.sleep(FIXED_S / 2)
+    return RunResult([Image.new("RGB", (shape.width, shape.height)) for _ in samples], StageTimings())
+
+
+@pytest.fixture
+def timed(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
+    """A server over `timed_device`, one request per batch, nothing pinned."""
+    thread = ServerThread(make_settings(store_settings, pins=(), max_batch=1), store=model_store, run=timed_device)
+    try:
+        yield thread
+    finally:
+        thread.close()

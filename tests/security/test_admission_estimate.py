@@ -1,54 +1,22 @@
 """Admission's estimate cannot be poisoned by cheap requests (issue 21, item 1), through a real server.
 
-The "device" here is a stand-in with a known cost, so the verdicts do not depend on how busy the test machine is:
-a fixed FIXED_S per run (prompt encoding, the decode) and STEP_S x (pixels / 256²) per step. A 64², 1-step request
-is nearly all fixed cost (0.2 s); a 256², 12-step one takes about 0.44 s. One pace over every batch learnt from the
-cheap ones (0.004 megapixel-steps in 0.2 s) put the big one at about 38 s and refused it with DEADLINE_EXCEEDED.
+The "device" here is a stand-in with a known cost (`timed_device` in conftest.py), so the verdicts do not
+depend on how busy the test machine is: a fixed 0.2 s per run (prompt encoding, the decode) and 0.02 s x
+(pixels / 256²) per step. A 64², 1-step request is nearly all fixed cost (0.2 s); a 256², 12-step one takes
+about 0.44 s. One pace over every batch learnt from the cheap ones (0.004 megapixel-steps in 0.2 s) put the big
+one at about 38 s and refused it with DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
 
 import grpc
-import pytest
-import torch
-from PIL import Image
 
-from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
-from server.core.domain import RenderShape, Sample, Stage
-from server.generation import PipelinePair, RunResult, StageTimings, StepState
-from server.generation.runner import StepObserver
-from tests.integration.conftest import ServerThread, make_settings, new_stub
+from tests.integration.conftest import ServerThread, new_stub
 
 from .test_bounded_cost import run_stream
-
-FIXED_S = 0.2
-STEP_S = 0.02  # at 256 x 256; in proportion to the pixels
-
-
-def timed_device(
-    pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
-) -> RunResult:
-    time.sleep(FIXED_S / 2)  # the prompts
-    per_step = STEP_S * shape.width * shape.height / (256 * 256)
-    latents = torch.zeros(len(samples), 4, shape.height // 8, shape.width // 8)
-    for overall in range(1, shape.steps + 1):
-        time.sleep(per_step)
-        observer.on_step(StepState(Stage.BASE, overall, shape.steps, overall, shape.steps, latents, 1.0))
-    time.sleep(FIXED_S / 2)  # the decode
-    return RunResult([Image.new("RGB", (shape.width, shape.height)) for _ in samples], StageTimings())
-
-
-@pytest.fixture
-def timed(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    thread = ServerThread(make_settings(store_settings, pins=(), max_batch=1), store=model_store, run=timed_device)
-    try:
-        yield thread
-    finally:
-        thread.close()
 
 
 def small(name: str) -> pb.GenerateRequest:

@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
-from tests.integration.conftest import ServerThread, make_settings, new_stub
+from tests.integration.conftest import ServerThread, new_stub
 
-from .test_admission_estimate import timed_device
 from .test_bounded_cost import outcome_line, run_stream
-
-
-@pytest.fixture
-def timed(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
-    thread = ServerThread(make_settings(store_settings, pins=(), max_batch=1), store=model_store, run=timed_device)
-    try:
-        yield thread
-    finally:
-        thread.close()
 
 
 def test_a_request_ended_mid_run_logs_the_time_its_steps_took(
