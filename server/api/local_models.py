@@ -47,19 +47,10 @@ def canonical(text: str, roots: Sequence[Path]) -> str | None:
         return None
 
 
-def allowed(text: str, roots: Sequence[Path]) -> bool:
-    """Whether `text` may be used (see `canonical`)."""
-    return canonical(text, roots) is not None
-
-
-def check(fields: Sequence[tuple[str, str]], roots: Sequence[Path]) -> None:
-    """Raise InvalidRequest naming every (field, text) that names a local file outside `roots`."""
-    _refuse([field for field, text in fields if text and canonical(text, roots) is None])
-
-
 def canonicalize(request: Message, fields: Sequence[str], roots: Sequence[Path]) -> None:
-    """`check` the request's `fields` (dotted paths: "refiner.model"), then make each local model they name
-    its real path, in place: what the store is given is what was checked here."""
+    """Refuse the request (InvalidRequest) if any of its `fields` (dotted paths: "refiner.model") names a local
+    model outside `roots`; else make each local model they name its real path, in place: what the store is
+    given is what was checked here."""
     if violations := refusals(request, fields, roots):
         raise InvalidRequest(violations)
 
@@ -76,11 +67,6 @@ def refusals(request: Message, fields: Sequence[str], roots: Sequence[Path]) -> 
         if value is not None and value != _get(request, field):
             _set(request, field, value)
     return _violations([field for field, value in found.items() if value is None])
-
-
-def _refuse(fields: Sequence[str]) -> None:
-    if violations := _violations(fields):
-        raise InvalidRequest(violations)
 
 
 def _violations(fields: Sequence[str]) -> list[FieldViolation]:

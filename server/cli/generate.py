@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from io import BytesIO
@@ -252,9 +251,10 @@ async def _in_process_server(args: argparse.Namespace, env: Mapping[str, str]) -
     """A server on a free loopback port for this command alone, and the secret its every call needs: any user of
     the machine can reach a loopback port, and this server reads the caller's files (issue 21, item 3). The
     secret is random per run, lives only in this process, and is sent by this command's own client."""
-    run_token = secrets.token_urlsafe(32)
     settings = serve.server_settings(args, env, in_process=True)
-    settings = replace(settings, security=replace(settings.security, token=run_token, admin_token=run_token))
+    settings = replace(settings, security=serve.only_this_process(settings.security))
+    run_token = settings.security.token
+    assert run_token is not None
     quiet_model_libraries()
     from server.app import RefineryServer  # torch and diffusers load only when a server runs here
 

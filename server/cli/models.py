@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -109,10 +108,12 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -> AsyncIterator[tuple[str, str]]:
     """The ModelService in this process, on loopback: the caller's own cache and files; and the secret its every
     call needs. Any user of the machine can reach a loopback port, so the service answers only this command's
-    own client, which holds a secret drawn for this run (as `refinery generate`'s in-process server does)."""
-    run_token = secrets.token_urlsafe(32)
+    own client (`serve.only_this_process`, as `refinery generate`'s in-process server)."""
+    security = serve.only_this_process(Security())
+    run_token = security.token
+    assert run_token is not None
     store = ModelStore(settings)
-    gate = AccessInterceptor(Security(token=run_token, admin_token=run_token), Metrics().calls)
+    gate = AccessInterceptor(security, Metrics().calls)
     server = grpc.aio.server(interceptors=[gate], options=[("grpc.so_reuseport", 0)])
     service = ModelService(store, local_roots=local_roots)
     pb_grpc.add_ModelServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -274,6 +275,14 @@ def _distinct_ports(args: argparse.Namespace) -> None:
         for other, other_number in named[i + 1 :]:
             if number and number == other_number:
                 raise UsageError(f"{flag} and {other} are both {number}: each needs a port of its own")
+
+
+def only_this_process(security: Security) -> Security:
+    """`security` with one secret, drawn for this run, as its only token for every call: for a server this
+    command runs on a loopback port (which any user of the machine can reach) and talks to itself. The secret
+    lives only in this process; its own client sends it."""
+    run_token = secrets.token_urlsafe(32)
+    return dataclasses.replace(security, token=run_token, admin_token=run_token)
 
 
 def local_roots_of_the_caller(models: Sequence[str | None]) -> tuple[Path, ...]:

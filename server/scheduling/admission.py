@@ -27,29 +27,27 @@ class Admission:
         self._pace = pace
         self._work_limit = work_limit
 
-    def admit(self, ticket: Ticket, spec: PairSpec, others: Iterable[Ticket]) -> tuple[float, Shape]:
+    def admit(self, ticket: Ticket, spec: PairSpec, others: Iterable[Ticket]) -> Shape:
         """Check `ticket` now that its models are resolved to `spec`, with the other requests not yet ended
-        (`others`): its work in megapixel-steps and the shape it runs in. Raises the error that ends it
-        otherwise."""
-        self.check_fits_somewhere(spec)
-        width, height = self.size(ticket.job, spec)
-        work = ticket.job.work(width, height)
-        self._check_work(ticket.job, work)
+        (`others`): the shape it runs in. Raises the error that ends it otherwise."""
+        self._check_fits_somewhere(spec)
+        width, height = self._size(ticket.job, spec)
+        self._check_work(ticket.job, ticket.job.work(width, height))
         shape = shape_of(ticket.job, width, height)
         self._check_deadline(ticket, shape, others)
-        return work, shape
+        return shape
 
     def too_small(self, spec: PairSpec) -> list[DeviceWorker]:
         """The devices `spec` can never fit on beside their pinned pairs."""
         return [w for w in self._workers if not w.residency.could_ever_fit(spec)]
 
-    def check_fits_somewhere(self, spec: PairSpec) -> None:
+    def _check_fits_somewhere(self, spec: PairSpec) -> None:
         if len(too_small := self.too_small(spec)) == len(self._workers):
             budgets = ", ".join(f"{w.device.name}: {format_bytes(w.residency.budget_bytes)}" for w in too_small)
             raise OutOfDeviceMemory(f"{spec.key} cannot fit on any device beside the pinned pairs ({budgets})")
 
     @staticmethod
-    def size(job: Job, spec: PairSpec) -> tuple[int, int]:
+    def _size(job: Job, spec: PairSpec) -> tuple[int, int]:
         """The size the request will run at (reading the base's configs when the request leaves the size to
         the model: once per request, at resolution)."""
         if job.width and job.height:

@@ -54,32 +54,26 @@ def pin_everywhere(
         for failure in failures:
             if failure is not None:
                 raise failure
-        _settle(done, None)
     except BaseException as exc:
         _roll_back(specs, pinned_before, unpin)
         _settle(done, exc)
+    else:
+        if not _settle(done, None):  # abandoned while the pairs loaded: nothing stays newly pinned
+            _roll_back(specs, pinned_before, unpin)
     finally:
         leases.release_all()
 
 
-class _Abandoned(Exception):
-    """The caller cancelled `done` while the pairs loaded."""
-
-
-def _settle(done: Future[None], error: BaseException | None) -> None:
-    """Settle `done`; raises _Abandoned when its caller cancelled it meanwhile (a success is then undone)."""
-    if done.cancelled():
-        if error is None:
-            raise _Abandoned
-        return
+def _settle(done: Future[None], error: BaseException | None) -> bool:
+    """Settle `done` with `error` (None: success); False when its caller cancelled it first."""
     try:
         if error is None:
             done.set_result(None)
         else:
             done.set_exception(error)
-    except InvalidStateError:  # cancelled between the check and now
-        if error is None:
-            raise _Abandoned from None
+    except InvalidStateError:  # cancelled: set_* refuse a settled future
+        return False
+    return True
 
 
 def _roll_back(specs: Sequence[PairSpec], pinned_before: set[PairKey], unpin: Callable[[PairKey], bool]) -> None:

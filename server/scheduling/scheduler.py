@@ -304,13 +304,13 @@ class Scheduler:
             )
             with self._lock:
                 others = list(self._tickets)
-            work, shape = self._admission.admit(ticket, spec, others)
+            shape = self._admission.admit(ticket, spec, others)
         except BaseException as exc:
             if not isinstance(exc, (ModelStoreError, ServerError)):
                 log.error("resolving request %s failed", ticket.job.request_id, exc_info=exc)
             if self.queue.cancel(ticket):
                 self.finish(ticket, exc)
             return
-        ticket.work, ticket.shape = work, shape  # before `spec`: a ticket with a spec has its work and shape
+        ticket.shape = shape  # before `spec`: a ticket with a spec has its shape
         ticket.spec = spec
         self.queue.unblock(ticket)

@@ -75,8 +75,7 @@ class Ticket:
         self.deadline = deadline  # time.monotonic(); None: the client waits as long as it takes
         self.timings = Timings()
         self.spec: PairSpec | None = None  # the resolved models, once the resolver is done
-        self.work = 0.0  # megapixel-steps at the size it runs at, known with `spec`
-        self.shape: Shape | None = None  # what its run costs depends on, as the pace learns it; with `spec`
+        self.shape: Shape | None = None  # what its run costs depends on, as the pace learns it; known with `spec`
         # Its place in the batch it runs in: images offset..offset+count of the batch are its own.
         self.batch_offset = 0
         self.steps_done = 0
