@@ -12,3 +12,4 @@ class Role(StrEnum):
 
     BASE = "base"
     REFINER = "refiner"
+    LORA = "lora"  # a LoRA of either stage: only ever reported (downloads, loading), never a pair's model

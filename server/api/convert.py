@@ -20,7 +20,7 @@ from server.scheduling import DeviceSnapshot, SchedulerSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}
-_ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER}
+_ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER, Role.LORA: gen_pb.MODEL_ROLE_LORA}
 _COMPILE_STATES = {
     CompileState.QUEUED: status_pb.CompiledShape.STATE_QUEUED,
     CompileState.COMPILING: status_pb.CompiledShape.STATE_COMPILING,

@@ -109,6 +109,43 @@ class AestheticScores:
 AESTHETIC_SCORE_RANGE = (0.0, 10.0)  # the LAION aesthetic predictor's scale, which SDXL was conditioned on
 
 
+class PromptWeighting(Enum):
+    """How prompts are read: plain text, compel's syntax, or AUTOMATIC1111's (both weighted by compel)."""
+
+    NONE = "none"
+    COMPEL = "compel"
+    A1111 = "a1111"
+
+
+# A prompt is encoded in windows of 75 tokens (77 with the start and end tokens), at most this many.
+CHUNK_TOKENS = 75
+MAX_CHUNKS = 8
+MAX_LORAS = 4  # per stage
+LORA_WEIGHT_RANGE = (-4.0, 4.0)  # Runware's
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of one stage, as asked for: its model and strength."""
+
+    model: AIR
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.weight:g}"
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """What one text encoder of one stage read of a sample's prompts (start and end tokens not counted)."""
+
+    stage: Stage
+    encoder: str  # "text_encoder" (CLIP ViT-L) or "text_encoder_2" (OpenCLIP bigG)
+    positive: int
+    negative: int
+    chunks: int
+
+
 @dataclass(frozen=True)
 class Prompt:
     """What one stage is conditioned on."""
@@ -125,6 +162,8 @@ class RefinerSpec:
     compare: bool = False
     scores: AestheticScores = AestheticScores()
     prompt: Prompt | None = None  # the refiner's own prompts; None: the request's
+    loras: tuple[LoraSpec, ...] = ()  # never the base's: a base LoRA does not fit the refiner's UNet
+    chunks: int = 1  # 75-token windows the refiner's prompts take (the longer of positive and negative)
 
 
 @dataclass(frozen=True)
@@ -135,6 +174,7 @@ class Sample:
     negative_prompt: str | None  # None: the model's default (SDXL base zeroes the negative conditioning)
     seed: int
     refiner_prompt: Prompt | None = None  # None: the refiner gets the base's prompts
+    weighting: PromptWeighting = PromptWeighting.NONE
 
     def conditioning(self, stage: Stage) -> Prompt:
         if stage is Stage.REFINER and self.refiner_prompt is not None:
@@ -156,6 +196,12 @@ class RenderShape:
     # every image in it: both must be shared.
     compare: bool = False
     scores: AestheticScores = AestheticScores()
+    # A batch has one set of LoRAs per stage applied to its models, and one text sequence length (a UNet call
+    # takes one): requests differing in either never share a batch.
+    loras: tuple[LoraSpec, ...] = ()
+    refiner_loras: tuple[LoraSpec, ...] = ()
+    chunks: int = 1
+    refiner_chunks: int = 1
 
     @property
     def refiner_steps(self) -> int:
@@ -187,6 +233,9 @@ class Job:
     output_format: ImageFormat
     preview_every: int
     priority: int = 0
+    loras: tuple[LoraSpec, ...] = ()  # the base's
+    prompt_weighting: PromptWeighting = PromptWeighting.NONE
+    chunks: int = 1  # 75-token windows the base's prompts take (the longer of positive and negative)
 
     @property
     def refiner_steps(self) -> int:
@@ -204,7 +253,8 @@ class Job:
         """Result i uses seed + i, so any one result can be reproduced alone."""
         refiner_prompt = self.refiner.prompt if self.refiner is not None else None
         return [
-            Sample(self.prompt, self.negative_prompt, self.seed + i, refiner_prompt) for i in range(self.number_results)
+            Sample(self.prompt, self.negative_prompt, self.seed + i, refiner_prompt, self.prompt_weighting)
+            for i in range(self.number_results)
         ]
 
     def work(self, width: int, height: int) -> float:
@@ -216,9 +266,20 @@ class Job:
         return PairKey(self.model, self.refiner.model if self.refiner is not None else None)
 
     def shape(self, width: int, height: int) -> RenderShape:
-        scores = self.refiner.scores if self.refiner is not None else AestheticScores()
+        refiner = self.refiner
         return RenderShape(
-            width, height, self.steps, self.base_steps, self.cfg_scale, self.sampler, self.compare, scores
+            width,
+            height,
+            self.steps,
+            self.base_steps,
+            self.cfg_scale,
+            self.sampler,
+            self.compare,
+            refiner.scores if refiner is not None else AestheticScores(),
+            self.loras,
+            refiner.loras if refiner is not None else (),
+            self.chunks,
+            refiner.chunks if refiner is not None else 1,
         )
 
 
@@ -286,6 +347,9 @@ class ImageResult:
     model: str
     refiner_model: str
     branch: Branch = Branch.MAIN
+    loras: tuple[LoraSpec, ...] = ()
+    refiner_loras: tuple[LoraSpec, ...] = ()
+    tokens: tuple[TokenCount, ...] = ()
 
 
 JobEvent = Queued | ModelLoading | Progress | Preview | ImageResult

@@ -38,11 +38,18 @@ class Branch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BRANCH_UNSPECIFIED: _ClassVar[Branch]
     BRANCH_BASE_ONLY: _ClassVar[Branch]
 
+class PromptWeighting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROMPT_WEIGHTING_UNSPECIFIED: _ClassVar[PromptWeighting]
+    PROMPT_WEIGHTING_COMPEL: _ClassVar[PromptWeighting]
+    PROMPT_WEIGHTING_A1111: _ClassVar[PromptWeighting]
+
 class ModelRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_ROLE_UNSPECIFIED: _ClassVar[ModelRole]
     MODEL_ROLE_BASE: _ClassVar[ModelRole]
     MODEL_ROLE_REFINER: _ClassVar[ModelRole]
+    MODEL_ROLE_LORA: _ClassVar[ModelRole]
 SCHEDULER_UNSPECIFIED: Scheduler
 SCHEDULER_EULER: Scheduler
 SCHEDULER_EULER_ANCESTRAL: Scheduler
@@ -59,12 +66,16 @@ STAGE_BASE: Stage
 STAGE_REFINER: Stage
 BRANCH_UNSPECIFIED: Branch
 BRANCH_BASE_ONLY: Branch
+PROMPT_WEIGHTING_UNSPECIFIED: PromptWeighting
+PROMPT_WEIGHTING_COMPEL: PromptWeighting
+PROMPT_WEIGHTING_A1111: PromptWeighting
 MODEL_ROLE_UNSPECIFIED: ModelRole
 MODEL_ROLE_BASE: ModelRole
 MODEL_ROLE_REFINER: ModelRole
+MODEL_ROLE_LORA: ModelRole
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every", "priority")
+    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every", "priority", "loras", "prompt_weighting")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +91,8 @@ class GenerateRequest(_message.Message):
     REFINER_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     positive_prompt: str
@@ -95,10 +108,20 @@ class GenerateRequest(_message.Message):
     refiner: Refiner
     preview_every: int
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    prompt_weighting: PromptWeighting
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_weighting: _Optional[_Union[PromptWeighting, str]] = ...) -> None: ...
+
+class Lora(_message.Message):
+    __slots__ = ("model", "weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weight: float
+    def __init__(self, model: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Refiner(_message.Message):
-    __slots__ = ("model", "start_step", "start_step_percentage", "compare", "aesthetic_score", "negative_aesthetic_score", "positive_prompt", "negative_prompt")
+    __slots__ = ("model", "start_step", "start_step_percentage", "compare", "aesthetic_score", "negative_aesthetic_score", "positive_prompt", "negative_prompt", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     START_STEP_PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +130,7 @@ class Refiner(_message.Message):
     NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_step: int
     start_step_percentage: int
@@ -115,7 +139,8 @@ class Refiner(_message.Message):
     negative_aesthetic_score: float
     positive_prompt: str
     negative_prompt: str
-    def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ..., compare: _Optional[bool] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, model: _Optional[str] = ..., start_step: _Optional[int] = ..., start_step_percentage: _Optional[int] = ..., compare: _Optional[bool] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "queued", "model_loading", "progress", "preview", "image", "image_chunk")
@@ -214,7 +239,7 @@ class Preview(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., overall_step: _Optional[int] = ..., image_index: _Optional[int] = ..., data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model", "branch")
+    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model", "branch", "loras", "refiner_loras", "prompt_tokens")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +251,9 @@ class Image(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REFINER_MODEL_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    REFINER_LORAS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     mime_type: str
     seed: int
@@ -237,7 +265,24 @@ class Image(_message.Message):
     model: str
     refiner_model: str
     branch: Branch
-    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    refiner_loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    prompt_tokens: _containers.RepeatedCompositeFieldContainer[PromptTokens]
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., branch: _Optional[_Union[Branch, str]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., refiner_loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[_Union[PromptTokens, _Mapping]]] = ...) -> None: ...
+
+class PromptTokens(_message.Message):
+    __slots__ = ("stage", "text_encoder", "positive_tokens", "negative_tokens", "chunks")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    text_encoder: str
+    positive_tokens: int
+    negative_tokens: int
+    chunks: int
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., text_encoder: _Optional[str] = ..., positive_tokens: _Optional[int] = ..., negative_tokens: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("index", "offset", "total_size", "data", "image")
