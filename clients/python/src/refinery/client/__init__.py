@@ -9,7 +9,20 @@ from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS
 from refinery.client.chunks import ImageAssembler
 from refinery.client.client import DEFAULT_TARGET, Client, token_from_env
 from refinery.client.errors import FieldViolation, RefineryError
-from refinery.client.events import Branch, Event, Image, ModelLoading, Phase, Preview, Progress, Queued, Role, Stage
+from refinery.client.events import (
+    AppliedLora,
+    Branch,
+    Event,
+    Image,
+    ModelLoading,
+    Phase,
+    Preview,
+    Progress,
+    PromptTokens,
+    Queued,
+    Role,
+    Stage,
+)
 from refinery.client.metadata import PAIR_HEADER, pair_affinity
 from refinery.client.models import (
     Architecture,
@@ -21,7 +34,15 @@ from refinery.client.models import (
     VerifyEvent,
     VerifyResult,
 )
-from refinery.client.request import GenerateOptions, OutputFormat, Refiner, Scheduler, generate_request
+from refinery.client.request import (
+    GenerateOptions,
+    Lora,
+    OutputFormat,
+    PromptWeighting,
+    Refiner,
+    Scheduler,
+    generate_request,
+)
 from refinery.client.status import (
     CompiledShape,
     CompileState,
@@ -37,6 +58,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "PAIR_HEADER",
     "TLS",
+    "AppliedLora",
     "Architecture",
     "AsyncClient",
     "Branch",
@@ -49,6 +71,7 @@ __all__ = [
     "GenerateOptions",
     "Image",
     "ImageAssembler",
+    "Lora",
     "ModelInfo",
     "ModelList",
     "ModelLoading",
@@ -57,6 +80,8 @@ __all__ = [
     "PinFailure",
     "Preview",
     "Progress",
+    "PromptTokens",
+    "PromptWeighting",
     "PullEvent",
     "PullProgress",
     "QueueStatus",

@@ -8,6 +8,7 @@ know yet (a newer server) reads as UNSPECIFIED rather than failing the stream.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -28,6 +29,7 @@ class Role(StrEnum):
     UNSPECIFIED = "unspecified"
     BASE = "base"
     REFINER = "refiner"
+    LORA = "lora"  # a LoRA of either stage; ModelLoading.model says which LoRA
 
 
 class Branch(StrEnum):
@@ -93,6 +95,29 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA as the server applied it: its canonical AIR and the weight used (1 where the request left it
+    unset)."""
+
+    model: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """What one text encoder of one stage read: the tokens of the prompt and of the negative prompt (without
+    the start and end tokens, after any weighting syntax is removed) and the 75-token windows it ran (at least
+    1; both sides are padded to the same count). The SDXL base has "text_encoder" and "text_encoder_2", the
+    refiner only "text_encoder_2"."""
+
+    stage: Stage
+    text_encoder: str
+    positive_tokens: int
+    negative_tokens: int
+    chunks: int
+
+
+@dataclass(frozen=True)
 class Image:
     request_id: str
     index: int
@@ -106,6 +131,9 @@ class Image:
     model: str
     refiner_model: str  # "" without a refiner
     branch: Branch = Branch.MAIN
+    loras: tuple[AppliedLora, ...] = ()  # the base's, in request order
+    refiner_loras: tuple[AppliedLora, ...] = ()  # the refiner's; none on a BASE_ONLY image
+    prompt_tokens: tuple[PromptTokens, ...] = ()  # one per (stage, text encoder)
 
 
 Event = Queued | ModelLoading | Progress | Preview | Image
@@ -131,6 +159,9 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
             image.model,
             image.refiner_model,
             _branch(image.branch),
+            _applied(image.loras),
+            _applied(image.refiner_loras),
+            tuple(_prompt_tokens(t) for t in image.prompt_tokens),
         )
     kind = response.WhichOneof("event")
     if kind == "queued":
@@ -167,6 +198,16 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
             rid, stage, v.step, v.overall_step, v.image_index, v.data, v.mime_type, v.width, v.height, _branch(v.branch)
         )
     return None
+
+
+def _applied(loras: Iterable[pb.Lora]) -> tuple[AppliedLora, ...]:
+    # The server reports the weight it used; a server that leaves it unset means the contract's default.
+    return tuple(AppliedLora(lora.model, lora.weight if lora.HasField("weight") else 1.0) for lora in loras)
+
+
+def _prompt_tokens(tokens: pb.PromptTokens) -> PromptTokens:
+    stage = proto_enum(Stage, pb.Stage, "STAGE_", tokens.stage)
+    return PromptTokens(stage, tokens.text_encoder, tokens.positive_tokens, tokens.negative_tokens, tokens.chunks)
 
 
 def _branch(value: int) -> Branch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypedDict, Unpack
@@ -24,6 +25,16 @@ class OutputFormat(StrEnum):
     WEBP = "webp"
 
 
+class PromptWeighting(StrEnum):
+    """How the prompts are read. NONE: plain text, every character part of the prompt (what a request without
+    this field gets). COMPEL: the compel library's syntax ("a (red)1.3 cat", "a cat++"). A1111: AUTOMATIC1111's
+    ("(red:1.3)", "(red)" = 1.1, "[red]" = 1 / 1.1), weighted with compel's arithmetic."""
+
+    NONE = "none"
+    COMPEL = "compel"
+    A1111 = "a1111"
+
+
 _SCHEDULERS = {
     Scheduler.EULER: pb.SCHEDULER_EULER,
     Scheduler.EULER_ANCESTRAL: pb.SCHEDULER_EULER_ANCESTRAL,
@@ -37,6 +48,31 @@ _FORMATS = {
     OutputFormat.JPEG: pb.OUTPUT_FORMAT_JPEG,
     OutputFormat.WEBP: pb.OUTPUT_FORMAT_WEBP,
 }
+_WEIGHTINGS = {
+    PromptWeighting.NONE: pb.PROMPT_WEIGHTING_UNSPECIFIED,
+    PromptWeighting.COMPEL: pb.PROMPT_WEIGHTING_COMPEL,
+    PromptWeighting.A1111: pb.PROMPT_WEIGHTING_A1111,
+}
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA for one stage: its AIR ("civitai:122359@135867", "hf:owner/repo@rev+file.safetensors", a local
+    .safetensors under the server's allowed roots, "builtin:tiny-lora-base@1") and its strength. `weight`
+    None: the server's default, 1. The server checks both (at most 4 per stage, each once, weight in -4..4)."""
+
+    model: str
+    weight: float | None = None
+
+    def to_proto(self) -> pb.Lora:
+        lora = pb.Lora(model=self.model)
+        if self.weight is not None:  # an explicit 0 is sent: it applies nothing, unlike unset (1)
+            lora.weight = self.weight
+        return lora
+
+
+def _loras(loras: Iterable[Lora]) -> list[pb.Lora]:
+    return [lora.to_proto() for lora in loras]
 
 
 @dataclass(frozen=True)
@@ -45,7 +81,8 @@ class Refiner:
     over: `start_step` (it runs start_step..steps), or `start_percentage` of the steps for the base, or 90 %.
     `compare`: also return, per result, the image the base alone makes from the same seed (events carry
     `branch`). The refiner's own conditioning: `aesthetic_score` (server default 6.0),
-    `negative_aesthetic_score` (2.5), and its own `prompt` / `negative_prompt` (default: the request's)."""
+    `negative_aesthetic_score` (2.5), and its own `prompt` / `negative_prompt` (default: the request's).
+    `loras`: LoRAs for the refiner's UNet; the request's own `loras` never reach the refiner."""
 
     model: str = ""
     start_step: int | None = None
@@ -55,10 +92,12 @@ class Refiner:
     negative_aesthetic_score: float | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
+    loras: Sequence[Lora] = ()
 
     def __post_init__(self) -> None:
         if self.start_step is not None and self.start_percentage is not None:
             raise ValueError("give start_step or start_percentage, not both")
+        object.__setattr__(self, "loras", tuple(self.loras))  # a list given stays the caller's, and hashes
 
     def to_proto(self) -> pb.Refiner:
         refiner = pb.Refiner(model=self.model)
@@ -75,6 +114,7 @@ class Refiner:
             refiner.positive_prompt = self.prompt
         if self.negative_prompt is not None:
             refiner.negative_prompt = self.negative_prompt
+        refiner.loras.extend(_loras(self.loras))
         return refiner
 
 
@@ -96,6 +136,8 @@ class GenerateOptions(TypedDict, total=False):
     preview_every: int  # a Preview every n steps
     priority: int  # -100..100, higher first
     request_id: str  # echoed on every event and in the server's log; empty: the server assigns one
+    loras: Sequence[Lora]  # for the base model alone, at most 4; the refiner takes Refiner(loras=...)
+    prompt_weighting: PromptWeighting | str | None  # None or NONE: plain text
 
 
 def generate_request(prompt: str, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
@@ -120,4 +162,7 @@ def generate_request(prompt: str, **options: Unpack[GenerateOptions]) -> pb.Gene
         request.output_format = _FORMATS[OutputFormat(output_format)]
     if (refiner := options.get("refiner")) is not None:
         request.refiner.CopyFrom(refiner.to_proto())
+    request.loras.extend(_loras(options.get("loras", ())))
+    if (weighting := options.get("prompt_weighting")) is not None:
+        request.prompt_weighting = _WEIGHTINGS[PromptWeighting(weighting)]
     return request
