@@ -21,6 +21,7 @@ from refinery.client import (
     Image,
     OutputFormat,
     Preview,
+    PromptWeighting,
     Refiner,
     RefineryError,
     Scheduler,
@@ -33,6 +34,7 @@ from server.cli.side_by_side import side_by_side
 from server.cli.terminal import ProgressView, report_failure
 from server.core.logs import quiet_model_libraries
 
+WINDOW_TOKENS = 75  # what one text-encoder window holds besides its start and end tokens (CLIP's 77)
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -50,6 +52,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
         help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
     )
     _add_refiner_controls(gen)
+    _add_conditioning(gen)
     gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
@@ -81,6 +84,30 @@ def _add_refiner_controls(gen: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--refiner-prompt", help="the refiner's own prompt (default: the prompt)")
     gen.add_argument("--refiner-negative", help="the refiner's own negative prompt (default: --negative)")
+    gen.add_argument(
+        "--refiner-lora",
+        type=options.argument_type(options.lora),
+        action="append",
+        default=[],
+        metavar="AIR[:WEIGHT]",
+        help="a LoRA for the refiner (repeatable); the --lora ones never reach it",
+    )
+
+
+def _add_conditioning(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument(
+        "--lora",
+        type=options.argument_type(options.lora),
+        action="append",
+        default=[],
+        metavar="AIR[:WEIGHT]",
+        help="a LoRA for the base model (repeatable); WEIGHT in -4..4, default 1",
+    )
+    gen.add_argument(
+        "--prompt-weighting",
+        choices=[w.value for w in PromptWeighting],
+        help="how the prompts are read: plain text (none, the default), compel's syntax or AUTOMATIC1111's",
+    )
 
 
 def parse_refiner_start(text: str) -> tuple[str, int]:
@@ -121,13 +148,15 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
         number_results=args.number,
         output_format=output_format(args),
         preview_every=args.preview_every or (1 if args.previews else 0),
+        loras=args.lora,
+        prompt_weighting=args.prompt_weighting,
     )
 
 
 def _refiner(args: argparse.Namespace) -> Refiner | None:
     """--refiner, --refiner-start or any refiner control; without --refiner: the server's default refiner."""
     controls = (args.aesthetic_score, args.negative_aesthetic_score, args.refiner_prompt, args.refiner_negative)
-    wants_refiner = args.compare or any(value is not None for value in controls)
+    wants_refiner = args.compare or bool(args.refiner_lora) or any(value is not None for value in controls)
     if args.refiner is None and args.refiner_start is None and not wants_refiner:
         return None
     field, value = args.refiner_start if args.refiner_start is not None else ("", None)
@@ -140,6 +169,7 @@ def _refiner(args: argparse.Namespace) -> Refiner | None:
         negative_aesthetic_score=args.negative_aesthetic_score,
         prompt=args.refiner_prompt,
         negative_prompt=args.refiner_negative,
+        loras=args.refiner_lora,
     )
 
 
@@ -236,6 +266,9 @@ def _report(written: Sequence[_Written]) -> None:
     alone = [w.image for w in written if w.image.branch is Branch.BASE_ONLY]
     compared = f"; base only: {alone[0].base_steps} steps" if alone else ""
     print(f"model {models}; {steps} steps{compared}")
+    for line in (loras_line(first), tokens_line(first)):
+        if line:
+            print(line)
     for item in sorted(written, key=lambda w: w.image.index):
         image = item.image
         if item.picture:
@@ -244,6 +277,29 @@ def _report(written: Sequence[_Written]) -> None:
             print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed}, base only)")
         else:
             print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
+
+
+def loras_line(image: Image) -> str:
+    """The LoRAs the server applied, per stage with their weights; "" without any. Every image of a request has
+    the same ones (a base-only image lacks the refiner's), so the refined image speaks for all."""
+    stages = [
+        f"{stage} " + ", ".join(f"{lora.model} (weight {lora.weight:g})" for lora in loras)
+        for stage, loras in (("base", image.loras), ("refiner", image.refiner_loras))
+        if loras
+    ]
+    return f"loras: {'; '.join(stages)}" if stages else ""
+
+
+def tokens_line(image: Image) -> str:
+    """What each text encoder read, only when a prompt took more than one 75-token window (a prompt that fits
+    one reads as it always did, and saying so on every run would be noise); "" otherwise."""
+    if all(tokens.chunks <= 1 for tokens in image.prompt_tokens):
+        return ""
+    read = [
+        f"{t.stage} {t.text_encoder} {t.positive_tokens} + {t.negative_tokens} in {t.chunks}"
+        for t in image.prompt_tokens
+    ]
+    return f"tokens read (prompt + negative, in {WINDOW_TOKENS}-token windows): {', '.join(read)}"
 
 
 @contextlib.asynccontextmanager

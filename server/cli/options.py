@@ -16,6 +16,7 @@ from typing import Any
 from modelstore import AIR, parse_air
 from modelstore.errors import InvalidModelId
 from modelstore.units import parse_bytes
+from refinery.client import Lora
 from server.core.domain import PairKey
 from server.core.settings import COMPILE_MODES, VAE_DECODES, Toggle
 
@@ -23,6 +24,8 @@ Convert = Callable[[str], Any]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# A LoRA's weight as the contract bounds it (generation.proto, Lora.weight).
+LORA_WEIGHTS = (-4.0, 4.0)
 
 
 class UsageError(Exception):
@@ -157,6 +160,27 @@ def air(text: str) -> AIR:
 def optional_air(text: str) -> AIR | None:
     """An AIR, or "none" / "" for no model."""
     return None if text.strip().lower() in ("", "none") else air(text)
+
+
+def lora(text: str) -> Lora:
+    """AIR[:WEIGHT]. AIRs hold ':' themselves (civitai:122359@135867, urn:air:sdxl:lora:...), so the weight is
+    what follows the last ':' only where that reads as a number: "civitai:122359@135867:0.8" is weight 0.8,
+    "builtin:tiny-lora-base@1" weight unset (the server's 1). A number that is no weight is refused here rather
+    than after a server has started in this process."""
+    value = text.strip()
+    model, sep, tail = value.rpartition(":")
+    try:
+        weight = float(tail) if sep else None  # without ':' a bare path, even one named like a number
+    except ValueError:
+        weight = None  # the ':' is the AIR's own
+    model = model.strip() if weight is not None else value
+    if not model or model.endswith(":"):
+        raise ValueError(f"expected AIR or AIR:WEIGHT like civitai:122359@135867:0.8, got {text!r}")
+    if weight is not None:
+        low, high = LORA_WEIGHTS
+        if not (math.isfinite(weight) and low <= weight <= high):
+            raise ValueError(f"a LoRA's weight is a number in {low:g}..{high:g}, got {tail.strip()!r} in {text!r}")
+    return Lora(model, weight)
 
 
 def devices(text: str) -> tuple[str, ...]:
