@@ -45,6 +45,7 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     errors.WorkerFailed: grpc.StatusCode.UNAVAILABLE,
     errors.DeliveryFailed: grpc.StatusCode.UNAVAILABLE,
     errors.NotPinned: grpc.StatusCode.NOT_FOUND,
+    errors.DoesNotFit: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
@@ -144,6 +145,9 @@ def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcE
     message = str(exc)
     if isinstance(exc, errors.InvalidRequest):
         details.append(_bad_request([(v.field, v.description, v.reason) for v in exc.violations]))
+    elif isinstance(exc, errors.DoesNotFit):
+        details.append(_bad_request([(exc.field, message, "DOES_NOT_FIT")]))
+        message = f"{exc.field}: {message}"
     elif isinstance(exc, store_errors.ModelStoreError):
         field = next((m.field for m in models if m.names(exc)), None)
         if field is not None:

@@ -130,7 +130,23 @@ def _image(event: domain.ImageResult) -> gen_pb.Image:
         model=event.model,
         refiner_model=event.refiner_model,
         branch=_BRANCHES[event.branch],
+        loras=[_lora(lora) for lora in event.loras],
+        refiner_loras=[_lora(lora) for lora in event.refiner_loras],
+        prompt_tokens=[
+            gen_pb.PromptTokens(
+                stage=_STAGES[t.stage],
+                text_encoder=t.encoder,
+                positive_tokens=t.positive,
+                negative_tokens=t.negative,
+                chunks=t.chunks,
+            )
+            for t in event.tokens
+        ],
     )
+
+
+def _lora(lora: domain.LoraSpec) -> gen_pb.Lora:
+    return gen_pb.Lora(model=lora.model.canonical, weight=lora.weight)
 
 
 # ---- ModelService -----------------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def _models(self, request: pb.GenerateRequest) -> Sequence[ModelField]:
         base = ModelField("model", request.model, Role.BASE, self._settings.default_model)
         refiner = ModelField("refiner.model", request.refiner.model, Role.REFINER, self._settings.default_refiner)
-        return (base, refiner) if request.HasField("refiner") else (base,)
+        models = [base, refiner] if request.HasField("refiner") else [base]
+        for prefix, loras in (("", request.loras), ("refiner.", request.refiner.loras)):
+            models += [ModelField(f"{prefix}loras[{i}].model", lora.model, Role.LORA) for i, lora in enumerate(loras)]
+        return models
 
     @rpc(
         "Generate",

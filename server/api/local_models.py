@@ -16,6 +16,7 @@ model from the files it opened and hashed, never by name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _violations(fields: Sequence[str]) -> list[FieldViolation]:
 def _get(request: Message, field: str) -> str:
     value: object = request
     for name in field.split("."):
-        value = getattr(value, name)
+        value = _child(value, name)
     return str(value)
 
 
@@ -84,5 +85,16 @@ def _set(request: Message, field: str, text: str) -> None:
     *parents, name = field.split(".")
     target: object = request
     for parent in parents:
-        target = getattr(target, parent)
+        target = _child(target, parent)
     setattr(target, name, text)
+
+
+def _child(message: object, name: str) -> object:
+    """`name` of `message`, where a name may index a repeated field: "loras[1]"."""
+    found = _INDEXED.fullmatch(name)
+    if found is None:
+        return getattr(message, name)
+    return getattr(message, found[1])[int(found[2])]
+
+
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")

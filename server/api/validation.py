@@ -16,7 +16,7 @@ from modelstore import AIR, parse_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2 as status_pb
-from server.api import local_models
+from server.api import conditioning, local_models
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest, too_much_work
 from server.core.settings import Limits
@@ -74,11 +74,17 @@ def job_from_request(
     model is resolved. Local models are accepted only under `local_roots`."""
     bad = _Violations()
     # A refused local path is one bad field among the others, all named at once.
-    bad.found.extend(local_models.refusals(request, ("model", "refiner.model"), local_roots))
+    local_fields = ["model", "refiner.model", *conditioning.lora_fields("", len(request.loras))]
+    local_fields += conditioning.lora_fields("refiner.", len(request.refiner.loras))
+    bad.found.extend(local_models.refusals(request, local_fields, local_roots))
     request_id = request.request_id or make_request_id()
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
         bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
     _check_prompts(request, limits, bad)
+    weighting = conditioning.weighting(request, bad)
+    prompts = [("positive_prompt", request.positive_prompt), ("negative_prompt", request.negative_prompt)]
+    chunks = conditioning.chunks(prompts, weighting, bad)
+    loras = conditioning.loras(request.loras, "", bad)
     model = _model(request.model, "model", bad) if request.model else default_model
     _check_size(request, limits, bad)
     steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
@@ -89,7 +95,7 @@ def job_from_request(
         bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
-        refiner, base_steps = _refiner(request, steps, default_refiner, limits, bad)
+        refiner, base_steps = _refiner(request, steps, default_refiner, limits, weighting, bad)
     if bad.found:
         raise InvalidRequest(bad.found)
     assert model is not None and sampler is not None and output_format is not None
@@ -110,6 +116,9 @@ def job_from_request(
         output_format=output_format,
         preview_every=request.preview_every,
         priority=request.priority,
+        loras=loras,
+        prompt_weighting=weighting,
+        chunks=chunks,
     )
     # Known once the request is whole (compare runs more steps); at the native size, once the model is.
     if work_limit is not None and job.width and job.height and job.work(job.width, job.height) > work_limit:
@@ -184,7 +193,12 @@ def _model(text: str, field: str, bad: _Violations) -> AIR | None:
 
 
 def _refiner(
-    request: pb.GenerateRequest, steps: int, default_refiner: AIR | None, limits: Limits, bad: _Violations
+    request: pb.GenerateRequest,
+    steps: int,
+    default_refiner: AIR | None,
+    limits: Limits,
+    weighting: domain.PromptWeighting,
+    bad: _Violations,
 ) -> tuple[domain.RefinerSpec | None, int]:
     message = request.refiner
     model: AIR | None
@@ -210,13 +224,32 @@ def _refiner(
     if steps < MIN_REFINER_TOTAL_STEPS:
         bad("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")
     scores, prompt = _refiner_conditioning(request, limits, bad)
+    loras = conditioning.loras(message.loras, "refiner.", bad)
+    chunks = _refiner_chunks(request, prompt, weighting, bad)
     if model is None:
         return None, steps
     try:
         base_steps = base_step_count(steps, start)
     except ValueError:
         return None, steps  # already reported above
-    return domain.RefinerSpec(model, start, message.compare, scores, prompt), base_steps
+    return domain.RefinerSpec(model, start, message.compare, scores, prompt, loras, chunks), base_steps
+
+
+def _refiner_chunks(
+    request: pb.GenerateRequest, prompt: domain.Prompt | None, weighting: domain.PromptWeighting, bad: _Violations
+) -> int:
+    """The refiner's windows, for the prompts it actually reads. Only its own prompts are reported here: the
+    request's, where it inherits them, were reported under their own fields already."""
+    message = request.refiner
+    own = {name for name in ("refiner.positive_prompt", "refiner.negative_prompt") if message.HasField(name[8:])}
+
+    def report(field: str, *details: str) -> None:
+        if field in own:
+            bad(field, *details)
+
+    effective = prompt or domain.Prompt(request.positive_prompt, request.negative_prompt or None)
+    stage_prompts = [("refiner.positive_prompt", effective.positive), ("refiner.negative_prompt", effective.negative)]
+    return conditioning.chunks(stage_prompts, weighting, report)
 
 
 def _refiner_conditioning(

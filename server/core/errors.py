@@ -61,6 +61,15 @@ def too_much_work(work: float, limit: float) -> InvalidRequest:
     )
 
 
+class DoesNotFit(ServerError):
+    """A model a request field names cannot serve where it was asked to (a LoRA whose layers are not in the
+    stage's models): FAILED_PRECONDITION naming `field`."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class JobCancelled(ServerError):
     pass
 

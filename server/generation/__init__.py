@@ -14,6 +14,7 @@ from server.core.front_door import lazy_names
 if TYPE_CHECKING:
     from server.generation.compiling import Compiler, CompileState, ShapeStatus, configure_cache
     from server.generation.encoding import Encoder, encode_image
+    from server.generation.loras import LoraFile, StageLoras
     from server.generation.pipelines import PipelinePair
     from server.generation.previews import PREVIEW_MIME, encode_preview, latents_to_images
     from server.generation.runner import PipelineRunner, RunResult, StageTimings, StepState, native_size
@@ -28,6 +29,8 @@ _NAMES = {
     "configure_cache": "compiling:configure_cache",
     "Encoder": "encoding:Encoder",
     "encode_image": "encoding:encode_image",
+    "LoraFile": "loras:LoraFile",
+    "StageLoras": "loras:StageLoras",
     "PipelinePair": "pipelines:PipelinePair",
     "PREVIEW_MIME": "previews:PREVIEW_MIME",
     "encode_preview": "previews:encode_preview",
@@ -51,10 +54,12 @@ __all__ = [
     "CompileState",
     "Compiler",
     "Encoder",
+    "LoraFile",
     "PipelinePair",
     "PipelineRunner",
     "RunResult",
     "ShapeStatus",
+    "StageLoras",
     "StageTimings",
     "StepState",
     "Tuning",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from server.generation.loras import StageLoras
 
 if TYPE_CHECKING:  # diffusers loads in seconds; the types are only for readers and mypy
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -15,3 +17,5 @@ class PipelinePair:
 
     base: StableDiffusionXLPipeline
     refiner: StableDiffusionXLImg2ImgPipeline | None = None
+    # The batch's LoRAs, applied by the runner to each stage before it runs.
+    loras: StageLoras = field(default_factory=StageLoras)

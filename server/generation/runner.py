@@ -33,7 +33,8 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from server.core.domain import Branch, RenderShape, Sample, Stage
+from server.core.domain import Branch, RenderShape, Sample, Stage, TokenCount
+from server.generation import loras
 from server.generation.compare import Handoff
 from server.generation.pipelines import PipelinePair
 from server.generation.samplers import make_scheduler
@@ -93,6 +94,7 @@ class RunResult:
     images: list[Image.Image]  # one per sample: refined when there is a refiner
     timings: StageTimings = field(default_factory=StageTimings)
     base_only: list[Image.Image] = field(default_factory=list)  # compare: the base's own image per sample
+    tokens: list[tuple[TokenCount, ...]] = field(default_factory=list)  # per sample: what each encoder read
 
 
 class PipelineRunner(Protocol):
@@ -133,6 +135,7 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     handoff = Handoff(shape.base_steps, generators) if shape.compare else None
 
     base.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
+    loras.apply(base, pair.loras.base)  # before the prompts: a LoRA may have text-encoder parts
     base_result = base(
         **_encode(base, samples, Stage.BASE, device, use_cfg),
         width=shape.width,
@@ -169,6 +172,8 @@ def _refine(
 ) -> RunResult:
     """The refiner from the base's latent at the hand-off, with the generators in their state there."""
     base = pair.base
+    assert pair.refiner is not None
+    loras.apply(pair.refiner, pair.loras.refiner)
     refiner = _indexed(pair.refiner)
     refiner.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     refiner.start_index = shape.base_steps

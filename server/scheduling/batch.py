@@ -9,6 +9,7 @@ nothing more; the others go on, and the run itself stops once no request is left
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from server.core.domain import (
     Progress,
     RenderShape,
     Sample,
+    Stage,
 )
 from server.core.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
 from server.core.metrics import Metrics
@@ -120,7 +122,7 @@ class Batch:
         acquired = False
         try:
             self._drop_cancelled()
-            pair = self._acquire()
+            pair = dataclasses.replace(self._acquire(), loras=self._tickets[0].loras)  # equal across the batch
             acquired = True
             for ticket in self._tickets:
                 ticket.timings.loading_s = time.perf_counter() - now
@@ -277,6 +279,9 @@ class Batch:
             images: list[PILImage], branch: Branch, base_steps: int, refiner_steps: int, refiner: str, index: int
         ) -> Item:
             image = images[offset + index]
+            tokens = result.tokens[offset + index] if result.tokens else ()
+            if branch is Branch.BASE_ONLY:  # the base's image alone: nothing of the refiner's made it
+                tokens = tuple(t for t in tokens if t.stage is Stage.BASE)
             return image, lambda data: ImageResult(
                 data=data,
                 mime_type=job.output_format.mime_type,
@@ -289,6 +294,9 @@ class Batch:
                 model=job.model.canonical,
                 refiner_model=refiner,
                 branch=branch,
+                loras=shape.loras,
+                refiner_loras=shape.refiner_loras if refiner else (),
+                tokens=tokens,
             )
 
         items = [item(*branch, index) for branch in branches for index in range(job.number_results)]

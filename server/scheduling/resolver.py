@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 
-from modelstore import AIR, DownloadCause, DownloadProgress, ModelStore, Role, require_role
-from server.core.domain import LoadPhase, ModelLoading, PairKey
+from modelstore import AIR, DownloadCause, DownloadProgress, ModelStore, Role, require_lora, require_role
+from server.core.domain import Job, LoadPhase, LoraSpec, ModelLoading, PairKey
+from server.generation import LoraFile, StageLoras
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pairs import ModelSpec, PairSpec
 from server.scheduling.ticket import EventSink
@@ -40,6 +41,35 @@ class Resolver:
         download nobody else waits for."""
         specs = [self._model_spec(model, role, leases, sink, give_up, cause) for role, model in key.roles()]
         return PairSpec(key, specs[0], specs[1] if len(specs) > 1 else None)
+
+    def loras(
+        self,
+        job: Job,
+        spec: PairSpec,
+        leases: LeaseSet,
+        *,
+        cause: DownloadCause,
+        sink: EventSink | None = None,
+        give_up: threading.Event | None = None,
+    ) -> StageLoras:
+        """Lease and resolve each stage's LoRAs (downloading as for the models) and check that each fits its
+        stage's model: a checkpoint named as a LoRA, or a LoRA trained for another architecture or the other
+        stage's UNet, ends the request here."""
+
+        def stage(specs: tuple[LoraSpec, ...], prefix: str, model: ModelSpec | None) -> tuple[LoraFile, ...]:
+            files = []
+            for i, lora in enumerate(specs):
+                assert model is not None, "validation gives refiner LoRAs only with a refiner"
+                field = f"{prefix}loras[{i}].model"
+                leases.hold(lora.model)
+                progress = None if sink is None else _DownloadReporter(lora.model, Role.LORA, sink)
+                record = self._store.resolve(lora.model, progress=progress, give_up=give_up, cause=cause)
+                require_lora(record, model.record.architecture, field=field)
+                files.append(LoraFile(lora, record.path, record.sha256, field))
+            return tuple(files)
+
+        refiner = job.refiner.loras if job.refiner is not None else ()
+        return StageLoras(stage(job.loras, "", spec.base), stage(refiner, "refiner.", spec.refiner))
 
     def _model_spec(
         self,

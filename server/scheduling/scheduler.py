@@ -64,9 +64,10 @@ _DEADLINE_SLACK_S = 0.05
 
 def batch_key(job: Job) -> Hashable:
     """Requests with equal keys can be denoised together (prompts, seeds and result counts may differ): the
-    same pair and `RenderShape` (size, steps, split, guidance, sampler, compare, aesthetic scores). Compare
-    requests therefore batch only with each other: in one base call every image runs the same steps, so a
-    plain request would pay for, and wait on, base steps whose image it throws away."""
+    same pair and `RenderShape` (size, steps, split, guidance, sampler, compare, aesthetic scores, each stage's
+    LoRAs with their weights, prompt windows). Compare requests therefore batch only with each other: in one base
+    call every image runs the same steps, so a plain request would pay for, and wait on, base steps whose image it
+    throws away."""
     return (job.pair, job.shape(job.width, job.height))
 
 
@@ -302,6 +303,9 @@ class Scheduler:
             spec = self._resolver.pair_spec(
                 ticket.job.pair, ticket.leases, cause=cause, sink=ticket.sink, give_up=ticket.cancel_signal
             )
+            loras = self._resolver.loras(
+                ticket.job, spec, ticket.leases, cause=cause, sink=ticket.sink, give_up=ticket.cancel_signal
+            )
             with self._lock:
                 others = list(self._tickets)
             shape = self._admission.admit(ticket, spec, others)
@@ -312,5 +316,6 @@ class Scheduler:
                 self.finish(ticket, exc)
             return
         ticket.shape = shape  # before `spec`: a ticket with a spec has its shape
+        ticket.loras = loras
         ticket.spec = spec
         self.queue.unblock(ticket)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from server.core.domain import Job, JobEvent
 from server.core.errors import DeadlineExceeded, JobCancelled, Overloaded, ServerError
+from server.generation import StageLoras
 from server.scheduling.leases import LeaseSet
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class Ticket:
         self.timings = Timings()
         self.spec: PairSpec | None = None  # the resolved models, once the resolver is done
         self.shape: Shape | None = None  # what its run costs depends on, as the pace learns it; known with `spec`
+        self.loras = StageLoras()  # its LoRAs' cached files, resolved with `spec`
         # Its place in the batch it runs in: images offset..offset+count of the batch are its own.
         self.batch_offset = 0
         self.steps_done = 0
