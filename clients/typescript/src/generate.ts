@@ -1,5 +1,6 @@
-// Refinery from TypeScript: stream a refined generation with its progress, save the image, then show how a
-// bad request is refused (google.rpc.BadRequest names the field).
+// Refinery from TypeScript: stream a refined generation (a LoRA on each stage, a compel-weighted prompt) with its
+// progress, save the image and say what the server applied, then show how a bad request is refused
+// (google.rpc.BadRequest names the field).
 //
 //   npm ci && npm run build && node dist/generate.js [HOST:PORT] [OUT.png]
 import { writeFileSync } from "node:fs";
@@ -10,8 +11,11 @@ import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
 import {
   GenerateRequestSchema,
   GenerationService,
+  PromptWeighting,
   Stage,
   type GenerateRequest,
+  type Image,
+  type Lora,
 } from "./gen/refinery/v1/generation_pb.js";
 import { ImageAssembler } from "./image_assembler.js";
 
@@ -41,10 +45,15 @@ function headers(request: GenerateRequest): Record<string, string> {
 async function generate(): Promise<void> {
   const request = create(GenerateRequestSchema, {
     requestId: "example-typescript-1", // echoed on every response and in the server's log; empty: one is assigned
-    positivePrompt: "a lighthouse on a cliff at dusk",
+    positivePrompt: "a lighthouse on a cliff at (dusk)1.2, (fog)0.8", // compel syntax: a weight after ( )
+    promptWeighting: PromptWeighting.COMPEL, // unset: plain text, every character part of the prompt
     steps: 20,
     seed: 7n, // uint64: a bigint in Connect-ES
-    refiner: { start: { case: "startStepPercentage", value: 90 } }, // no model: the server's default refiner
+    loras: [{ model: "builtin:tiny-lora-base@1", weight: 0.8 }], // the base's alone; weight unset: 1
+    refiner: {
+      start: { case: "startStepPercentage", value: 90 }, // no model: the server's default refiner
+      loras: [{ model: "builtin:tiny-lora-refiner@1" }], // a LoRA trained on the refiner's own UNet
+    },
   });
   const images = new ImageAssembler();
   for await (const response of client.generate(request, { headers: headers(request), timeoutMs: 600_000 })) {
@@ -60,9 +69,23 @@ async function generate(): Promise<void> {
       writeFileSync(out, image.data);
       console.log(`wrote ${out} (${image.width}x${image.height}, seed ${image.seed}, request ${response.requestId})`);
       console.log(`${image.baseSteps} base + ${image.refinerSteps} refiner steps`);
+      report(image);
     }
   }
   images.finish();
+}
+
+// What the server applied and read: the LoRAs of each stage as canonical AIRs with the weights used, and per
+// text encoder the tokens of the prompt and the negative prompt, in 75-token windows.
+function report(image: Image): void {
+  // A weight is a float32 on the wire: 0.8 comes back as 0.800000011920929 unless rounded.
+  const listed = (loras: Lora[]) =>
+    loras.map((lora) => `${lora.model} (weight ${Number((lora.weight ?? 1).toPrecision(6))})`).join(", ") || "none";
+  console.log(`loras: base ${listed(image.loras)}; refiner ${listed(image.refinerLoras)}`);
+  for (const read of image.promptTokens) {
+    const tokens = `${read.positiveTokens} + ${read.negativeTokens} tokens`;
+    console.log(`${Stage[read.stage]} ${read.textEncoder}: ${tokens} in ${read.chunks} window(s)`);
+  }
 }
 
 async function badRequest(): Promise<void> {
