@@ -44,6 +44,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     gen.add_argument("prompt")
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--model", help="base model AIR (default: the server's)")
+    _add_conditioning(gen)
     gen.add_argument("--refiner", help="refiner AIR; without it (and without --refiner-start) no refiner runs")
     gen.add_argument(
         "--refiner-start",
@@ -52,7 +53,6 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
         help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
     )
     _add_refiner_controls(gen)
-    _add_conditioning(gen)
     gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
