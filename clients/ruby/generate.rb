@@ -44,7 +44,7 @@ request = Refinery::V1::GenerateRequest.new(
 def report(image)
   # A weight is a float32 on the wire: 0.8 comes back as 0.800000011920929 unless rounded.
   listed = lambda do |loras|
-    named = loras.map { |lora| "#{lora.model} (weight #{(lora.has_weight? ? lora.weight : 1.0).round(6)})" }
+    named = loras.map { |lora| "#{lora.model} (weight #{format("%g", lora.has_weight? ? lora.weight : 1.0)})" }
     named.empty? ? "none" : named.join(", ")
   end
   puts "loras: base #{listed.call(image.loras)}; refiner #{listed.call(image.refiner_loras)}"
