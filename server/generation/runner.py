@@ -247,36 +247,10 @@ def _refiner_flags(refiner: StableDiffusionXLImg2ImgPipeline) -> dict[str, Any]:
 
 
 def _encode(pipe: Any, samples: Sequence[Sample], stage: Stage, device: Any, use_cfg: bool) -> dict[str, torch.Tensor]:
-    """Text conditioning encoded per sample (with the stage's prompts), then stacked.
+    """Text conditioning of any length, plain or weighted, per sample then stacked (`prompts.encode`)."""
+    from server.generation.prompts import encode
 
-    Per sample rather than as one list so that each image's conditioning is exactly what it would get alone:
-    SDXL base zeroes the negative conditioning only when a prompt has *no* negative prompt, which a mixed list
-    could not express.
-    """
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for sample in samples:
-        prompt = sample.conditioning(stage)
-        parts.append(
-            pipe.encode_prompt(
-                prompt=prompt.positive,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=use_cfg,
-                negative_prompt=prompt.negative,
-            )
-        )
-    names = [
-        "prompt_embeds",
-        "negative_prompt_embeds",
-        "pooled_prompt_embeds",
-        "negative_pooled_prompt_embeds",
-    ]
-    stacked: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(names):
-        tensors = [p[i] for p in parts]
-        if tensors[0] is not None:
-            stacked[name] = torch.cat(tensors)
-    return stacked
+    return encode(pipe, samples, stage, device, use_cfg).tensors
 
 
 def _callback(
