@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ HOST_CACHE_BYTES = 1 << 30
 # extras, so "all" would refuse working LoRAs.)
 MIN_MATCHED = 0.9
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FP8_MARK = "_refinery_fp8"  # set on a UNet whose linear layers `tuning` made FP8
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ _LOADED: weakref.WeakKeyDictionary[Any, OrderedDict[str, None]] = weakref.WeakKe
 
 def apply(pipe: Any, files: Sequence[LoraFile]) -> None:
     """Make `pipe` compute with exactly `files` at their weights (none: with no LoRA at all)."""
+    if files and (reason := _untunable(pipe.unet)):
+        raise DoesNotFit(f"{files[0].spec.model} cannot be applied: {reason}", files[0].field)
     loaded = _LOADED.setdefault(pipe.unet, OrderedDict())
     if not files:
         if loaded and _compiled(pipe.unet):
@@ -128,8 +132,11 @@ def _load(pipe: Any, file: LoraFile, loaded: OrderedDict[str, None]) -> None:
     tensors = _HOST.get(file)
     _forget(pipe, file.adapter)  # what a text encoder may still hold of it after the UNet's were unloaded
     try:
-        # A copy: diffusers' format conversion pops keys from the dict it is given.
-        pipe.load_lora_weights(dict(tensors), adapter_name=file.adapter)
+        with warnings.catch_warnings():
+            # Several adapters on one model is the point here, not the mistake PEFT warns about.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # A copy: diffusers' format conversion pops keys from the dict it is given.
+            pipe.load_lora_weights(dict(tensors), adapter_name=file.adapter)
     except (ValueError, KeyError, RuntimeError) as exc:
         _forget(pipe, file.adapter)
         raise DoesNotFit(f"{file.spec.model} does not fit this stage's models: {exc}", file.field) from exc
@@ -198,6 +205,17 @@ def _named_modules(tensors: dict[str, torch.Tensor]) -> int:
     """Layers a LoRA file names: one down (A) matrix per layer, in every format diffusers reads."""
     downs = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "lora_A.default.weight")
     return sum(1 for key in tensors if key.endswith(downs))
+
+
+def _untunable(unet: Any) -> str | None:
+    """Why LoRAs cannot adapt this UNet as tuned, if they cannot: fused QKV projections keep no separate
+    query, key and value layers for a LoRA's matrices, and FP8 layers are not the float layers it was
+    trained on. Refused in so many words rather than applied to what is left."""
+    if getattr(unet, FP8_MARK, False):
+        return "this server runs its UNets' linear layers in FP8 (--fp8); LoRAs need it off"
+    if any(getattr(m, "fused_projections", False) for m in unet.modules()):
+        return "this server fuses its UNets' QKV projections (--fuse-qkv); LoRAs need --fuse-qkv off"
+    return None
 
 
 def _compiled(unet: Any) -> bool:

@@ -29,6 +29,7 @@ import torch
 from modelstore import Role
 from server.core.settings import Speed, Toggle
 from server.generation.compiling import Compiler, UNetInputs
+from server.generation.loras import FP8_MARK
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,13 @@ def tune_pipeline(pipe: Any, tuning: Tuning, *, compiler: Compiler | None, model
             fuse_qkv(unet)
         if tuning.fp8:
             linears_to_fp8(unet)
+            setattr(unet, FP8_MARK, True)  # LoRAs refuse such a UNet (`loras._untunable`)
         if tuning.channels_last:
             unet.to(memory_format=torch.channels_last)
         if compiler is not None:
+            # Inference never needs gradients, and a graph's guards check each weight's `requires_grad`:
+            # loading a LoRA (PEFT freezes the weights it adapts) would otherwise void every graph for good.
+            unet.requires_grad_(False)
             inputs = UNetInputs(
                 tokens=int(pipe.tokenizer_2.model_max_length),
                 text_dim=int(pipe.text_encoder_2.config.projection_dim),
