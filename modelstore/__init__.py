@@ -6,15 +6,16 @@ errors are the `modelstore.errors` tree. Public modules: `air`, `errors`, `recor
 with an underscore (and the `_sources` package) are internal and change without notice.
 """
 
-from modelstore.air import AIR, Source, parse_air
+from modelstore.air import AIR, Source, parse_air, parse_lora_air, parse_stored_air
 from modelstore.components import Component
 from modelstore.downloads import Cause, DownloadCause, OnDemandPolicy
+from modelstore.errors import NotALora
 from modelstore.loading import Loader, load_pipeline, native_size, preferred_dtype
 from modelstore.local_files import LocalPathRefused, folders_read, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
-from modelstore.record import Architecture, CachedModel, Layout, ModelRecord, Verdict, Verification
+from modelstore.record import Architecture, CachedModel, Layout, ModelKind, ModelRecord, Verdict, Verification
 from modelstore.role import Role
-from modelstore.role_policy import ROLE_ARCHITECTURES, require_role
+from modelstore.role_policy import ROLE_ARCHITECTURES, require_lora, require_role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore
 
@@ -38,8 +39,10 @@ __all__ = [
     "Layout",
     "Loader",
     "LocalPathRefused",
+    "ModelKind",
     "ModelRecord",
     "ModelStore",
+    "NotALora",
     "OnDemandPolicy",
     "ProgressCallback",
     "Role",
@@ -53,6 +56,9 @@ __all__ = [
     "native_size",
     "open_model",
     "parse_air",
+    "parse_lora_air",
+    "parse_stored_air",
     "preferred_dtype",
+    "require_lora",
     "require_role",
 ]

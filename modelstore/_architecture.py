@@ -21,6 +21,9 @@ single-file.md P11) is only recognised by the real SDXL shapes.
 Other families are named as far as the header allows: SD 1.x and 2.x by their cross-attention context (768,
 1024) and the absence of the adm embedding, SD3 by its MMDiT `joint_blocks`, FLUX by `double_blocks` /
 `single_blocks` (or diffusers' `single_transformer_blocks`); anything else is UNKNOWN.
+
+A file of LoRA matrices is no checkpoint: `identify_*` tell the two kinds apart, and a LoRA's architecture is
+what it was trained on (`_lora_keys`).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from modelstore import _model_dims
+from modelstore import _lora_keys, _model_dims
 from modelstore._folder_weights import component_tensors
 from modelstore._model_dims import ModelDims
 from modelstore._safetensors_header import SafetensorsHeader, read_header
 from modelstore.errors import ModelNotFound
-from modelstore.record import Architecture
+from modelstore.record import Architecture, ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,32 @@ _FLUX_PREFIXES = (
 )
 # Playground v2.5 has SDXL base's exact structure but is an EDM model: with SDXL's schedulers it makes noise.
 _EDM_KEYS = ("edm_mean", "edm_std")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a model's weights are: their kind and the architecture they are (or, for a LoRA, fit)."""
+
+    kind: ModelKind
+    architecture: Architecture
+
+
+def identify_file(path: Path) -> Identity:
+    """A single .safetensors file's kind and architecture, from its header only (UnsafeCheckpoint for anything
+    that is not safetensors)."""
+    return identify_header(read_header(path), name=path.name)
+
+
+def identify_header(header: SafetensorsHeader, *, name: str = "checkpoint") -> Identity:
+    lora = _lora_keys.lora_architecture(header.tensors)
+    if lora is not None:
+        return Identity(ModelKind.LORA, lora)
+    return Identity(ModelKind.CHECKPOINT, detect_header(header, name=name))
+
+
+def identify_folder(folder: Path) -> Identity:
+    """A diffusers folder is always a whole model (`detect_folder`)."""
+    return Identity(ModelKind.CHECKPOINT, detect_folder(folder))
 
 
 def detect_file(path: Path) -> Architecture:

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore._architecture import detect_folder
+from modelstore._architecture import Identity, identify_folder
 from modelstore._cache import Cache, Need
 from modelstore._digests import full_digests
+from modelstore._model_dims import TINY_BIGG_WIDTH, TINY_CLIP_L_WIDTH
 from modelstore._staging import staging_folder
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound
@@ -42,8 +43,8 @@ from modelstore.record import Layout, ModelRecord
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
 # Tiny stand-ins for SDXL's widths: CLIP-L 768 -> 32, bigG 1280 -> 40 (projection 1280 -> 24).
-_CLIP_L_WIDTH = 32
-_BIGG_WIDTH = 40
+_CLIP_L_WIDTH = TINY_CLIP_L_WIDTH
+_BIGG_WIDTH = TINY_BIGG_WIDTH
 _BIGG_PROJECTION = 24
 _TIME_EMBED_DIM = 8
 _SEED = 20260101
@@ -97,7 +98,15 @@ def _clip_config(width: int, projection: int, act: str) -> dict[str, Any]:
     }
 
 
-def _unet_config(refiner: bool) -> dict[str, Any]:
+def clip_l_config() -> dict[str, Any]:
+    return _clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu")
+
+
+def bigg_config() -> dict[str, Any]:
+    return _clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")
+
+
+def unet_config(refiner: bool) -> dict[str, Any]:
     # Base: cross-attention over [CLIP-L, bigG] hidden states, 6 time ids; refiner: bigG only, 5 time ids,
     # wider first block (real: 320 vs 384), as in the real pair.
     time_ids = 5 if refiner else 6
@@ -167,14 +176,13 @@ def write_config_folder(model: BuiltinModel, dest: Path) -> None:
     # diffusers writes every default into a saved config; building the modules on the meta device (no
     # memory, no random draws) gives exactly the files `save_config` wrote when the weights were made.
     with torch.device("meta"):
-        unet = _from_config(UNet2DConditionModel, _unet_config(model.refiner))
+        unet = _from_config(UNet2DConditionModel, unet_config(model.refiner))
         vae = _from_config(AutoencoderKL, _VAE_CONFIG)
     unet.save_config(dest / "unet")
     vae.save_config(dest / "vae")
-    CLIPTextConfig(**_clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")).save_pretrained(dest / "text_encoder_2")
+    CLIPTextConfig(**bigg_config()).save_pretrained(dest / "text_encoder_2")
     if not model.refiner:
-        clip_l = CLIPTextConfig(**_clip_config(_CLIP_L_WIDTH, _CLIP_L_WIDTH, "quick_gelu"))
-        clip_l.save_pretrained(dest / "text_encoder")
+        CLIPTextConfig(**clip_l_config()).save_pretrained(dest / "text_encoder")
 
 
 def build(model: BuiltinModel, dest: Path) -> None:
@@ -213,9 +221,32 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
     if spec is None:
         names = ", ".join(sorted(BUILTIN_MODELS))
         raise ModelNotFound(f"no built-in model {air.canonical} (built-in: {names})")
+    return keep(
+        air,
+        cache,
+        in_use,
+        lambda folder: build(spec, folder),
+        layout=Layout.DIFFUSERS,
+        metadata={"source": "builtin", "name": spec.name, "version": spec.version},
+        detect=identify_folder,
+    )
+
+
+def keep(
+    air: AIR,
+    cache: Cache,
+    in_use: Callable[[str], bool],
+    write: Callable[[Path], None],
+    *,
+    layout: Layout,
+    metadata: Mapping[str, Any],
+    detect: Callable[[Path], Identity],
+) -> ModelRecord:
+    """Keep the folder `write` creates (a diffusers folder, or one holding the `SINGLE_FILE_NAME` of a single
+    file) in `cache` as `air`: its files adopted as blobs within the quota, then committed like a download."""
     with staging_folder(cache.root / "tmp", "builtin-") as staging:
         folder = staging / "model"
-        build(spec, folder)
+        write(folder)
         paths = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
         digests = {relative: full_digests(path) for relative, path in paths.items()}
         shas = {relative: sha256 for relative, (sha256, _) in digests.items()}
@@ -224,11 +255,4 @@ def install(air: AIR, cache: Cache, in_use: Callable[[str], bool]) -> ModelRecor
                 check = relative if relative.endswith(".safetensors") else None
                 sha256, fast = digests[relative]
                 cache.blobs.adopt(path, sha256, fast_digest=fast, check_safetensors_as=check)
-            return cache.commit(
-                air,
-                source="builtin",
-                layout=Layout.DIFFUSERS,
-                files=shas,
-                metadata={"source": "builtin", "name": spec.name, "version": spec.version},
-                detect=detect_folder,
-            )
+            return cache.commit(air, source="builtin", layout=layout, files=shas, metadata=metadata, detect=detect)

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelstore._architecture import Identity
 from modelstore._blobs import BlobStore, FileIdentity
 from modelstore._disk_space import check_room
 from modelstore._index import Index, IndexEntry
@@ -44,7 +45,7 @@ from modelstore._snapshots import Snapshots, content_digest
 from modelstore._staging import UNCLAIMED_GRACE_S, clean_old_files, clean_stale
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound, QuotaExceeded
-from modelstore.record import Architecture, CachedModel, Layout, ModelRecord
+from modelstore.record import CachedModel, Layout, ModelKind, ModelRecord
 from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,9 @@ class Cache:
         return path if path.is_absolute() else self.snapshots.absolute(entry.path)
 
     def record(self, air: AIR, entry: IndexEntry) -> ModelRecord:
+        path, layout, architecture = self.model_path(entry), entry.layout, entry.architecture
         return ModelRecord(
-            air, self.model_path(entry), entry.layout, entry.architecture, entry.size_bytes, entry.sha256
+            air, path, layout, architecture, entry.size_bytes, entry.sha256, entry.kind, entry.trigger_words
         )
 
     def touch(self, air: AIR) -> None:
@@ -165,6 +167,8 @@ class Cache:
             in_use=in_use(e.air),
             path=self.model_path(e),
             sha256=e.sha256,
+            kind=e.kind,
+            trigger_words=e.trigger_words,
         )
 
     def used_bytes(self) -> int:
@@ -284,11 +288,12 @@ class Cache:
         layout: Layout,
         files: Mapping[str, str],
         metadata: Mapping[str, Any],
-        detect: Callable[[Path], Architecture],
+        detect: Callable[[Path], Identity],
         on_demand: bool = False,
     ) -> ModelRecord:
         """Build the model's folder from blobs already in place and record it in the index (`on_demand`: for a
-        request). Weights that `detect` refuses leave nothing behind: their folder and blobs are removed."""
+        request), with what `detect` says the weights are. Weights that `detect` refuses leave nothing behind:
+        their folder and blobs are removed."""
         with self._exclusive():
             missing = [sha for sha in files.values() if not self.blobs.has(sha)]
             if missing:
@@ -296,7 +301,7 @@ class Cache:
             folder = self.snapshots.build(air.canonical, files)
             path = folder / SINGLE_FILE_NAME if layout is Layout.SINGLE_FILE else folder
             try:
-                architecture = detect(path)
+                identity = detect(path)
             except Exception:
                 self.snapshots.remove(folder)
                 others = {sha for r in self._reservations if r.model != air.canonical for sha in r.blobs}
@@ -310,11 +315,11 @@ class Cache:
                 air=air.canonical,
                 source=source,
                 layout=layout,
-                architecture=architecture,
+                architecture=identity.architecture,
                 path=self.snapshots.relative(path),
                 sha256=digest,
                 size_bytes=sum(size for _, size in sizes.values()),
-                metadata=metadata,
+                metadata=with_kind(metadata, identity.kind),
                 added=now,
                 last_used=now,
                 pinned=False,
@@ -325,7 +330,8 @@ class Cache:
             self.index.put(entry)
             if old is not None and old.path != entry.path and not Path(old.path).is_absolute():
                 self._drop_folder(old)
-        log.info("cached %s (%s, %s)", air.canonical, architecture.label, format_bytes(entry.size_bytes))
+        what = identity.architecture.label + (" LoRA" if identity.kind is ModelKind.LORA else "")
+        log.info("cached %s (%s, %s)", air.canonical, what, format_bytes(entry.size_bytes))
         return self.record(air, entry)
 
     def register_local(self, entry: IndexEntry) -> None:
@@ -368,6 +374,11 @@ def _clean_up_after_crashes(root: Path) -> None:
     removed += clean_old_files(root / "quarantine", "*", _QUARANTINE_KEPT_S)
     if removed:
         log.info("removed %d leftover(s) of interrupted work from %s", removed, root)
+
+
+def with_kind(metadata: Mapping[str, Any], kind: ModelKind) -> dict[str, Any]:
+    """`metadata` as the index keeps it: a LoRA says so (`_index`), a checkpoint as before."""
+    return {**metadata, "kind": kind.value} if kind is ModelKind.LORA else dict(metadata)
 
 
 def _distinct(needs: list[Need]) -> list[Need]:

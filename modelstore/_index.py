@@ -15,7 +15,9 @@ A blob's digest row depends only on its content, so it never goes stale: it may 
 again if the same content returns. Tables added after schema version 1 are created when missing, without a
 new version number, so an older store sharing the folder still opens it (and ignores them).
 
-Metadata is the source's description of the model (ids, names, hashes): never tokens or presigned URLs.
+Metadata is the source's description of the model (ids, names, hashes): never tokens or presigned URLs. It
+also holds what the schema had no column for when it came, so that an older store sharing the folder reads
+the rows as before: `kind` ("lora" for a LoRA; absent for a checkpoint) and `triggerWords` (a LoRA's).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelstore.record import Architecture, Layout
+from modelstore.record import Architecture, Layout, ModelKind
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -88,6 +90,15 @@ class IndexEntry:
     @property
     def blobs(self) -> set[str]:
         return {sha for sha, _ in self.files.values()}
+
+    @property
+    def kind(self) -> ModelKind:
+        return ModelKind(self.metadata.get("kind", ModelKind.CHECKPOINT.value))
+
+    @property
+    def trigger_words(self) -> tuple[str, ...]:
+        words = self.metadata.get("triggerWords")
+        return tuple(w for w in words if isinstance(w, str)) if isinstance(words, list) else ()
 
 
 class Index:

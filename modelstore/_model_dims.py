@@ -27,6 +27,11 @@ CLIP_L = "conditioner.embedders.0.transformer.text_model."
 BIGG_AFTER_CLIP_L = "conditioner.embedders.1.model."  # SDXL base: [CLIP-L, bigG]
 BIGG_ALONE = "conditioner.embedders.0.model."  # SDXL refiner: [bigG]
 
+# The built-in tiny models' text-encoder widths, stand-ins for CLIP-L's 768 and bigG's 1280 (`_builtin` builds
+# them; here so that what reads LoRA shapes, `_lora_keys`, knows them without importing the builder).
+TINY_CLIP_L_WIDTH = 32
+TINY_BIGG_WIDTH = 40
+
 _CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 _OPEN_CLIP_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.")
 

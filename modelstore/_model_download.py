@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelstore._architecture import detect_file, detect_folder
+from modelstore._architecture import Identity, identify_file, identify_folder
 from modelstore._cache import BlobsVanished, Cache, Need
 from modelstore._file_download import Downloader
 from modelstore._flights import Flight
@@ -23,7 +23,7 @@ from modelstore._sources import RemotePlan, RemoteSource
 from modelstore.air import AIR
 from modelstore.downloads import DownloadCause
 from modelstore.errors import SourceUnavailable
-from modelstore.record import Architecture, Layout, ModelRecord
+from modelstore.record import Layout, ModelRecord
 from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -135,5 +135,5 @@ class _FileProgress:
             self._progress.adjust_total(nbytes - self._file.approx_size)
 
 
-def _detector(layout: Layout) -> Callable[[Path], Architecture]:
-    return detect_file if layout is Layout.SINGLE_FILE else detect_folder
+def _detector(layout: Layout) -> Callable[[Path], Identity]:
+    return identify_file if layout is Layout.SINGLE_FILE else identify_folder

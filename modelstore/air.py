@@ -10,6 +10,11 @@ Accepted forms (shared/research/modelstore.md §1):
 - built-in:  ``builtin:tiny-sdxl-base@1``
 - local:  ``local:/abs/path`` or a bare absolute path (a diffusers folder or a .safetensors file)
 
+The type an URN states must fit where the AIR is used: `parse_air` takes checkpoints (a model, refiner or not),
+`parse_lora_air` LoRAs, and `parse_stored_air` either (what an operator pulls, lists, pins, verifies or deletes);
+an AIR without a type may be either, and the weights themselves decide (`ModelRecord.kind`). Every other type
+(vae, embedding, ...) is refused everywhere.
+
 civitai's published regexes mangle dotted repo names and ``+fileId`` (modelstore.md §1.4), so this is an explicit
 parser. `AIR.canonical` is the short form; parsing it gives back an equal AIR, which is what caches key on.
 """
@@ -39,7 +44,8 @@ _SOURCE_ALIASES = {
     "local": Source.LOCAL,
 }
 # Types that name a whole checkpoint; anything else (lora, vae, embedding, ...) cannot be used as a model.
-_CHECKPOINT_TYPES = {"checkpoint", "model"}
+_CHECKPOINT_TYPES = frozenset({"checkpoint", "model"})
+_LORA_TYPES = frozenset({"lora"})
 _KNOWN_TYPES = _CHECKPOINT_TYPES | {
     "lora",
     "embedding",
@@ -121,15 +127,29 @@ class AIR:
 
 
 def parse_air(text: str) -> AIR:
-    """Parse an AIR, a built-in name or a local path; raise InvalidModelId saying what is wrong (its `air` is
-    `text` as given)."""
+    """Parse a checkpoint's AIR, a built-in name or a local path; raise InvalidModelId saying what is wrong (its
+    `air` is `text` as given), e.g. for an URN typed `lora` ("... is a lora, not a checkpoint")."""
+    return _parsed(text, _CHECKPOINT_TYPES, "checkpoint")
+
+
+def parse_lora_air(text: str) -> AIR:
+    """Parse a LoRA's AIR (as `parse_air`); an URN typed `checkpoint` (or anything but `lora`) is InvalidModelId."""
+    return _parsed(text, _LORA_TYPES, "LoRA")
+
+
+def parse_stored_air(text: str) -> AIR:
+    """Parse the AIR of anything the store keeps, a checkpoint or a LoRA (the operators' calls)."""
+    return _parsed(text, _CHECKPOINT_TYPES | _LORA_TYPES, "checkpoint or a LoRA")
+
+
+def _parsed(text: str, types: frozenset[str], wanted: str) -> AIR:
     try:
-        return _parse(text)
+        return _parse(text, types, wanted)
     except InvalidModelId as exc:
         raise exc.about(text) from None
 
 
-def _parse(text: str) -> AIR:
+def _parse(text: str, types: frozenset[str], wanted: str) -> AIR:
     if not text:
         raise InvalidModelId("model identifier is empty")
     if text != text.strip() or any(c.isspace() or ord(c) < 32 for c in text):
@@ -157,8 +177,8 @@ def _parse(text: str) -> AIR:
         known = ", ".join(sorted(_SOURCE_ALIASES))
         raise InvalidModelId(f"{text!r}: unsupported source {source_name!r} (supported: {known})")
     ecosystem, model_type = _qualifiers(text, qualifiers)
-    if model_type is not None and model_type not in _CHECKPOINT_TYPES:
-        raise InvalidModelId(f"{text!r} is a {model_type}, not a checkpoint")
+    if model_type is not None and model_type not in types:
+        raise InvalidModelId(f"{text!r} is a {model_type}, not a {wanted}")
 
     version: str | None = None
     file: str | None = None

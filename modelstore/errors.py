@@ -7,7 +7,9 @@ there.
     ModelStoreError
     ├── InvalidModelId        the identifier is malformed (never retried)
     ├── ModelNotFound         the source does not know the model, version or file
-    ├── WrongArchitecture     the model exists but is not what the role needs (e.g. SD 1.5 as an SDXL refiner)
+    ├── WrongArchitecture     the model exists but is not what the role needs (e.g. SD 1.5 as an SDXL refiner,
+    │   │                     a LoRA as a model, a LoRA trained for another model)
+    │   └── NotALora          a checkpoint named where a LoRA is required
     ├── UnsafeCheckpoint      not a safetensors file (a pickle is refused and never unpickled), or a bad header
     ├── CorruptModel          the weights are incomplete or disagree with their configs: a component without
     │                         weights, tensors left unloaded, a broken tokenizer, wrong pipeline flags
@@ -99,15 +101,32 @@ class ModelNotFound(ModelStoreError):
 
 
 class WrongArchitecture(ModelStoreError):
-    """The model is not of the architecture `role` needs (None: not a checkpoint at all)."""
+    """The model is not of the architecture `role` needs (None: not a checkpoint at all). `field`: the request
+    field that named it, when the caller that checked it knew (a LoRA's, `role_policy.require_lora`), for the
+    edge to report when no model field of its own matches."""
 
     def __init__(
-        self, message: str, *, expected: str, found: str, role: Role | None = None, air: str | None = None
+        self,
+        message: str,
+        *,
+        expected: str,
+        found: str,
+        role: Role | None = None,
+        air: str | None = None,
+        field: str | None = None,
     ) -> None:
         super().__init__(message, air=air)
         self.expected = expected
         self.found = found
         self.role = role
+        self.field = field
+
+
+class NotALora(WrongArchitecture):
+    """A checkpoint was named where a LoRA is required (`field`, e.g. "loras[0].model")."""
+
+    def __init__(self, message: str, *, found: str, field: str, air: str | None = None) -> None:
+        super().__init__(message, expected="a LoRA", found=found, role=Role.LORA, air=air, field=field)
 
 
 class UnsafeCheckpoint(ModelStoreError):

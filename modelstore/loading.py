@@ -104,6 +104,8 @@ def load_pipeline(
 def _load(
     record: ModelRecord, role: Role, dtype: Any, components: Mapping[str, Any] | None
 ) -> tuple[Any, Architecture]:
+    if record.is_lora:
+        require_role(record, role)  # a LoRA is no pipeline: refused before anything is read
     # A local model is read through what was opened and matched against its check, for the whole load: a
     # name swapped for a link meanwhile cannot lead diffusers elsewhere (issue 21, item 5).
     with reading(record) as path:

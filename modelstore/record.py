@@ -38,6 +38,14 @@ _LABELS = {
 }
 
 
+class ModelKind(Enum):
+    """What a file of weights is: a whole model, or a LoRA that adapts one (read from its keys, like the
+    architecture)."""
+
+    CHECKPOINT = "checkpoint"
+    LORA = "lora"
+
+
 class Layout(Enum):
     """How the weights are laid out on disk."""
 
@@ -79,12 +87,20 @@ class ModelRecord:
     size_bytes: int
     # Content hash of the weights (sha256 of the file, or of the folder's sorted file hashes).
     sha256: str
+    # A LoRA is one .safetensors file (SINGLE_FILE); its `architecture` is the model it was trained on.
+    kind: ModelKind = ModelKind.CHECKPOINT
+    # Words a LoRA was trained to respond to, as its source lists them (civitai's trainedWords).
+    trigger_words: tuple[str, ...] = ()
     # A local model's checked files (None for the cache's own, and for a record nobody checked).
     local: LocalFiles | None = field(default=None, compare=False, repr=False)
 
     @property
     def canonical(self) -> str:
         return self.air.canonical
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind is ModelKind.LORA
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,8 @@ class CachedModel:
     in_use: bool
     path: Path
     sha256: str  # of the file, or of the folder's files (see `_snapshots.content_digest`)
+    kind: ModelKind = ModelKind.CHECKPOINT
+    trigger_words: tuple[str, ...] = ()
 
 
 class Verdict(Enum):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import requests
 
-from modelstore import _builtin, local_files
+from modelstore import _builtin, _builtin_loras, local_files
 from modelstore import _integrity as integrity
 from modelstore._cache import Cache
 from modelstore._disk_space import disk_full_as_error
@@ -55,7 +55,7 @@ from modelstore._on_demand import DownloadCounts, gate, require_servable
 from modelstore._sources import RemoteSource
 from modelstore._sources import local as local_source
 from modelstore._sources.civitai import CivitaiSource
-from modelstore.air import AIR, Source, parse_air
+from modelstore.air import AIR, Source, parse_stored_air
 from modelstore.components import Component, components_of
 from modelstore.downloads import PULL, Cause, DownloadCause
 from modelstore.errors import (
@@ -239,8 +239,9 @@ class ModelStore:
     def _fetch(self, air: AIR, flight: Flight, cause: DownloadCause) -> ModelRecord:
         if air.source is Source.LOCAL:
             return local_source.register(air, self._cache, flight.progress, self._local_roots)
-        if air.source is Source.BUILTIN:
-            return _builtin.install(air, self._cache, self._in_use)
+        if air.source is Source.BUILTIN:  # a tiny model or a tiny LoRA, built here
+            install = _builtin_loras.install if air.canonical in _builtin_loras.BUILTIN_LORAS else _builtin.install
+            return install(air, self._cache, self._in_use)
         if self.settings.offline:
             entry = self._cache.index.get(air.canonical)
             set_aside = [] if entry is None else quarantined_files(self._cache, entry)
@@ -308,7 +309,7 @@ class ModelStore:
         is done. A file that does not match is quarantined, and the model fetched again where its source
         allows (REPAIRED), else CORRUPT. Local models are the operator's files: SKIPPED. `progress` hears the
         reading (VERIFYING) and any download. ModelNotFound for a model that is not cached."""
-        airs = [_air(m) for m in models] if models is not None else [parse_air(m.air) for m in self.list_models()]
+        airs = [_air(m) for m in models] if models is not None else [_air(m.air) for m in self.list_models()]
         done: dict[str, Damage | None] = {}  # blobs read in this run, shared by several models
         for air in airs:
             with concerning(air.canonical):
@@ -388,8 +389,8 @@ class ModelStore:
 
 
 def _air(model: str | AIR) -> AIR:
-    """`model` as an AIR: one given as an AIR is used as it is, never parsed again."""
-    return parse_air(model) if isinstance(model, str) else model
+    """`model` as an AIR: one given as an AIR is used as it is, never parsed again; text a checkpoint or LoRA."""
+    return parse_stored_air(model) if isinstance(model, str) else model
 
 
 def _canonical(model: ModelRef) -> str:

@@ -1,11 +1,13 @@
-"""civitai: checkpoints named `civitai:MODEL@VERSION[+FILE]` (shared/research/modelstore.md §2).
+"""civitai: checkpoints and LoRAs named `civitai:MODEL@VERSION[+FILE]` (shared/research/modelstore.md §2).
 
 - Metadata: `GET {api}/api/v1/model-versions/{VERSION}`; its `modelId` must be MODEL.
 - The file is chosen here, deterministically, never left to civitai's `primary` flag (which depends on the
   account's preferences and has handed out the VAE, civitai/civitai#523): `+FILE` pins one; otherwise the
   `Model` / `Pruned Model` files in SafeTensor format, preferring pruned over full, then fp16, then the lowest
   file id. A VAE or any other component is never picked; a version that offers only pickles is refused before
-  anything is downloaded.
+  anything is downloaded. A LoRA version (model type `LORA`) is chosen from its `Model` files alike, and the
+  words it was trained on (`trainedWords`) are kept with it; every other model type (VAE, embedding, ...) is
+  refused.
 - Bytes: `GET {api}/api/download/models/{VERSION}?fileId={FILE}` with `Authorization: Bearer` (only to the
   configured API host, never as `?token=`), which answers 307 to presigned storage. The redirect is followed
   by the downloader WITHOUT the Authorization header (storage must not see the token, and R2/B2 refuse
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 SOURCE = "civitai"
 TOKEN_HINT = "CIVITAI_TOKEN"
 _CHECKPOINT_FILE_TYPES = ("Model", "Pruned Model")
+# civitai's model types the store keeps, and which of a version's files are the weights for each.
+_FILE_TYPES = {"Checkpoint": _CHECKPOINT_FILE_TYPES, "LORA": ("Model",)}
+_MAX_TRIGGER_WORDS = 64
 _SAFETENSOR = "SafeTensor"
 _SIZE_PREFERENCE = {"pruned": 0, "full": 1}
 _FP_PREFERENCE = {"fp16": 0, "bf16": 1, "fp32": 2}
@@ -76,13 +81,13 @@ class CivitaiSource:
             )
         model = _dict(version.get("model"))
         model_type = model.get("type")
-        if model_type is not None and model_type != "Checkpoint":
+        if model_type is not None and model_type not in _FILE_TYPES:
             raise WrongArchitecture(
-                f"{air.canonical} is a {model_type}, not a checkpoint",
-                expected="a checkpoint",
+                f"{air.canonical} is a {model_type}, not a checkpoint or a LoRA",
+                expected="a checkpoint or a LoRA",
                 found=str(model_type),
             )
-        chosen = choose_file(version, air)
+        chosen = choose_file(version, air, _FILE_TYPES.get(str(model_type), _CHECKPOINT_FILE_TYPES))
         file_id = str(chosen["id"])
         sha256 = _sha256_of(chosen, air)
         approx = _approx_size(chosen, air)
@@ -115,6 +120,8 @@ class CivitaiSource:
             "baseModelType": _text(version.get("baseModelType")),
             "air": _text(version.get("air")),
         }
+        if model_type == "LORA":
+            metadata["triggerWords"] = trigger_words(version)
         return RemotePlan(air, Layout.SINGLE_FILE, (remote,), metadata)
 
     def _version(self, version_id: str) -> Mapping[str, Any]:
@@ -169,8 +176,19 @@ class CivitaiSource:
         return describe(exc, (self._token,))
 
 
-def choose_file(version: Mapping[str, Any], air: AIR) -> Mapping[str, Any]:
-    """The one file of `version` that `air` means (see the module docstring for the rule)."""
+def trigger_words(version: Mapping[str, Any]) -> list[str]:
+    """A LoRA version's `trainedWords`: strings only, bounded (they are shown and stored, never trusted)."""
+    words = version.get("trainedWords")
+    if not isinstance(words, list):
+        return []
+    return [w.strip()[:200] for w in words if isinstance(w, str) and w.strip()][:_MAX_TRIGGER_WORDS]
+
+
+def choose_file(
+    version: Mapping[str, Any], air: AIR, weights: tuple[str, ...] = _CHECKPOINT_FILE_TYPES
+) -> Mapping[str, Any]:
+    """The one file of `version` that `air` means (see the module docstring for the rule), among files of the
+    types in `weights`."""
     files = [f for f in version.get("files") or [] if isinstance(f, dict) and "id" in f]
     where = f"civitai model version {air.version}"
     if not files:
@@ -180,7 +198,7 @@ def choose_file(version: Mapping[str, Any], air: AIR) -> Mapping[str, Any]:
         if not pinned:
             raise ModelNotFound(f"file {air.file} is not part of {where}")
         chosen = pinned[0]
-        if chosen.get("type") not in _CHECKPOINT_FILE_TYPES:
+        if chosen.get("type") not in weights:
             found = _text(chosen.get("type")) or "unknown"
             raise WrongArchitecture(
                 f"civitai file {air.file} is a {found} file, not a checkpoint",
@@ -193,7 +211,7 @@ def choose_file(version: Mapping[str, Any], air: AIR) -> Mapping[str, Any]:
                 "are downloaded"
             )
         return chosen
-    checkpoints = [f for f in files if f.get("type") in _CHECKPOINT_FILE_TYPES]
+    checkpoints = [f for f in files if f.get("type") in weights]
     if not checkpoints:
         kinds = ", ".join(sorted({_text(f.get("type")) or "unknown" for f in files}))
         raise ModelNotFound(f"{where} has no checkpoint file (only: {kinds})")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore._architecture import detect_file, detect_folder
+from modelstore._architecture import Identity, detect_folder, identify_file
 from modelstore._blobs import check_safetensors
-from modelstore._cache import Cache
+from modelstore._cache import Cache, with_kind
 from modelstore._digests import sha256_digest
 from modelstore._index import IndexEntry
 from modelstore._snapshots import content_digest
@@ -29,7 +29,7 @@ from modelstore.air import AIR, Source
 from modelstore.errors import ModelNotFound, UnsafeCheckpoint
 from modelstore.local_files import Opened, checked, identities, open_model
 from modelstore.progress import ByteCounter, ProgressFanout
-from modelstore.record import Architecture, FileId, Layout, ModelRecord
+from modelstore.record import Architecture, FileId, Layout, ModelKind, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class LocalModel:
     path: Path
     layout: Layout
     architecture: Architecture
+    kind: ModelKind
     sha256: str
     size_bytes: int
     # relative path -> [size, mtime_ns, sha256]: what the next lookup compares against
@@ -81,14 +82,15 @@ def register(air: AIR, cache: Cache, progress: ProgressFanout, roots: Sequence[P
             path=str(path),
             sha256=model.sha256,
             size_bytes=model.size_bytes,
-            metadata={"source": "local", "fingerprint": dict(model.fingerprint)},
+            metadata=with_kind({"source": "local", "fingerprint": dict(model.fingerprint)}, model.kind),
             added=now,
             last_used=now,
             pinned=False,
         )
     )
-    log.info("registered local model %s (%s)", path, model.architecture.label)
-    record = ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256)
+    kind = " LoRA" if model.kind is ModelKind.LORA else ""
+    log.info("registered local model %s (%s%s)", path, model.architecture.label, kind)
+    record = ModelRecord(air, path, model.layout, model.architecture, model.size_bytes, model.sha256, model.kind)
     return checked(record, model.fingerprint, roots)  # what a load must find again (`local_files.reading`)
 
 
@@ -124,12 +126,12 @@ def _inspect(opened: Opened, view: Path, previous: Mapping[str, list[Any]], coun
         sha256 = previous[relative][2] if unchanged(relative, now) else sha256_digest(opened.fd_path(relative), counter)
         fingerprint[relative] = [now.size, now.mtime_ns, sha256, now.device, now.inode]
     if opened.is_file:
-        layout, architecture, digest = Layout.SINGLE_FILE, detect_file(view), fingerprint[""][2]
+        layout, identity, digest = Layout.SINGLE_FILE, identify_file(view), fingerprint[""][2]
     else:
-        layout, architecture = Layout.DIFFUSERS, detect_folder(view)
+        layout, identity = Layout.DIFFUSERS, Identity(ModelKind.CHECKPOINT, detect_folder(view))
         digest = content_digest({p: v[2] for p, v in fingerprint.items()})
     size = sum(v[0] for v in fingerprint.values())
-    return LocalModel(path, layout, architecture, digest, size, fingerprint)
+    return LocalModel(path, layout, identity.architecture, identity.kind, digest, size, fingerprint)
 
 
 def _check_components(folder: Path, files: Mapping[str, object]) -> None:

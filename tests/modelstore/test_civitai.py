@@ -203,9 +203,11 @@ def test_pinning_a_vae_or_a_pickle_is_refused_before_downloading(make_store: Mak
     assert civitai.downloads() == []
 
 
-def test_a_lora_is_not_a_checkpoint(make_store: MakeStore, civitai: FakeCivitai) -> None:
-    civitai.add_version(9, 90, [(FakeFile(901, "lora.safetensors"), payloads.checkpoint())], model_type="LORA")
-    with pytest.raises(WrongArchitecture, match="LORA"):
+@pytest.mark.parametrize("model_type", ["VAE", "TextualInversion", "Controlnet"])
+def test_only_checkpoints_and_loras_are_kept(make_store: MakeStore, civitai: FakeCivitai, model_type: str) -> None:
+    # LoRAs are the store's too (tests/modelstore/test_loras.py); every other type is refused before a download.
+    civitai.add_version(9, 90, [(FakeFile(901, "x.safetensors"), payloads.checkpoint())], model_type=model_type)
+    with pytest.raises(WrongArchitecture, match=f"is a {model_type}, not a checkpoint or a LoRA"):
         make_store().resolve("civitai:9@90")
     assert civitai.downloads() == []
 
