@@ -34,7 +34,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from PIL import Image
 
 from server.core.domain import Branch, RenderShape, Sample, Stage, TokenCount
-from server.generation import loras
+from server.generation import loras, prompts
 from server.generation.compare import Handoff
 from server.generation.pipelines import PipelinePair
 from server.generation.samplers import make_scheduler
@@ -136,8 +136,9 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
 
     base.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     loras.apply(base, pair.loras.base)  # before the prompts: a LoRA may have text-encoder parts
+    conditioning = prompts.encode(base, samples, Stage.BASE, device, use_cfg, chunks=shape.chunks)
     base_result = base(
-        **_encode(base, samples, Stage.BASE, device, use_cfg),
+        **conditioning.tensors,
         width=shape.width,
         height=shape.height,
         num_inference_steps=shape.steps,
@@ -152,11 +153,13 @@ def _run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obse
     if stop is None:  # the base decoded its own images
         timings.decode_s = clock.seconds(base_end, clock.mark())
     if not shape.refiner_steps:
-        return RunResult(list(base_result.images), timings)
+        return RunResult(list(base_result.images), timings, tokens=list(conditioning.tokens))
     if handoff is None:
-        return _refine(pair, shape, samples, base_result.images, generators, observer, clock, timings)
-    result = _refine(pair, shape, samples, handoff.latents, handoff.generators(), observer, clock, timings)
-    result.base_only = list(base_result.images)
+        result = _refine(pair, shape, samples, base_result.images, generators, observer, clock, timings)
+    else:
+        result = _refine(pair, shape, samples, handoff.latents, handoff.generators(), observer, clock, timings)
+        result.base_only = list(base_result.images)
+    result.tokens = [b + r for b, r in zip(conditioning.tokens, result.tokens, strict=True)]
     return result
 
 
@@ -178,10 +181,12 @@ def _refine(
     refiner.scheduler = make_scheduler(shape.sampler, base.scheduler.config)
     refiner.start_index = shape.base_steps
     device = base._execution_device
-    refiner_embeds = _encode(refiner, samples, Stage.REFINER, device, shape.cfg_scale > 1.0)
+    conditioning = prompts.encode(
+        refiner, samples, Stage.REFINER, device, shape.cfg_scale > 1.0, chunks=shape.refiner_chunks
+    )
     refiner_start = clock.mark()
     refined = refiner(
-        **refiner_embeds,
+        **conditioning.tensors,
         image=latents,
         num_inference_steps=shape.steps,
         # Any valid fraction: it only switches diffusers to the no-noise start; the index decides where.
@@ -197,7 +202,7 @@ def _refine(
     refiner_end = clock.last_step
     timings.refiner_s = clock.seconds(refiner_start, refiner_end)
     timings.decode_s += clock.seconds(refiner_end, clock.mark())
-    return RunResult(list(refined.images), timings)
+    return RunResult(list(refined.images), timings, tokens=list(conditioning.tokens))
 
 
 class _Clock:
@@ -244,13 +249,6 @@ def _refiner_flags(refiner: StableDiffusionXLImg2ImgPipeline) -> dict[str, Any]:
         "force_zeros_for_empty_prompt": bool(config.force_zeros_for_empty_prompt),
         "add_watermarker": False,
     }
-
-
-def _encode(pipe: Any, samples: Sequence[Sample], stage: Stage, device: Any, use_cfg: bool) -> dict[str, torch.Tensor]:
-    """Text conditioning of any length, plain or weighted, per sample then stacked (`prompts.encode`)."""
-    from server.generation.prompts import encode
-
-    return encode(pipe, samples, stage, device, use_cfg).tensors
 
 
 def _callback(
