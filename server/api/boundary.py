@@ -27,7 +27,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from modelstore import AIR, Role, parse_air
+from modelstore import AIR, Role, parse_stored_air
 from modelstore import errors as store_errors
 from server.core import errors
 from server.core.logs import MAX_LOGGED_CHARS, escaped
@@ -49,6 +49,8 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
+    # A checkpoint named where a LoRA is required (a WrongArchitecture; its own row for the table's readers).
+    store_errors.NotALora: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.UnsafeCheckpoint: grpc.StatusCode.FAILED_PRECONDITION,
     # The cached files are incomplete or inconsistent; no retry helps until the model is pulled again.
     store_errors.CorruptModel: grpc.StatusCode.FAILED_PRECONDITION,
@@ -99,7 +101,7 @@ class ModelField:
         if error.air == self.text:
             return True
         try:  # the request's own text, as sent: parsed here only to name the field of an error
-            return parse_air(self.text).canonical == error.air
+            return parse_stored_air(self.text).canonical == error.air
         except store_errors.InvalidModelId:
             return False
 
@@ -149,7 +151,7 @@ def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcE
         details.append(_bad_request([(exc.field, message, "DOES_NOT_FIT")]))
         message = f"{exc.field}: {message}"
     elif isinstance(exc, store_errors.ModelStoreError):
-        field = next((m.field for m in models if m.names(exc)), None)
+        field = next((m.field for m in models if m.names(exc)), None) or getattr(exc, "field", None)
         if field is not None:
             details.append(_bad_request([(field, message, type(exc).__name__)]))
             message = f"{field}: {message}"

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
 
-from modelstore import Architecture, CachedModel, DownloadProgress, Role, Verdict, Verification
+from modelstore import Architecture, CachedModel, DownloadProgress, ModelKind, Role, Verdict, Verification
 from refinery.v1 import generation_pb2 as gen_pb
 from refinery.v1 import models_pb2 as models_pb
 from refinery.v1 import status_pb2 as status_pb
@@ -42,6 +42,8 @@ ARCHITECTURES: dict[Architecture, models_pb.Architecture] = {
     Architecture.FLUX: models_pb.ARCHITECTURE_FLUX,
     Architecture.UNKNOWN: models_pb.ARCHITECTURE_UNKNOWN,
 }
+
+KINDS = {ModelKind.CHECKPOINT: models_pb.MODEL_KIND_CHECKPOINT, ModelKind.LORA: models_pb.MODEL_KIND_LORA}
 
 
 # ---- GenerationService ------------------------------------------------------------------------------------
@@ -161,6 +163,8 @@ def model_info(model: CachedModel, *, resident: bool) -> models_pb.ModelInfo:
         resident=resident,
         sha256=model.sha256,
         in_use=model.in_use,
+        kind=KINDS[model.kind],
+        trigger_words=model.trigger_words,
     )
     info.added.FromDatetime(model.added)
     info.last_used.FromDatetime(model.last_used)

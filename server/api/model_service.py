@@ -1,5 +1,8 @@
 """The `refinery.v1.ModelService` servicer (grpc.aio): the model cache, for operators.
 
+Models here are checkpoints or LoRAs (`parse_stored_air`: an URN typed `lora` is accepted as well as one typed
+`checkpoint`); listings say which (`kind`) and a LoRA's trigger words.
+
 - `PullModel` fetches a model into the cache (or finds it there), streaming `PullProgress` while bytes arrive
   and then the model's `ModelInfo`; `pin` exempts it from the quota's eviction.
 - `ListModels` lists the cache: every model, the bytes it holds and the quota.
@@ -23,7 +26,7 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, Verification, parse_air
+from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, Verification, parse_stored_air
 from modelstore.errors import ModelInUse
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
@@ -75,7 +78,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
         local_models.canonicalize(request, ("model",), self._local_roots)
-        async for event in _pull(self._store, parse_air(request.model), pin=request.pin).events():
+        async for event in _pull(self._store, parse_stored_air(request.model), pin=request.pin).events():
             if isinstance(event, DownloadProgress):
                 yield pull_progress(event)
             else:
@@ -88,7 +91,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
         # Only models already in the cache are read: a path is never registered here (local models are skipped).
         # A path outside the local-model roots gets the same refusal as everywhere else.
         local_models.canonicalize(request, ("model",), self._local_roots)
-        models = [parse_air(request.model)] if request.model else None
+        models = [parse_stored_air(request.model)] if request.model else None
         async for event in _verify(self._store, models).events():
             if isinstance(event, DownloadProgress):
                 yield pb.VerifyModelResponse(progress=pull_progress(event).progress)
@@ -113,7 +116,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModelResponse:
-        air = parse_air(request.model)
+        air = parse_stored_air(request.model)
         # The store refuses models that are leased; this covers a device that loaded a model without holding
         # a lease on it.
         if air.canonical in self._resident_models():
@@ -132,7 +135,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
         return pb.UnpinModelResponse(model=await self._set_pinned(request.model, pinned=False))
 
     async def _set_pinned(self, model: str, *, pinned: bool) -> pb.ModelInfo:
-        air = parse_air(model)
+        air = parse_stored_air(model)
 
         def update() -> CachedModel:
             self._store.pin(air, pinned)  # ModelNotFound unless cached: pinning never downloads
@@ -153,8 +156,9 @@ def _pull(store: ModelStore, air: AIR, *, pin: bool) -> _Background[CachedModel]
             record = store.pull(air, progress=out.progress, give_up=gave_up)
             # Measure it now (component sizes and fingerprints, what the scheduler budgets and shares with):
             # this reads the weights once more, which a pre-fetch should pay rather than the first Generate that
-            # uses the model (about 7 s for a 7 GB checkpoint).
-            store.components(record)
+            # uses the model (about 7 s for a 7 GB checkpoint). A LoRA is no pipeline: nothing to measure.
+            if not record.is_lora:
+                store.components(record)
             if pin:
                 store.pin(air)
             out.emit(store.describe(air))

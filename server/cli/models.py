@@ -1,7 +1,7 @@
 """`refinery models`: the model cache from the command line.
 
     refinery models pull AIR [--pin] [--server ADDR]   download (if needed) and verify; a progress bar meanwhile
-    refinery models list [--server ADDR]               a table of the cached models
+    refinery models list [--server ADDR]               a table of the cached models (checkpoints and LoRAs)
     refinery models rm AIR [--server ADDR]             delete one (refused while a job uses it)
     refinery models pin|unpin AIR [--server ADDR]      exempt a cached model from the quota's eviction, or not
     refinery models verify [AIR] [--server ADDR]       check every file's SHA256 (all cached models by default);
@@ -33,7 +33,7 @@ import grpc
 
 from modelstore import ModelStore, StoreSettings
 from modelstore.units import format_bytes
-from refinery.client import Architecture, AsyncClient, ModelInfo, RefineryError
+from refinery.client import Architecture, AsyncClient, ModelInfo, ModelKind, RefineryError
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.access import AccessInterceptor
 from server.api.model_service import ModelService
@@ -52,6 +52,7 @@ _ARCHITECTURES = {
     Architecture.FLUX: "FLUX",
     Architecture.UNKNOWN: "unknown",
 }
+_KINDS = {ModelKind.CHECKPOINT: "checkpoint", ModelKind.LORA: "LoRA"}
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
@@ -139,18 +140,24 @@ async def _pull(client: AsyncClient, model: str, *, pin: bool) -> None:
         view.close(completed=info is not None)
     if info is not None:
         pinned = ", pinned" if info.pinned else ""
-        print(f"pulled {info.model} ({_architecture(info)}, {format_bytes(info.size_bytes)}{pinned})")
+        words = f"; trigger words: {_words(info)}" if info.trigger_words else ""
+        what = f"LoRA for {_architecture(info)}" if info.kind is ModelKind.LORA else _architecture(info)
+        print(f"pulled {info.model} ({what}, {format_bytes(info.size_bytes)}{pinned}{words})")
 
 
 async def _list(client: AsyncClient) -> None:
     cache = await client.list_models()
-    rows = [("MODEL", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT", "IN USE")]
+    rows = [("MODEL", "KIND", "ARCHITECTURE", "SIZE", "LAST USED (UTC)", "PINNED", "RESIDENT", "IN USE")]
     for m in cache.models:
         last_used = m.last_used.strftime("%Y-%m-%d %H:%M")
-        size = format_bytes(m.size_bytes)
-        rows.append((m.model, _architecture(m), size, last_used, _yes(m.pinned), _yes(m.resident), _yes(m.in_use)))
+        size, flags = format_bytes(m.size_bytes), (_yes(m.pinned), _yes(m.resident), _yes(m.in_use))
+        rows.append((m.model, _KINDS.get(m.kind, "unspecified"), _architecture(m), size, last_used, *flags))
     if cache.models:
         print_table(rows)
+        # Below the table rather than in it: a LoRA's words can be many and long.
+        for m in cache.models:
+            if m.trigger_words:
+                print(f"trigger words of {m.model}: {_words(m)}")
     else:
         print("no models in the cache")
     quota = f" of a {format_bytes(cache.quota_bytes)} quota" if cache.quota_bytes else " (no quota)"
@@ -170,6 +177,10 @@ async def _rm(client: AsyncClient, model: str) -> None:
 
 def _architecture(info: ModelInfo) -> str:
     return _ARCHITECTURES.get(info.architecture, "unspecified")
+
+
+def _words(info: ModelInfo) -> str:
+    return ", ".join(info.trigger_words)
 
 
 def _yes(flag: bool) -> str:

@@ -81,6 +81,7 @@ def test_pull_list_rm_on_the_local_cache(
     header, row, total = listed.stdout.splitlines()
     assert header.split() == [
         "MODEL",
+        "KIND",
         "ARCHITECTURE",
         "SIZE",
         "LAST",
@@ -91,7 +92,7 @@ def test_pull_list_rm_on_the_local_cache(
         "IN",
         "USE",
     ]
-    assert row.split()[:4] == [BASE, "SDXL", "base", size.split()[0]]
+    assert row.split()[:5] == [BASE, "checkpoint", "SDXL", "base", size.split()[0]]
     assert row.split()[-3:] == ["yes", "no", "no"]
     assert total == f"1 model, {size} on disk (no quota)"
 

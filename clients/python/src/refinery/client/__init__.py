@@ -27,6 +27,7 @@ from refinery.client.metadata import PAIR_HEADER, pair_affinity
 from refinery.client.models import (
     Architecture,
     ModelInfo,
+    ModelKind,
     ModelList,
     PullEvent,
     PullProgress,
@@ -73,6 +74,7 @@ __all__ = [
     "ImageAssembler",
     "Lora",
     "ModelInfo",
+    "ModelKind",
     "ModelList",
     "ModelLoading",
     "OutputFormat",

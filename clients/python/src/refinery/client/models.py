@@ -32,6 +32,14 @@ class Architecture(StrEnum):
     UNKNOWN = "unknown"  # the server read the weights and recognised no architecture
 
 
+class ModelKind(StrEnum):
+    """A whole model, or a LoRA (whose `architecture` is the model it was trained on)."""
+
+    UNSPECIFIED = "unspecified"
+    CHECKPOINT = "checkpoint"
+    LORA = "lora"
+
+
 class Verdict(StrEnum):
     UNSPECIFIED = "unspecified"
     INTACT = "intact"
@@ -53,6 +61,9 @@ class ModelInfo:
     resident: bool  # loaded on a device of the server that answered
     sha256: str
     in_use: bool  # held by a request or a pull right now
+    # A server older than LoRAs does not say: its models are all checkpoints, and read as such.
+    kind: ModelKind = ModelKind.CHECKPOINT
+    trigger_words: tuple[str, ...] = ()  # a LoRA's, as its source lists them
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,15 @@ def model_info(info: pb.ModelInfo) -> ModelInfo:
         info.resident,
         info.sha256,
         info.in_use,
+        _kind(info.kind),
+        tuple(info.trigger_words),
     )
+
+
+def _kind(value: int) -> ModelKind:
+    kind = proto_enum(ModelKind, pb.ModelKind, "MODEL_KIND_", value)
+    # Unset: a server from before LoRAs, where every model is a checkpoint. A kind added later stays UNSPECIFIED.
+    return ModelKind.CHECKPOINT if value == pb.MODEL_KIND_UNSPECIFIED else kind
 
 
 def model_list(response: pb.ListModelsResponse) -> ModelList:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/models.proto\x12\x0brefinery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x10PullModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"t\n\x11PullModelResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.refinery.v1.PullProgressH\x00\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x16.refinery.v1.ModelInfoH\x00\x42\x07\n\x05\x65vent\"\xb7\x01\n\x0cPullProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x03 \x01(\x01\x12\x11\n\tverifying\x18\x04 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x05 \x01(\t\x12\x1e\n\x11\x62ytes_transferred\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\tB\x14\n\x12_bytes_transferred\"\xfb\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12/\n\x0c\x61rchitecture\x18\x03 \x01(\x0e\x32\x19.refinery.v1.Architecture\x12)\n\x05\x61\x64\x64\x65\x64\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x10\n\x08resident\x18\x07 \x01(\x08\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x0e\n\x06in_use\x18\t \x01(\x08\"\x13\n\x11ListModelsRequest\"f\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.refinery.v1.ModelInfo\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x03 \x01(\x04\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"*\n\x13\x44\x65leteModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\" \n\x0fPinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"9\n\x10PinModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.refinery.v1.ModelInfo\"\"\n\x11UnpinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x12UnpinModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.refinery.v1.ModelInfo\"#\n\x12VerifyModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"z\n\x13VerifyModelResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.refinery.v1.PullProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.refinery.v1.VerifyResultH\x00\x42\x07\n\x05\x65vent\"\xf1\x01\n\x0cVerifyResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x07verdict\x18\x02 \x01(\x0e\x32!.refinery.v1.VerifyResult.Verdict\x12\x15\n\rbytes_checked\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"v\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x12\n\x0eVERDICT_INTACT\x10\x01\x12\x14\n\x10VERDICT_REPAIRED\x10\x02\x12\x13\n\x0fVERDICT_CORRUPT\x10\x03\x12\x13\n\x0fVERDICT_SKIPPED\x10\x04*\xda\x01\n\x0c\x41rchitecture\x12\x1c\n\x18\x41RCHITECTURE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41RCHITECTURE_SDXL_BASE\x10\x01\x12\x1d\n\x19\x41RCHITECTURE_SDXL_REFINER\x10\x02\x12\x14\n\x10\x41RCHITECTURE_SD1\x10\x03\x12\x14\n\x10\x41RCHITECTURE_SD2\x10\x04\x12\x14\n\x10\x41RCHITECTURE_SD3\x10\x05\x12\x15\n\x11\x41RCHITECTURE_FLUX\x10\x06\x12\x18\n\x14\x41RCHITECTURE_UNKNOWN\x10\x07\x32\xe9\x03\n\x0cModelService\x12L\n\tPullModel\x12\x1d.refinery.v1.PullModelRequest\x1a\x1e.refinery.v1.PullModelResponse0\x01\x12M\n\nListModels\x12\x1e.refinery.v1.ListModelsRequest\x1a\x1f.refinery.v1.ListModelsResponse\x12P\n\x0b\x44\x65leteModel\x12\x1f.refinery.v1.DeleteModelRequest\x1a .refinery.v1.DeleteModelResponse\x12G\n\x08PinModel\x12\x1c.refinery.v1.PinModelRequest\x1a\x1d.refinery.v1.PinModelResponse\x12M\n\nUnpinModel\x12\x1e.refinery.v1.UnpinModelRequest\x1a\x1f.refinery.v1.UnpinModelResponse\x12R\n\x0bVerifyModel\x12\x1f.refinery.v1.VerifyModelRequest\x1a .refinery.v1.VerifyModelResponse0\x01\x42H\n\x0f\x64\x65v.refinery.v1B\x0bModelsProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18refinery/v1/models.proto\x12\x0brefinery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x10PullModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"t\n\x11PullModelResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.refinery.v1.PullProgressH\x00\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x16.refinery.v1.ModelInfoH\x00\x42\x07\n\x05\x65vent\"\xb7\x01\n\x0cPullProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x03 \x01(\x01\x12\x11\n\tverifying\x18\x04 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x05 \x01(\t\x12\x1e\n\x11\x62ytes_transferred\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\tB\x14\n\x12_bytes_transferred\"\xb8\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12/\n\x0c\x61rchitecture\x18\x03 \x01(\x0e\x32\x19.refinery.v1.Architecture\x12)\n\x05\x61\x64\x64\x65\x64\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x10\n\x08resident\x18\x07 \x01(\x08\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x0e\n\x06in_use\x18\t \x01(\x08\x12$\n\x04kind\x18\n \x01(\x0e\x32\x16.refinery.v1.ModelKind\x12\x15\n\rtrigger_words\x18\x0b \x03(\t\"\x13\n\x11ListModelsRequest\"f\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.refinery.v1.ModelInfo\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x03 \x01(\x04\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"*\n\x13\x44\x65leteModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\" \n\x0fPinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"9\n\x10PinModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.refinery.v1.ModelInfo\"\"\n\x11UnpinModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x12UnpinModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.refinery.v1.ModelInfo\"#\n\x12VerifyModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"z\n\x13VerifyModelResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.refinery.v1.PullProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.refinery.v1.VerifyResultH\x00\x42\x07\n\x05\x65vent\"\xf1\x01\n\x0cVerifyResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x07verdict\x18\x02 \x01(\x0e\x32!.refinery.v1.VerifyResult.Verdict\x12\x15\n\rbytes_checked\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"v\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x12\n\x0eVERDICT_INTACT\x10\x01\x12\x14\n\x10VERDICT_REPAIRED\x10\x02\x12\x13\n\x0fVERDICT_CORRUPT\x10\x03\x12\x13\n\x0fVERDICT_SKIPPED\x10\x04*\xda\x01\n\x0c\x41rchitecture\x12\x1c\n\x18\x41RCHITECTURE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41RCHITECTURE_SDXL_BASE\x10\x01\x12\x1d\n\x19\x41RCHITECTURE_SDXL_REFINER\x10\x02\x12\x14\n\x10\x41RCHITECTURE_SD1\x10\x03\x12\x14\n\x10\x41RCHITECTURE_SD2\x10\x04\x12\x14\n\x10\x41RCHITECTURE_SD3\x10\x05\x12\x15\n\x11\x41RCHITECTURE_FLUX\x10\x06\x12\x18\n\x14\x41RCHITECTURE_UNKNOWN\x10\x07*W\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_CHECKPOINT\x10\x01\x12\x13\n\x0fMODEL_KIND_LORA\x10\x02\x32\xe9\x03\n\x0cModelService\x12L\n\tPullModel\x12\x1d.refinery.v1.PullModelRequest\x1a\x1e.refinery.v1.PullModelResponse0\x01\x12M\n\nListModels\x12\x1e.refinery.v1.ListModelsRequest\x1a\x1f.refinery.v1.ListModelsResponse\x12P\n\x0b\x44\x65leteModel\x12\x1f.refinery.v1.DeleteModelRequest\x1a .refinery.v1.DeleteModelResponse\x12G\n\x08PinModel\x12\x1c.refinery.v1.PinModelRequest\x1a\x1d.refinery.v1.PinModelResponse\x12M\n\nUnpinModel\x12\x1e.refinery.v1.UnpinModelRequest\x1a\x1f.refinery.v1.UnpinModelResponse\x12R\n\x0bVerifyModel\x12\x1f.refinery.v1.VerifyModelRequest\x1a .refinery.v1.VerifyModelResponse0\x01\x42H\n\x0f\x64\x65v.refinery.v1B\x0bModelsProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'refinery.v1.models_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.refinery.v1B\013ModelsProtoP\001Z&refinery/gen/go/refinery/v1;refineryv1'
-  _globals['_ARCHITECTURE']._serialized_start=1482
-  _globals['_ARCHITECTURE']._serialized_end=1700
+  _globals['_ARCHITECTURE']._serialized_start=1543
+  _globals['_ARCHITECTURE']._serialized_end=1761
+  _globals['_MODELKIND']._serialized_start=1763
+  _globals['_MODELKIND']._serialized_end=1850
   _globals['_PULLMODELREQUEST']._serialized_start=74
   _globals['_PULLMODELREQUEST']._serialized_end=120
   _globals['_PULLMODELRESPONSE']._serialized_start=122
@@ -42,31 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLPROGRESS']._serialized_start=241
   _globals['_PULLPROGRESS']._serialized_end=424
   _globals['_MODELINFO']._serialized_start=427
-  _globals['_MODELINFO']._serialized_end=678
-  _globals['_LISTMODELSREQUEST']._serialized_start=680
-  _globals['_LISTMODELSREQUEST']._serialized_end=699
-  _globals['_LISTMODELSRESPONSE']._serialized_start=701
-  _globals['_LISTMODELSRESPONSE']._serialized_end=803
-  _globals['_DELETEMODELREQUEST']._serialized_start=805
-  _globals['_DELETEMODELREQUEST']._serialized_end=840
-  _globals['_DELETEMODELRESPONSE']._serialized_start=842
-  _globals['_DELETEMODELRESPONSE']._serialized_end=884
-  _globals['_PINMODELREQUEST']._serialized_start=886
-  _globals['_PINMODELREQUEST']._serialized_end=918
-  _globals['_PINMODELRESPONSE']._serialized_start=920
-  _globals['_PINMODELRESPONSE']._serialized_end=977
-  _globals['_UNPINMODELREQUEST']._serialized_start=979
-  _globals['_UNPINMODELREQUEST']._serialized_end=1013
-  _globals['_UNPINMODELRESPONSE']._serialized_start=1015
-  _globals['_UNPINMODELRESPONSE']._serialized_end=1074
-  _globals['_VERIFYMODELREQUEST']._serialized_start=1076
-  _globals['_VERIFYMODELREQUEST']._serialized_end=1111
-  _globals['_VERIFYMODELRESPONSE']._serialized_start=1113
-  _globals['_VERIFYMODELRESPONSE']._serialized_end=1235
-  _globals['_VERIFYRESULT']._serialized_start=1238
-  _globals['_VERIFYRESULT']._serialized_end=1479
-  _globals['_VERIFYRESULT_VERDICT']._serialized_start=1361
-  _globals['_VERIFYRESULT_VERDICT']._serialized_end=1479
-  _globals['_MODELSERVICE']._serialized_start=1703
-  _globals['_MODELSERVICE']._serialized_end=2192
+  _globals['_MODELINFO']._serialized_end=739
+  _globals['_LISTMODELSREQUEST']._serialized_start=741
+  _globals['_LISTMODELSREQUEST']._serialized_end=760
+  _globals['_LISTMODELSRESPONSE']._serialized_start=762
+  _globals['_LISTMODELSRESPONSE']._serialized_end=864
+  _globals['_DELETEMODELREQUEST']._serialized_start=866
+  _globals['_DELETEMODELREQUEST']._serialized_end=901
+  _globals['_DELETEMODELRESPONSE']._serialized_start=903
+  _globals['_DELETEMODELRESPONSE']._serialized_end=945
+  _globals['_PINMODELREQUEST']._serialized_start=947
+  _globals['_PINMODELREQUEST']._serialized_end=979
+  _globals['_PINMODELRESPONSE']._serialized_start=981
+  _globals['_PINMODELRESPONSE']._serialized_end=1038
+  _globals['_UNPINMODELREQUEST']._serialized_start=1040
+  _globals['_UNPINMODELREQUEST']._serialized_end=1074
+  _globals['_UNPINMODELRESPONSE']._serialized_start=1076
+  _globals['_UNPINMODELRESPONSE']._serialized_end=1135
+  _globals['_VERIFYMODELREQUEST']._serialized_start=1137
+  _globals['_VERIFYMODELREQUEST']._serialized_end=1172
+  _globals['_VERIFYMODELRESPONSE']._serialized_start=1174
+  _globals['_VERIFYMODELRESPONSE']._serialized_end=1296
+  _globals['_VERIFYRESULT']._serialized_start=1299
+  _globals['_VERIFYRESULT']._serialized_end=1540
+  _globals['_VERIFYRESULT_VERDICT']._serialized_start=1422
+  _globals['_VERIFYRESULT_VERDICT']._serialized_end=1540
+  _globals['_MODELSERVICE']._serialized_start=1853
+  _globals['_MODELSERVICE']._serialized_end=2342
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,12 @@ class Architecture(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARCHITECTURE_SD3: _ClassVar[Architecture]
     ARCHITECTURE_FLUX: _ClassVar[Architecture]
     ARCHITECTURE_UNKNOWN: _ClassVar[Architecture]
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_CHECKPOINT: _ClassVar[ModelKind]
+    MODEL_KIND_LORA: _ClassVar[ModelKind]
 ARCHITECTURE_UNSPECIFIED: Architecture
 ARCHITECTURE_SDXL_BASE: Architecture
 ARCHITECTURE_SDXL_REFINER: Architecture
@@ -28,6 +34,9 @@ ARCHITECTURE_SD2: Architecture
 ARCHITECTURE_SD3: Architecture
 ARCHITECTURE_FLUX: Architecture
 ARCHITECTURE_UNKNOWN: Architecture
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_CHECKPOINT: ModelKind
+MODEL_KIND_LORA: ModelKind
 
 class PullModelRequest(_message.Message):
     __slots__ = ("model", "pin")
@@ -64,7 +73,7 @@ class PullProgress(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., verifying: _Optional[bool] = ..., file: _Optional[str] = ..., bytes_transferred: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use")
+    __slots__ = ("model", "size_bytes", "architecture", "added", "last_used", "pinned", "resident", "sha256", "in_use", "kind", "trigger_words")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +83,8 @@ class ModelInfo(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_WORDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     size_bytes: int
     architecture: Architecture
@@ -83,7 +94,9 @@ class ModelInfo(_message.Message):
     resident: bool
     sha256: str
     in_use: bool
-    def __init__(self, model: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[_Union[Architecture, str]] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., resident: _Optional[bool] = ..., sha256: _Optional[str] = ..., in_use: _Optional[bool] = ...) -> None: ...
+    kind: ModelKind
+    trigger_words: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[_Union[Architecture, str]] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., resident: _Optional[bool] = ..., sha256: _Optional[str] = ..., in_use: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., trigger_words: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

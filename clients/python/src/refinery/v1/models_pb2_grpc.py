@@ -73,7 +73,7 @@ class ModelServiceServicer:
         """Download (if needed) and verify a model into the cache. Streams progress, then the record.
         Errors: INVALID_ARGUMENT (malformed AIR), NOT_FOUND, UNAUTHENTICATED / PERMISSION_DENIED (the source
         refused the token), RESOURCE_EXHAUSTED (quota or rate limit), FAILED_PRECONDITION (not a safetensors
-        SDXL checkpoint), UNAVAILABLE (source unreachable or bytes failed verification; safe to retry).
+        SDXL checkpoint or LoRA), UNAVAILABLE (source unreachable or bytes failed verification; safe to retry).
         Cancelling the call stops the download unless another caller waits for the same model; the bytes
         received are kept, and the next pull resumes from there.
         """
