@@ -25,10 +25,11 @@ WEIGHTINGS = {
 Report = Callable[..., None]  # validation's `_Violations`: (field, description[, reason])
 
 
-def lora_fields(prefix: str, count: int) -> list[str]:
-    """The model fields of a LoRA list (`loras[0].model`, ...): local paths among them are confined like a
-    model's."""
-    return [f"{prefix}loras[{i}].model" for i in range(count)]
+def model_fields(request: pb.GenerateRequest) -> list[str]:
+    """Every field of `request` that names a model, LoRAs included: local paths among them are confined."""
+    fields = ["model", "refiner.model"]
+    fields += [f"loras[{i}].model" for i in range(len(request.loras))]
+    return fields + [f"refiner.loras[{i}].model" for i in range(len(request.refiner.loras))]
 
 
 def loras(messages: Sequence[pb.Lora], prefix: str, bad: Report) -> tuple[domain.LoraSpec, ...]:
@@ -65,12 +66,15 @@ def _lora_model(text: str, field: str, bad: Report) -> AIR | None:
         return None
 
 
-def weighting(request: pb.GenerateRequest, bad: Report) -> domain.PromptWeighting:
-    found = WEIGHTINGS.get(request.prompt_weighting)
-    if found is None:
+def prompts(request: pb.GenerateRequest, max_chars: int, bad: Report) -> tuple[domain.PromptWeighting, int]:
+    """The request's prompt weighting and the windows the base's prompts take (a prompt over `max_chars` was
+    refused for its length already, and is not read)."""
+    weighting = WEIGHTINGS.get(request.prompt_weighting)
+    if weighting is None:
         bad("prompt_weighting", f"unknown prompt weighting value {request.prompt_weighting}")
-        return domain.PromptWeighting.NONE
-    return found
+        weighting = domain.PromptWeighting.NONE
+    pair = [("positive_prompt", request.positive_prompt), ("negative_prompt", request.negative_prompt)]
+    return weighting, chunks([(f, t if len(t) <= max_chars else "") for f, t in pair], weighting, bad)
 
 
 def chunks(prompts: Sequence[tuple[str, str | None]], how: domain.PromptWeighting, bad: Report) -> int:

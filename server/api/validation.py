@@ -74,25 +74,18 @@ def job_from_request(
     model is resolved. Local models are accepted only under `local_roots`."""
     bad = _Violations()
     # A refused local path is one bad field among the others, all named at once.
-    local_fields = ["model", "refiner.model", *conditioning.lora_fields("", len(request.loras))]
-    local_fields += conditioning.lora_fields("refiner.", len(request.refiner.loras))
-    bad.found.extend(local_models.refusals(request, local_fields, local_roots))
+    bad.found.extend(local_models.refusals(request, conditioning.model_fields(request), local_roots))
     request_id = request.request_id or make_request_id()
     if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
         bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
     _check_prompts(request, limits, bad)
-    weighting = conditioning.weighting(request, bad)
-    prompts = [("positive_prompt", request.positive_prompt), ("negative_prompt", request.negative_prompt)]
-    chunks = conditioning.chunks(prompts, weighting, bad)
+    weighting, chunks = conditioning.prompts(request, limits.max_prompt_chars, bad)
     loras = conditioning.loras(request.loras, "", bad)
     model = _model(request.model, "model", bad) if request.model else default_model
     _check_size(request, limits, bad)
     steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
     sampler, output_format = _check_enums(request, bad)
-    if request.preview_every > limits.max_steps:
-        bad("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
-    if abs(request.priority) > limits.max_priority:
-        bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
+    _check_stream_and_priority(request, limits, bad)
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
         refiner, base_steps = _refiner(request, steps, default_refiner, limits, weighting, bad)
@@ -124,6 +117,13 @@ def job_from_request(
     if work_limit is not None and job.width and job.height and job.work(job.width, job.height) > work_limit:
         raise too_much_work(job.work(job.width, job.height), work_limit)
     return job
+
+
+def _check_stream_and_priority(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
+    if request.preview_every > limits.max_steps:
+        bad("preview_every", f"must be 0 (no previews) or 1..{limits.max_steps}")
+    if abs(request.priority) > limits.max_priority:
+        bad("priority", f"must be in -{limits.max_priority}..{limits.max_priority}")
 
 
 def _check_prompts(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
@@ -225,7 +225,7 @@ def _refiner(
         bad("steps", f"a refiner needs at least {MIN_REFINER_TOTAL_STEPS} steps, got {steps}")
     scores, prompt = _refiner_conditioning(request, limits, bad)
     loras = conditioning.loras(message.loras, "refiner.", bad)
-    chunks = _refiner_chunks(request, prompt, weighting, bad)
+    chunks = _refiner_chunks(request, prompt, weighting, limits.max_prompt_chars, bad)
     if model is None:
         return None, steps
     try:
@@ -236,7 +236,11 @@ def _refiner(
 
 
 def _refiner_chunks(
-    request: pb.GenerateRequest, prompt: domain.Prompt | None, weighting: domain.PromptWeighting, bad: _Violations
+    request: pb.GenerateRequest,
+    prompt: domain.Prompt | None,
+    weighting: domain.PromptWeighting,
+    max_chars: int,
+    bad: _Violations,
 ) -> int:
     """The refiner's windows, for the prompts it actually reads. Only its own prompts are reported here: the
     request's, where it inherits them, were reported under their own fields already."""
@@ -249,7 +253,8 @@ def _refiner_chunks(
 
     effective = prompt or domain.Prompt(request.positive_prompt, request.negative_prompt or None)
     stage_prompts = [("refiner.positive_prompt", effective.positive), ("refiner.negative_prompt", effective.negative)]
-    return conditioning.chunks(stage_prompts, weighting, report)
+    readable = [(f, t if t is None or len(t) <= max_chars else "") for f, t in stage_prompts]  # too long: refused
+    return conditioning.chunks(readable, weighting, report)
 
 
 def _refiner_conditioning(

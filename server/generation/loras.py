@@ -23,12 +23,13 @@ How, and why this way:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,9 +133,7 @@ def _load(pipe: Any, file: LoraFile, loaded: OrderedDict[str, None]) -> None:
     tensors = _HOST.get(file)
     _forget(pipe, file.adapter)  # what a text encoder may still hold of it after the UNet's were unloaded
     try:
-        with warnings.catch_warnings():
-            # Several adapters on one model is the point here, not the mistake PEFT warns about.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        with _peft_quiet():
             # A copy: diffusers' format conversion pops keys from the dict it is given.
             pipe.load_lora_weights(dict(tensors), adapter_name=file.adapter)
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -152,18 +151,29 @@ def _load(pipe: Any, file: LoraFile, loaded: OrderedDict[str, None]) -> None:
     loaded[file.adapter] = None
 
 
+@contextlib.contextmanager
+def _peft_quiet() -> Iterator[None]:
+    """PEFT warns of what is the point here: several adapters on one model, and deleting the active one (each
+    batch sets its own active set right after)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        yield
+
+
 def _forget(pipe: Any, adapter: str) -> None:
     """Delete `adapter` from every component of `pipe` that holds it."""
     for name in _COMPONENTS:
         component = getattr(pipe, name, None)
         if component is None or adapter not in (getattr(component, "peft_config", None) or ()):
             continue
-        if name == "unet":
-            component.delete_adapters([adapter])
-        else:  # transformers' models: diffusers' own helper, as its pipelines' `delete_adapters` does
-            from diffusers.utils.peft_utils import delete_adapter_layers
+        with _peft_quiet():
+            if name == "unet":
+                component.delete_adapters([adapter])
+            else:  # transformers' models: diffusers' own helper, as its pipelines' `delete_adapters` does
+                from diffusers.utils.peft_utils import delete_adapter_layers
 
-            delete_adapter_layers(component, adapter)
+                delete_adapter_layers(component, adapter)
 
 
 def _enable(pipe: Any, names: list[str], weights: list[float]) -> None:
