@@ -10,12 +10,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modelstore import ModelStore, StoreSettings
+from modelstore import Architecture as StoreArchitecture
+from modelstore import ModelStore, StoreSettings, require_lora
+from modelstore.errors import NotALora, WrongArchitecture
 from refinery.client import Architecture, Client, ModelKind
 from refinery.client.models import model_info
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
-from tests.conftest import CIVITAI_TOKEN
+from server.api.boundary import rpc_error_for
+from tests.conftest import CIVITAI_TOKEN, TINY_BASE
 from tests.fakes.civitai import FakeCivitai, FakeFile
 from tests.integration.test_cli_models import refinery
 from tests.modelstore.test_loras import kohya_sdxl, lora_file
@@ -101,3 +104,16 @@ def test_the_client_reads_a_server_from_before_loras_as_listing_checkpoints() ->
     lora = model_info(pb.ModelInfo(model="civitai:1@2", kind=pb.MODEL_KIND_LORA, trigger_words=["a b"]))
     assert (lora.kind, lora.trigger_words) == (ModelKind.LORA, ("a b",))
     assert model_info(pb.ModelInfo(model="civitai:1@2", kind=99)).kind is ModelKind.UNSPECIFIED  # a later kind
+
+
+@pytest.mark.parametrize(
+    ("model", "error"), [(TINY_BASE, NotALora), ("builtin:tiny-lora-refiner@1", WrongArchitecture)]
+)
+def test_a_model_that_is_not_a_lora_for_the_stage_is_failed_precondition_naming_its_field(
+    model_store: ModelStore, model: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error) as refused:
+        require_lora(model_store.resolve(model), StoreArchitecture.SDXL_BASE, field="loras[1].model")
+    answer = rpc_error_for(refused.value)  # no request field matches: the error's own field is named
+    assert answer.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert answer.message.startswith(f"loras[1].model: {model} is a ")
