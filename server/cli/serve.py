@@ -144,7 +144,13 @@ def add_speed_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> 
         "torch.compile the UNets: auto (default: "
         "'default' on CUDA, off elsewhere), off, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
     )
-    flag("--fuse-qkv", "REFINERY_FUSE_QKV", options.toggle, "auto", "fused QKV projections: auto, on, off")
+    flag(
+        "--fuse-qkv",
+        "REFINERY_FUSE_QKV",
+        options.toggle,
+        "auto",
+        "fused QKV projections: auto (off), on (LoRAs are then refused), off",
+    )
     flag("--channels-last", "REFINERY_CHANNELS_LAST", options.toggle, "auto", "channels-last UNets: auto, on, off")
     flag(
         "--vae-decode",

@@ -84,7 +84,8 @@ def tuning_for(speed: Speed, device: str) -> Tuning:
         check_fp8(device)
     return Tuning(
         compile_mode=mode if compiled else None,
-        fuse_qkv=on(speed.fuse_qkv),
+        # Not on by "auto": fused projections keep no separate Q, K, V layers for a LoRA (`loras._untunable`).
+        fuse_qkv=speed.fuse_qkv is Toggle.ON,
         channels_last=on(speed.channels_last),
         vae_bfloat16=vae_bfloat16,
         fp8=speed.fp8,
