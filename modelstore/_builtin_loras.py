@@ -68,6 +68,11 @@ BUILTIN_LORAS: dict[str, BuiltinLora] = {
 }
 
 
+def names_a_lora(air: AIR) -> bool:
+    """Whether `air` is one of these LoRAs, or another version of one (which `install` refuses, naming them)."""
+    return air.id in {spec.name for spec in BUILTIN_LORAS.values()}
+
+
 def build(spec: BuiltinLora, dest: Path) -> None:
     """Write `spec` as one fp16 .safetensors file at `dest`."""
     import torch

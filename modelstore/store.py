@@ -240,7 +240,7 @@ class ModelStore:
         if air.source is Source.LOCAL:
             return local_source.register(air, self._cache, flight.progress, self._local_roots)
         if air.source is Source.BUILTIN:  # a tiny model or a tiny LoRA, built here
-            install = _builtin_loras.install if air.canonical in _builtin_loras.BUILTIN_LORAS else _builtin.install
+            install = _builtin_loras.install if _builtin_loras.names_a_lora(air) else _builtin.install
             return install(air, self._cache, self._in_use)
         if self.settings.offline:
             entry = self._cache.index.get(air.canonical)

@@ -2,10 +2,15 @@
 model, each with the hash and size it must have and a way to find a URL for its bytes. Fetching, verifying and
 caching are the store's business (`_model_download`, `_file_download`, `_cache`), the same for every source.
 
-- `civitai`: checkpoints by model version, one safetensors file chosen explicitly.
-- `huggingface`: diffusers-format repositories (the SDXL components only) and single files in a repository.
+- `civitai`: checkpoints and LoRAs by model version, one safetensors file chosen explicitly.
+- `huggingface`: diffusers-format repositories (the SDXL components only) and single files in a repository
+  (a checkpoint or a LoRA).
 - `local`: files and folders on this machine, registered by reference.
-- built-in tiny models are built on this machine (`modelstore._builtin`) and need no source.
+- built-in tiny models and LoRAs are built on this machine (`modelstore._builtin`, `_builtin_loras`) and need no
+  source.
+
+Whether a single file is a checkpoint or a LoRA is read from its header when it is cached, whatever the source
+says (`_architecture.identify_file`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from modelstore import (
     require_role,
 )
 from modelstore._architecture import identify_file
-from modelstore.errors import InvalidModelId, ModelInUse, QuotaExceeded, WrongArchitecture
+from modelstore.errors import InvalidModelId, ModelInUse, ModelNotFound, QuotaExceeded, WrongArchitecture
 from modelstore.record import Layout
 from tests.conftest import TINY_BASE
 from tests.fakes import payloads
@@ -310,3 +310,10 @@ def test_an_sd15_lora_from_a_local_file_is_refused_for_sdxl(make_store: MakeStor
     assert (lora.kind, lora.architecture) == (ModelKind.LORA, Architecture.SD1)
     with pytest.raises(WrongArchitecture, match=r"Stable Diffusion 1\.x"):
         require_lora(lora, Architecture.SDXL_BASE, field="loras[0].model")
+
+
+def test_an_unknown_builtin_lora_version_names_the_ones_there_are(model_store: ModelStore) -> None:
+    with pytest.raises(
+        ModelNotFound, match=r"no built-in LoRA builtin:tiny-lora-base@9 \(built-in: .*tiny-lora-refiner@1"
+    ):
+        model_store.resolve("builtin:tiny-lora-base@9")
