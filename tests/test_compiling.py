@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from modelstore import ModelStore, Role, load_pipeline
+from server.core.domain import Sample, Stage
+from server.generation import prompts
 from server.generation.compiling import Compiler, CompileState, UNetDispatch
 from server.generation.tuning import Tuning, tune_pipeline
 from tests.conftest import TINY_BASE
@@ -157,3 +159,37 @@ def test_an_evicted_unet_is_freed_and_another_base_reuses_the_graph_with_its_own
     assert compiler.wait_idle(WAIT_S)
     assert np.array_equal(_generate(other), _generate(reference))
     assert compiler.snapshot()[1] == {"compiled": 3, "eager": 0} and gate.graphs == 1
+
+
+def test_a_long_prompt_is_a_shape_of_its_own_compiled_on_demand(compiled: Loaded, gate: GatedGraphCompiler) -> None:
+    pipe, compiler = compiled.pipe, compiled.compiler
+    dispatch = _dispatch(pipe)
+    gate.release.set()
+    compiler.request_size(pipe.unet, 64, 64)
+    assert compiler.wait_idle(WAIT_S)
+    # Two 75-token windows: a text sequence of 154, which the pinned shape's graph (77) does not take.
+    conditioning = prompts.encode(pipe, [Sample("a lighthouse " * 60, None, 5)], Stage.BASE, "cpu", True)
+    assert conditioning.tensors["prompt_embeds"].shape[1] == 154
+
+    def run() -> np.ndarray:
+        out = pipe(
+            **conditioning.tensors,
+            width=64,
+            height=64,
+            num_inference_steps=3,
+            generator=torch.Generator("cpu").manual_seed(5),
+            output_type="np",
+        )
+        return np.asarray(out.images)
+
+    gate.release.clear()  # the long prompt's graph waits for the test: every step of the first run is eager
+    eager = run()  # served at once, eagerly; the shape is queued
+    assert dispatch.calls == {"compiled": 0, "eager": 3}
+    gate.release.set()
+    assert compiler.wait_idle(WAIT_S)
+    assert {(s.tokens, s.state, s.pinned) for s in compiler.snapshot()[0]} == {
+        (77, CompileState.READY, True),
+        (154, CompileState.READY, False),
+    }
+    assert np.array_equal(run(), eager)
+    assert dispatch.calls == {"compiled": 3, "eager": 3} and gate.graphs == 2

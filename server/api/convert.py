@@ -246,6 +246,7 @@ def _compiled_shape(shape: ShapeStatus) -> status_pb.CompiledShape:
         pinned=shape.pinned,
         compile_time=duration(shape.seconds),
         error=shape.error,
+        text_tokens=shape.tokens,
     )
 
 

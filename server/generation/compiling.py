@@ -6,10 +6,13 @@ guard that fails costs an eager step, not a compile of a minute on the worker's 
 the UNet eagerly, and an unseen size is queued. The graphs are compiled by the device's `Compiler` on a thread
 of its own:
 
-- what it compiles: the native size of every pinned pair as soon as the pair is resident, then any other size a
+- what it compiles: the native size of every pinned pair as soon as the pair is resident, then any other shape a
   UNet is called with (up to `max_sizes` per UNet; others stay eager), each for every batch of up to
   `max_images` images: the batch dimension is dynamic (2..2 x max_images with classifier-free guidance), so one
-  graph serves them all and a pair costs two compiles, not two per batch size;
+  graph serves them all and a pair costs two compiles, not two per batch size. A shape is an image size and a
+  text length: a prompt of k 75-token windows is a sequence of 77 x k, a shape of its own (one graph per window
+  count, compiled on demand like a size and counted against the same bound), so a long prompt runs eagerly
+  until its graph is ready and never waits for it, nor makes anyone else wait;
 - how it shares the device: tracing and code generation (seconds to minutes of CPU) run beside the worker, but
   every run of a compiled graph, the first one included (which is where Triton tunes its kernels), holds
   `device_lock`, which the worker holds while it runs a batch. So the compiler's one device pass per shape
@@ -61,6 +64,10 @@ _NEUTRAL = (
 )
 
 
+# What a graph is traced for: latent (height, width) and the text sequence length (77 per prompt window).
+ShapeKey = tuple[int, int, int]
+
+
 class CompileState(Enum):
     QUEUED = "queued"
     COMPILING = "compiling"
@@ -81,13 +88,14 @@ class ShapeStatus:
     pinned: bool = False  # asked for by a pinned pair (not counted against `max_sizes`)
     seconds: float = 0.0  # time to compile and run it once, once ready or failed
     error: str = ""
+    tokens: int = 77  # the text sequence: 77 per prompt window
 
 
 @dataclass(frozen=True)
 class UNetInputs:
     """What a UNet is called with besides the latent, to build example inputs before any request comes."""
 
-    tokens: int  # the text encoders' sequence length (77)
+    tokens: int  # the text encoders' sequence length of one prompt window (77); pinned shapes are compiled at it
     text_dim: int  # the pooled text embedding's width (OpenCLIP bigG's projection, 1280 in SDXL)
     scale: int  # image pixels per latent pixel (8)
 
@@ -132,7 +140,7 @@ class UNetDispatch:
         self.role = role
         self.label = f"{model} ({role})"
         self.inputs = inputs
-        self.shapes: dict[tuple[int, int], ShapeStatus] = {}  # latent (height, width) -> status
+        self.shapes: dict[ShapeKey, ShapeStatus] = {}  # latent (height, width), text tokens -> status
         self.calls = {"compiled": 0, "eager": 0}
         self._forward = type(unet).forward
         self._compiler = weakref.ref(compiler)
@@ -165,7 +173,8 @@ class UNetDispatch:
         return self._forward(self.unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
     def _compiled_call(self, sample: Any, timestep: Any, encoder_hidden_states: Any, added: dict[str, Any]) -> Any:
-        key = (int(sample.shape[-2]), int(sample.shape[-1]))
+        # A longer prompt is a longer text sequence: a shape of its own, compiled on demand like a size.
+        key = (int(sample.shape[-2]), int(sample.shape[-1]), int(encoder_hidden_states.shape[1]))
         status = self.shapes.get(key)
         if status is None:
             compiler = self._compiler()
@@ -192,14 +201,14 @@ class UNetDispatch:
         compiler = self._compiler()
         return compiler.mode if compiler is not None else ""
 
-    def example_inputs(self, key: tuple[int, int], batch: int) -> list[Any]:
+    def example_inputs(self, key: ShapeKey, batch: int) -> list[Any]:
         unet, dtype, device = self.unet, self.unet.dtype, self.unet.device
         config = unet.config
         time_ids = (config.projection_class_embeddings_input_dim - self.inputs.text_dim) // (
             config.addition_time_embed_dim
         )
-        sample = torch.randn(batch, config.in_channels, *key, dtype=dtype, device=device)
-        hidden = torch.randn(batch, self.inputs.tokens, config.cross_attention_dim, dtype=dtype, device=device)
+        sample = torch.randn(batch, config.in_channels, *key[:2], dtype=dtype, device=device)
+        hidden = torch.randn(batch, key[2], config.cross_attention_dim, dtype=dtype, device=device)
         text = torch.randn(batch, self.inputs.text_dim, dtype=dtype, device=device)
         ids = torch.full((batch, time_ids), 1024.0, dtype=dtype, device=device)
         return [sample, torch.tensor(999.0, device=device), hidden, text, ids]
@@ -224,9 +233,9 @@ class Compiler:
         self.device_lock = threading.RLock()
         self._lock = threading.Lock()
         self._dispatches: weakref.WeakSet[UNetDispatch] = weakref.WeakSet()
-        self._jobs: queue.Queue[tuple[weakref.ref[UNetDispatch], tuple[int, int]] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[weakref.ref[UNetDispatch], ShapeKey] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._refused: set[tuple[str, tuple[int, int]]] = set()
+        self._refused: set[tuple[str, ShapeKey]] = set()
 
     # ---- the worker's side --------------------------------------------------------------------------------
 
@@ -237,7 +246,7 @@ class Compiler:
             self._dispatches.add(dispatch)
         return dispatch
 
-    def request(self, dispatch: UNetDispatch, key: tuple[int, int], *, pinned: bool) -> None:
+    def request(self, dispatch: UNetDispatch, key: ShapeKey, *, pinned: bool) -> None:
         """Queue `key` (latent height, width) of `dispatch` unless known; an unpinned size only while the UNet
         has fewer than `max_sizes` unpinned ones."""
         with self._lock:
@@ -268,7 +277,7 @@ class Compiler:
         dispatch = unet.forward
         if isinstance(dispatch, UNetDispatch):
             scale = dispatch.inputs.scale
-            self.request(dispatch, (height // scale, width // scale), pinned=True)
+            self.request(dispatch, (height // scale, width // scale, dispatch.inputs.tokens), pinned=True)
 
     def snapshot(self) -> tuple[tuple[ShapeStatus, ...], dict[str, int]]:
         """Every shape of every live UNet, and how many UNet calls ran compiled and eager."""
@@ -318,12 +327,12 @@ class Compiler:
             self._take(*job)
             del job  # nothing of an evicted UNet may stay alive here while the thread waits for the next job
 
-    def _take(self, ref: weakref.ref[UNetDispatch], key: tuple[int, int]) -> None:
+    def _take(self, ref: weakref.ref[UNetDispatch], key: ShapeKey) -> None:
         dispatch = ref()
         if dispatch is not None:  # an evicted UNet's shapes are dropped
             self._compile(dispatch, key)
 
-    def _compile(self, dispatch: UNetDispatch, key: tuple[int, int]) -> None:
+    def _compile(self, dispatch: UNetDispatch, key: ShapeKey) -> None:
         self._set(dispatch, key, CompileState.COMPILING)
         inputs = dispatch.example_inputs(key, batch=2)
         if self.max_images > 1:  # one graph for every batch size: 2 latents per image with guidance
@@ -349,20 +358,18 @@ class Compiler:
             seconds,
         )
 
-    def _status(
-        self, dispatch: UNetDispatch, key: tuple[int, int], state: CompileState, *, pinned: bool
-    ) -> ShapeStatus:
+    def _status(self, dispatch: UNetDispatch, key: ShapeKey, state: CompileState, *, pinned: bool) -> ShapeStatus:
         width, height = _pixels(dispatch, key)
-        return ShapeStatus(dispatch.model, dispatch.role, width, height, self.max_images, state, pinned)
+        return ShapeStatus(dispatch.model, dispatch.role, width, height, self.max_images, state, pinned, tokens=key[2])
 
     def _set(
-        self, dispatch: UNetDispatch, key: tuple[int, int], state: CompileState, seconds: float = 0.0, error: str = ""
+        self, dispatch: UNetDispatch, key: ShapeKey, state: CompileState, seconds: float = 0.0, error: str = ""
     ) -> None:
         with self._lock:
             old = dispatch.shapes[key]
             dispatch.shapes[key] = dataclasses.replace(old, state=state, seconds=seconds, error=error[:500])
 
 
-def _pixels(dispatch: UNetDispatch, key: tuple[int, int]) -> tuple[int, int]:
+def _pixels(dispatch: UNetDispatch, key: ShapeKey) -> tuple[int, int]:
     """(width, height) in image pixels of a latent (height, width) key."""
     return key[1] * dispatch.inputs.scale, key[0] * dispatch.inputs.scale

@@ -94,7 +94,7 @@ class DeviceStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[ResidentPair, _Mapping]]] = ..., jobs_running: _Optional[int] = ..., tuning: _Optional[str] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., compiled_unet_calls: _Optional[int] = ..., eager_unet_calls: _Optional[int] = ..., busy_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CompiledShape(_message.Message):
-    __slots__ = ("model", "role", "width", "height", "max_images", "state", "pinned", "compile_time", "error")
+    __slots__ = ("model", "role", "width", "height", "max_images", "state", "pinned", "compile_time", "error", "text_tokens")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[CompiledShape.State]
@@ -116,6 +116,7 @@ class CompiledShape(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     COMPILE_TIME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     role: _generation_pb2.ModelRole
     width: int
@@ -125,7 +126,8 @@ class CompiledShape(_message.Message):
     pinned: bool
     compile_time: _duration_pb2.Duration
     error: str
-    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[_generation_pb2.ModelRole, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., max_images: _Optional[int] = ..., state: _Optional[_Union[CompiledShape.State, str]] = ..., pinned: _Optional[bool] = ..., compile_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    text_tokens: int
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[_Union[_generation_pb2.ModelRole, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., max_images: _Optional[int] = ..., state: _Optional[_Union[CompiledShape.State, str]] = ..., pinned: _Optional[bool] = ..., compile_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ..., text_tokens: _Optional[int] = ...) -> None: ...
 
 class ResidentPair(_message.Message):
     __slots__ = ("model", "refiner_model", "bytes", "active_jobs", "pinned", "last_used")
