@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from modelstore import AIR, parse_air
+from modelstore import AIR, parse_lora_air
 from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from server.core import domain
@@ -60,7 +60,7 @@ def _lora_model(text: str, field: str, bad: Report) -> AIR | None:
         bad(field, "is required: the LoRA's AIR", "REQUIRED")
         return None
     try:
-        return parse_air(text)
+        return parse_lora_air(text)
     except InvalidModelId as exc:
         bad(field, str(exc), "MALFORMED_AIR")
         return None

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from modelstore import ModelStore
+from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 
-from .conftest import bad_request_fields, collect, events
+from .conftest import ServerThread, bad_request_fields, collect, events, make_settings, new_stub
+from .test_compare import _GatedRunner, _queued_together
 from .test_generate import _ByHand
 
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -58,10 +59,12 @@ def by_hand(model_store: ModelStore) -> Iterator[_ByHandLoras]:
     yield _ByHandLoras(model_store)
 
 
+# (base LoRAs, refiner LoRAs, the refiner's start step of 6). The tiny refiner LoRA is weak over a refiner's few
+# steps: a high weight and an early start make its effect show.
 CASES = {
-    "base": ([(BASE_LORA, 0.8)], []),
-    "refiner": ([], [(REFINER_LORA, 1.0)]),
-    "both, kohya and stacked": ([(BASE_LORA_KOHYA, 1.0), (BASE_LORA_3, -0.6)], [(REFINER_LORA, 0.5)]),
+    "base": ([(BASE_LORA, 0.8)], [], 5),
+    "refiner": ([], [(REFINER_LORA, 3.0)], 3),
+    "both, kohya and stacked": ([(BASE_LORA_KOHYA, 1.0), (BASE_LORA_3, -0.6)], [(REFINER_LORA, 2.5)], 3),
 }
 
 
@@ -69,17 +72,20 @@ CASES = {
 def test_lora_images_equal_diffusers_by_hand(
     stub: pb_grpc.GenerationServiceStub, by_hand: _ByHandLoras, model_store: ModelStore, case: str
 ) -> None:
-    base, refiner = CASES[case]
+    base, refiner, start = CASES[case]
     message = request(
         loras=[pb.Lora(model=m, weight=w) for m, w in base],
-        refiner=pb.Refiner(model=TINY_REFINER, start_step=5, loras=[pb.Lora(model=m, weight=w) for m, w in refiner]),
+        refiner=pb.Refiner(
+            model=TINY_REFINER, start_step=start, loras=[pb.Lora(model=m, weight=w) for m, w in refiner]
+        ),
     )
     (image,) = events(collect(stub, message), "image")
     by_hand.with_loras(model_store, base, refiner)
-    want = numpy.asarray(by_hand.generate(message.positive_prompt, 6, 4, 42, pb.SCHEDULER_EULER), dtype=numpy.int16)
+    prompt, scheduler = message.positive_prompt, pb.SCHEDULER_EULER
+    want = numpy.asarray(by_hand.generate(prompt, 6, start - 1, 42, scheduler), dtype=numpy.int16)
     assert numpy.abs(rgb(image.data) - want).max() == 0
-    (plain,) = events(collect(stub, request(refiner=pb.Refiner(model=TINY_REFINER, start_step=5))), "image")
-    assert numpy.abs(rgb(image.data) - rgb(plain.data)).mean() > 1.0  # the LoRAs did something
+    (plain,) = events(collect(stub, request(refiner=pb.Refiner(model=TINY_REFINER, start_step=start))), "image")
+    assert numpy.abs(rgb(image.data) - rgb(plain.data)).mean() > 2.0  # the LoRAs did something
     assert [(lora.model, round(lora.weight, 3)) for lora in image.loras] == base
     assert [(lora.model, round(lora.weight, 3)) for lora in image.refiner_loras] == refiner
 
@@ -193,3 +199,59 @@ def test_a_lora_for_another_architecture_or_of_missing_layers_is_refused(
     assert not events(responses, "progress")
     # The server is unharmed: the same request without it renders as before.
     assert events(collect(stub, request()), "image")
+
+
+@pytest.fixture(scope="module")
+def gated(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[tuple[ServerThread, _GatedRunner]]:
+    gate = _GatedRunner()
+    thread = ServerThread(make_settings(store_settings, max_batch=4), store=model_store, run=gate)
+    try:
+        thread.wait_ready()
+        yield thread, gate
+    finally:
+        gate.release.set()
+        thread.close()
+
+
+def test_equal_lora_sets_batch_together_and_equal_their_solo_runs(gated: tuple[ServerThread, _GatedRunner]) -> None:
+    thread, gate = gated
+    a = [pb.Lora(model=BASE_LORA, weight=0.8)]
+    b = [pb.Lora(model=BASE_LORA_3)]
+    messages = [
+        request(seed=11, loras=a),
+        request(seed=21, loras=a, positive_prompt="a bowl of ramen"),
+        request(seed=31, loras=b),
+        request(seed=41, loras=[pb.Lora(model=BASE_LORA, weight=0.5)]),  # the same LoRA at another weight
+        request(seed=51),
+    ]
+    batched = _queued_together(thread, gate, messages)
+    assert gate.batches == [(False, [11, 21]), (False, [31]), (False, [41]), (False, [51])]
+    with grpc.insecure_channel(thread.address) as channel:
+        stub = new_stub(channel)
+        for message, responses in zip(messages, batched, strict=True):
+            streamed = [r.WhichOneof("event") for r in responses]
+            loads = [e for e in events(responses, "model_loading") if e.role != pb.MODEL_ROLE_LORA]
+            assert not loads and "image" in streamed  # a LoRA never reloads the pair
+            (alone,) = events(collect(stub, message), "image")
+            got, want = rgb(events(responses, "image")[0].data), rgb(alone.data)
+            # Denoised beside another image, a result may differ from its solo run by float rounding.
+            assert numpy.abs(got - want).max() <= 2
+
+
+def test_weighted_prompts_change_what_they_weight_and_nothing_else(stub: pb_grpc.GenerationServiceStub) -> None:
+    def image(prompt: str, weighting: int) -> pb.Image:
+        (found,) = events(collect(stub, request(positive_prompt=prompt, prompt_weighting=weighting)), "image")
+        return found
+
+    plain = image("a lighthouse on a cliff", pb.PROMPT_WEIGHTING_UNSPECIFIED)
+    # Without syntax, every weighting reads the prompt as plain text.
+    for weighting in (pb.PROMPT_WEIGHTING_COMPEL, pb.PROMPT_WEIGHTING_A1111):
+        assert (rgb(image("a lighthouse on a cliff", weighting).data) == rgb(plain.data)).all()
+    compel = image("a (lighthouse)1.4 on a cliff", pb.PROMPT_WEIGHTING_COMPEL)
+    a1111 = image("a (lighthouse:1.4) on a cliff", pb.PROMPT_WEIGHTING_A1111)
+    # compel's arithmetic for both; compel's pooled embedding reads the text as written (syntax included), A1111's
+    # the text without it, so the two images are close but not equal (tests/test_prompts.py holds each exactly).
+    for weighted in (compel, a1111):
+        # The tiny text encoders are random, so the prompt moves the tiny pair's image little: any change shows.
+        assert (rgb(weighted.data) != rgb(plain.data)).any()
+        assert [t.positive_tokens for t in weighted.prompt_tokens] == [t.positive_tokens for t in plain.prompt_tokens]
