@@ -217,9 +217,11 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
-        # in the current folder, or named on this command line, are the caller's own files. Untuned: one
+        # in the current folder, or named on this command line (LoRAs too), are the caller's own files. Untuned: one
         # request would not pay for a compile.
-        roots = local_roots_of_the_caller([getattr(args, "model", None), getattr(args, "refiner", None)])
+        loras = [*getattr(args, "lora", ()), *getattr(args, "refiner_lora", ())]
+        named = [getattr(args, "model", None), getattr(args, "refiner", None), *(lora.model for lora in loras)]
+        roots = local_roots_of_the_caller(named)
         security = Security(local_model_roots=roots)
         # The models named on the command line are the caller's choice, as a pull would be: downloaded on demand.
         common["store"] = dataclasses.replace(common["store"], on_demand=OnDemandPolicy.parse("any"))
