@@ -36,7 +36,6 @@ from modelstore.units import format_bytes
 from refinery.client import Architecture, AsyncClient, ModelInfo, ModelKind, RefineryError
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api.access import AccessInterceptor
-from server.api.model_service import ModelService
 from server.cli import connect, serve
 from server.cli.terminal import PullView, print_table, report_failure
 from server.cli.verify import verify_models
@@ -113,6 +112,9 @@ async def _local_service(settings: StoreSettings, local_roots: Sequence[Path]) -
     security = serve.only_this_process(Security())
     run_token = security.token
     assert run_token is not None
+    # Here, not at the top: the servicer's conversions load torch, which `refinery --version` must not wait for.
+    from server.api.model_service import ModelService
+
     store = ModelStore(settings)
     gate = AccessInterceptor(security, Metrics().calls)
     server = grpc.aio.server(interceptors=[gate], options=[("grpc.so_reuseport", 0)])
