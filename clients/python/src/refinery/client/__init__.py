@@ -1,6 +1,6 @@
 """A small typed client for Refinery: `Client` (see client.py for an example) and `AsyncClient` for asyncio.
-`generate` streams a generation's events (events.py); the model service's and the server service's calls
-return the values of models.py and status.py."""
+`generate` streams a generation's events (events.py), sent again when a lost replica refused it (resend.py);
+the model service's and the server service's calls return the values of models.py and status.py."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from refinery.client.request import (
     Scheduler,
     generate_request,
 )
+from refinery.client.resend import Resend, Resent
 from refinery.client.status import (
     CompiledShape,
     CompileState,
@@ -90,6 +91,8 @@ __all__ = [
     "Queued",
     "Refiner",
     "RefineryError",
+    "Resend",
+    "Resent",
     "ResidentPair",
     "Role",
     "Scheduler",

@@ -9,6 +9,7 @@ metadata, and the same model and server service methods (each call described onc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import TypeVar, Unpack
@@ -24,6 +25,7 @@ from refinery.client.events import Event, to_event
 from refinery.client.metadata import bearer, generate_metadata
 from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
 from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.resend import Attempts, OnResend, Resend, identified
 from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
@@ -32,7 +34,8 @@ R = TypeVar("R")
 
 
 class AsyncClient:
-    """A connection to one Refinery server, for one event loop; see `Client` for the arguments."""
+    """A connection to one Refinery server, for one event loop; see `Client` for the arguments (`resend` and
+    `on_resend` included: a resend waits with `asyncio.sleep`)."""
 
     def __init__(
         self,
@@ -42,12 +45,17 @@ class AsyncClient:
         admin_token: str | None = None,
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+        resend: Resend | None = Resend(),  # noqa: B008  # frozen: one shared value is safe
+        on_resend: OnResend | None = None,
     ) -> None:
         self._channel = open_aio_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
         self._admin_token = admin_token
         self._max_receive_bytes = max_receive_bytes
+        self._resend = resend
+        self._on_resend = on_resend
+        self._closed = False
 
     @classmethod
     def from_env(
@@ -71,21 +79,32 @@ class AsyncClient:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> AsyncGenerator[Event, None]:
+        request = identified(request, self._resend)
         token = bearer(self._token, self._admin_token, admin=False)
-        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, token))
-        assembler = ImageAssembler()
-        request_id = request.request_id
-        try:
-            async for response in call:
-                request_id = response.request_id or request_id
-                event = to_event(response, assembler.feed(response))
-                if event is not None:
-                    yield event
-            assembler.finish()
-        except grpc.RpcError as error:  # grpc.aio.AioRpcError reads its status and trailers without awaiting
-            raise from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id) from error
-        finally:
-            call.cancel()
+        attempts = Attempts(self._resend, timeout, request.request_id, self._on_resend)
+        while True:
+            metadata = generate_metadata(request, token)
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=metadata + attempts.metadata())
+            assembler = ImageAssembler()
+            request_id = request.request_id
+            answered = False
+            try:
+                async for response in call:
+                    answered = True
+                    request_id = response.request_id or request_id
+                    event = to_event(response, assembler.feed(response))
+                    if event is not None:
+                        yield event
+                assembler.finish()
+                return
+            except grpc.RpcError as error:  # grpc.aio.AioRpcError reads its status and trailers without awaiting
+                delay = attempts.after(error, answered=answered, closed=self._closed)
+                if delay is None:
+                    failure = from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id)
+                    raise attempts.note(failure) from error
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     # ---- the model and server services: as `Client`'s ------------------------------------------------------
     # `timeout` is a gRPC deadline here too, as in `stream`: the server learns it and stops the work.
@@ -164,6 +183,7 @@ class AsyncClient:
             responses.cancel()
 
     async def close(self) -> None:
+        self._closed = True  # a call the closing channel cancels is not resent
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -18,6 +18,7 @@ limit fits any image (channel.py).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator
 from types import TracebackType
 from typing import TypeVar, Unpack
@@ -32,6 +33,7 @@ from refinery.client.events import Event, to_event
 from refinery.client.metadata import bearer, generate_metadata
 from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
 from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.resend import Attempts, OnResend, Resend, identified
 from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
@@ -42,8 +44,29 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 def token_from_env(*, admin: bool = False) -> str | None:
-    """The token for generation (REFINERY_TOKEN) or for administration (REFINERY_ADMIN_TOKEN), if set."""
-    return os.environ.get("REFINERY_ADMIN_TOKEN" if admin else "REFINERY_TOKEN") or None
+    """The token for generation (REFINERY_TOKEN) or for administration (REFINERY_ADMIN_TOKEN), or read from the
+    file that REFINERY_TOKEN_FILE / REFINERY_ADMIN_TOKEN_FILE names (a mounted Kubernetes secret), which wins
+    when both are set, as on the server (`refinery serve`). Surrounding whitespace is dropped; None when neither
+    is set (or the variable is empty). ValueError, naming the variable and never the token, when the file cannot
+    be read or holds no token, or the token is not one gRPC can send (visible ASCII only)."""
+    var = "REFINERY_ADMIN_TOKEN" if admin else "REFINERY_TOKEN"
+    path = os.environ.get(f"{var}_FILE")
+    if path:
+        source = f"{var}_FILE {path}"
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                token = file.read().strip()
+        except OSError as exc:
+            raise ValueError(f"{source}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"{source}: the file holds no token")
+    else:
+        source, token = var, os.environ.get(var, "").strip()
+        if not token:
+            return None
+    if not all(0x21 <= ord(char) <= 0x7E for char in token):
+        raise ValueError(f"{source}: a token may hold only visible ASCII characters (no spaces or line breaks)")
+    return token
 
 
 def target_from_env(target: str | None = None) -> str:
@@ -59,6 +82,10 @@ class Client:
     other when only one is given. Without `tls` a token crosses the network in the clear, so use TLS beyond
     loopback. `max_receive_bytes` bounds every message the server may send; a bigger one fails the call with
     RESOURCE_EXHAUSTED saying so.
+
+    `resend`: a `Generate` that failed before any response with a status a resend can fix (a replica lost or
+    stopping) is sent again, with the same request id, within the policy's attempts and budget (resend.py;
+    None: never). `on_resend` is told of each resend.
     """
 
     def __init__(
@@ -69,12 +96,17 @@ class Client:
         admin_token: str | None = None,
         tls: TLS | None = None,
         max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+        resend: Resend | None = Resend(),  # noqa: B008  # frozen: one shared value is safe
+        on_resend: OnResend | None = None,
     ) -> None:
         self._channel = open_channel(target, tls=tls, max_receive_bytes=max_receive_bytes)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         self._token = token
         self._admin_token = admin_token
         self._max_receive_bytes = max_receive_bytes
+        self._resend = resend
+        self._on_resend = on_resend
+        self._closed = False
 
     @classmethod
     def from_env(
@@ -97,21 +129,32 @@ class Client:
 
     def stream(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> Generator[Event, None, None]:
         """`generate` for a GenerateRequest built by hand."""
+        request = identified(request, self._resend)
         token = bearer(self._token, self._admin_token, admin=False)
-        call = self._stub.Generate(request, timeout=timeout, metadata=generate_metadata(request, token))
-        assembler = ImageAssembler()
-        request_id = request.request_id
-        try:
-            for response in call:
-                request_id = response.request_id or request_id
-                event = to_event(response, assembler.feed(response))
-                if event is not None:
-                    yield event
-            assembler.finish()
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id) from error
-        finally:
-            call.cancel()  # nothing once the call has ended; stops the job if the caller stopped listening
+        attempts = Attempts(self._resend, timeout, request.request_id, self._on_resend)
+        while True:
+            metadata = generate_metadata(request, token)
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=metadata + attempts.metadata())
+            assembler = ImageAssembler()
+            request_id = request.request_id
+            answered = False
+            try:
+                for response in call:
+                    answered = True
+                    request_id = response.request_id or request_id
+                    event = to_event(response, assembler.feed(response))
+                    if event is not None:
+                        yield event
+                assembler.finish()
+                return
+            except grpc.RpcError as error:
+                delay = attempts.after(error, answered=answered, closed=self._closed)
+                if delay is None:
+                    failure = from_rpc_error(error, receive_limit=self._max_receive_bytes, request_id=request_id)
+                    raise attempts.note(failure) from error
+            finally:
+                call.cancel()  # nothing once the call has ended; stops the job if the caller stopped listening
+            time.sleep(delay)
 
     # ---- the model service: the server's model cache --------------------------------------------------------
 
@@ -190,6 +233,7 @@ class Client:
             responses.cancel()  # nothing once the call has ended; stops the pull if the caller stopped listening
 
     def close(self) -> None:
+        self._closed = True  # a call the closing channel cancels is not resent
         self._channel.close()
 
     def __enter__(self) -> Client:
