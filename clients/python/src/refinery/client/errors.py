@@ -36,7 +36,17 @@ class FieldViolation:
 class RefineryError(Exception):
     """A Generate call that did not complete. `code` says what to do: INVALID_ARGUMENT / NOT_FOUND /
     FAILED_PRECONDITION (fix the request; `field_violations` names the fields), RESOURCE_EXHAUSTED (retry after
-    `retry_delay` when it is set), UNAVAILABLE (retry, possibly elsewhere), and so on."""
+    `retry_delay` when it is set), UNAVAILABLE (retry, possibly elsewhere), and so on.
+
+    `code` is a `grpc.StatusCode`. grpcio ships no type information, so a type checker sees it as such only with
+    grpcio's stubs installed (`pip install 'refinery-client[typing]'`, which adds types-grpcio); without them,
+    as `Any`."""
+
+    code: grpc.StatusCode
+    message: str
+    field_violations: tuple[FieldViolation, ...]
+    retry_delay: timedelta | None
+    request_id: str
 
     def __init__(
         self,
