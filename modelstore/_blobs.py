@@ -60,7 +60,7 @@ class DigestRecord(Protocol):
 
 
 class BlobStore:
-    def __init__(self, root: Path, digests: DigestRecord) -> None:
+    def __init__(self, root: Path, digests: DigestRecord, *, read_only: bool = False) -> None:
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._partial = root / "partial"
@@ -70,7 +70,7 @@ class BlobStore:
         # Blobs this process has checked (or verified on their way in), as the files were then.
         self._checked: dict[str, FileIdentity] = {}
         self._checked_lock = threading.Lock()
-        for folder in (self._blobs, self._partial, self._locks):
+        for folder in () if read_only else (self._blobs, self._partial, self._locks):
             folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -199,6 +199,8 @@ class BlobStore:
         return size
 
     def all_blobs(self) -> Iterator[str]:
+        if not self._blobs.is_dir():
+            return
         for shard in self._blobs.iterdir():
             if shard.is_dir():
                 for blob in shard.iterdir():

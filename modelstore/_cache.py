@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelstore import _read_only
 from modelstore._architecture import Identity
 from modelstore._blobs import BlobStore, FileIdentity
 from modelstore._disk_space import check_room
@@ -84,14 +85,16 @@ class BlobsVanished(Exception):
 
 
 class Cache:
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.max_bytes = max_bytes
-        self.index = Index(root / "index.sqlite")
-        self.blobs = BlobStore(root, digests=self.index)
-        self.snapshots = Snapshots(root, self.blobs)
-        _clean_up_after_crashes(root)
+    def __init__(self, root: Path, max_bytes: int, *, read_only: bool = False) -> None:
+        self.read_only = read_only  # `_read_only`: nothing below `root` is created, cleaned, locked or written
+        self.root, self.max_bytes = root, max_bytes
+        if not read_only:
+            root.mkdir(parents=True, exist_ok=True)
+        self.index = Index(root / "index.sqlite", read_only=read_only)
+        self.blobs = BlobStore(root, digests=self.index, read_only=read_only)
+        self.snapshots = Snapshots(root, self.blobs, read_only=read_only)
+        if not read_only:
+            _clean_up_after_crashes(root)
         self._lock = threading.RLock()
         # Pulls in flight in this process: their blobs and bytes are spoken for.
         self._reservations: set[_Reservation] = set()
@@ -101,6 +104,8 @@ class Cache:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
+        if self.read_only:  # every change of what is cached passes here
+            raise _read_only.refused("changing the cache")
         with self._lock, self.blobs.lock("cache"):
             yield
 
@@ -354,7 +359,10 @@ class Cache:
     def quarantine(self, sha256: str, as_checked: FileIdentity) -> Path | None:
         """Move blob `sha256` aside because it failed its check: every model that uses it stops being cached
         (`lookup` finds its files incomplete) until it is fetched again. The models' index rows stay, with their
-        pins. Where the blob went, or None if the file changed meanwhile (see `BlobStore.quarantine`)."""
+        pins. Where the blob went, or None if the file changed meanwhile (see `BlobStore.quarantine`) or nothing
+        may move (a read-only cache: the model fails instead, `_read_only`)."""
+        if self.read_only:
+            return None
         with self._exclusive():
             return self.blobs.quarantine(sha256, as_checked)
 

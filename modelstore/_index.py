@@ -9,7 +9,8 @@ make them up.
 A row is written only after every blob it names is in place and its folder is built, in one transaction, so
 the index never points at something that is not there (at worst, after a crash, a blob or a folder exists that
 no row names yet; the next pull of that model reuses it). WAL lets many readers (every request's `resolve`)
-proceed while one writer commits, across threads and processes sharing the cache folder.
+proceed while one writer commits, across threads and processes sharing the cache folder. On a read-only cache
+(`_read_only`) nothing is written: uses and learnt digests stay in this process's memory.
 
 A blob's digest row depends only on its content, so it never goes stale: it may outlive its blob and serves
 again if the same content returns. Tables added after schema version 1 are created when missing, without a
@@ -22,7 +23,9 @@ the rows as before: `kind` ("lora" for a LoRA; absent for a checkpoint) and `tri
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelstore import _read_only
+from modelstore.errors import ReadOnlyCache
 from modelstore.record import Architecture, Layout, ModelKind
 
 _SCHEMA_VERSION = 1
@@ -102,8 +107,17 @@ class IndexEntry:
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self._lock = threading.Lock()
+        self.read_only = read_only
+        # Read-only (`_read_only`): what would be written is kept here, in memory, for this process.
+        self._last_used: dict[str, float] = {}
+        self._fast: dict[str, tuple[int, str]] = {}
+        self._private: Path | None = None
+        if read_only:
+            self._db, self._private = _read_only.connect(path)
+            self._check_schema(path)
+            return
         # One connection shared by this process's threads (serialised by _lock); autocommit, with explicit
         # transactions for every multi-statement write.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60.0)
@@ -127,12 +141,26 @@ class Index:
                 if statement.strip():
                     db.execute(statement)
 
+    def _check_schema(self, path: Path) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version != _SCHEMA_VERSION or not {"models", "model_files", "blob_digests", "on_demand"} <= tables:
+            self._db.close()
+            raise ReadOnlyCache(
+                f"{path} has schema {version} without all of this version's tables; open the cache once where "
+                "it is writable (refinery models list --cache-dir ...) to bring it up to date"
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._private is not None:
+                shutil.rmtree(self._private, ignore_errors=True)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise _read_only.refused("changing the index")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -149,7 +177,7 @@ class Index:
                 return None
             files = self._db.execute("SELECT path, sha256, size FROM model_files WHERE air = ?", (air,)).fetchall()
             on_demand = self._db.execute("SELECT 1 FROM on_demand WHERE air = ?", (air,)).fetchone() is not None
-        return _entry(row, files, on_demand)
+        return self._used(_entry(row, files, on_demand))
 
     def entries(self) -> list[IndexEntry]:
         with self._lock:
@@ -159,7 +187,11 @@ class Index:
         by_air: dict[str, list[tuple[str, str, int]]] = {}
         for air, path, sha256, size in files:
             by_air.setdefault(air, []).append((path, sha256, size))
-        return [_entry(row, by_air.get(row[0], []), row[0] in on_demand) for row in rows]
+        return [self._used(_entry(row, by_air.get(row[0], []), row[0] in on_demand)) for row in rows]
+
+    def _used(self, entry: IndexEntry) -> IndexEntry:
+        when = self._last_used.get(entry.air)
+        return entry if when is None else dataclasses.replace(entry, last_used=max(when, entry.last_used))
 
     def put(self, entry: IndexEntry) -> None:
         """Insert or replace `entry` and its files in one transaction; `added` and `pinned` of an existing row
@@ -197,15 +229,22 @@ class Index:
 
     def touch(self, air: str, when: float) -> None:
         with self._lock:
+            if self.read_only:
+                self._last_used[air] = when
+                return
             self._db.execute("UPDATE models SET last_used = ? WHERE air = ?", (when, air))
 
     def set_pinned(self, air: str, pinned: bool) -> bool:
+        if self.read_only:
+            raise _read_only.refused("pinning", air)
         with self._lock:
             cursor = self._db.execute("UPDATE models SET pinned = ? WHERE air = ?", (int(pinned), air))
             return cursor.rowcount > 0
 
     def claim(self, air: str) -> None:
         """`air` is the operator's now (pulled or pinned): no request's download may evict it."""
+        if self.read_only:
+            return  # whoever filled the volume pulled it: it is the operator's already
         with self._lock:
             if self._db.execute("SELECT 1 FROM on_demand WHERE air = ?", (air,)).fetchone() is not None:
                 self._db.execute("DELETE FROM on_demand WHERE air = ?", (air,))
@@ -218,11 +257,16 @@ class Index:
     def fast_digest(self, sha256: str) -> tuple[int, str] | None:
         """(size, fast digest) recorded for blob `sha256`, if any."""
         with self._lock:
+            if sha256 in self._fast:
+                return self._fast[sha256]
             row = self._db.execute("SELECT size, fast FROM blob_digests WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
     def record_fast_digest(self, sha256: str, size: int, fast: str) -> None:
         with self._lock:
+            if self.read_only:
+                self._fast[sha256] = (size, fast)
+                return
             self._db.execute("INSERT OR REPLACE INTO blob_digests VALUES (?, ?, ?)", (sha256, size, fast))
 
     def referenced_blobs(self) -> set[str]:

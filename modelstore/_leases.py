@@ -9,6 +9,9 @@ so a crash never leaves a model held.
 flock is advisory and does nothing on some network file systems; there only a process's own leases protect a
 model, as before. The check is made at eviction or deletion time: a lease taken by another process a moment
 later is not seen, the same window any cache shared without a lock server has.
+
+On a read-only cache (`_read_only`) nothing can be deleted or evicted, and no lock file can be made: leases are
+counters in this process only (`shared=False`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from pathlib import Path
 
 
 class Leases:
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, *, shared: bool = True) -> None:
+        if shared:
+            folder.mkdir(parents=True, exist_ok=True)
+        self._shared = shared
         self._folder = folder
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -33,7 +38,7 @@ class Leases:
         """One more lease on `model` (a canonical AIR) in this process."""
         with self._lock:
             self._counts[model] += 1
-            if self._counts[model] == 1:
+            if self._counts[model] == 1 and self._shared:
                 fd = os.open(self._path(model), os.O_RDWR | os.O_CREAT, 0o664)
                 # Waits only while another process checks this model (an instant, never a hold).
                 fcntl.flock(fd, fcntl.LOCK_SH)
@@ -46,7 +51,8 @@ class Leases:
             self._counts[model] -= 1
             if not self._counts[model]:
                 del self._counts[model]
-                os.close(self._fds.pop(model))  # drops this process's shared lock
+                if model in self._fds:
+                    os.close(self._fds.pop(model))  # drops this process's shared lock
 
     def held_here(self, model: str) -> bool:
         with self._lock:
@@ -54,8 +60,8 @@ class Leases:
 
     def held_anywhere(self, model: str) -> bool:
         """Whether this process or another one holds a lease on `model`."""
-        if self.held_here(model):
-            return True
+        if self.held_here(model) or not self._shared:
+            return self.held_here(model)
         try:
             fd = os.open(self._path(model), os.O_RDONLY)
         except FileNotFoundError:

@@ -61,13 +61,14 @@ def check_relative(path: str) -> None:
 
 
 class Snapshots:
-    def __init__(self, root: Path, blobs: BlobStore) -> None:
+    def __init__(self, root: Path, blobs: BlobStore, *, read_only: bool = False) -> None:
         self.root = root
         self._models = root / "models"
         self._tmp = root / "tmp"
         self._blobs = blobs
-        self._models.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self._models.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
 
     def build(self, canonical: str, files: Mapping[str, str]) -> Path:
         """The folder for `canonical` holding `files` (path inside -> blob sha256), built if missing."""

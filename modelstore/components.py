@@ -62,17 +62,18 @@ _lock = threading.Lock()
 
 
 def components_of(
-    record: ModelRecord, cache_dir: Path | None = None, counter: ByteCounter | None = None
+    record: ModelRecord, cache_dir: Path | None = None, counter: ByteCounter | None = None, *, keep: bool = True
 ) -> tuple[Component, ...]:
     """The weight-bearing components of `record` (memoised by the record's sha256). `counter` hears the bytes
-    read when they must be measured; a memoised answer reads nothing and reports nothing."""
+    read when they must be measured; a memoised answer reads nothing and reports nothing. `keep=False` (a
+    read-only cache): a memo in `cache_dir` is read, but a new one is kept in memory only."""
     with _lock:
         known = _memo.get(record.sha256)
     if known is not None:
         return known
     stored = _load_memo(record, cache_dir)
     result = stored if stored is not None else _measure(record, counter)
-    if stored is None:
+    if stored is None and keep:
         _save_memo(record, cache_dir, result)
     with _lock:
         _memo[record.sha256] = result

@@ -21,6 +21,8 @@ there.
     ├── QuotaExceeded         the model cannot fit in the cache quota or on the disk
     ├── DiskFull              the disk holding the cache is full right now (retryable once space returns)
     ├── DownloadRefused       the operator's policy lets no request download this model (pull it first)
+    │   └── ReadOnlyCache     the cache is a read-only shared volume: nothing is fetched, deleted, pinned or
+    │                         repaired here (pull into the volume where it is filled)
     ├── ModelInUse            the model cannot be deleted while a job uses it
     └── DownloadAbandoned     every caller waiting for a download gave up; it stopped, its bytes are kept
 
@@ -182,6 +184,12 @@ class DiskFull(ModelStoreError):
 class DownloadRefused(ModelStoreError):
     """The model is not cached, and the operator's on-demand policy lets no request download it: an operator
     pulls or pins it first (`modelstore.downloads`)."""
+
+
+class ReadOnlyCache(DownloadRefused):
+    """The cache is read-only (`StoreSettings.read_only`: a volume filled once and shared by many replicas), and
+    what was asked needs a write: a model missing from it, a pull, delete, pin or repair. Someone with the
+    volume writable (the pull Job) does it there."""
 
 
 class ModelInUse(ModelStoreError):

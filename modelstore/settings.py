@@ -31,16 +31,20 @@ class StoreSettings:
     on_demand: OnDemandPolicy = NO_DOWNLOADS
     # Free space a download for a request leaves on the cache's disk (0: none).
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    # The cache is a shared volume filled elsewhere and mounted read-only (`modelstore._read_only`): nothing
+    # in it is written, and a model missing from it is refused (ReadOnlyCache), never fetched.
+    read_only: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreSettings:
         """REFINERY_CACHE_DIR, REFINERY_CACHE_MAX_BYTES, REFINERY_CIVITAI_API, CIVITAI_TOKEN, HF_ENDPOINT,
         HF_TOKEN, REFINERY_OFFLINE, REFINERY_DOWNLOAD_ON_DEMAND (none, any or AIR patterns),
-        REFINERY_CACHE_MIN_FREE (a size); keyword overrides (from CLI flags) win.
+        REFINERY_CACHE_MIN_FREE (a size), REFINERY_CACHE_READ_ONLY (on/off); keyword overrides (from CLI flags) win.
 
         REFINERY_CACHE_MAX_BYTES is a size with an optional unit ("20GiB", "512MB", "1000000"; empty or 0:
-        no quota); REFINERY_OFFLINE is 1/true/yes/on or 0/false/no/off (any case; empty: off). Anything else
-        in either raises ValueError with a one-line message naming the variable."""
+        no quota); REFINERY_OFFLINE and REFINERY_CACHE_READ_ONLY are 1/true/yes/on or 0/false/no/off (any
+        case; empty: off). Anything else in any of them raises ValueError with a one-line message naming the
+        variable."""
         env = os.environ if env is None else env
         default_cache = Path(env.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "refinery"
         values: dict[str, object] = {
@@ -52,6 +56,7 @@ class StoreSettings:
             "hf_token": env.get("HF_TOKEN") or None,
             "offline": _flag(env, "REFINERY_OFFLINE"),
             "on_demand": _policy(env, "REFINERY_DOWNLOAD_ON_DEMAND"),
+            "read_only": _flag(env, "REFINERY_CACHE_READ_ONLY"),
         }
         if env.get("REFINERY_CACHE_MIN_FREE", "").strip():
             values["min_free_bytes"] = _size(env, "REFINERY_CACHE_MIN_FREE")

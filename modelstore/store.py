@@ -19,6 +19,9 @@ Who wants a model (`DownloadCause`) decides whether a request may download it an
 Before a process first uses a cached model its files are checked against digests kept since they entered the
 cache; `verify` checks their SHA256 in full (`_integrity`).
 
+With `settings.read_only` the cache is a volume another process filled (`_read_only`): every model in it
+serves, nothing in it is ever written, and what would need a write is `ReadOnlyCache`.
+
 Operators get `pull`, `verify`, `list_models`, `describe`, `delete`, `pin`, `used_bytes` and `lookup` (which
 never touches the network).
 
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import requests
 
-from modelstore import _builtin, _builtin_loras, local_files
+from modelstore import _builtin, _builtin_loras, _read_only, local_files
 from modelstore import _integrity as integrity
 from modelstore._cache import Cache
 from modelstore._disk_space import disk_full_as_error
@@ -52,9 +55,8 @@ from modelstore._integrity import BlobChecks, Damage, describe, quarantined_file
 from modelstore._leases import Leases
 from modelstore._model_download import download_model
 from modelstore._on_demand import DownloadCounts, gate, require_servable
-from modelstore._sources import RemoteSource
+from modelstore._source_pool import SourcePool
 from modelstore._sources import local as local_source
-from modelstore._sources.civitai import CivitaiSource
 from modelstore.air import AIR, Source, parse_stored_air
 from modelstore.components import Component, components_of
 from modelstore.downloads import PULL, Cause, DownloadCause
@@ -89,7 +91,7 @@ class ModelStore:
         session: requests.Session | None = None,
     ) -> None:
         self.settings = settings
-        self._cache = Cache(settings.cache_dir, settings.max_bytes)
+        self._cache = Cache(settings.cache_dir, settings.max_bytes, read_only=settings.read_only)
         self._checks = BlobChecks(self._cache)
         guard_library_logs((settings.civitai_token, settings.hf_token))
         self._own_session = session is None
@@ -97,10 +99,9 @@ class ModelStore:
         self._downloader = Downloader(
             self._cache.blobs, self._session, retry=retry, secrets=(settings.civitai_token, settings.hf_token)
         )
-        self._sources: dict[Source, RemoteSource] = {}
-        self._sources_lock = threading.Lock()
+        self._sources = SourcePool(settings, self._session)
         self._flights = Flights()
-        self._leases = Leases(settings.cache_dir / "leases")
+        self._leases = Leases(settings.cache_dir / "leases", shared=not settings.read_only)
         self._local_roots: tuple[Path, ...] = ()
         self._downloads = DownloadCounts()
 
@@ -162,6 +163,8 @@ class ModelStore:
     ) -> ModelRecord:
         with concerning(air.canonical), disk_full_as_error(self.settings.cache_dir, air):
             record = self._cached(air, touch=True, progress=progress, again=again)
+            if record is None and self.settings.read_only:
+                raise _read_only.not_cached(air.canonical)
             if record is None:
                 if air.canonical not in self._flights:  # a request may wait for an operator's download
                     gate(air, cause, self.settings.on_demand, self._cache)
@@ -207,7 +210,9 @@ class ModelStore:
 
     def _refetch_or_raise(self, air: AIR, damage: str) -> None:
         """After a file of `air` failed its check (and was quarantined): IntegrityError unless it can be fetched
-        again (a built-in model is rebuilt; a download needs the network)."""
+        again (a built-in model is rebuilt; a download needs the network; a read-only cache holds what it holds)."""
+        if self.settings.read_only:
+            raise _read_only.damaged(air.canonical, damage)
         if self._refetchable(air):
             log.warning("%s: %s; fetching it again", air, damage)
             return
@@ -215,7 +220,7 @@ class ModelStore:
         raise integrity.damaged_offline(air, damage)
 
     def _refetchable(self, air: AIR) -> bool:
-        return air.source is Source.BUILTIN or not self.settings.offline
+        return not self.settings.read_only and (air.source is Source.BUILTIN or not self.settings.offline)
 
     def _lead(self, air: AIR, flight: Flight, *, cause: DownloadCause) -> ModelRecord:
         """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look), then
@@ -250,7 +255,7 @@ class ModelStore:
             raise SourceUnavailable(f"{air.canonical} is not in the cache and downloads are turned off (offline mode)")
         return download_model(
             air,
-            self._source(air.source),
+            self._sources.get(air.source),
             flight,
             cache=self._cache,
             downloader=self._downloader,
@@ -259,20 +264,6 @@ class ModelStore:
             floor=self.settings.min_free_bytes if cause.on_demand else 0,
             started=self._downloads.started,
         )
-
-    def _source(self, source: Source) -> RemoteSource:
-        with self._sources_lock:
-            if source not in self._sources:
-                self._sources[source] = self._new_source(source)
-            return self._sources[source]
-
-    def _new_source(self, source: Source) -> RemoteSource:
-        if source is Source.CIVITAI:
-            return CivitaiSource(self.settings.civitai_api, self.settings.civitai_token, self._session)
-        # Imported here: huggingface_hub (and its own HTTP stack) is only needed by those who use the Hub.
-        from modelstore._sources.huggingface import HuggingFaceSource
-
-        return HuggingFaceSource(self.settings.hf_endpoint, self.settings.hf_token)
 
     # --- operators -----------------------------------------------------------------------------------------
 
@@ -296,7 +287,7 @@ class ModelStore:
         measuring.set_verifying()
         if progress is not None:
             measuring.subscribe(progress)
-        components = components_of(record, self.settings.cache_dir, measuring)
+        components = components_of(record, self.settings.cache_dir, measuring, keep=not self.settings.read_only)
         if measuring.counted:
             measuring.finish()
         return components
@@ -328,7 +319,8 @@ class ModelStore:
                 return Verification(air.canonical, Verdict.INTACT, read, "")
             damage = describe(damages)
             if not self._refetchable(air):
-                return Verification(air.canonical, Verdict.CORRUPT, read, f"{damage}; {integrity.OFFLINE}")
+                why = _read_only.damaged(air.canonical, damage).message if self.settings.read_only else None
+                return Verification(air.canonical, Verdict.CORRUPT, read, why or f"{damage}; {integrity.OFFLINE}")
             log.warning("%s: %s; fetching it again", air, damage)
             try:
                 self.resolve(air, progress=progress)
@@ -352,6 +344,8 @@ class ModelStore:
         forgotten (0 bytes freed)."""
         air = _air(model)
         with concerning(air.canonical):
+            if self.settings.read_only:
+                raise _read_only.refused(f"deleting {air.canonical}", air.canonical)
             if self._in_use(air.canonical):
                 raise ModelInUse(f"{air.canonical} is in use and cannot be deleted now")
             return self._cache.delete(air, self._in_use)
