@@ -12,6 +12,11 @@ Models here are checkpoints or LoRAs (`parse_stored_air`: an URN typed `lora` is
 - `VerifyModel` reads cached models in full and checks every file's SHA256, streaming progress and then one
   result per model; a file that fails is set aside and the model fetched again where its source allows.
 
+On a read-only cache (`REFINERY_CACHE_READ_ONLY`: a shared volume filled elsewhere) nothing is written: a pull
+of a model the volume holds answers its record, but a pull of one it lacks, a pull with `pin`, `DeleteModel`,
+`PinModel` and `UnpinModel` are refused with FAILED_PRECONDITION (`ReadOnlyCache`); `VerifyModel` reads and
+reports a damaged model CORRUPT, to be pulled again where the volume is filled.
+
 Errors map to statuses through `boundary.py`; model errors name the request field `model`.
 """
 
@@ -27,7 +32,7 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 
 from modelstore import AIR, CachedModel, DownloadProgress, ModelStore, Verification, parse_stored_air
-from modelstore.errors import ModelInUse
+from modelstore.errors import ModelInUse, ReadOnlyCache
 from refinery.v1 import models_pb2 as pb
 from refinery.v1 import models_pb2_grpc as pb_grpc
 from server.api import local_models
@@ -78,6 +83,8 @@ class ModelService(pb_grpc.ModelServiceServicer):
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
         local_models.canonicalize(request, ("model",), self._local_roots)
+        if request.pin:
+            self._writable("pinning", request.model)
         async for event in _pull(self._store, parse_stored_air(request.model), pin=request.pin).events():
             if isinstance(event, DownloadProgress):
                 yield pull_progress(event)
@@ -117,6 +124,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModelResponse:
         air = parse_stored_air(request.model)
+        self._writable("deleting", air.canonical)
         # The store refuses models that are leased; this covers a device that loaded a model without holding
         # a lease on it.
         if air.canonical in self._resident_models():
@@ -136,12 +144,22 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
     async def _set_pinned(self, model: str, *, pinned: bool) -> pb.ModelInfo:
         air = parse_stored_air(model)
+        self._writable("pinning" if pinned else "unpinning", air.canonical)
 
         def update() -> CachedModel:
             self._store.pin(air, pinned)  # ModelNotFound unless cached: pinning never downloads
             return self._store.describe(air)
 
         return self._info(await asyncio.to_thread(update))
+
+    def _writable(self, what: str, model: str) -> None:
+        """ReadOnlyCache for `what` on a read-only cache: only where the shared volume is filled can it change."""
+        if self._store.settings.read_only:
+            raise ReadOnlyCache(
+                f"{what} {model}: this server's model cache is read-only (REFINERY_CACHE_READ_ONLY); do it where "
+                "the shared volume is filled (the pull Job: refinery models pull --pin / rm)",
+                air=model,
+            )
 
     def _info(self, model: CachedModel) -> pb.ModelInfo:
         return model_info(model, resident=model.air in self._resident_models())

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -177,7 +178,11 @@ def add_speed_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> 
     flag("--png-level", "REFINERY_PNG_LEVEL", options.png_level, "1", "PNG zlib level 0-9 (default 1)")
 
 
-def speed_settings(args: argparse.Namespace) -> Speed:
+def speed_settings(args: argparse.Namespace, store: StoreSettings) -> Speed:
+    compile_cache = args.compile_cache
+    if compile_cache is None and store.read_only:
+        # Its default, compile/ in the model cache, cannot be written: a per-pod scratch folder (an emptyDir).
+        compile_cache = Path(tempfile.gettempdir()) / "refinery-compile"
     return Speed(
         compile=args.compile,
         fuse_qkv=args.fuse_qkv,
@@ -185,13 +190,20 @@ def speed_settings(args: argparse.Namespace) -> Speed:
         vae_decode=args.vae_decode,
         fp8=args.fp8,
         compile_sizes=args.compile_sizes,
-        compile_cache_dir=args.compile_cache,
+        compile_cache_dir=compile_cache,
         png_level=args.png_level,
     )
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=options.directory, help="model cache [REFINERY_CACHE_DIR]")
+    parser.add_argument(
+        "--cache-read-only",
+        action="store_const",
+        const=True,
+        help="the model cache is a shared volume filled elsewhere: serve what it holds, never write to it "
+        "[REFINERY_CACHE_READ_ONLY]",
+    )
 
 
 def add_log_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -207,14 +219,15 @@ def add_log_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
 
 def store_settings(args: argparse.Namespace, env: Mapping[str, str]) -> StoreSettings:
     try:
-        return StoreSettings.from_env(env, cache_dir=args.cache_dir)
+        return StoreSettings.from_env(env, cache_dir=args.cache_dir, read_only=args.cache_read_only)
     except ValueError as exc:  # e.g. REFINERY_CACHE_MAX_BYTES that is not a size
         raise UsageError(str(exc)) from None
 
 
 def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_process: bool) -> Settings:
     """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
-    common = {"store": store_settings(args, env), "devices": args.devices, "log_json": bool(args.log_json)}
+    store = store_settings(args, env)
+    common = {"store": store, "devices": args.devices, "log_json": bool(args.log_json)}
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
         # in the current folder, or named on this command line (LoRAs too), are the caller's own files. Untuned: one
@@ -254,7 +267,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         drain_delay_s=args.drain_delay,
         limits=limits,
         security=security_settings(args, env),
-        speed=speed_settings(args),
+        speed=speed_settings(args, store),
     )
 
 
