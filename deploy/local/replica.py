@@ -38,6 +38,11 @@ class ReplicaSpec:
     grace_s: float = 30.0
     max_batch: int = 4
     env: Mapping[str, str] = field(default_factory=dict)
+    # Shared model cache (issue 20): "BASE[+REFINER]" pairs to pin ("none": nothing resident at start), the
+    # cache mounted read-only, and a command prefix that runs the server (deploy/local/read_only.py).
+    pins: str = "none"
+    cache_read_only: bool = False
+    prefix: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -68,17 +73,19 @@ class Replica:
     def start(self) -> None:
         spec = self.spec
         command = [
+            *spec.prefix,
             *_refinery_command(),
             "serve",
             "--host", spec.host,
             "--port", str(spec.port),
             "--metrics-port", str(spec.metrics_port),
             "--devices", "cpu",
-            "--pin", "none",  # nothing resident at start: the balancer, not a pin, decides who holds a pair
+            "--pin", spec.pins,  # default none: the balancer, not a pin, decides who holds a pair
             "--budget", spec.budget,
             "--grace", str(spec.grace_s),
             "--max-batch", str(spec.max_batch),
             "--cache-dir", str(spec.cache_dir),
+            *(["--cache-read-only"] if spec.cache_read_only else []),
         ]  # fmt: skip
         env = {**os.environ, **spec.env}
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
