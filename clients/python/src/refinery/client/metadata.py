@@ -1,5 +1,5 @@
-"""Request metadata the client sends: the pair-affinity header and the bearer token (the generation token, or
-the admin token for administration).
+"""Request metadata the client sends: the pair-affinity header, the bearer token (the generation token, or
+the admin token for administration), and with Generate the caller's trace context (tracing.py).
 
 `refinery-pair: <model>+<refiner model>` lets an L7 load balancer hash requests for one model pair onto the
 replica that already holds it (consistent hashing on a header). The value is built from the request's own
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from refinery.client.tracing import trace_metadata
 from refinery.v1 import generation_pb2 as pb
 
 PAIR_HEADER = "refinery-pair"
@@ -36,4 +37,6 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 
 def generate_metadata(request: pb.GenerateRequest, token: str | None) -> list[tuple[str, str]]:
-    return [(PAIR_HEADER, pair_affinity(request.model, request.refiner.model)), *auth_metadata(token)]
+    """The pair-affinity header, the token, and the caller's OpenTelemetry trace context if it has one."""
+    pair = (PAIR_HEADER, pair_affinity(request.model, request.refiner.model))
+    return [pair, *auth_metadata(token), *trace_metadata()]
