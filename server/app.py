@@ -39,6 +39,7 @@ from server.core.domain import PairKey
 from server.core.metrics import DownloadCounter, Metrics
 from server.core.pins import PinFailures
 from server.core.settings import Settings
+from server.core.tracing import Tracer
 from server.generation import Encoder, PipelineRunner, run_pair
 from server.scheduling import Scheduler
 
@@ -64,6 +65,8 @@ class RefineryServer:
         self.store = store if store is not None else ModelStore(settings.store)
         self.store.confine_local(settings.security.local_model_roots)  # request-named models stay inside
         self.metrics = Metrics()
+        # Built here, not at import: off (the default), OpenTelemetry is never imported.
+        self.tracer = Tracer.from_environment(settings.tracing) if settings.tracing else None
         self.metrics.watch(DownloadCounter(self.store))  # who made this server download what
         self.scheduler = Scheduler(settings, self.store, loader=loader, run=run, encode=encode, metrics=self.metrics)
         self.health = health.aio.HealthServicer()
@@ -110,6 +113,10 @@ class RefineryServer:
         tls = "TLS" + (" with client certificates" if settings.security.tls_client_ca else "") if creds else "plaintext"
         log.info("listening on %s:%d (%s); devices: %s", settings.host, self.port, tls, devices)
         _announce_access(settings, self.port)
+        if settings.tracing:
+            log.info(
+                "tracing: exporting spans (%s; OTEL_* settings as the OpenTelemetry SDK reads them)", settings.tracing
+            )
         self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")
         return self.port
 
@@ -123,7 +130,7 @@ class RefineryServer:
         )
         roots = settings.security.local_model_roots
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            generation_service.GenerationService(self.scheduler, settings), server
+            generation_service.GenerationService(self.scheduler, settings, tracer=self.tracer), server
         )
         status = server_service.ServerService(
             self.scheduler, local_roots=roots, pin_failures=self.pin_failures, on_pinned=self._pinned
@@ -176,6 +183,8 @@ class RefineryServer:
                 self._metrics_server.close()
             if self._health_server is not None:
                 await self._health_server.stop(0)
+            if self.tracer is not None:  # every request has ended: export their spans before the process goes
+                await asyncio.to_thread(self.tracer.shutdown)
             log.info("stopped")
 
     async def _announce_drain(self, graceful: bool) -> None:

@@ -22,19 +22,22 @@ from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_responses
 from server.api.stream import AsyncEventStream
 from server.api.validation import job_from_request
+from server.core.domain import Job
 from server.core.errors import DeliveryFailed
 from server.core.logs import quoted
 from server.core.settings import Settings
-from server.scheduling import Engine
+from server.core.tracing import TRACEPARENT, TRACESTATE, Tracer
+from server.scheduling import Engine, Ticket, Trace, start_trace
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    def __init__(self, scheduler: Engine, settings: Settings) -> None:
+    def __init__(self, scheduler: Engine, settings: Settings, *, tracer: Tracer | None = None) -> None:
         self._scheduler = scheduler
         self._settings = settings
+        self._tracer = tracer  # None: tracing off
 
     def _models(self, request: pb.GenerateRequest) -> Sequence[ModelField]:
         base = ModelField("model", request.model, Role.BASE, self._settings.default_model)
@@ -54,6 +57,28 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         settings = self._settings
+        trace = start_trace(self._tracer, _trace_context(context))
+        try:
+            job, stream, ticket = await self._submit(request, context, trace)
+        except BaseException as exc:
+            if trace is not None:
+                trace.abandon(exc, request.request_id)
+            raise
+        try:
+            async for event in stream:
+                for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
+                    yield response  # a client that cannot take a message ends the generator here
+            stream.settle(None)
+        finally:
+            stream.settle(DeliveryFailed("the client did not receive the whole stream"))  # unless settled
+            # A no-op for a finished request; for a client that went away, it stops at its next step.
+            self._scheduler.cancel(ticket)
+
+    async def _submit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: Trace | None
+    ) -> tuple[Job, AsyncEventStream, Ticket]:
+        """Validate and admit the request (raises what refuses it)."""
+        settings = self._settings
         validate = functools.partial(
             job_from_request,
             request,
@@ -70,13 +95,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         remaining = context.time_remaining()
         # A deadline lets the scheduler drop the request while queued instead of running it for nobody.
         deadline = None if remaining is None else time.monotonic() + remaining
-        ticket = self._scheduler.submit(job, stream, deadline=deadline)
-        try:
-            async for event in stream:
-                for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
-                    yield response  # a client that cannot take a message ends the generator here
-            stream.settle(None)
-        finally:
-            stream.settle(DeliveryFailed("the client did not receive the whole stream"))  # unless settled
-            # A no-op for a finished request; for a client that went away, it stops at its next step.
-            self._scheduler.cancel(ticket)
+        return job, stream, self._scheduler.submit(job, stream, deadline=deadline, trace=trace)
+
+
+def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The caller's W3C trace context from the call's metadata (nothing else of it: never its token)."""
+    wanted = (TRACEPARENT, TRACESTATE)
+    return {
+        key: value for key, value in context.invocation_metadata() or () if key in wanted and isinstance(value, str)
+    }

@@ -23,6 +23,7 @@ from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
 from server.core.domain import PairKey
 from server.core.logs import quiet_model_libraries
 from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
+from server.core.tracing import tracing_exporter
 from server.prefetch import start_prefetch
 
 
@@ -217,6 +218,14 @@ def add_log_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
+def tracing(env: Mapping[str, str]) -> str | None:
+    """The OpenTelemetry exporter the standard OTEL_* environment asks for (README "Tracing"); None: off."""
+    try:
+        return tracing_exporter(env)
+    except ValueError as exc:  # an exporter or OTLP protocol this server does not ship
+        raise UsageError(str(exc)) from None
+
+
 def store_settings(args: argparse.Namespace, env: Mapping[str, str]) -> StoreSettings:
     try:
         return StoreSettings.from_env(env, cache_dir=args.cache_dir, read_only=args.cache_read_only)
@@ -227,7 +236,7 @@ def store_settings(args: argparse.Namespace, env: Mapping[str, str]) -> StoreSet
 def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_process: bool) -> Settings:
     """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
     store = store_settings(args, env)
-    common = {"store": store, "devices": args.devices, "log_json": bool(args.log_json)}
+    common = {"store": store, "devices": args.devices, "log_json": bool(args.log_json), "tracing": tracing(env)}
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
         # in the current folder, or named on this command line (LoRAs too), are the caller's own files. Untuned: one

@@ -1,7 +1,8 @@
 """Logging set-up, called by the CLI only: plain lines for people, or one JSON object per line for collectors.
 
-The worker's per-request line carries structured `extra` fields (request_id, outcome, timings, steps_done);
-the JSON format keeps them as fields so a log pipeline need not parse the message.
+The worker's per-request line carries structured `extra` fields (request_id, outcome, timings, steps_done, and
+trace_id / span_id when the request is traced: README "Tracing"); the JSON format keeps them as fields so a log
+pipeline need not parse the message.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-_EXTRA_FIELDS = ("request_id", "outcome", "timings", "steps_done")
+_EXTRA_FIELDS = ("request_id", "outcome", "timings", "steps_done", "trace_id", "span_id")
 # Client-supplied text in a log line is cut to this many characters (a 32 MiB request id once wrote 32 MiB).
 MAX_LOGGED_CHARS = 200
 

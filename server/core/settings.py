@@ -158,4 +158,7 @@ class Settings:
     max_request_bytes: int = 128 * 1024
     security: Security = field(default_factory=Security)
     log_json: bool = False
+    # OpenTelemetry traces: the exporter ("otlp", "console") that `server.core.tracing.tracing_exporter` read from
+    # the standard OTEL_* environment; None: off (the default), and OpenTelemetry is never imported.
+    tracing: str | None = None
     speed: Speed = field(default_factory=Speed)

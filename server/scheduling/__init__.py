@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from server.scheduling.engine import Engine
     from server.scheduling.scheduler import Scheduler
     from server.scheduling.snapshot import DeviceSnapshot, SchedulerSnapshot
+    from server.scheduling.spans import Trace, start_trace
     from server.scheduling.ticket import EventSink, Ticket
 
 _NAMES = {
@@ -24,6 +25,8 @@ _NAMES = {
     "SchedulerSnapshot": "snapshot:SchedulerSnapshot",
     "EventSink": "ticket:EventSink",
     "Ticket": "ticket:Ticket",
+    "Trace": "spans:Trace",
+    "start_trace": "spans:start_trace",
 }
 __getattr__ = lazy_names(__name__, _NAMES)
 __all__ = [
@@ -33,4 +36,6 @@ __all__ = [
     "Scheduler",
     "SchedulerSnapshot",
     "Ticket",
+    "Trace",
+    "start_trace",
 ]

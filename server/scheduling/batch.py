@@ -104,6 +104,7 @@ class Batch:
         self._active = list(tickets)  # not yet ended, nor handed over for delivery
         offset = 0
         for ticket in tickets:
+            ticket.batch = tuple(tickets)
             ticket.batch_offset = offset
             offset += ticket.job.number_results
         self._started = self._last_step = time.perf_counter()
@@ -132,7 +133,12 @@ class Batch:
             samples = [s for t in self._tickets for s in t.job.samples()]
             metrics.batch_images.observe(len(samples))
             self._started = self._last_step = time.perf_counter()
+            for ticket in self._tickets:
+                ticket.timings.run_started = self._started
             result = self._run_with_oom_retry(pair, shape, samples)
+            ran = time.perf_counter()
+            for ticket in self._tickets:
+                ticket.timings.run_ended = ran
             self._observe_pace(shape_of(job, shape.width, shape.height, images=len(samples)))
             self._drop_expired()  # after the decode: an image nobody waits for is not encoded
             for ticket in self._active:

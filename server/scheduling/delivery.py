@@ -55,7 +55,8 @@ class Delivery:
         with self._lock:
             if self._failed:
                 return
-            self._started = self._started or time.perf_counter()
+            if not self._started:
+                self._started = self._ticket.timings.delivering = time.perf_counter()
         job = self._ticket.job
         try:
             data = self._encode(self._items[index][0], job.output_format)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from server.core.domain import Job, PairKey
 from server.scheduling.snapshot import SchedulerSnapshot
-from server.scheduling.ticket import EventSink, Ticket
+from server.scheduling.ticket import EventSink, RequestTrace, Ticket
 
 
 class Engine(Protocol):
@@ -19,9 +19,12 @@ class Engine(Protocol):
         """Megapixel-steps one request may ask for on these devices (`server.core.settings.WORK_LIMITS`)."""
         ...
 
-    def submit(self, job: Job, sink: EventSink, *, deadline: float | None = None) -> Ticket:
-        """Admit `job`, whose events go to `sink`; `deadline` is time.monotonic() when its client stops waiting.
-        Raises ShuttingDown while draining and Overloaded when the queue is full."""
+    def submit(
+        self, job: Job, sink: EventSink, *, deadline: float | None = None, trace: RequestTrace | None = None
+    ) -> Ticket:
+        """Admit `job`, whose events go to `sink`; `deadline` is time.monotonic() when its client stops waiting;
+        `trace` is ended with the request. Raises ShuttingDown while draining and Overloaded when the queue is
+        full."""
         ...
 
     def cancel(self, ticket: Ticket) -> None:

@@ -51,7 +51,7 @@ from server.scheduling.pinning import pin_everywhere
 from server.scheduling.queue import AdmissionQueue, Waiting
 from server.scheduling.resolver import Resolver
 from server.scheduling.snapshot import SchedulerSnapshot
-from server.scheduling.ticket import ConfirmingSink, EventSink, Ticket, log_outcome, outcome_of
+from server.scheduling.ticket import ConfirmingSink, EventSink, RequestTrace, Ticket, log_outcome, outcome_of
 from server.scheduling.worker import TICK_S, DeviceWorker
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,13 @@ class Scheduler:
 
     # ---- the API's side ---------------------------------------------------------------------------------
 
-    def submit(self, job: Job, sink: EventSink, *, deadline: float | None = None) -> Ticket:
+    def submit(
+        self, job: Job, sink: EventSink, *, deadline: float | None = None, trace: RequestTrace | None = None
+    ) -> Ticket:
         """Admit `job`; its events go to `sink`. `deadline` (time.monotonic()) is when the client stops
-        waiting. Raises ShuttingDown while draining, Overloaded when the queue is full."""
-        ticket = Ticket(job, sink, leases=LeaseSet(self.store), deadline=deadline)
+        waiting; `trace` is ended with the request. Raises ShuttingDown while draining, Overloaded when the
+        queue is full."""
+        ticket = Ticket(job, sink, leases=LeaseSet(self.store), deadline=deadline, trace=trace)
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -277,6 +280,8 @@ class Scheduler:
         if error is None:
             self.metrics.images.inc(ticket.job.number_results * (2 if ticket.job.compare else 1))
         log_outcome(ticket, error, outcome)
+        if ticket.trace is not None:
+            ticket.trace.end(ticket, outcome, error)
 
     def wake(self) -> None:
         self.queue.notify()
@@ -298,6 +303,7 @@ class Scheduler:
 
     def _resolve(self, ticket: Ticket) -> None:
         """On a resolver thread: make the request's models available and check they can run somewhere."""
+        ticket.timings.resolving = time.perf_counter()
         try:
             cause = DownloadCause.request(escaped(ticket.job.request_id))  # a client's text, bound for the log
             spec = self._resolver.pair_spec(
@@ -315,6 +321,7 @@ class Scheduler:
             if self.queue.cancel(ticket):
                 self.finish(ticket, exc)
             return
+        ticket.timings.resolved = time.perf_counter()
         ticket.shape = shape  # before `spec`: a ticket with a spec has its shape
         ticket.loras = loras
         ticket.spec = spec

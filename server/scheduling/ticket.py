@@ -53,13 +53,28 @@ class ConfirmingSink(EventSink, Protocol):
         ...
 
 
+class RequestTrace(Protocol):
+    """A request's trace (`server/scheduling/spans.py`), begun by the API when the call arrived: its ids for
+    the log line, and its spans, recorded from the ticket's `Timings` once the request ends."""
+
+    def log_fields(self) -> dict[str, str]: ...
+
+    def end(self, ticket: Ticket, outcome: str, error: BaseException | None) -> None: ...
+
+
 @dataclass
 class Timings:
-    """Where a request's time went, for its log line (perf_counter seconds)."""
+    """Where a request's time went, for its log line and its trace's spans (perf_counter seconds; 0.0: not
+    reached)."""
 
     submitted: float = field(default_factory=time.perf_counter)
+    resolving: float = 0.0  # when a resolver thread began on its models
+    resolved: float = 0.0
     started: float = 0.0  # when a device took it
     loading_s: float = 0.0
+    run_started: float = 0.0  # the batch's denoising run, after the load
+    run_ended: float = 0.0
+    delivering: float = 0.0  # when its first image began encoding
     encode_s: float = 0.0
     run: StageTimings | None = None  # the runner's own account, once the run is over
     # Seconds to each reported step, by stage ("base" / "refiner"): what a request that ended mid-run spent.
@@ -69,9 +84,18 @@ class Timings:
 class Ticket:
     """One admitted request. Cancel it through `Scheduler.cancel`."""
 
-    def __init__(self, job: Job, sink: EventSink, *, leases: LeaseSet, deadline: float | None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        sink: EventSink,
+        *,
+        leases: LeaseSet,
+        deadline: float | None,
+        trace: RequestTrace | None = None,
+    ) -> None:
         self.job = job
         self.sink = sink
+        self.trace = trace  # None: tracing is off and the caller sent no trace context
         self.leases = leases  # the models it holds in the cache, from resolution until it ends
         self.deadline = deadline  # time.monotonic(); None: the client waits as long as it takes
         self.timings = Timings()
@@ -80,6 +104,7 @@ class Ticket:
         self.loras = StageLoras()  # its LoRAs' cached files, resolved with `spec`
         # Its place in the batch it runs in: images offset..offset+count of the batch are its own.
         self.batch_offset = 0
+        self.batch: tuple[Ticket, ...] = ()  # the requests of the batch it ran in, itself included
         self.steps_done = 0
         self._cancel_requested = threading.Event()
         self._cancel_error: ServerError = JobCancelled("the request was cancelled")
@@ -157,6 +182,9 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
                 "encode_s": round(t.encode_s, 4),
             },
             "steps_done": ticket.steps_done,
+            # The trace's ids (README "Tracing"): the request span's, or the caller's trace id alone when tracing
+            # is off but the caller sent a traceparent.
+            **(ticket.trace.log_fields() if ticket.trace is not None else {}),
         },
     )
 
