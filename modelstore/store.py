@@ -66,6 +66,7 @@ from modelstore.errors import (
     ModelInUse,
     ModelNotFound,
     ModelStoreError,
+    ReadOnlyCache,
     SourceUnavailable,
     concerning,
 )
@@ -186,7 +187,7 @@ class ModelStore:
             return None if entry is None else self._cache.record(air, entry)
         try:
             return self._cached(air, touch=False)
-        except IntegrityError:
+        except (IntegrityError, ReadOnlyCache):  # damaged (and not to be fetched again here)
             return None
 
     def _cached(
