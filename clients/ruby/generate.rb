@@ -23,7 +23,12 @@ stub = Refinery::V1::GenerationService::Stub.new(target, :this_channel_is_insecu
 def metadata(request)
   pair = "#{request.model}+#{request.refiner&.model}".b.gsub(%r{[^A-Za-z0-9:@+/._~-]}) { |c| format("%%%02X", c.ord) }
   token = ENV.fetch("REFINERY_TOKEN", "")
-  token.empty? ? { "refinery-pair" => pair } : { "refinery-pair" => pair, "authorization" => "Bearer #{token}" }
+  headers = token.empty? ? { "refinery-pair" => pair } : { "refinery-pair" => pair, "authorization" => "Bearer #{token}" }
+  # Tracing: with W3C trace context in the call, the server's spans join the caller's trace. An OpenTelemetry
+  # caller writes it with `OpenTelemetry.propagation.inject(headers)`; here a traceparent from the environment
+  # (TRACEPARENT="00-<32 hex trace id>-<16 hex span id>-01") stands in for it.
+  traceparent = ENV.fetch("TRACEPARENT", "")
+  traceparent.empty? ? headers : headers.merge("traceparent" => traceparent)
 end
 
 request = Refinery::V1::GenerateRequest.new(

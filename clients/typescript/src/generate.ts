@@ -39,7 +39,15 @@ function headers(request: GenerateRequest): Record<string, string> {
     return /[A-Za-z0-9:@+\/._~-]/.test(c) ? c : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
   }).join("");
   const token = process.env.REFINERY_TOKEN;
-  return { "refinery-pair": encoded, ...(token ? { authorization: `Bearer ${token}` } : {}) };
+  // Tracing: with W3C trace context in the call, the server's spans join the caller's trace. An OpenTelemetry
+  // caller writes it with `propagation.inject(context.active(), headers)` from @opentelemetry/api; here a
+  // traceparent from the environment (TRACEPARENT="00-<32 hex trace id>-<16 hex span id>-01") stands in for it.
+  const traceparent = process.env.TRACEPARENT;
+  return {
+    "refinery-pair": encoded,
+    ...(token ? { authorization: `Bearer ${token}` } : {}),
+    ...(traceparent ? { traceparent } : {}),
+  };
 }
 
 async function generate(): Promise<void> {
