@@ -22,7 +22,7 @@ import kubernetes_validate
 import yaml
 
 HERE = Path(__file__).resolve().parent
-KUSTOMIZATIONS = ("overlays/gpu", "overlays/cpu", "routing/envoy-gateway")
+KUSTOMIZATIONS = ("overlays/gpu", "overlays/cpu", "overlays/gpu-shared-cache", "routing/envoy-gateway")
 PLAIN = ("secret.example.yaml", "routing/istio/destinationrule.yaml", "monitoring/servicemonitor.yaml")
 CUSTOM = {
     ("gateway.networking.k8s.io/v1", "Gateway"),
