@@ -247,15 +247,30 @@ class _Call:
             await context.abort(refusal.code, refusal.message)
         await reject(request, context)
 
-    def count(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+    def count(self, context: grpc.aio.ServicerContext, error: BaseException | None, *, answered: bool = False) -> None:
         if error is None:
             code = "OK"
+        elif answered and isinstance(error, asyncio.CancelledError | GeneratorExit):
+            code = "OK"  # the client had its whole answer; closing the stream early is its own business
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
             code = "CANCELLED"  # the client went away (or could not take a message)
         else:
             status = context.code()
             code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
         self.calls.labels(self.method.rsplit("/", 1)[-1], code).inc()
+
+
+# Streaming calls in progress (by their context's id, for as long as the call holds the context), and whether
+# each has sent its whole answer (`mark_answered`).
+_answered: dict[int, bool] = {}
+
+
+def mark_answered(context: grpc.aio.ServicerContext) -> None:
+    """Say that a streaming call has sent everything its client asked for (a Generate's last image): it counts
+    as OK however it ends now. A client that stops reading once it holds its last image (a `break` in a loop)
+    cancels the call before its status arrives, and would otherwise be counted CANCELLED (issue 20)."""
+    if id(context) in _answered:
+        _answered[id(context)] = True
 
 
 def _unguardable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -275,6 +290,7 @@ def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandl
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             error: BaseException | None = None
+            _answered[id(context)] = False
             try:
                 await call.check(request, context)
                 async for response in stream(request, context):
@@ -283,7 +299,7 @@ def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandl
                 error = exc
                 raise
             finally:
-                call.count(context, error)
+                call.count(context, error, answered=_answered.pop(id(context), False))
 
         return grpc.unary_stream_rpc_method_handler(
             streaming, request_deserializer=deserialize, response_serializer=handler.response_serializer

@@ -18,6 +18,7 @@ import grpc
 from modelstore import Role
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.api.access import mark_answered
 from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_responses
 from server.api.stream import AsyncEventStream
@@ -68,6 +69,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             async for event in stream:
                 for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
                     yield response  # a client that cannot take a message ends the generator here
+                if stream.sent(event, job):
+                    mark_answered(context)  # its last image is out: OK, however the client closes the call now
             stream.settle(None)
         finally:
             stream.settle(DeliveryFailed("the client did not receive the whole stream"))  # unless settled

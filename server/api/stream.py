@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server.api.boundary import Logged
-from server.core.domain import JobEvent
+from server.core.domain import ImageResult, Job, JobEvent
 
 T = TypeVar("T")
 
@@ -71,6 +71,7 @@ class AsyncEventStream:
     def __init__(self) -> None:
         self._events: Channel[JobEvent] = Channel()
         self._delivered: Future[BaseException | None] = Future()
+        self._images_sent = 0
 
     # ---- the worker thread's side --------------------------------------------------------------------
 
@@ -89,6 +90,19 @@ class AsyncEventStream:
         """Say whether every event reached the client (None) or not; the first word counts."""
         with contextlib.suppress(InvalidStateError):
             self._delivered.set_result(error)
+
+    def sent(self, event: JobEvent, job: Job) -> bool:
+        """Note that every message of `event` was handed to the client. True when it was the last image `job`
+        asked for (a compare's base-only images included): the request is delivered, and `ok`, whatever its
+        client does next. A client that stops reading once it holds its last image cancels the call before the
+        stream's end arrives; that is no failure (issue 20: such requests were counted failed)."""
+        if not isinstance(event, ImageResult):
+            return False
+        self._images_sent += 1
+        if self._images_sent < job.number_results * (2 if job.compare else 1):
+            return False
+        self.settle(None)
+        return True
 
     def __aiter__(self) -> AsyncEventStream:
         return self
