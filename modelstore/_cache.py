@@ -359,8 +359,7 @@ class Cache:
     def quarantine(self, sha256: str, as_checked: FileIdentity) -> Path | None:
         """Move blob `sha256` aside because it failed its check: every model that uses it stops being cached
         (`lookup` finds its files incomplete) until it is fetched again. The models' index rows stay, with their
-        pins. Where the blob went, or None if the file changed meanwhile (see `BlobStore.quarantine`) or nothing
-        may move (a read-only cache: the model fails instead, `_read_only`)."""
+        pins. Where it went; None if the file changed meanwhile (`BlobStore.quarantine`) or the cache is read-only."""
         if self.read_only:
             return None
         with self._exclusive():
