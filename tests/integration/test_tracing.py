@@ -202,6 +202,17 @@ def test_without_a_caller_context_a_request_starts_its_own_trace(traced: ServerT
     assert root is not None and root.parent_span_id == b"" and len(root.trace_id) == 16
 
 
+def test_a_refused_request_is_a_span_of_its_own_with_its_outcome(traced: ServerThread, receiver: Receiver) -> None:
+    bad = request("refused-1", steps=100_000)
+    with grpc.insecure_channel(traced.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        collect(new_stub(channel), bad)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    root = request_span(receiver.wait_for(lambda s: request_span(s, "refused-1") is not None), "refused-1")
+    assert root is not None and attributes(root)["refinery.outcome"] == "invalid"
+    assert root.status.code == trace_pb2.Status.STATUS_CODE_UNSET  # the caller's mistake, not the server's
+    assert family(receiver.spans(), root) == {}  # it never queued
+
+
 def test_batch_mates_link_to_each_other(traced: ServerThread, receiver: Receiver) -> None:
     with grpc.insecure_channel(traced.address) as channel, futures.ThreadPoolExecutor(3) as pool:
         stub = new_stub(channel)
