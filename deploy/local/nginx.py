@@ -62,7 +62,13 @@ class Call:
     uri: str
     upstreams: tuple[str, ...]  # in the order tried; the last one answered
     status: str
-    grpc_status: str
+    grpc_status: str  # as the client saw it ("13": a stream nginx cut; "14": nginx's own 502)
+    upstream_statuses: tuple[str, ...] = ()  # what each replica tried answered ("502" for a refused connection)
+    attempt: int = 1  # the client's `refinery-attempt` header: 2 and up for a resend
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "200" and self.grpc_status == "0"
 
 
 class Nginx:
@@ -132,6 +138,8 @@ class Nginx:
                     upstreams=tuple(u.strip() for u in entry["upstream"].split(",") if u.strip()),
                     status=entry["status"],
                     grpc_status=entry["grpc_status"],
+                    upstream_statuses=tuple(u.strip() for u in entry["upstream_status"].split(",") if u.strip()),
+                    attempt=int(entry["attempt"] or 1),
                 )
             )
         return calls

@@ -14,7 +14,8 @@ the client sees as UNAVAILABLE, or CANCELLED from the replica), and nginx never 
 nginx reload (a busy HTTP/2 client connection keeps the old configuration) avoided it (deploy/README.md). So
 the SIGTERM test sends the signal while calls run on every replica and no new call is on its way, and sends
 new calls once the replica's port is closed. No client here has a retry policy: what succeeds, nginx made
-succeed.
+succeed. tests/fleet/test_lost_replica.py sends under arrivals with the Python client, which resends what
+nginx cannot.
 """
 
 from __future__ import annotations

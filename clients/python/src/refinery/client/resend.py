@@ -56,10 +56,10 @@ class Resend:
     """How a client resends a `Generate` that failed before any response (see the module docstring).
     `Resend(attempts=1)` (or `resend=None` on the client) turns resending off."""
 
-    attempts: int = 4  # sends in all, the first one included
+    attempts: int = 5  # sends in all, the first one included
     budget_s: float = 30.0  # no resend starts later than this after the call began
     initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
+    max_backoff_s: float = 5.0
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:
