@@ -3,6 +3,7 @@ pairs, one fixed random request mix sent through each balancer in turn, side by 
 
     .venv/bin/python benchmarks/bench_fleet.py [--requests 120] [--clients 3] [--seed 11] [--json PATH]
     .venv/bin/python benchmarks/bench_fleet.py --quick     # 12 requests: a check that it runs
+    .venv/bin/python benchmarks/bench_fleet.py --lost [--sigterm-runs 12]   # a replica lost under load
 
 Each replica's budget holds two of the three pairs but not all three (measured from a replica's
 `refinery_resident_bytes`, as the fleet tests do). Each policy gets a fresh fleet (nothing resident), one
@@ -12,6 +13,13 @@ warm-up call per pair, then the same mix. Reported per policy:
   (`refinery_model_load_seconds_count`): 1 - loads / requests;
 - model loads and evictions after warm-up (`refinery_eviction_seconds_count`);
 - requests per second over the mix, and p50/p99 latency of one call (end to end, through nginx).
+
+`--lost` measures instead what losing replicas costs callers, with the Python client's resend off and on
+(a fresh fleet each: 3 replicas, round-robin, one tiny pair, 2 steps, 3 clients sending one call after
+another): `--sigterm-runs` SIGTERMs under arrivals, each replica restarted, then a replica frozen and killed
+-9 (deploy/local/outage.py). Reported: calls lost (failed before the caller saw an event), cut (failed after
+events: never resent), resends and the calls they saved, the extra latency of a resent call, and the steps a
+cut call had run (what a resend of it would repeat).
 
 Needs nginx (Debian nginx-light). Takes a few minutes on 2 cores.
 """
@@ -36,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._quick import parse_args
 from deploy.local import sizing
 from deploy.local.fleet import Fleet, FleetSettings
+from deploy.local.outage import hang_then_kill, sigterm_cycles
+from deploy.local.steady import POLICY, Steady
 from deploy.local.traffic import CHANNEL_OPTIONS, Outcome, Pair, generate, generation_stub, mix
 
 PAIRS = (
@@ -95,13 +105,87 @@ def run(policy: str, settings: FleetSettings, requests: list[Pair], clients: int
     )
 
 
+@dataclass(frozen=True)
+class LostResult:
+    resend: str
+    sigterm_runs: int
+    calls: int
+    lost: int
+    cut: int
+    resends: int
+    calls_resent: int
+    resent_p50_ms: float  # a resent call, end to end
+    plain_p50_ms: float  # a call sent once, end to end
+    cut_steps_done: float  # mean denoising steps a cut call had shown
+    seconds: float
+
+
+def run_lost(resend: bool, root: Path, cache: Path, budget: int, runs: int) -> LostResult:
+    """Steady calls through a fresh fleet while replicas are stopped (SIGTERM, restarted) and one is killed."""
+    settings = FleetSettings(
+        replicas=3,
+        budget=str(budget),
+        grace_s=5.0,
+        affinity=False,
+        run_dir=root / f"lost-{'resend' if resend else 'once'}",
+        cache_dir=cache,
+        env={"REFINERY_DRAIN_DELAY": "0"},
+    )
+    started = time.monotonic()
+    with Fleet(settings) as fleet:
+        steady = Steady(fleet.front, PAIRS[1].model, policy=POLICY if resend else None).start()
+        try:
+            sigterm_cycles(fleet, runs)
+            before = len(steady.calls)
+            hang_then_kill(fleet.replicas[0])
+            steady.wait_for(lambda: len(steady.calls) >= before + 20)
+        finally:
+            steady.stop()
+    resent = steady.resends_by_call()
+
+    def p50(calls: list[float]) -> float:
+        return statistics.median(calls) * 1000 if calls else float("nan")
+
+    cut = steady.cut()
+    return LostResult(
+        resend="on" if resend else "off",
+        sigterm_runs=runs,
+        calls=len(steady.calls),
+        lost=len(steady.lost()),
+        cut=len(cut),
+        resends=len(steady.resent),
+        calls_resent=len(resent),
+        resent_p50_ms=p50([c.seconds for c in steady.calls if c.request_id in resent and c.ok]),
+        plain_p50_ms=p50([c.seconds for c in steady.calls if c.request_id not in resent and c.ok]),
+        cut_steps_done=statistics.mean(c.steps_done for c in cut) if cut else 0.0,
+        seconds=time.monotonic() - started,
+    )
+
+
+def main_lost(args: argparse.Namespace, root: Path, cache: Path, budget: int) -> int:
+    results = [run_lost(resend, root, cache, budget, args.sigterm_runs) for resend in (False, True)]
+    print(f"\nreplica lost under load: {args.sigterm_runs} SIGTERM runs then a kill -9 of a hung replica\n")
+    print("| resend | calls | lost | cut | resends (calls) | p50 resent / once | steps a cut call had run | wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(
+            f"| {r.resend} | {r.calls} | {r.lost} | {r.cut} | {r.resends} ({r.calls_resent}) | "
+            f"{r.resent_p50_ms:.0f} / {r.plain_p50_ms:.0f} ms | {r.cut_steps_done:.1f} of 2 | {r.seconds:.0f} s |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--clients", type=int, default=3, help="concurrent callers")
     parser.add_argument("--seed", type=int, default=11, help="the request mix (the same for both policies)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parse_args(parser, {"requests": 12})
+    parser.add_argument("--lost", action="store_true", help="measure a replica lost under load instead")
+    parser.add_argument("--sigterm-runs", type=int, default=12, help="with --lost: SIGTERMs under arrivals")
+    args = parse_args(parser, {"requests": 12, "sigterm_runs": 1})
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         root = Path(tmp)
@@ -110,6 +194,8 @@ def main() -> int:
         budget = sizing.budget_for(sizes, PAIRS_PER_REPLICA)
         print("pair sizes: " + ", ".join(f"{p.key} {s / 1e6:.1f} MB" for p, s in sizes.items()))
         print(f"budget per replica: {budget / 1e6:.1f} MB (any {PAIRS_PER_REPLICA} pairs, never all 3)")
+        if args.lost:
+            return main_lost(args, root, cache, budget)
         requests = mix(PAIRS, args.requests, args.seed)
         results = []
         for policy, affinity in (("affinity (hash on refinery-pair)", True), ("round-robin", False)):
