@@ -6,10 +6,14 @@
   failed, where a request whose images its client did not take is failed), end-to-end latency
   (`refinery_request_seconds`), time to the first denoising step (`refinery_first_step_seconds`), time queued,
   step time, images delivered, batch sizes.
-- Devices: model loads and evictions (how often pairs move: the "is the fleet thrashing?" signal), budgets.
+- Devices: model loads and evictions (how often pairs move: the "is the fleet thrashing?" signal), budgets;
+  GPU utilisation and memory where there is a GPU (`server/scheduling/gpu_gauges.py`).
 - State read at scrape time from the scheduler's snapshot (`watch`; the collector is
   `server/scheduling/gauges.py`), so it never drifts: queue depth per priority, resident bytes and running
   requests per device; every one of these has a series even at zero.
+- Every series a dashboard or alert reads exists from start-up, at zero, for every label value known then
+  (outcomes, stages, devices): tests/integration/test_metrics_truth.py reads the queries from deploy/ and checks.
+  A request whose images all reached its client is `ok` and its call `OK`, however the client closes afterwards.
 - The process: bytes received from model sources, `refinery_build_info{version}`; downloads begun by the
   model store per cause (`refinery_downloads_total{cause}`: request, pull, pin), read from the store at scrape
   time (`watch(DownloadCounter(store))`).
@@ -28,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from modelstore import Cause, ModelStore, downloaded_bytes
+from server.core.domain import Stage
 from server.core.http_endpoint import HttpEndpoint
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -89,11 +94,25 @@ class Metrics:
         )
         build = Gauge("refinery_build_info", "The running build (always 1)", ["version"], registry=r)
         build.labels(_version()).set(1)
-        for outcome in ("ok", "cancelled", "deadline_exceeded", "rejected", "failed"):
-            self.jobs.labels(outcome)  # series at zero from the start, so rates, alerts and dashboards see them
-            self.request_time.labels(outcome)
-        self.calls.labels("Generate", "OK")
         r.register(_DownloadCollector())
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Series at zero from the start for every label known now (devices get theirs in `add_device`), so that
+        rates, alerts and dashboards see the first event too rather than an absent series."""
+        for outcome in ("ok", "cancelled", "deadline_exceeded", "rejected", "failed"):
+            self.jobs.labels(outcome)
+            self.request_time.labels(outcome)
+        for stage in Stage:
+            self.step_time.labels(stage.value)
+        self.calls.labels("Generate", "OK")
+
+    def add_device(self, name: str, budget_bytes: int) -> None:
+        """A device's series: its budget, and its load and eviction times at zero until its first load or
+        eviction (a replica started with `--pin none` loads nothing before its first request)."""
+        self.budget_bytes.labels(name).set(budget_bytes)
+        self.loads.labels(name)
+        self.evictions.labels(name)
 
     def watch(self, collector: Collector) -> None:
         """Read gauges of live state from `collector` at every scrape (the room that owns the state makes it:

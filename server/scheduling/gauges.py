@@ -1,6 +1,7 @@
 """The scheduler's snapshot as Prometheus gauges, read at every scrape so they never drift: queue depth per
 priority, resident bytes and running requests per device, compiled UNet shapes, UNet calls by path and device
-busy time. Every one of these has a series even at zero. Registered with `Metrics.watch`."""
+busy time. Every one of these has a series even at zero. Registered with `Metrics.watch`. On CUDA devices also
+their utilisation and memory (`gpu_gauges.py`; absent on CPUs)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.core.domain import CHUNK_TOKENS
+from server.scheduling.gpu_gauges import GpuMeter, gpu_families
 from server.scheduling.snapshot import SchedulerSnapshot
 
 
 class SnapshotGauges(Collector):
-    def __init__(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], SchedulerSnapshot], gpu: GpuMeter | None = None) -> None:
         self._snapshot = snapshot
+        self._gpu = gpu  # probed at the first scrape that finds a CUDA device
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         status = self._snapshot()
@@ -30,6 +33,10 @@ class SnapshotGauges(Collector):
             running.add_metric([device.name], device.jobs_running)
         yield from (depth, resident, running)
         yield from _compile_families(status)
+        cuda = [device.name for device in status.devices if device.name.startswith("cuda")]
+        if cuda:
+            self._gpu = self._gpu or GpuMeter.probe()
+            yield from gpu_families(cuda, self._gpu)
 
 
 def _compile_families(status: SchedulerSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

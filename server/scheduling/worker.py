@@ -100,7 +100,7 @@ class DeviceWorker:
             if self.tuning.compile_mode
             else None
         )
-        metrics.budget_bytes.labels(device.name).set(budget_bytes)
+        metrics.add_device(device.name, budget_bytes)
 
     # ---- life cycle -------------------------------------------------------------------------------------
 

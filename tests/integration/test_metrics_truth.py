@@ -1,4 +1,7 @@
-"""What the metrics say about a request is what its client got (issue 20, "Operators").
+"""What the metrics say is what happened (issue 20, "Operators").
+
+Every series the dashboard (deploy/grafana/refinery.json) and the alerts (deploy/prometheus/refinery-alerts.yml)
+read exists on a fresh server before any request, at zero, for its device; GPU series are absent on a CPU.
 
 A client that stops reading once it holds its last image (`break` in a Python loop) cancels the call before the
 stream's end arrives. That landed 2 or 3 times in 5 between the last image and the end of the stream, and each
@@ -9,16 +12,20 @@ must still be counted `OK`, `ok`, with its images, and logged `ok`.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import socket
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from modelstore import ModelStore, StoreSettings
 from refinery.client import Client, Image
@@ -27,6 +34,8 @@ from server.core.domain import Job, JobEvent
 from server.core.settings import Settings
 
 from .conftest import TIMEOUT_S, ServerThread, make_settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 class _HeldEnd:
@@ -119,9 +128,10 @@ def test_a_client_that_stops_reading_after_its_last_image_is_counted_ok(
         # The call is counted where its handler ends, which may be just after the client went: wait for it.
         deadline = time.monotonic() + TIMEOUT_S
         while True:
+            logged = f"request {request_id} " in caplog.text  # logged after it is counted: read first
             after = _samples(held)
             counted = sum(after.get(k, 0) - before.get(k, 0) for k in (GENERATE_OK, GENERATE_CANCELLED))
-            if counted >= 1 and f"request {request_id} " in caplog.text:
+            if counted >= 1 and logged:
                 break
             assert time.monotonic() < deadline, "the call was never counted"
             time.sleep(0.02)
@@ -138,3 +148,41 @@ def test_a_client_that_stops_reading_after_its_last_image_is_counted_ok(
     assert delta('refinery_request_seconds_count{outcome="ok"}') == 1
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"request {request_id} ")]
     assert line.startswith(f"request {request_id} ok:"), line
+
+
+def _queries() -> list[str]:
+    """Every PromQL expression of the dashboard (panels and variables) and of the alert rules."""
+    dashboard = json.loads((DEPLOY / "grafana" / "refinery.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "refinery-alerts.yml").read_text())
+    exprs += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    return exprs
+
+
+@pytest.fixture
+def fresh(store_settings: StoreSettings, model_store: ModelStore) -> Iterator[ServerThread]:
+    """A server as a replica of the fleet starts (`--pin none`): nothing loaded, no request yet."""
+    thread = ServerThread(make_settings(store_settings, metrics_port=_free_port(), pins=()), store=model_store)
+    try:
+        thread.wait_ready()
+        yield thread
+    finally:
+        thread.close()
+
+
+def test_every_series_the_dashboard_and_alerts_read_exists_before_any_request(fresh: ServerThread) -> None:
+    names = {m for expr in _queries() for m in re.findall(r"\brefinery_[a-z0-9_]+", expr)}
+    gpu = {name for name in names if name.startswith("refinery_gpu_")}
+    assert gpu and "refinery_jobs_total" in names and "refinery_eviction_seconds_bucket" in names  # parsed
+    samples = _samples(fresh)
+    series = {name: [k for k in samples if k == name or k.startswith(name + "{")] for name in names}
+    assert [name for name in sorted(names - gpu) if not series[name]] == []
+    # Per device, at zero until the first event: rate() sees a replica's first load and eviction.
+    for name in ("refinery_model_load_seconds_count", "refinery_eviction_seconds_count"):
+        assert samples[name + '{device="cpu"}'] == 0
+    assert samples['refinery_jobs_total{outcome="ok"}'] == 0
+    assert samples['refinery_budget_bytes{device="cpu"}'] > 0
+    assert samples['refinery_step_seconds_count{stage="refiner"}'] == 0
+    # The GPU series are for GPUs: a CPU server has none (no NVML or CUDA asked either).
+    assert [k for k in samples if k.startswith("refinery_gpu_")] == []
