@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,37 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 
 
 @needs_promtool
-def test_prometheus_config_and_alerts_check() -> None:
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "refinery-alerts.yml"]):
-        check = subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True, check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
+def test_every_prometheus_file_checks() -> None:
+    """deploy/prometheus/check.py, as CI runs it: every file there, prometheus-kubernetes.yml included."""
+    check = subprocess.run(
+        [sys.executable, str(PROMETHEUS / "check.py")], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    names = sorted(p.name for p in PROMETHEUS.glob("*.y*ml"))
+    assert names == ["prometheus-kubernetes.yml", "prometheus.yml", "refinery-alerts.yml"]
+    assert [f"== {name}: ok" for name in names] == [line for line in check.stdout.splitlines() if line.startswith("==")]
+
+
+@needs_promtool
+def test_the_kubernetes_config_is_checked_even_by_a_promtool_without_kubernetes_discovery(tmp_path: Path) -> None:
+    """A mistake outside the discovery block (a relabeling regex that does not compile) is still caught."""
+    broken = (PROMETHEUS / "prometheus-kubernetes.yml").read_text().replace("regex: refinery", "regex: refinery(")
+    assert "refinery(" in broken
+    (tmp_path / "prometheus-kubernetes.yml").write_text(broken)
+    (tmp_path / "refinery-alerts.yml").write_text((PROMETHEUS / "refinery-alerts.yml").read_text())
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from check import check_file; from pathlib import Path;"
+        "passed, said = check_file(Path(sys.argv[2])); print(passed); print(said)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(PROMETHEUS), str(tmp_path / "prometheus-kubernetes.yml")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert run.stdout.splitlines()[0] == "False", run.stdout
+    assert "refinery(" in run.stdout  # promtool names the bad regex
 
 
 @pytest.mark.slow
