@@ -22,6 +22,8 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 # adds them (requests by code, end-to-end and first-step histograms, images, downloaded bytes, build info).
 # Remove a name here once the server serves it (the test says so).
 PENDING: set[str] = set()  # metrics the dashboard reads that no server serves yet
+# Served only where there is a GPU (server/scheduling/gpu_gauges.py; tests/test_gpu_gauges.py checks them).
+GPU_ONLY = {"refinery_gpu_utilization_ratio", "refinery_gpu_memory_used_bytes", "refinery_gpu_memory_total_bytes"}
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool is not installed (Debian: prometheus; .ci/fleet.sh does it)"
 )
@@ -97,5 +99,7 @@ def test_dashboard_reads_only_metrics_a_replica_serves(tmp_path: Path) -> None:
         replica.stop()
     alerts = (PROMETHEUS / "refinery-alerts.yml").read_text()
     used = {m for text in [*_queries(), alerts] for m in re.findall(r"\brefinery_[a-z0-9_]+", text)}
+    assert used >= GPU_ONLY and not GPU_ONLY & served  # the GPU panels are there; a CPU replica has no GPU series
+    used -= GPU_ONLY
     assert used - served <= PENDING, f"queried but neither served nor pending: {sorted(used - served - PENDING)}"
     assert not PENDING & served, f"served now, remove from PENDING: {sorted(PENDING & served)}"
