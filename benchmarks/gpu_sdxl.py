@@ -31,6 +31,11 @@ run goes on), the JSON rewritten after each to $OUT/gpu_sdxl.json and benchmarks
    device's busy share.
 8. FP8: the hand-run UNets' linear layers in FP8 against float16, same seed (needs torchao and FP8 hardware).
 9. restart: the tuned service again, caches warm: SERVING, and until its shapes are compiled (from disk).
+10. loras eager, loras tuned (issue 17): random rank-32 LoRAs in the PEFT format on the UNets' attention
+   projections (to_q, to_k, to_v, to_out.0; three for A, one for R, two more for a first use), local files the
+   server may read (--local-models); on the eager service and on the tuned one with --fuse-qkv off (fused
+   projections refuse LoRAs), the earlier services stopped: benchmarks/bench_loras.py's a and b, interleaved
+   with the no-LoRA request. `--only loras` runs these alone (with building A and R).
 Every per-image figure is also given as a multiple of the 0.42 s arithmetic floor (full size only).
 """
 
@@ -50,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _phases, _quality
+from benchmarks import _loras, _phases, _quality
 from benchmarks._direct import Direct
 from benchmarks._profile import device_profile
 from benchmarks._quick import parse_args
@@ -221,6 +226,39 @@ def restart_phase(run: Run, tuned: Service | None) -> None:
                 report.put(restart_compiled_after_s=round(time.monotonic() - started, 1))
 
 
+def lora_phase(run: Run) -> None:
+    report, args = run.report, run.args
+    for service in list(run.services):  # this section's servers alone on the device
+        run.stop(service)
+    folder = run.workdir / "loras"
+    files: dict[str, list[Path]] = {}
+    for prefix in ("eager", "tuned"):
+        with report.section(f"loras {prefix}", needs_s=args.needs_s * 4) as go:
+            if not go:
+                continue
+            files = files or _loras.write_loras(run.folders, folder, rank=32, cold=2)
+            flags = EAGER if prefix == "eager" else run.tuned_flags()
+            if "--fuse-qkv" in flags:  # the tuned CPU flags fuse QKV, which refuses LoRAs: off in this section only
+                flags = [*flags[: flags.index("--fuse-qkv")], *flags[flags.index("--fuse-qkv") + 2 :]]
+            service = run.service(
+                [*flags, "--fuse-qkv", "off", "--local-models", str(folder), "--trust-loopback-admin"]
+            )
+            for path in (p for paths in files.values() for p in paths):
+                service.pull(f"local:{path}")  # registered (hashed) beforehand, as an operator would
+            if prefix == "tuned" and run.compiles():
+                report.put(
+                    loras_tuned_compiled=service.wait_compiled(time.monotonic() + report.left_s() - args.needs_s * 3)
+                )
+            checks, measure = _loras.Checks(), argparse.Namespace(**{**vars(args), "warmup": 1})
+            base, refiner = [f"local:{p}" for p in files["base"]], f"local:{files['refiner'][0]}"
+            figures = _loras.steady_and_switching(service, base, refiner, measure, checks)
+            figures["cold"] = _loras.cold_figures(service, files["cold"], measure, checks)
+            # Random fp16 weights may give NaN (black) images alike for every LoRA set: problems, not a failure.
+            report.put(**{f"loras_{prefix}": {**figures, "problems": checks.problems}})
+            log(f"loras {prefix}: {_loras.summary(figures)}; problems: {checks.problems or 'none'}")
+            run.stop(service)
+
+
 def main() -> None:
     args = _arguments()
     run = Run(args)
@@ -233,10 +271,12 @@ def main() -> None:
     watchdog.start()
     try:
         run.folders = build_pair(run.workdir / "models", args)
-        eager_phase(run)
-        tuned = tuned_phase(run)
-        hand_run_phase(run, tuned)
-        restart_phase(run, tuned)
+        if args.only != "loras":
+            eager_phase(run)
+            tuned = tuned_phase(run)
+            hand_run_phase(run, tuned)
+            restart_phase(run, tuned)
+        lora_phase(run)
     finally:
         run.close()
         watchdog.cancel()
@@ -289,6 +329,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--cpu-compile", default="default", help="torch.compile mode of the tuned CPU runs (off: none)")
     parser.add_argument("--py-spy-s", type=float, default=6.0, help="py-spy sampling of the tuned server (0: off)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--only", choices=["loras"], default=None, help="only these sections (and building A and R)")
     quick = {"smoke": True, "steps": 10, "reps": 1, "concurrent": 2, "py_spy_s": 0.0, "cpu_compile": "off"}
     args = parse_args(parser, quick)
     args.device = args.device or ("cpu" if args.smoke else "cuda:0")
