@@ -131,7 +131,8 @@ def recording_cost(port: int, reps: int) -> tuple[float, float]:
     )
     # Thousands of requests in a tight loop: a queue large enough that the SDK keeps them all (it drops spans
     # beyond its queue, 2048 by default, rather than make a request wait).
-    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(reps * 12)
+    # Never below the SDK's export batch (512), which it refuses (as in --quick's few requests).
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(max(reps * 12, 2048))
     tracer = Tracer.from_environment("otlp")
     refiner = RefinerSpec(parse_air(DEFAULT_REFINER), StartPercentage(90))
     job = Job(
