@@ -78,9 +78,9 @@ def prompts(request: pb.GenerateRequest, max_chars: int, bad: Report) -> tuple[d
 
 
 def chunks(prompts: Sequence[tuple[str, str | None]], how: domain.PromptWeighting, bad: Report) -> int:
-    """75-token windows a stage's prompts take: the longer of positive and negative (the shorter is padded to
-    it). `prompts` are (field, text) pairs, the positive first; None text: the field is unset. Refuses a
-    prompt beyond `MAX_CHUNKS` windows, or with malformed weighting syntax, naming its field."""
+    """75-token windows a stage's prompts take: the longest prompt's (the others are padded to it). `prompts`
+    are (field, text) pairs; None text: the field is unset. Refuses a prompt beyond `MAX_CHUNKS` windows, or
+    with malformed weighting syntax, naming its field."""
     counts: list[int] = []
     for field, text in prompts:
         if not text:
@@ -98,4 +98,4 @@ def chunks(prompts: Sequence[tuple[str, str | None]], how: domain.PromptWeightin
             counts.append(0)
             continue
         counts.append(tokens)
-    return chunks_for(max(counts[:1] or [0]), max(counts[1:] or [0]))
+    return chunks_for(max(counts, default=0), 0)

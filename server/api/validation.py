@@ -245,7 +245,7 @@ def _refiner_chunks(
     """The refiner's windows, for the prompts it actually reads. Only its own prompts are reported here: the
     request's, where it inherits them, were reported under their own fields already."""
     message = request.refiner
-    own = {name for name in ("refiner.positive_prompt", "refiner.negative_prompt") if message.HasField(name[8:])}
+    own = {f"refiner.{name}" for name in ("positive_prompt", "negative_prompt") if message.HasField(name)}
 
     def report(field: str, *details: str) -> None:
         if field in own:

@@ -119,6 +119,7 @@ class PromptWeighting(Enum):
 
 # A prompt is encoded in windows of 75 tokens (77 with the start and end tokens), at most this many.
 CHUNK_TOKENS = 75
+WINDOW_TOKENS = CHUNK_TOKENS + 2  # a window as the encoders read it, with the start and end tokens
 MAX_CHUNKS = 8
 MAX_LORAS = 4  # per stage
 LORA_WEIGHT_RANGE = (-4.0, 4.0)  # Runware's

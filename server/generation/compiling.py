@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from modelstore import Role
+from server.core.domain import WINDOW_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ShapeStatus:
     pinned: bool = False  # asked for by a pinned pair (not counted against `max_sizes`)
     seconds: float = 0.0  # time to compile and run it once, once ready or failed
     error: str = ""
-    tokens: int = 77  # the text sequence: 77 per prompt window
+    tokens: int = WINDOW_TOKENS  # the text sequence: 77 per prompt window
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from compel import Compel, ReturnedEmbeddingsType, SplitLongTextMode  # type: ignore[import-untyped]
 
-from server.core.domain import CHUNK_TOKENS, Prompt, PromptWeighting, Sample, Stage, TokenCount
+from server.core.domain import CHUNK_TOKENS, WINDOW_TOKENS, Prompt, PromptWeighting, Sample, Stage, TokenCount
 from server.core.prompt_syntax import weighted_fragments
 from server.core.prompt_tokens import chunks_for, count_tokens
 
-WINDOW = CHUNK_TOKENS + 2  # with the start and end tokens
+WINDOW = WINDOW_TOKENS
 _NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 

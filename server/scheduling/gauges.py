@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.core.domain import CHUNK_TOKENS
+from server.core.domain import WINDOW_TOKENS
 from server.scheduling.gpu_gauges import GpuMeter, gpu_families
 from server.scheduling.snapshot import SchedulerSnapshot
 
@@ -52,7 +52,7 @@ def _compile_families(status: SchedulerSnapshot) -> Iterator[GaugeMetricFamily |
     for device in status.devices:
         for shape in device.compiled:
             size = f"{shape.width}x{shape.height}"
-            if shape.tokens != CHUNK_TOKENS + 2:  # a long prompt's shape: the text length told apart
+            if shape.tokens != WINDOW_TOKENS:  # a long prompt's shape: the text length told apart
                 size += f"/{shape.tokens}t"
             shapes.add_metric([device.name, shape.model, shape.role, size, shape.state.value], 1)
             if shape.seconds:
