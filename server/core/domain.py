@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from modelstore import AIR, Role, parse_air
+from server.core.seed_images import DEFAULT_STRENGTH as DEFAULT_STRENGTH
+from server.core.seed_images import ImageMode as ImageMode
+from server.core.seed_images import SeedImage as SeedImage
+from server.core.seed_images import StoredImage as StoredImage
 
 
 class Sampler(Enum):
@@ -176,6 +180,7 @@ class Sample:
     seed: int
     refiner_prompt: Prompt | None = None  # None: the refiner gets the base's prompts
     weighting: PromptWeighting = PromptWeighting.NONE
+    seed_image: SeedImage | None = None  # None: text-to-image
 
     def conditioning(self, stage: Stage) -> Prompt:
         if stage is Stage.REFINER and self.refiner_prompt is not None:
@@ -203,15 +208,34 @@ class RenderShape:
     refiner_loras: tuple[LoraSpec, ...] = ()
     chunks: int = 1
     refiner_chunks: int = 1
+    # Starting from an image, denoising begins at this 0-based index of the steps-long grid (img2img's
+    # strength) and the first `start_index` steps never run; 0 for text-to-image. `base_steps` stays the
+    # hand-off's index on the same grid, so the refiner's start does not depend on strength.
+    mode: ImageMode = ImageMode.TEXT
+    start_index: int = 0
+
+    @property
+    def base_steps_run(self) -> int:
+        """Steps the base runs before the hand-off (0: refine-only)."""
+        return max(0, self.base_steps - self.start_index)
 
     @property
     def refiner_steps(self) -> int:
-        return self.steps - self.base_steps
+        """Steps the refiner runs (0 without one)."""
+        return self.steps - max(self.base_steps, self.start_index)
+
+    @property
+    def refine_only(self) -> bool:
+        return self.refiner_steps > 0 and self.base_steps_run == 0
+
+    @property
+    def steps_run(self) -> int:
+        return self.steps - self.start_index
 
     @property
     def total_steps(self) -> int:
         """Denoising steps run: with compare, the base also runs the refiner's steps for its own image."""
-        return self.steps + (self.refiner_steps if self.compare else 0)
+        return self.steps_run + (self.refiner_steps if self.compare else 0)
 
 
 @dataclass(frozen=True)
@@ -237,10 +261,21 @@ class Job:
     loras: tuple[LoraSpec, ...] = ()  # the base's
     prompt_weighting: PromptWeighting = PromptWeighting.NONE
     chunks: int = 1  # 75-token windows the base's prompts take (the longer of positive and negative)
+    seed_image: SeedImage | None = None  # None: text-to-image
+    start_index: int = 0  # the grid index denoising starts at: steps - floor(steps x strength) with an image
+    keep_results_s: float = 0.0  # > 0: results are stored this long and named by a reference
+
+    @property
+    def mode(self) -> ImageMode:
+        return ImageMode.TEXT if self.seed_image is None else self.seed_image.mode
+
+    @property
+    def base_steps_run(self) -> int:
+        return self.shape(self.width, self.height).base_steps_run
 
     @property
     def refiner_steps(self) -> int:
-        return self.steps - self.base_steps
+        return self.shape(self.width, self.height).refiner_steps
 
     @property
     def compare(self) -> bool:
@@ -254,7 +289,9 @@ class Job:
         """Result i uses seed + i, so any one result can be reproduced alone."""
         refiner_prompt = self.refiner.prompt if self.refiner is not None else None
         return [
-            Sample(self.prompt, self.negative_prompt, self.seed + i, refiner_prompt, self.prompt_weighting)
+            Sample(
+                self.prompt, self.negative_prompt, self.seed + i, refiner_prompt, self.prompt_weighting, self.seed_image
+            )
             for i in range(self.number_results)
         ]
 
@@ -281,6 +318,8 @@ class Job:
             refiner.loras if refiner is not None else (),
             self.chunks,
             refiner.chunks if refiner is not None else 1,
+            self.mode,
+            self.start_index,
         )
 
 
@@ -351,6 +390,8 @@ class ImageResult:
     loras: tuple[LoraSpec, ...] = ()
     refiner_loras: tuple[LoraSpec, ...] = ()
     tokens: tuple[TokenCount, ...] = ()
+    mode: ImageMode = ImageMode.TEXT
+    first_step: int = 1  # 1-based on the steps-long grid
 
 
 JobEvent = Queued | ModelLoading | Progress | Preview | ImageResult

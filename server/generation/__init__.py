@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from server.generation.previews import PREVIEW_MIME, encode_preview, latents_to_images
     from server.generation.runner import PipelineRunner, RunResult, StageTimings, StepState, native_size
     from server.generation.runner import run as run_pair
-    from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count
+    from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count, min_start_step, start_index
     from server.generation.tuning import Tuning, tune_pipeline, tuning_for
 
 _NAMES = {
@@ -43,6 +43,8 @@ _NAMES = {
     "run_pair": "runner:run",
     "MIN_REFINER_TOTAL_STEPS": "split:MIN_REFINER_TOTAL_STEPS",
     "base_step_count": "split:base_step_count",
+    "min_start_step": "split:min_start_step",
+    "start_index": "split:start_index",
     "Tuning": "tuning:Tuning",
     "tune_pipeline": "tuning:tune_pipeline",
     "tuning_for": "tuning:tuning_for",
@@ -68,8 +70,10 @@ __all__ = [
     "encode_image",
     "encode_preview",
     "latents_to_images",
+    "min_start_step",
     "native_size",
     "run_pair",
+    "start_index",
     "tune_pipeline",
     "tuning_for",
 ]

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crefinery/v1/generation.proto\x12\x0brefinery.v1\x1a\x1egoogle/protobuf/duration.proto\"\xe2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fpositive_prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x11\n\tcfg_scale\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12)\n\tscheduler\x18\n \x01(\x0e\x32\x16.refinery.v1.Scheduler\x12\x16\n\x0enumber_results\x18\x0b \x01(\r\x12\x30\n\routput_format\x18\x0c \x01(\x0e\x32\x19.refinery.v1.OutputFormat\x12%\n\x07refiner\x18\r \x01(\x0b\x32\x14.refinery.v1.Refiner\x12\x15\n\rpreview_every\x18\x0e \x01(\r\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12 \n\x05loras\x18\x10 \x03(\x0b\x32\x11.refinery.v1.Lora\x12\x36\n\x10prompt_weighting\x18\x11 \x01(\x0e\x32\x1c.refinery.v1.PromptWeightingB\x07\n\x05_seed\"5\n\x04Lora\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xe5\x02\n\x07Refiner\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\nstart_step\x18\x02 \x01(\rH\x00\x12\x1f\n\x15start_step_percentage\x18\x03 \x01(\rH\x00\x12\x0f\n\x07\x63ompare\x18\x04 \x01(\x08\x12\x1c\n\x0f\x61\x65sthetic_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12%\n\x18negative_aesthetic_score\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x1c\n\x0fpositive_prompt\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x08 \x01(\tH\x04\x88\x01\x01\x12 \n\x05loras\x18\t \x03(\x0b\x32\x11.refinery.v1.LoraB\x07\n\x05startB\x12\n\x10_aesthetic_scoreB\x1b\n\x19_negative_aesthetic_scoreB\x12\n\x10_positive_promptB\x12\n\x10_negative_prompt\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06queued\x18\x02 \x01(\x0b\x32\x13.refinery.v1.QueuedH\x00\x12\x32\n\rmodel_loading\x18\x03 \x01(\x0b\x32\x19.refinery.v1.ModelLoadingH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.refinery.v1.ProgressH\x00\x12\'\n\x07preview\x18\x05 \x01(\x0b\x32\x14.refinery.v1.PreviewH\x00\x12#\n\x05image\x18\x06 \x01(\x0b\x32\x12.refinery.v1.ImageH\x00\x12.\n\x0bimage_chunk\x18\x07 \x01(\x0b\x32\x17.refinery.v1.ImageChunkH\x00\x42\x07\n\x05\x65vent\"/\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\"\xa6\x02\n\x0cModelLoading\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.refinery.v1.ModelRole\x12.\n\x05phase\x18\x03 \x01(\x0e\x32\x1f.refinery.v1.ModelLoading.Phase\x12\x12\n\nbytes_done\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x06 \x01(\x01\"n\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11PHASE_DOWNLOADING\x10\x01\x12\x11\n\rPHASE_LOADING\x10\x02\x12\x0f\n\x0bPHASE_READY\x10\x03\x12\x13\n\x0fPHASE_VERIFYING\x10\x04\"\xe3\x01\n\x08Progress\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0bstage_steps\x18\x03 \x01(\r\x12\x14\n\x0coverall_step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rimage_indices\x18\x07 \x03(\r\x12#\n\x06\x62ranch\x18\x08 \x01(\x0e\x32\x13.refinery.v1.Branch\"\xca\x01\n\x07Preview\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x14\n\x0coverall_step\x18\x03 \x01(\r\x12\x13\n\x0bimage_index\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12#\n\x06\x62ranch\x18\t \x01(\x0e\x32\x13.refinery.v1.Branch\"\xd8\x02\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x12\n\nbase_steps\x18\x07 \x01(\r\x12\x15\n\rrefiner_steps\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\x12\x15\n\rrefiner_model\x18\n \x01(\t\x12#\n\x06\x62ranch\x18\x0b \x01(\x0e\x32\x13.refinery.v1.Branch\x12 \n\x05loras\x18\x0c \x03(\x0b\x32\x11.refinery.v1.Lora\x12(\n\rrefiner_loras\x18\r \x03(\x0b\x32\x11.refinery.v1.Lora\x12\x30\n\rprompt_tokens\x18\x0e \x03(\x0b\x32\x19.refinery.v1.PromptTokens\"\x89\x01\n\x0cPromptTokens\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x14\n\x0ctext_encoder\x18\x02 \x01(\t\x12\x17\n\x0fpositive_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnegative_tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\"p\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12!\n\x05image\x18\x05 \x01(\x0b\x32\x12.refinery.v1.Image*\xba\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCHEDULER_EULER\x10\x01\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x02\x12\x12\n\x0eSCHEDULER_DDIM\x10\x03\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x04\x12\x1d\n\x19SCHEDULER_DPMPP_2M_KARRAS\x10\x05\x12\x13\n\x0fSCHEDULER_UNIPC\x10\x06*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*A\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_BASE\x10\x01\x12\x11\n\rSTAGE_REFINER\x10\x02*6\n\x06\x42ranch\x12\x16\n\x12\x42RANCH_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42RANCH_BASE_ONLY\x10\x01*l\n\x0fPromptWeighting\x12 \n\x1cPROMPT_WEIGHTING_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROMPT_WEIGHTING_COMPEL\x10\x01\x12\x1a\n\x16PROMPT_WEIGHTING_A1111\x10\x02*i\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_ROLE_BASE\x10\x01\x12\x16\n\x12MODEL_ROLE_REFINER\x10\x02\x12\x13\n\x0fMODEL_ROLE_LORA\x10\x03\x32^\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.refinery.v1.GenerateRequest\x1a\x1d.refinery.v1.GenerateResponse0\x01\x42L\n\x0f\x64\x65v.refinery.v1B\x0fGenerationProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crefinery/v1/generation.proto\x12\x0brefinery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x05\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fpositive_prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x11\n\tcfg_scale\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12)\n\tscheduler\x18\n \x01(\x0e\x32\x16.refinery.v1.Scheduler\x12\x16\n\x0enumber_results\x18\x0b \x01(\r\x12\x30\n\routput_format\x18\x0c \x01(\x0e\x32\x19.refinery.v1.OutputFormat\x12%\n\x07refiner\x18\r \x01(\x0b\x32\x14.refinery.v1.Refiner\x12\x15\n\rpreview_every\x18\x0e \x01(\r\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12 \n\x05loras\x18\x10 \x03(\x0b\x32\x11.refinery.v1.Lora\x12\x36\n\x10prompt_weighting\x18\x11 \x01(\x0e\x32\x1c.refinery.v1.PromptWeighting\x12&\n\x05image\x18\x12 \x01(\x0b\x32\x17.refinery.v1.ImageInput\x12\x15\n\x08strength\x18\x13 \x01(\x02H\x01\x88\x01\x01\x12%\n\x04mask\x18\x14 \x01(\x0b\x32\x17.refinery.v1.ImageInput\x12\x11\n\tmask_blur\x18\x15 \x01(\r\x12\x13\n\x0bmask_margin\x18\x16 \x01(\r\x12/\n\x0ckeep_results\x18\x17 \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05_seedB\x0b\n\t_strength\";\n\nImageInput\x12\x13\n\treference\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06source\"Y\n\x12UploadImageRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.refinery.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"_\n\x0cUploadHeader\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12+\n\x08keep_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\rUploadedImage\x12\x11\n\treference\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12+\n\x07\x65xpires\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x04Lora\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xe5\x02\n\x07Refiner\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\nstart_step\x18\x02 \x01(\rH\x00\x12\x1f\n\x15start_step_percentage\x18\x03 \x01(\rH\x00\x12\x0f\n\x07\x63ompare\x18\x04 \x01(\x08\x12\x1c\n\x0f\x61\x65sthetic_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12%\n\x18negative_aesthetic_score\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x1c\n\x0fpositive_prompt\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x08 \x01(\tH\x04\x88\x01\x01\x12 \n\x05loras\x18\t \x03(\x0b\x32\x11.refinery.v1.LoraB\x07\n\x05startB\x12\n\x10_aesthetic_scoreB\x1b\n\x19_negative_aesthetic_scoreB\x12\n\x10_positive_promptB\x12\n\x10_negative_prompt\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06queued\x18\x02 \x01(\x0b\x32\x13.refinery.v1.QueuedH\x00\x12\x32\n\rmodel_loading\x18\x03 \x01(\x0b\x32\x19.refinery.v1.ModelLoadingH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.refinery.v1.ProgressH\x00\x12\'\n\x07preview\x18\x05 \x01(\x0b\x32\x14.refinery.v1.PreviewH\x00\x12#\n\x05image\x18\x06 \x01(\x0b\x32\x12.refinery.v1.ImageH\x00\x12.\n\x0bimage_chunk\x18\x07 \x01(\x0b\x32\x17.refinery.v1.ImageChunkH\x00\x42\x07\n\x05\x65vent\"/\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\"\xa6\x02\n\x0cModelLoading\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.refinery.v1.ModelRole\x12.\n\x05phase\x18\x03 \x01(\x0e\x32\x1f.refinery.v1.ModelLoading.Phase\x12\x12\n\nbytes_done\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x06 \x01(\x01\"n\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11PHASE_DOWNLOADING\x10\x01\x12\x11\n\rPHASE_LOADING\x10\x02\x12\x0f\n\x0bPHASE_READY\x10\x03\x12\x13\n\x0fPHASE_VERIFYING\x10\x04\"\xe3\x01\n\x08Progress\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0bstage_steps\x18\x03 \x01(\r\x12\x14\n\x0coverall_step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rimage_indices\x18\x07 \x03(\r\x12#\n\x06\x62ranch\x18\x08 \x01(\x0e\x32\x13.refinery.v1.Branch\"\xca\x01\n\x07Preview\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x14\n\x0coverall_step\x18\x03 \x01(\r\x12\x13\n\x0bimage_index\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12#\n\x06\x62ranch\x18\t \x01(\x0e\x32\x13.refinery.v1.Branch\"\xdc\x03\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x12\n\nbase_steps\x18\x07 \x01(\r\x12\x15\n\rrefiner_steps\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\x12\x15\n\rrefiner_model\x18\n \x01(\t\x12#\n\x06\x62ranch\x18\x0b \x01(\x0e\x32\x13.refinery.v1.Branch\x12 \n\x05loras\x18\x0c \x03(\x0b\x32\x11.refinery.v1.Lora\x12(\n\rrefiner_loras\x18\r \x03(\x0b\x32\x11.refinery.v1.Lora\x12\x30\n\rprompt_tokens\x18\x0e \x03(\x0b\x32\x19.refinery.v1.PromptTokens\x12\x11\n\treference\x18\x0f \x01(\t\x12\x35\n\x11reference_expires\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04mode\x18\x11 \x01(\x0e\x32\x16.refinery.v1.ImageMode\x12\x12\n\nfirst_step\x18\x12 \x01(\r\"\x89\x01\n\x0cPromptTokens\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.refinery.v1.Stage\x12\x14\n\x0ctext_encoder\x18\x02 \x01(\t\x12\x17\n\x0fpositive_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnegative_tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\"p\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12!\n\x05image\x18\x05 \x01(\x0b\x32\x12.refinery.v1.Image*\xba\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCHEDULER_EULER\x10\x01\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x02\x12\x12\n\x0eSCHEDULER_DDIM\x10\x03\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x04\x12\x1d\n\x19SCHEDULER_DPMPP_2M_KARRAS\x10\x05\x12\x13\n\x0fSCHEDULER_UNIPC\x10\x06*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*A\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_BASE\x10\x01\x12\x11\n\rSTAGE_REFINER\x10\x02*6\n\x06\x42ranch\x12\x16\n\x12\x42RANCH_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42RANCH_BASE_ONLY\x10\x01*l\n\x0fPromptWeighting\x12 \n\x1cPROMPT_WEIGHTING_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROMPT_WEIGHTING_COMPEL\x10\x01\x12\x1a\n\x16PROMPT_WEIGHTING_A1111\x10\x02*i\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_ROLE_BASE\x10\x01\x12\x16\n\x12MODEL_ROLE_REFINER\x10\x02\x12\x13\n\x0fMODEL_ROLE_LORA\x10\x03*W\n\tImageMode\x12\x1a\n\x16IMAGE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12IMAGE_MODE_IMG2IMG\x10\x01\x12\x16\n\x12IMAGE_MODE_INPAINT\x10\x02\x32\xac\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.refinery.v1.GenerateRequest\x1a\x1d.refinery.v1.GenerateResponse0\x01\x12L\n\x0bUploadImage\x12\x1f.refinery.v1.UploadImageRequest\x1a\x1a.refinery.v1.UploadedImage(\x01\x42L\n\x0f\x64\x65v.refinery.v1B\x0fGenerationProtoP\x01Z&refinery/gen/go/refinery/v1;refineryv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +34,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'refinery.v1.generation_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.refinery.v1B\017GenerationProtoP\001Z&refinery/gen/go/refinery/v1;refineryv1'
-  _globals['_SCHEDULER']._serialized_start=2670
-  _globals['_SCHEDULER']._serialized_end=2856
-  _globals['_OUTPUTFORMAT']._serialized_start=2858
-  _globals['_OUTPUTFORMAT']._serialized_end=2974
-  _globals['_STAGE']._serialized_start=2976
-  _globals['_STAGE']._serialized_end=3041
-  _globals['_BRANCH']._serialized_start=3043
-  _globals['_BRANCH']._serialized_end=3097
-  _globals['_PROMPTWEIGHTING']._serialized_start=3099
-  _globals['_PROMPTWEIGHTING']._serialized_end=3207
-  _globals['_MODELROLE']._serialized_start=3209
-  _globals['_MODELROLE']._serialized_end=3314
-  _globals['_GENERATEREQUEST']._serialized_start=78
-  _globals['_GENERATEREQUEST']._serialized_end=560
-  _globals['_LORA']._serialized_start=562
-  _globals['_LORA']._serialized_end=615
-  _globals['_REFINER']._serialized_start=618
-  _globals['_REFINER']._serialized_end=975
-  _globals['_GENERATERESPONSE']._serialized_start=978
-  _globals['_GENERATERESPONSE']._serialized_end=1285
-  _globals['_QUEUED']._serialized_start=1287
-  _globals['_QUEUED']._serialized_end=1334
-  _globals['_MODELLOADING']._serialized_start=1337
-  _globals['_MODELLOADING']._serialized_end=1631
-  _globals['_MODELLOADING_PHASE']._serialized_start=1521
-  _globals['_MODELLOADING_PHASE']._serialized_end=1631
-  _globals['_PROGRESS']._serialized_start=1634
-  _globals['_PROGRESS']._serialized_end=1861
-  _globals['_PREVIEW']._serialized_start=1864
-  _globals['_PREVIEW']._serialized_end=2066
-  _globals['_IMAGE']._serialized_start=2069
-  _globals['_IMAGE']._serialized_end=2413
-  _globals['_PROMPTTOKENS']._serialized_start=2416
-  _globals['_PROMPTTOKENS']._serialized_end=2553
-  _globals['_IMAGECHUNK']._serialized_start=2555
-  _globals['_IMAGECHUNK']._serialized_end=2667
-  _globals['_GENERATIONSERVICE']._serialized_start=3316
-  _globals['_GENERATIONSERVICE']._serialized_end=3410
+  _globals['_SCHEDULER']._serialized_start=3440
+  _globals['_SCHEDULER']._serialized_end=3626
+  _globals['_OUTPUTFORMAT']._serialized_start=3628
+  _globals['_OUTPUTFORMAT']._serialized_end=3744
+  _globals['_STAGE']._serialized_start=3746
+  _globals['_STAGE']._serialized_end=3811
+  _globals['_BRANCH']._serialized_start=3813
+  _globals['_BRANCH']._serialized_end=3867
+  _globals['_PROMPTWEIGHTING']._serialized_start=3869
+  _globals['_PROMPTWEIGHTING']._serialized_end=3977
+  _globals['_MODELROLE']._serialized_start=3979
+  _globals['_MODELROLE']._serialized_end=4084
+  _globals['_IMAGEMODE']._serialized_start=4086
+  _globals['_IMAGEMODE']._serialized_end=4173
+  _globals['_GENERATEREQUEST']._serialized_start=111
+  _globals['_GENERATEREQUEST']._serialized_end=797
+  _globals['_IMAGEINPUT']._serialized_start=799
+  _globals['_IMAGEINPUT']._serialized_end=858
+  _globals['_UPLOADIMAGEREQUEST']._serialized_start=860
+  _globals['_UPLOADIMAGEREQUEST']._serialized_end=949
+  _globals['_UPLOADHEADER']._serialized_start=951
+  _globals['_UPLOADHEADER']._serialized_end=1046
+  _globals['_UPLOADEDIMAGE']._serialized_start=1049
+  _globals['_UPLOADEDIMAGE']._serialized_end=1198
+  _globals['_LORA']._serialized_start=1200
+  _globals['_LORA']._serialized_end=1253
+  _globals['_REFINER']._serialized_start=1256
+  _globals['_REFINER']._serialized_end=1613
+  _globals['_GENERATERESPONSE']._serialized_start=1616
+  _globals['_GENERATERESPONSE']._serialized_end=1923
+  _globals['_QUEUED']._serialized_start=1925
+  _globals['_QUEUED']._serialized_end=1972
+  _globals['_MODELLOADING']._serialized_start=1975
+  _globals['_MODELLOADING']._serialized_end=2269
+  _globals['_MODELLOADING_PHASE']._serialized_start=2159
+  _globals['_MODELLOADING_PHASE']._serialized_end=2269
+  _globals['_PROGRESS']._serialized_start=2272
+  _globals['_PROGRESS']._serialized_end=2499
+  _globals['_PREVIEW']._serialized_start=2502
+  _globals['_PREVIEW']._serialized_end=2704
+  _globals['_IMAGE']._serialized_start=2707
+  _globals['_IMAGE']._serialized_end=3183
+  _globals['_PROMPTTOKENS']._serialized_start=3186
+  _globals['_PROMPTTOKENS']._serialized_end=3323
+  _globals['_IMAGECHUNK']._serialized_start=3325
+  _globals['_IMAGECHUNK']._serialized_end=3437
+  _globals['_GENERATIONSERVICE']._serialized_start=4176
+  _globals['_GENERATIONSERVICE']._serialized_end=4348
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -50,6 +51,12 @@ class ModelRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_ROLE_BASE: _ClassVar[ModelRole]
     MODEL_ROLE_REFINER: _ClassVar[ModelRole]
     MODEL_ROLE_LORA: _ClassVar[ModelRole]
+
+class ImageMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_MODE_UNSPECIFIED: _ClassVar[ImageMode]
+    IMAGE_MODE_IMG2IMG: _ClassVar[ImageMode]
+    IMAGE_MODE_INPAINT: _ClassVar[ImageMode]
 SCHEDULER_UNSPECIFIED: Scheduler
 SCHEDULER_EULER: Scheduler
 SCHEDULER_EULER_ANCESTRAL: Scheduler
@@ -73,9 +80,12 @@ MODEL_ROLE_UNSPECIFIED: ModelRole
 MODEL_ROLE_BASE: ModelRole
 MODEL_ROLE_REFINER: ModelRole
 MODEL_ROLE_LORA: ModelRole
+IMAGE_MODE_UNSPECIFIED: ImageMode
+IMAGE_MODE_IMG2IMG: ImageMode
+IMAGE_MODE_INPAINT: ImageMode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every", "priority", "loras", "prompt_weighting")
+    __slots__ = ("request_id", "model", "positive_prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "scheduler", "number_results", "output_format", "refiner", "preview_every", "priority", "loras", "prompt_weighting", "image", "strength", "mask", "mask_blur", "mask_margin", "keep_results")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +103,12 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
+    MASK_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESULTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     positive_prompt: str
@@ -110,7 +126,55 @@ class GenerateRequest(_message.Message):
     priority: int
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
     prompt_weighting: PromptWeighting
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_weighting: _Optional[_Union[PromptWeighting, str]] = ...) -> None: ...
+    image: ImageInput
+    strength: float
+    mask: ImageInput
+    mask_blur: int
+    mask_margin: int
+    keep_results: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., positive_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., number_results: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_weighting: _Optional[_Union[PromptWeighting, str]] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., strength: _Optional[float] = ..., mask: _Optional[_Union[ImageInput, _Mapping]] = ..., mask_blur: _Optional[int] = ..., mask_margin: _Optional[int] = ..., keep_results: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ImageInput(_message.Message):
+    __slots__ = ("reference", "data")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    data: bytes
+    def __init__(self, reference: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadImageRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("size_bytes", "sha256", "keep_for")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FOR_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    sha256: str
+    keep_for: _duration_pb2.Duration
+    def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., keep_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class UploadedImage(_message.Message):
+    __slots__ = ("reference", "mime_type", "width", "height", "size_bytes", "expires")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    mime_type: str
+    width: int
+    height: int
+    size_bytes: int
+    expires: _timestamp_pb2.Timestamp
+    def __init__(self, reference: _Optional[str] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_bytes: _Optional[int] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Lora(_message.Message):
     __slots__ = ("model", "weight")
@@ -239,7 +303,7 @@ class Preview(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., overall_step: _Optional[int] = ..., image_index: _Optional[int] = ..., data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., branch: _Optional[_Union[Branch, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model", "branch", "loras", "refiner_loras", "prompt_tokens")
+    __slots__ = ("data", "mime_type", "seed", "index", "width", "height", "base_steps", "refiner_steps", "model", "refiner_model", "branch", "loras", "refiner_loras", "prompt_tokens", "reference", "reference_expires", "mode", "first_step")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +318,10 @@ class Image(_message.Message):
     LORAS_FIELD_NUMBER: _ClassVar[int]
     REFINER_LORAS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     mime_type: str
     seed: int
@@ -268,7 +336,11 @@ class Image(_message.Message):
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
     refiner_loras: _containers.RepeatedCompositeFieldContainer[Lora]
     prompt_tokens: _containers.RepeatedCompositeFieldContainer[PromptTokens]
-    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., branch: _Optional[_Union[Branch, str]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., refiner_loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[_Union[PromptTokens, _Mapping]]] = ...) -> None: ...
+    reference: str
+    reference_expires: _timestamp_pb2.Timestamp
+    mode: ImageMode
+    first_step: int
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., base_steps: _Optional[int] = ..., refiner_steps: _Optional[int] = ..., model: _Optional[str] = ..., refiner_model: _Optional[str] = ..., branch: _Optional[_Union[Branch, str]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., refiner_loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[_Union[PromptTokens, _Mapping]]] = ..., reference: _Optional[str] = ..., reference_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[ImageMode, str]] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class PromptTokens(_message.Message):
     __slots__ = ("stage", "text_encoder", "positive_tokens", "negative_tokens", "chunks")

@@ -41,6 +41,11 @@ class GenerationServiceStub:
                 request_serializer=refinery_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=refinery_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.UploadImage = channel.stream_unary(
+                '/refinery.v1.GenerationService/UploadImage',
+                request_serializer=refinery_dot_v1_dot_generation__pb2.UploadImageRequest.SerializeToString,
+                response_deserializer=refinery_dot_v1_dot_generation__pb2.UploadedImage.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -62,6 +67,21 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadImage(self, request_iterator, context):
+        """UploadImage stores an image for later requests to name (GenerateRequest.image / mask), so a request stays
+        small however large its image. The first message is the header (its size, and optionally its sha256 and
+        how long to keep it); the bytes follow in messages of any size. The image is stored on the server's cache
+        volume by content hash, never held whole in memory, and answered with a reference ("sha256:<hex>").
+        Nothing is kept unless the stream ends whole: a stream that ends early, is cancelled or disagrees with its
+        header keeps nothing. Errors: INVALID_ARGUMENT naming the field (not PNG/JPEG/WebP, a decompression bomb
+        refused from its header, sides not multiples of 8 or over the server's limits, a size or sha256 that
+        does not match the bytes), RESOURCE_EXHAUSTED (over the image store's quota, or the file over its byte
+        limit). Needs the generation token, like Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -69,6 +89,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=refinery_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=refinery_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'UploadImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadImage,
+                    request_deserializer=refinery_dot_v1_dot_generation__pb2.UploadImageRequest.FromString,
+                    response_serializer=refinery_dot_v1_dot_generation__pb2.UploadedImage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,6 +125,33 @@ class GenerationService:
             '/refinery.v1.GenerationService/Generate',
             refinery_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             refinery_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/refinery.v1.GenerationService/UploadImage',
+            refinery_dot_v1_dot_generation__pb2.UploadImageRequest.SerializeToString,
+            refinery_dot_v1_dot_generation__pb2.UploadedImage.FromString,
             options,
             channel_credentials,
             insecure,
