@@ -59,7 +59,7 @@ def start_index(steps: int, strength: float) -> int:
     Raises ValueError when no step would run or strength is outside (0, 1]."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    scaled = int(round(strength * 10**STRENGTH_DIGITS))
+    scaled: int = round(strength * 10**STRENGTH_DIGITS)
     runs = steps * scaled // 10**STRENGTH_DIGITS  # integers: no float rounding at the boundary
     if runs < 1:
         raise ValueError(f"steps x strength must be at least 1 step, got {steps} x {strength:g}")
