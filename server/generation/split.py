@@ -24,7 +24,7 @@ from server.core.domain import DEFAULT_REFINER_START, RefinerStart, StartPercent
 MIN_REFINER_TOTAL_STEPS = 2
 
 
-STRENGTH_DIGITS = 4  # strength is read to this many decimals
+STRENGTH_SCALE = 10_000  # strength is read to 4 decimals
 
 
 def base_step_count(steps: int, start: RefinerStart | None, *, from_image: bool = False) -> int:
@@ -59,8 +59,7 @@ def start_index(steps: int, strength: float) -> int:
     Raises ValueError when no step would run or strength is outside (0, 1]."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    scaled: int = round(strength * 10**STRENGTH_DIGITS)
-    runs = steps * scaled // 10**STRENGTH_DIGITS  # integers: no float rounding at the boundary
+    runs = steps * round(strength * STRENGTH_SCALE) // STRENGTH_SCALE  # integers: no float rounding at the boundary
     if runs < 1:
         raise ValueError(f"steps x strength must be at least 1 step, got {steps} x {strength:g}")
     return steps - runs
