@@ -392,6 +392,8 @@ class ImageResult:
     tokens: tuple[TokenCount, ...] = ()
     mode: ImageMode = ImageMode.TEXT
     first_step: int = 1  # 1-based on the steps-long grid
+    reference: str = ""  # with keep_results: "sha256:<hex>" in the image store
+    reference_expires: float = 0.0  # unix seconds
 
 
 JobEvent = Queued | ModelLoading | Progress | Preview | ImageResult

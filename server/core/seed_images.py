@@ -29,6 +29,7 @@ class StoredImage:
     width: int
     height: int
     mime_type: str
+    expires_at: float = 0.0  # unix seconds: the store forgets it then (unless a running request holds it)
 
 
 @dataclass(frozen=True)
