@@ -160,7 +160,7 @@ class UploadHeader(_message.Message):
     keep_for: _duration_pb2.Duration
     def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., keep_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
-class UploadedImage(_message.Message):
+class UploadImageResponse(_message.Message):
     __slots__ = ("reference", "mime_type", "width", "height", "size_bytes", "expires")
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]

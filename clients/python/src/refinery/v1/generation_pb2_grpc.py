@@ -44,7 +44,7 @@ class GenerationServiceStub:
         self.UploadImage = channel.stream_unary(
                 '/refinery.v1.GenerationService/UploadImage',
                 request_serializer=refinery_dot_v1_dot_generation__pb2.UploadImageRequest.SerializeToString,
-                response_deserializer=refinery_dot_v1_dot_generation__pb2.UploadedImage.FromString,
+                response_deserializer=refinery_dot_v1_dot_generation__pb2.UploadImageResponse.FromString,
                 _registered_method=True)
 
 
@@ -93,7 +93,7 @@ def add_GenerationServiceServicer_to_server(servicer, server):
             'UploadImage': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadImage,
                     request_deserializer=refinery_dot_v1_dot_generation__pb2.UploadImageRequest.FromString,
-                    response_serializer=refinery_dot_v1_dot_generation__pb2.UploadedImage.SerializeToString,
+                    response_serializer=refinery_dot_v1_dot_generation__pb2.UploadImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,7 +151,7 @@ class GenerationService:
             target,
             '/refinery.v1.GenerationService/UploadImage',
             refinery_dot_v1_dot_generation__pb2.UploadImageRequest.SerializeToString,
-            refinery_dot_v1_dot_generation__pb2.UploadedImage.FromString,
+            refinery_dot_v1_dot_generation__pb2.UploadImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
