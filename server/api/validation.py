@@ -17,10 +17,11 @@ from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2 as status_pb
 from server.api import conditioning, local_models
+from server.api.image_fields import DEFAULT_IMAGE_LIMITS, ImageLimits, image_fields
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest, too_much_work
 from server.core.settings import Limits
-from server.generation import MIN_REFINER_TOTAL_STEPS, base_step_count
+from server.generation import MIN_REFINER_TOTAL_STEPS, base_step_count, min_start_step
 
 MAX_SEED = 2**64 - 1
 
@@ -66,18 +67,18 @@ def job_from_request(
     default_refiner: AIR | None,
     work_limit: float | None = None,
     local_roots: Sequence[Path] = (),
+    image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
     make_request_id: Callable[[], str] = new_request_id,
     make_seed: Callable[[], int] = random_seed,
 ) -> domain.Job:
     """Validate `request` and turn it into a job; raise InvalidRequest naming every bad field. `work_limit`
     (megapixel-steps) is checked here when the request gives its size; at the model's native size, once the
-    model is resolved. Local models are accepted only under `local_roots`."""
+    model is resolved. Local models are accepted only under `local_roots`; `image_limits` bound the image fields.
+    An image is only named here: `seed_inputs.resolve` finds it and checks the size against it."""
     bad = _Violations()
     # A refused local path is one bad field among the others, all named at once.
     bad.found.extend(local_models.refusals(request, conditioning.model_fields(request), local_roots))
-    request_id = request.request_id or make_request_id()
-    if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
-        bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
+    request_id = _request_id(request, limits, make_request_id, bad)
     _check_prompts(request, limits, bad)
     weighting, chunks = conditioning.prompts(request, limits.max_prompt_chars, bad)
     loras = conditioning.loras(request.loras, "", bad)
@@ -86,9 +87,10 @@ def job_from_request(
     steps, cfg_scale, number_results, seed = _numbers(request, limits, make_seed, bad)
     sampler, output_format = _check_enums(request, bad)
     _check_stream_and_priority(request, limits, bad)
+    image = image_fields(request, steps, image_limits, bad)
     refiner, base_steps = None, steps
     if request.HasField("refiner"):
-        refiner, base_steps = _refiner(request, steps, default_refiner, limits, weighting, bad)
+        refiner, base_steps = _refiner(request, steps, default_refiner, limits, weighting, image.from_image, bad)
     if bad.found:
         raise InvalidRequest(bad.found)
     assert model is not None and sampler is not None and output_format is not None
@@ -112,11 +114,26 @@ def job_from_request(
         loras=loras,
         prompt_weighting=weighting,
         chunks=chunks,
+        start_index=image.start_index,
+        keep_results_s=image.keep_results_s,
     )
-    # Known once the request is whole (compare runs more steps); at the native size, once the model is.
+    check_work(job, work_limit)
+    return job
+
+
+def check_work(job: domain.Job, work_limit: float | None) -> None:
+    """Refuse `job` when it asks for more than `work_limit` megapixel-steps. Known once the request is whole
+    (compare runs more steps) and its size is known: at the native size, once the model is; for an image, once
+    `seed_inputs.resolve` has read its size."""
     if work_limit is not None and job.width and job.height and job.work(job.width, job.height) > work_limit:
         raise too_much_work(job.work(job.width, job.height), work_limit)
-    return job
+
+
+def _request_id(request: pb.GenerateRequest, limits: Limits, make: Callable[[], str], bad: _Violations) -> str:
+    request_id = request.request_id or make()
+    if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
+        bad("request_id", f"must be at most {limits.max_request_id_chars} printable characters")
+    return request_id
 
 
 def _check_stream_and_priority(request: pb.GenerateRequest, limits: Limits, bad: _Violations) -> None:
@@ -198,6 +215,7 @@ def _refiner(
     default_refiner: AIR | None,
     limits: Limits,
     weighting: domain.PromptWeighting,
+    from_image: bool,
     bad: _Violations,
 ) -> tuple[domain.RefinerSpec | None, int]:
     message = request.refiner
@@ -214,8 +232,10 @@ def _refiner(
     start: domain.RefinerStart = domain.DEFAULT_REFINER_START
     which = message.WhichOneof("start")
     if which == "start_step":
-        if not 2 <= message.start_step <= steps:
-            bad("refiner.start_step", f"must be in 2..steps (2..{steps}), got {message.start_step}")
+        first = min_start_step(from_image)  # 1 with an image: refine-only
+        if not first <= message.start_step <= steps:
+            where = "with an image" if from_image else "without an image"
+            bad("refiner.start_step", f"must be in {first}..steps ({first}..{steps} {where}), got {message.start_step}")
         start = domain.StartStep(message.start_step)
     elif which == "start_step_percentage":
         if not 1 <= message.start_step_percentage <= 99:
@@ -229,7 +249,7 @@ def _refiner(
     if model is None:
         return None, steps
     try:
-        base_steps = base_step_count(steps, start)
+        base_steps = base_step_count(steps, start, from_image=from_image)
     except ValueError:
         return None, steps  # already reported above
     return domain.RefinerSpec(model, start, message.compare, scores, prompt, loras, chunks), base_steps
