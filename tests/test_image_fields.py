@@ -22,15 +22,14 @@ MASK = pb.ImageInput(reference="sha256:" + "f" * 64)
 
 def validate(image_limits: ImageLimits | None = None, **fields: Any) -> domain.Job:
     request = pb.GenerateRequest(**{"positive_prompt": "a cat", **fields})
-    extra = {} if image_limits is None else {"image_limits": image_limits}
     return job_from_request(
         request,
         limits=Limits(),
         default_model=DEFAULT_PAIR.base,
         default_refiner=DEFAULT_PAIR.refiner,
+        image_limits=image_limits or ImageLimits(),
         make_request_id=lambda: "assigned-id",
         make_seed=lambda: 1234,
-        **extra,
     )
 
 
