@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 from google.protobuf import timestamp_pb2
@@ -20,6 +21,11 @@ from server.scheduling import DeviceSnapshot, SchedulerSnapshot
 
 _STAGES = {domain.Stage.BASE: gen_pb.STAGE_BASE, domain.Stage.REFINER: gen_pb.STAGE_REFINER}
 _BRANCHES = {domain.Branch.MAIN: gen_pb.BRANCH_UNSPECIFIED, domain.Branch.BASE_ONLY: gen_pb.BRANCH_BASE_ONLY}
+_MODES = {
+    domain.ImageMode.TEXT: gen_pb.IMAGE_MODE_UNSPECIFIED,
+    domain.ImageMode.IMG2IMG: gen_pb.IMAGE_MODE_IMG2IMG,
+    domain.ImageMode.INPAINT: gen_pb.IMAGE_MODE_INPAINT,
+}
 _ROLES = {Role.BASE: gen_pb.MODEL_ROLE_BASE, Role.REFINER: gen_pb.MODEL_ROLE_REFINER, Role.LORA: gen_pb.MODEL_ROLE_LORA}
 _COMPILE_STATES = {
     CompileState.QUEUED: status_pb.CompiledShape.STATE_QUEUED,
@@ -120,7 +126,7 @@ def _preview(event: domain.Preview) -> gen_pb.Preview:
 
 
 def _image(event: domain.ImageResult) -> gen_pb.Image:
-    return gen_pb.Image(
+    image = gen_pb.Image(
         data=event.data,
         mime_type=event.mime_type,
         seed=event.seed,
@@ -144,7 +150,20 @@ def _image(event: domain.ImageResult) -> gen_pb.Image:
             )
             for t in event.tokens
         ],
+        mode=_MODES[event.mode],
+        first_step=event.first_step,
+        reference=event.reference,
     )
+    if event.reference:  # not kept: no reference and no expiry
+        image.reference_expires.CopyFrom(timestamp(event.reference_expires))
+    return image
+
+
+def timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    """Unix seconds as a protobuf Timestamp, to the microsecond a float of today's date holds (whole nanoseconds
+    since 1970 overflow its 53 bits: 0.25 s would read 0.249999872)."""
+    seconds = math.floor(unix_s)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=min(round((unix_s - seconds) * 1e6) * 1000, 999_999_999))
 
 
 def _lora(lora: domain.LoraSpec) -> gen_pb.Lora:
@@ -208,8 +227,7 @@ def verify_result(verification: Verification) -> models_pb.VerifyResult:
 def device_status(device: DeviceSnapshot) -> status_pb.DeviceStatus:
     pairs = []
     for pair in device.pairs:
-        last_used = timestamp_pb2.Timestamp()
-        last_used.FromNanoseconds(int(pair.last_used_wall * 1e9))
+        last_used = timestamp(pair.last_used_wall)
         pairs.append(
             status_pb.ResidentPair(
                 model=pair.key.base.canonical,
