@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from server.generation.loras import LoraFile, StageLoras
     from server.generation.pipelines import PipelinePair
     from server.generation.previews import PREVIEW_MIME, encode_preview, latents_to_images
-    from server.generation.runner import PipelineRunner, RunResult, StageTimings, StepState, native_size
+    from server.generation.runner import PipelineRunner, RunResult, StageTimings, native_size
     from server.generation.runner import run as run_pair
     from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count, min_start_step, start_index
+    from server.generation.steps import StepState
     from server.generation.tuning import Tuning, tune_pipeline, tuning_for
 
 _NAMES = {
@@ -38,7 +39,7 @@ _NAMES = {
     "PipelineRunner": "runner:PipelineRunner",
     "RunResult": "runner:RunResult",
     "StageTimings": "runner:StageTimings",
-    "StepState": "runner:StepState",
+    "StepState": "steps:StepState",
     "native_size": "runner:native_size",
     "run_pair": "runner:run",
     "MIN_REFINER_TOTAL_STEPS": "split:MIN_REFINER_TOTAL_STEPS",

@@ -23,6 +23,7 @@ the base-only images are decoded before the refiner starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -36,14 +37,21 @@ class Handoff:
         self._latents: torch.Tensor | None = None
         self._states: list[torch.Tensor] = []
 
-    def offer(self, step: int, latents: torch.Tensor) -> None:
-        """Called after every base step with the latent it produced; keeps a copy of the hand-off's."""
+    def offer(self, step: int, tensors: dict[str, Any]) -> None:
+        """Called after every base step (`step` on the grid, 1-based) with the pipeline's callback tensors;
+        keeps a copy of the hand-off's latent."""
         if step != self.at_step:
             return
+        latents = self.handoff_latents(tensors)
         # The base goes on with these very tensors and generators, so copy them; the scheduler returns a new
         # latent each step, but a copy costs nothing and does not depend on that.
         self._latents = latents.detach().clone()
         self._states = [g.get_state() for g in self._generators]
+
+    def handoff_latents(self, tensors: dict[str, Any]) -> torch.Tensor:
+        """The latent a base stopped at this step would have returned: the step's own (inpainting overrides)."""
+        latents: torch.Tensor = tensors["latents"]
+        return latents
 
     @property
     def latents(self) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""diffusers' SDXL img2img and inpaint pipelines, run over an exact slice of the timestep grid.
+
+diffusers derives where a call starts from `strength` (`int(N * strength)` steps) or from `denoising_start` (an
+integer-timestep cutoff), and where it ends from `denoising_end` (another cutoff). On DPM++ 2M Karras grids from
+45 steps up, neighbouring timesteps share an integer and no cutoff can split there, so these classes take the
+indexes directly: `start_index` and `end_index` slice `scheduler.timesteps` (every sampler offered is first
+order: one entry per step). Everything else is diffusers' own code: the VAE encode of the seed image, the noise
+added at the first timestep that runs (only without `denoising_start`, as in diffusers), the inpaint mask's
+blend after every step. Ending by slicing rather than by interrupting matters for inpainting: on a call's last
+step diffusers blends the *clean* image latents back (no next timestep to noise them to), exactly as a hand-run
+with `denoising_end` does.
+
+The pipelines are built per batch from a loaded pipeline's components: no weights are copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+
+class _GridSlice:
+    """Overrides `get_timesteps` of an SDXL img2img-style pipeline to run `timesteps[start_index:end_index]`."""
+
+    start_index: int | None = None
+    end_index: int | None = None
+    scheduler: Any
+
+    def get_timesteps(
+        self, num_inference_steps: int, strength: float, device: Any, denoising_start: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        if self.start_index is None:
+            return super().get_timesteps(num_inference_steps, strength, device, denoising_start)  # type: ignore[misc,no-any-return]
+        timesteps = self.scheduler.timesteps[self.start_index : self.end_index]
+        if hasattr(self.scheduler, "set_begin_index"):  # DDIM has no step index to position
+            self.scheduler.set_begin_index(self.start_index)
+        return timesteps, len(timesteps)
+
+
+class IndexedImg2Img(_GridSlice, StableDiffusionXLImg2ImgPipeline):  # type: ignore[misc]
+    """SDXL img2img over a slice of the grid: the refiner's continuation, and img2img from a seed image."""
+
+
+class IndexedInpaint(_GridSlice, StableDiffusionXLInpaintPipeline):  # type: ignore[misc]
+    """SDXL inpainting over a slice of the grid. Keeps the image latents it blends back (4-channel UNets), which
+    compare needs to form the hand-off a stopped base would have produced."""
+
+    image_latents: torch.Tensor | None = None
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().prepare_latents(*args, **kwargs)
+        if kwargs.get("return_image_latents"):
+            self.image_latents = outputs[-1]
+        return outputs
+
+
+def img2img(pipe: Any, start_index: int, end_index: int | None = None) -> IndexedImg2Img:
+    """An img2img pipeline over `pipe`'s components (base or refiner), running grid indexes start..end-1."""
+    built = IndexedImg2Img(**pipe.components, **_flags(pipe))
+    return _sliced(built, start_index, end_index)
+
+
+def inpaint(pipe: Any, start_index: int, end_index: int | None = None) -> IndexedInpaint:
+    """An inpaint pipeline over `pipe`'s components (base or refiner), running grid indexes start..end-1."""
+    built = IndexedInpaint(**pipe.components, **_flags(pipe))
+    return _sliced(built, start_index, end_index)
+
+
+_Pipe = TypeVar("_Pipe", IndexedImg2Img, IndexedInpaint)
+
+
+def _sliced(pipe: _Pipe, start_index: int, end_index: int | None) -> _Pipe:
+    pipe.set_progress_bar_config(disable=True)
+    pipe.start_index, pipe.end_index = start_index, end_index
+    return pipe
+
+
+def _flags(pipe: Any) -> dict[str, Any]:
+    """The loaded pipeline's own conditioning flags: a base has no aesthetic score, a refiner does."""
+    config = pipe.config
+    return {
+        "requires_aesthetics_score": bool(getattr(config, "requires_aesthetics_score", False)),
+        "force_zeros_for_empty_prompt": bool(config.force_zeros_for_empty_prompt),
+        "add_watermarker": False,
+    }
