@@ -4,6 +4,7 @@ metadata. It stands in for a Refinery server in the client's tests, which need n
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -28,12 +29,45 @@ class Call:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class Upload:
+    """One UploadImage stream as the server received it: its header, the size of each data message, the bytes."""
+
+    header: pb.UploadHeader
+    pieces: list[int]
+    data: bytes
+    metadata: dict[str, str]
+
+
 class ScriptedGeneration(pb_grpc.GenerationServiceServicer):
     def __init__(self) -> None:
         self.script: list[pb.GenerateResponse] = []
         self.failure: status_pb2.Status | None = None
         self.hold = False  # after the script, wait until the client cancels
         self.calls: list[Call] = []
+        self.uploads: list[Upload] = []
+        self.upload_failures: list[status_pb2.Status] = []  # the next uploads fail with these, in order
+
+    def UploadImage(
+        self, requests: Iterator[pb.UploadImageRequest], context: grpc.ServicerContext
+    ) -> pb.UploadImageResponse:
+        """Records the stream and answers as a store would: the reference is the bytes' sha256."""
+        header, pieces = pb.UploadHeader(), []
+        for message in requests:
+            if message.HasField("header"):
+                header = message.header
+            else:
+                pieces.append(message.data)
+        data = b"".join(pieces)
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.uploads.append(Upload(header, [len(piece) for piece in pieces], data, metadata))
+        if self.upload_failures:
+            context.abort_with_status(rpc_status.to_status(self.upload_failures.pop(0)))
+        answer = pb.UploadImageResponse(
+            reference=f"sha256:{hashlib.sha256(data).hexdigest()}", mime_type="image/png", size_bytes=len(data)
+        )
+        answer.expires.FromSeconds(1_900_000_000)
+        return answer
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         call = Call(request, {k: v for k, v in context.invocation_metadata() if isinstance(v, str)})

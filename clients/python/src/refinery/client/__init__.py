@@ -1,6 +1,7 @@
 """A small typed client for Refinery: `Client` (see client.py for an example) and `AsyncClient` for asyncio.
-`generate` streams a generation's events (events.py), sent again when a lost replica refused it (resend.py);
-the model service's and the server service's calls return the values of models.py and status.py."""
+`generate` streams a generation's events (events.py), sent again when a lost replica refused it (resend.py), and
+uploads an image to start from that is too large to go inline (images.py; `upload_image` alone); the model
+service's and the server service's calls return the values of models.py and status.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from refinery.client.events import (
     Branch,
     Event,
     Image,
+    ImageMode,
     ModelLoading,
     Phase,
     Preview,
@@ -23,6 +25,7 @@ from refinery.client.events import (
     Role,
     Stage,
 )
+from refinery.client.images import INLINE_LIMIT, ImageSource, UploadedImage
 from refinery.client.metadata import PAIR_HEADER, pair_affinity
 from refinery.client.models import (
     Architecture,
@@ -58,6 +61,7 @@ from refinery.client.status import (
 __all__ = [
     "DEFAULT_MAX_RECEIVE_BYTES",
     "DEFAULT_TARGET",
+    "INLINE_LIMIT",
     "PAIR_HEADER",
     "TLS",
     "AppliedLora",
@@ -73,6 +77,8 @@ __all__ = [
     "GenerateOptions",
     "Image",
     "ImageAssembler",
+    "ImageMode",
+    "ImageSource",
     "Lora",
     "ModelInfo",
     "ModelKind",
@@ -98,6 +104,7 @@ __all__ = [
     "Scheduler",
     "ServerStatus",
     "Stage",
+    "UploadedImage",
     "Verdict",
     "VerifyEvent",
     "VerifyResult",

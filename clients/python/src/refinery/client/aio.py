@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from datetime import timedelta
 from types import TracebackType
 from typing import TypeVar, Unpack
 
@@ -22,9 +23,10 @@ from refinery.client.chunks import ImageAssembler
 from refinery.client.client import DEFAULT_TARGET, target_from_env, token_from_env
 from refinery.client.errors import from_rpc_error
 from refinery.client.events import Event, to_event
-from refinery.client.metadata import bearer, generate_metadata
+from refinery.client.images import ImageSource, UploadedImage, upload_header, upload_requests, uploaded
+from refinery.client.metadata import bearer, generate_metadata, pair_metadata
 from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
-from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.request import GenerateOptions, generate_request, pair_of, to_upload, with_references
 from refinery.client.resend import Attempts, OnResend, Resend, identified
 from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
@@ -66,10 +68,55 @@ class AsyncClient:
             target_from_env(target), token=token, admin_token=admin_token, tls=tls, max_receive_bytes=max_receive_bytes
         )
 
-    def generate(
-        self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **options: Unpack[GenerateOptions],
     ) -> AsyncGenerator[Event, None]:
-        return self.stream(generate_request(prompt, **options), timeout=timeout)
+        request = await self.prepare(prompt, timeout=timeout, **options)
+        async for event in self.stream(request, timeout=timeout):
+            yield event
+
+    async def prepare(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **options: Unpack[GenerateOptions],
+    ) -> pb.GenerateRequest:
+        model, refiner_model = pair_of(options)
+        references = {}
+        for field, source in to_upload(options).items():
+            stored = await self.upload_image(source, model=model, refiner_model=refiner_model, timeout=timeout)
+            references[field] = stored.reference
+        return generate_request(prompt, **with_references(options, references))
+
+    async def upload_image(
+        self,
+        source: ImageSource,
+        keep_for: timedelta | float | None = None,
+        *,
+        model: str = "",
+        refiner_model: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> UploadedImage:
+        # Hashing a large file takes a while: off the event loop. The 64 KiB reads that follow are not worth it.
+        header = await asyncio.to_thread(upload_header, source, keep_for)
+        metadata = pair_metadata(model, refiner_model, bearer(self._token, self._admin_token, admin=False))
+        attempts = Attempts(self._resend, timeout, f"upload sha256:{header.sha256}", self._on_resend)
+        while True:
+            try:
+                response = await self._stub.UploadImage(
+                    upload_requests(header, source), timeout=attempts.timeout(), metadata=metadata + attempts.metadata()
+                )
+                return uploaded(response)
+            except grpc.RpcError as error:
+                delay = attempts.after(error, answered=False, closed=self._closed)
+                if delay is None:
+                    raise attempts.note(from_rpc_error(error, receive_limit=self._max_receive_bytes)) from error
+            await asyncio.sleep(delay)
 
     # `timeout` is a gRPC deadline: the server learns it and stops the job when it passes, which an
     # asyncio.timeout around the loop would not do.

@@ -6,6 +6,9 @@ asyncio).
             if isinstance(event, Image):
                 Path(f"lighthouse-{event.index}.png").write_bytes(event.data)
 
+An image to start from (`image=`, `mask=`) is bytes, a path or a reference; `generate` uploads one too large to
+go inline (`upload_image`, images.py) and names it by reference.
+
 The same client administers a server: the model service (`pull_model`, `list_models`, `pin_model`,
 `unpin_model`, `verify_model`, `delete_model`; values in models.py) and the server service (`status`,
 `pin_pair`, `unpin_pair`; values in status.py), each call described once in _calls.py.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator
+from datetime import timedelta
 from types import TracebackType
 from typing import TypeVar, Unpack
 
@@ -30,9 +34,10 @@ from refinery.client.channel import DEFAULT_MAX_RECEIVE_BYTES, TLS, open_channel
 from refinery.client.chunks import ImageAssembler
 from refinery.client.errors import from_rpc_error
 from refinery.client.events import Event, to_event
-from refinery.client.metadata import bearer, generate_metadata
+from refinery.client.images import ImageSource, UploadedImage, upload_header, upload_requests, uploaded
+from refinery.client.metadata import bearer, generate_metadata, pair_metadata
 from refinery.client.models import ModelInfo, ModelList, PullEvent, VerifyEvent
-from refinery.client.request import GenerateOptions, generate_request
+from refinery.client.request import GenerateOptions, generate_request, pair_of, to_upload, with_references
 from refinery.client.resend import Attempts, OnResend, Resend, identified
 from refinery.client.status import DeviceStatus, ServerStatus
 from refinery.v1 import generation_pb2 as pb
@@ -123,9 +128,51 @@ class Client:
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
     ) -> Generator[Event, None, None]:
         """Run one request and yield its events as they happen; the options are GenerateRequest's fields
-        (request.py). `timeout` is in seconds, for the whole call. Stopping the iteration early (a `break`)
-        cancels the request on the server."""
-        return self.stream(generate_request(prompt, **options), timeout=timeout)
+        (request.py). An `image` or `mask` over 96 KiB is uploaded first (`prepare`). `timeout` is in seconds,
+        for each call. Stopping the iteration early (a `break`) cancels the request on the server."""
+        yield from self.stream(self.prepare(prompt, timeout=timeout, **options), timeout=timeout)
+
+    def prepare(
+        self, prompt: str, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> pb.GenerateRequest:
+        """The request `generate` sends: an `image` or `mask` too large to go inline is uploaded (kept for the
+        server's default time, sent with the request's pair-affinity header) and named by its reference."""
+        model, refiner_model = pair_of(options)
+        references = {
+            field: self.upload_image(source, model=model, refiner_model=refiner_model, timeout=timeout).reference
+            for field, source in to_upload(options).items()
+        }
+        return generate_request(prompt, **with_references(options, references))
+
+    def upload_image(
+        self,
+        source: ImageSource,
+        keep_for: timedelta | float | None = None,
+        *,
+        model: str = "",
+        refiner_model: str = "",
+        timeout: float | None = None,
+    ) -> UploadedImage:
+        """Store an image on the server (UploadImage) for requests to name by its reference: `source` is the
+        bytes of a PNG, JPEG or WebP, or a path to one, streamed in 64 KiB pieces after a header with its size
+        and sha256. `keep_for` (a timedelta or seconds; None: the server's default) is how long the server keeps
+        it, at most its limit; the same bytes uploaded again are kept longer. `model` / `refiner_model`: the pair
+        of the requests that will use it, for a balancer that routes by pair. Resent like `Generate` when a lost
+        replica refused it (the server keeps nothing of a broken upload)."""
+        header = upload_header(source, keep_for)
+        metadata = pair_metadata(model, refiner_model, bearer(self._token, self._admin_token, admin=False))
+        attempts = Attempts(self._resend, timeout, f"upload sha256:{header.sha256}", self._on_resend)
+        while True:
+            try:
+                response = self._stub.UploadImage(
+                    upload_requests(header, source), timeout=attempts.timeout(), metadata=metadata + attempts.metadata()
+                )
+                return uploaded(response)
+            except grpc.RpcError as error:
+                delay = attempts.after(error, answered=False, closed=self._closed)
+                if delay is None:
+                    raise attempts.note(from_rpc_error(error, receive_limit=self._max_receive_bytes)) from error
+            time.sleep(delay)
 
     def stream(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> Generator[Event, None, None]:
         """`generate` for a GenerateRequest built by hand."""

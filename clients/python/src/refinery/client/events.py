@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
@@ -39,6 +39,16 @@ class Branch(StrEnum):
 
     MAIN = "main"
     BASE_ONLY = "base_only"
+
+
+class ImageMode(StrEnum):
+    """What a result started from: TEXT (noise), IMG2IMG (an image), INPAINT (an image and a mask);
+    UNSPECIFIED only for a mode newer than this client."""
+
+    UNSPECIFIED = "unspecified"
+    TEXT = "text"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
 
 
 class Phase(StrEnum):
@@ -134,6 +144,12 @@ class Image:
     loras: tuple[AppliedLora, ...] = ()  # the base's, in request order
     refiner_loras: tuple[AppliedLora, ...] = ()  # the refiner's; none on a BASE_ONLY image
     prompt_tokens: tuple[PromptTokens, ...] = ()  # one per (stage, text encoder)
+    # Starting from an image: base_steps and refiner_steps count the steps that ran (base_steps 0: refine-only),
+    # first_step is the first of them on the steps-long grid (1 for text-to-image).
+    mode: ImageMode = ImageMode.TEXT
+    first_step: int = 1
+    reference: str = ""  # with keep_results: "sha256:<hex>", to name this result in a later request
+    reference_expires: datetime | None = None  # until when the server keeps it (UTC)
 
 
 Event = Queued | ModelLoading | Progress | Preview | Image
@@ -146,23 +162,7 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
     chunks.ImageAssembler). None for a chunk that completes nothing and for events this client does not know."""
     rid = response.request_id
     if image is not None:
-        return Image(
-            rid,
-            image.index,
-            image.data,
-            image.mime_type,
-            image.seed,
-            image.width,
-            image.height,
-            image.base_steps,
-            image.refiner_steps,
-            image.model,
-            image.refiner_model,
-            _branch(image.branch),
-            _applied(image.loras),
-            _applied(image.refiner_loras),
-            tuple(_prompt_tokens(t) for t in image.prompt_tokens),
-        )
+        return _image(rid, image)
     kind = response.WhichOneof("event")
     if kind == "queued":
         q = response.queued
@@ -200,6 +200,30 @@ def to_event(response: pb.GenerateResponse, image: pb.Image | None) -> Event | N
     return None
 
 
+def _image(rid: str, image: pb.Image) -> Image:
+    return Image(
+        rid,
+        image.index,
+        image.data,
+        image.mime_type,
+        image.seed,
+        image.width,
+        image.height,
+        image.base_steps,
+        image.refiner_steps,
+        image.model,
+        image.refiner_model,
+        _branch(image.branch),
+        _applied(image.loras),
+        _applied(image.refiner_loras),
+        tuple(_prompt_tokens(t) for t in image.prompt_tokens),
+        _mode(image.mode),
+        image.first_step or 1,  # a server older than image inputs: text-to-image from step 1
+        image.reference,
+        image.reference_expires.ToDatetime(UTC) if image.HasField("reference_expires") else None,
+    )
+
+
 def _applied(loras: Iterable[pb.Lora]) -> tuple[AppliedLora, ...]:
     # The server reports the weight it used; a server that leaves it unset means the contract's default.
     return tuple(AppliedLora(lora.model, lora.weight if lora.HasField("weight") else 1.0) for lora in loras)
@@ -208,6 +232,12 @@ def _applied(loras: Iterable[pb.Lora]) -> tuple[AppliedLora, ...]:
 def _prompt_tokens(tokens: pb.PromptTokens) -> PromptTokens:
     stage = proto_enum(Stage, pb.Stage, "STAGE_", tokens.stage)
     return PromptTokens(stage, tokens.text_encoder, tokens.positive_tokens, tokens.negative_tokens, tokens.chunks)
+
+
+def _mode(value: int) -> ImageMode:
+    if value == pb.IMAGE_MODE_UNSPECIFIED:  # the contract's text-to-image
+        return ImageMode.TEXT
+    return proto_enum(ImageMode, pb.ImageMode, "IMAGE_MODE_", value)
 
 
 def _branch(value: int) -> Branch:

@@ -38,5 +38,10 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 def generate_metadata(request: pb.GenerateRequest, token: str | None) -> list[tuple[str, str]]:
     """The pair-affinity header, the token, and the caller's OpenTelemetry trace context if it has one."""
-    pair = (PAIR_HEADER, pair_affinity(request.model, request.refiner.model))
-    return [pair, *auth_metadata(token), *trace_metadata()]
+    return pair_metadata(request.model, request.refiner.model, token)
+
+
+def pair_metadata(model: str, refiner_model: str, token: str | None) -> list[tuple[str, str]]:
+    """What a call for the pair `model` + `refiner_model` sends: Generate, and an UploadImage for requests of
+    that pair (so that a balancer hashing on the pair puts the image where those requests run)."""
+    return [(PAIR_HEADER, pair_affinity(model, refiner_model)), *auth_metadata(token), *trace_metadata()]

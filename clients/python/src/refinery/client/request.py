@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
-from typing import TypedDict, Unpack
+from typing import Literal, TypedDict, Unpack
 
+from refinery.client.images import ImageSource, duration, image_input, needs_upload
 from refinery.v1 import generation_pb2 as pb
 
 
@@ -138,6 +140,14 @@ class GenerateOptions(TypedDict, total=False):
     request_id: str  # echoed on every event and in the server's log; empty: the server assigns one
     loras: Sequence[Lora]  # for the base model alone, at most 4; the refiner takes Refiner(loras=...)
     prompt_weighting: PromptWeighting | str | None  # None or NONE: plain text
+    # Starting from an image (README "Starting from an image"): bytes, a path, or a reference ("sha256:...").
+    # generate_request puts one of at most 96 KiB inline; Client.generate also uploads a larger one for you.
+    image: ImageSource | None  # img2img (with mask: inpainting); None: text-to-image
+    strength: float | None  # (0, 1]: the last floor(steps x strength) steps run; None: the server's 0.8
+    mask: ImageSource | None  # white repaints, black keeps; the image's size
+    mask_blur: int  # px of blur on the mask's edge for the paste-back, 0..64
+    mask_margin: int  # > 0: inpaint only a crop around the mask, grown by this many px; 0..512
+    keep_results: timedelta | float | None  # keep the results on the server (seconds): Image.reference
 
 
 def generate_request(prompt: str, **options: Unpack[GenerateOptions]) -> pb.GenerateRequest:
@@ -165,4 +175,43 @@ def generate_request(prompt: str, **options: Unpack[GenerateOptions]) -> pb.Gene
     request.loras.extend(_loras(options.get("loras", ())))
     if (weighting := options.get("prompt_weighting")) is not None:
         request.prompt_weighting = _WEIGHTINGS[PromptWeighting(weighting)]
+    _start_from_image(request, options)
     return request
+
+
+def _start_from_image(request: pb.GenerateRequest, options: GenerateOptions) -> None:
+    if (image := options.get("image")) is not None:
+        request.image.CopyFrom(image_input(image, "image"))
+    if (mask := options.get("mask")) is not None:
+        request.mask.CopyFrom(image_input(mask, "mask"))
+    if (strength := options.get("strength")) is not None:
+        request.strength = strength
+    request.mask_blur = options.get("mask_blur", 0)
+    request.mask_margin = options.get("mask_margin", 0)
+    if (keep := options.get("keep_results")) is not None:
+        request.keep_results.CopyFrom(duration(keep, "keep_results"))
+
+
+ImageField = Literal["image", "mask"]
+_IMAGE_FIELDS: tuple[ImageField, ...] = ("image", "mask")
+
+
+def to_upload(options: GenerateOptions) -> dict[ImageField, ImageSource]:
+    """The `image` and `mask` of `options` too large to go inline: a client uploads them before sending."""
+    return {
+        field: source for field in _IMAGE_FIELDS if (source := options.get(field)) is not None and needs_upload(source)
+    }
+
+
+def with_references(options: GenerateOptions, references: dict[ImageField, str]) -> GenerateOptions:
+    """`options` with the uploaded images named by their references."""
+    updated = options.copy()
+    for field, reference in references.items():
+        updated[field] = reference
+    return updated
+
+
+def pair_of(options: GenerateOptions) -> tuple[str, str]:
+    """The model pair a request of `options` asks for, as the pair-affinity header names it."""
+    refiner = options.get("refiner")
+    return options.get("model", ""), refiner.model if refiner is not None else ""
