@@ -99,6 +99,7 @@ def test_the_model_store_knows_nothing_of_the_server_or_grpc() -> None:
 # runs a server (`serve`, the in-process `generate`) or talks to one.
 FLOORS = (
     ("server.core",),
+    ("server.images",),
     ("server.generation",),
     ("server.scheduling",),
     ("server.api",),
@@ -106,7 +107,7 @@ FLOORS = (
     ("server.cli",),
 )
 # Rooms whose package `__init__` is their one public surface: from outside, only the package itself is imported.
-FRONT_DOORS = ("server.generation", "server.scheduling")
+FRONT_DOORS = ("server.generation", "server.scheduling", "server.images")
 
 
 def _floor(module: str) -> int:
@@ -120,6 +121,18 @@ def _floor(module: str) -> int:
 def test_no_module_imports_a_floor_above_its_own(name: str) -> None:
     up = {m for m in GRAPH[name] if _in(m, "server") and _floor(m) > _floor(name)}
     assert not up, f"{name} (floor {_floor(name)}) imports upward: {sorted(up)}"
+
+
+def test_the_image_store_stands_on_the_ground_floor_and_only_the_api_uses_it() -> None:
+    """Images come in at the edge and reach the device as paths in the domain's `StoredImage`: the store is the
+    API's (and the top floor builds it); the route below the API never calls it."""
+    for name in [m for m in MODULES if _in(m, "server.images")]:
+        above = {m for m in GRAPH[name] if _in(m, "server") and not (_in(m, "server.core") or _in(m, "server.images"))}
+        assert not above, f"{name} imports {sorted(above)}: the image store stands on server.core alone"
+    for room in ("server.scheduling", "server.generation"):
+        for name in [m for m in MODULES if _in(m, room)]:
+            images = {m for m in GRAPH[name] if _in(m, "server.images")}
+            assert not images, f"{name} imports {sorted(images)}: only the API uses the image store"
 
 
 @pytest.mark.parametrize("room", FRONT_DOORS)

@@ -6,7 +6,8 @@ logs one line, and ends the call with the status and its `google.rpc` details:
 - a message that names the problem (never a traceback or a token);
 - `BadRequest` field violations for INVALID_ARGUMENT, and for model-store errors about a model the request
   named (the store's errors carry the AIR; the decorator's `models` says which request field holds which AIR,
-  so errors name `model`, `refiner.model` or `refiner_model` as the request spells it);
+  so errors name `model`, `refiner.model` or `refiner_model` as the request spells it), and for image errors
+  that name the field their image came from (`image.reference`, `header.size_bytes`), whatever their code;
 - `RetryInfo` for RESOURCE_EXHAUSTED when retrying helps.
 
 Anything not in the table is a bug: INTERNAL with a generic message, and the traceback goes to the log.
@@ -46,6 +47,12 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     errors.DeliveryFailed: grpc.StatusCode.UNAVAILABLE,
     errors.NotPinned: grpc.StatusCode.NOT_FOUND,
     errors.DoesNotFit: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ImageError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.BadImage: grpc.StatusCode.INVALID_ARGUMENT,
+    # Never uploaded, or expired: uploading it again helps, retrying does not.
+    errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
+    # Over the image store's quota (RetryInfo: until its next image expires) or its byte limit per image.
+    errors.ImageStoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     store_errors.InvalidModelId: grpc.StatusCode.INVALID_ARGUMENT,
     store_errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     store_errors.WrongArchitecture: grpc.StatusCode.FAILED_PRECONDITION,
@@ -149,6 +156,9 @@ def rpc_error_for(exc: BaseException, models: Sequence[ModelField] = ()) -> RpcE
         details.append(_bad_request([(v.field, v.description, v.reason) for v in exc.violations]))
     elif isinstance(exc, errors.DoesNotFit):
         details.append(_bad_request([(exc.field, message, "DOES_NOT_FIT")]))
+        message = f"{exc.field}: {message}"
+    elif isinstance(exc, errors.ImageError) and exc.field:
+        details.append(_bad_request([(exc.field, message, exc.reason)]))
         message = f"{exc.field}: {message}"
     elif isinstance(exc, store_errors.ModelStoreError):
         field = next((m.field for m in models if m.names(exc)), None) or getattr(exc, "field", None)

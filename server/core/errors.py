@@ -11,7 +11,13 @@
     ├── WorkerFailed        the device worker died while running the job (UNAVAILABLE)
     ├── DeliveryFailed      the request's images were made, but its client did not take the whole stream
     │                       (only logged and counted: the client is gone)
-    └── NotPinned           UnpinPair for a pair no device holds pinned (NOT_FOUND)
+    ├── NotPinned           UnpinPair for a pair no device holds pinned (NOT_FOUND)
+    └── ImageError          an input image cannot be used (INVALID_ARGUMENT); `field` names the request field
+        ├── ImageNotFound   no such reference in the image store, or it expired (NOT_FOUND)
+        ├── BadImage        not a PNG/JPEG/WebP, a decompression bomb, a bad size, bytes that disagree with
+        │                   their upload header (INVALID_ARGUMENT)
+        └── ImageStoreFull  over the image store's quota, or over its byte limit per image
+                            (RESOURCE_EXHAUSTED, + RetryInfo when an expiry will make room)
 
 Model-store errors (`modelstore.errors`) are mapped by the same table. Anything else is a bug: INTERNAL with a
 generic message, and the traceback goes to the log, never to the client.
@@ -19,7 +25,9 @@ generic message, and the traceback goes to the log, never to the client.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Self
 
 
 class ServerError(Exception):
@@ -102,3 +110,45 @@ class DeliveryFailed(ServerError):
 
 class NotPinned(ServerError):
     pass
+
+
+class ImageError(ServerError):
+    """A problem with one image of a call. `field` is the request field it came from ("image.reference",
+    "mask.data", "header.size_bytes"); the boundary names it in the message and in a google.rpc.BadRequest
+    field violation. Empty: the image store does not know where the image came from (`at` says)."""
+
+    reason = "BAD_IMAGE"
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def at(self, field: str) -> Self:
+        """The same error, naming `field` (the store raises it without one; the API knows the request's)."""
+        named = copy.copy(self)
+        named.field = field
+        return named
+
+
+class ImageNotFound(ImageError):
+    reason = "IMAGE_NOT_FOUND"
+
+    def __init__(self, reference: str, field: str = "") -> None:
+        super().__init__(f"no image {reference} on this server (never uploaded, or expired)", field)
+        self.reference = reference
+
+
+class BadImage(ImageError):
+    def __init__(self, reason: str, field: str = "") -> None:
+        super().__init__(reason, field)
+
+
+class ImageStoreFull(ImageError):
+    """Over the store's quota (`retry_after_s`: when the next stored image expires, if that would make room),
+    or an image over the byte limit per image (None: no retry helps)."""
+
+    reason = "IMAGE_STORE_FULL"
+
+    def __init__(self, message: str, field: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s

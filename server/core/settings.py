@@ -74,6 +74,30 @@ class Security:
         return f"Security({fields})"
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """The image store (`server/images/`): input images uploaded or sent inline, and results kept on request.
+    Files live on disk (the cache volume), never whole in RAM; README "Configuration" lists the flags."""
+
+    # None: `images/` in the model cache (the cache volume).
+    directory: Path | None = None
+    # One image's file; more is refused from the upload's header, before any byte is stored.
+    max_bytes: int = 32 * 1024 * 1024
+    # One image's pixels (width x height, each side also at most `Limits.max_side`): the largest a request may
+    # generate, so an input never asks for more than a result could be.
+    max_pixels: int = 2048 * 2048
+    # How long an image is kept when its upload does not say, and the most any upload or kept result may ask.
+    default_keep_s: float = 3600.0
+    max_keep_s: float = 24 * 3600.0
+    # All stored images together; expired ones are swept first, then a new one that does not fit is refused.
+    quota_bytes: int = 2 * 1024 * 1024 * 1024
+    # The largest image a request may carry inline (ImageInput.data): the whole request is limited to 128 KiB.
+    inline_bytes: int = 96 * 1024
+
+    def directory_in(self, cache_dir: Path) -> Path:
+        return self.directory if self.directory is not None else cache_dir / "images"
+
+
 class Toggle(Enum):
     """A speed option: `AUTO` is on for CUDA devices unless compilation is off (`--compile off` is the switch
     back to the untuned path), `ON` and `OFF` hold everywhere, the CPU included."""
@@ -162,3 +186,4 @@ class Settings:
     # the standard OTEL_* environment; None: off (the default), and OpenTelemetry is never imported.
     tracing: str | None = None
     speed: Speed = field(default_factory=Speed)
+    images: ImageSettings = field(default_factory=ImageSettings)
