@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from refinery.v1 import generation_pb2 as pb
-from server.api.image_fields import ImageLimits
+from server.api.image_fields import ImageFieldLimits
 from server.api.validation import job_from_request
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest
@@ -20,20 +20,20 @@ IMAGE = pb.ImageInput(reference=REFERENCE)
 MASK = pb.ImageInput(reference="sha256:" + "f" * 64)
 
 
-def validate(image_limits: ImageLimits | None = None, **fields: Any) -> domain.Job:
+def validate(image_limits: ImageFieldLimits | None = None, **fields: Any) -> domain.Job:
     request = pb.GenerateRequest(**{"positive_prompt": "a cat", **fields})
     return job_from_request(
         request,
         limits=Limits(),
         default_model=DEFAULT_PAIR.base,
         default_refiner=DEFAULT_PAIR.refiner,
-        image_limits=image_limits or ImageLimits(),
+        image_limits=image_limits or ImageFieldLimits(),
         make_request_id=lambda: "assigned-id",
         make_seed=lambda: 1234,
     )
 
 
-def refusals(image_limits: ImageLimits | None = None, **fields: Any) -> list[FieldViolation]:
+def refusals(image_limits: ImageFieldLimits | None = None, **fields: Any) -> list[FieldViolation]:
     with pytest.raises(InvalidRequest) as caught:
         validate(image_limits, **fields)
     return list(caught.value.violations)
@@ -115,11 +115,13 @@ def test_the_refusals_say_what_would_be_accepted() -> None:
 
 
 def test_the_servers_limits_are_its_own() -> None:
-    strict = ImageLimits(max_keep_s=60, inline_bytes=1000)
+    strict = ImageFieldLimits(max_keep_s=60, inline_bytes=1000)
     assert validate(strict, keep_results=Duration(seconds=60)).keep_results_s == 60
     assert [v.field for v in refusals(strict, keep_results=Duration(seconds=61))] == ["keep_results"]
     assert [v.field for v in refusals(strict, image=pb.ImageInput(data=b"x" * 1001))] == ["image.data"]
-    assert [v.field for v in refusals(ImageLimits(max_keep_s=0), keep_results=Duration(seconds=1))] == ["keep_results"]
+    assert [v.field for v in refusals(ImageFieldLimits(max_keep_s=0), keep_results=Duration(seconds=1))] == [
+        "keep_results"
+    ]
 
 
 def test_text_to_image_is_unchanged() -> None:

@@ -29,14 +29,14 @@ Report = Callable[..., None]  # validation's `_Violations`: (field, description[
 
 
 @dataclass(frozen=True)
-class ImageLimits:
+class ImageFieldLimits:
     """The server's limits on the image fields (settings `images`)."""
 
     max_keep_s: float = DEFAULT_MAX_KEEP_S  # keep_results at most this long
     inline_bytes: int = MAX_INLINE_BYTES  # ImageInput.data at most this long
 
 
-DEFAULT_IMAGE_LIMITS = ImageLimits()
+DEFAULT_IMAGE_FIELD_LIMITS = ImageFieldLimits()
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ImageFields:
     keep_results_s: float  # 0: results are not kept
 
 
-def image_fields(request: pb.GenerateRequest, steps: int, limits: ImageLimits, bad: Report) -> ImageFields:
+def image_fields(request: pb.GenerateRequest, steps: int, limits: ImageFieldLimits, bad: Report) -> ImageFields:
     """Check the image fields of `request` (whose `steps` is already resolved: 0 became the default), reporting
     every bad one to `bad`."""
     from_image = request.HasField("image")

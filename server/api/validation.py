@@ -17,7 +17,7 @@ from modelstore.errors import InvalidModelId
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import status_pb2 as status_pb
 from server.api import conditioning, local_models
-from server.api.image_fields import DEFAULT_IMAGE_LIMITS, ImageLimits, image_fields
+from server.api.image_fields import DEFAULT_IMAGE_FIELD_LIMITS, ImageFieldLimits, image_fields
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest, too_much_work
 from server.core.settings import Limits
@@ -67,7 +67,7 @@ def job_from_request(
     default_refiner: AIR | None,
     work_limit: float | None = None,
     local_roots: Sequence[Path] = (),
-    image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+    image_limits: ImageFieldLimits = DEFAULT_IMAGE_FIELD_LIMITS,
     make_request_id: Callable[[], str] = new_request_id,
     make_seed: Callable[[], int] = random_seed,
 ) -> domain.Job:
