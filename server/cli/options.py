@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # A LoRA's weight as the contract bounds it (generation.proto, Lora.weight).
 LORA_WEIGHTS = (-4.0, 4.0)
+# The image fields' ranges as the contract states them (generation.proto, GenerateRequest.mask_blur and
+# mask_margin), checked here so that a typo is refused before a server starts in this process.
+MASK_BLUR_MAX = 64
+MASK_MARGIN_MAX = 512
+_REFERENCE = re.compile(r"sha256:[0-9a-f]{64}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_SECONDS_PER = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 class UsageError(Exception):
@@ -181,6 +190,60 @@ def lora(text: str) -> Lora:
         if not (math.isfinite(weight) and low <= weight <= high):
             raise ValueError(f"a LoRA's weight is a number in {low:g}..{high:g}, got {tail.strip()!r} in {text!r}")
     return Lora(model, weight)
+
+
+def image_source(text: str) -> str:
+    """A stored image's reference ("sha256:<64 hex>", from an upload or a kept result), or an image file that
+    exists (read when the request is sent)."""
+    value = text.strip()
+    if _REFERENCE.fullmatch(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        reason = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(f"expected an image file or a reference sha256:<64 hex digits>; {text!r} {reason}")
+    return str(path)
+
+
+def strength(text: str) -> float:
+    """How much of the schedule runs over the image: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"strength is a number in (0, 1] (above 0, at most 1), got {text!r}")
+    return value
+
+
+def mask_blur(text: str) -> int:
+    return _whole_in(text, MASK_BLUR_MAX)
+
+
+def mask_margin(text: str) -> int:
+    return _whole_in(text, MASK_MARGIN_MAX)
+
+
+def duration(text: str) -> timedelta:
+    """A time span: seconds ("3600"), or numbers with units d, h, m, s ("90s", "30m", "1h30m")."""
+    value = text.strip().replace(" ", "").lower()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION.findall(value)
+        if not parts or "".join(number + unit for number, unit in parts) != value:
+            raise ValueError(f"expected a duration like 3600, 90s, 30m, 1h or 1h30m, got {text!r}") from None
+        seconds = sum(float(number) * _SECONDS_PER[unit] for number, unit in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration is finite and 0 or more, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def _whole_in(text: str, most: int) -> int:
+    value = _integer(text)
+    if not 0 <= value <= most:
+        raise ValueError(f"must be in 0..{most}, got {value}")
+    return value
 
 
 def devices(text: str) -> tuple[str, ...]:
