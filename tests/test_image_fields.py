@@ -13,7 +13,7 @@ from server.api.image_fields import ImageFieldLimits
 from server.api.validation import job_from_request
 from server.core import domain
 from server.core.errors import FieldViolation, InvalidRequest
-from server.core.settings import DEFAULT_PAIR, Limits
+from server.core.settings import DEFAULT_PAIR, ImageSettings, Limits
 
 REFERENCE = "sha256:" + "0123456789abcdef" * 4
 IMAGE = pb.ImageInput(reference=REFERENCE)
@@ -122,6 +122,12 @@ def test_the_servers_limits_are_its_own() -> None:
     assert [v.field for v in refusals(ImageFieldLimits(max_keep_s=0), keep_results=Duration(seconds=1))] == [
         "keep_results"
     ]
+
+
+def test_the_limits_are_the_servers_image_settings() -> None:
+    settings = ImageSettings(max_keep_s=120, inline_bytes=2048)
+    assert ImageFieldLimits.of(settings) == ImageFieldLimits(max_keep_s=120, inline_bytes=2048)
+    assert ImageFieldLimits() == ImageFieldLimits.of(ImageSettings())  # the defaults agree
 
 
 def test_text_to_image_is_unchanged() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from refinery.v1 import generation_pb2 as pb
 from server.core import domain
+from server.core.settings import ImageSettings
 from server.generation import start_index
 
 # The whole request is limited to 128 KiB (settings `max_request_bytes`, sized for the server's memory bound):
@@ -34,6 +35,10 @@ class ImageFieldLimits:
 
     max_keep_s: float = DEFAULT_MAX_KEEP_S  # keep_results at most this long
     inline_bytes: int = MAX_INLINE_BYTES  # ImageInput.data at most this long
+
+    @classmethod
+    def of(cls, images: ImageSettings) -> ImageFieldLimits:
+        return cls(max_keep_s=images.max_keep_s, inline_bytes=images.inline_bytes)
 
 
 DEFAULT_IMAGE_FIELD_LIMITS = ImageFieldLimits()
