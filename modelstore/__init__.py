@@ -15,7 +15,7 @@ from modelstore.local_files import LocalPathRefused, folders_read, open_model
 from modelstore.progress import DownloadProgress, ProgressCallback
 from modelstore.record import Architecture, CachedModel, Layout, ModelKind, ModelRecord, Verdict, Verification
 from modelstore.role import Role
-from modelstore.role_policy import ROLE_ARCHITECTURES, require_lora, require_role
+from modelstore.role_policy import ROLE_ARCHITECTURES, needs_mask, require_lora, require_role
 from modelstore.settings import StoreSettings
 from modelstore.store import ModelStore
 
@@ -54,6 +54,7 @@ __all__ = [
     "folders_read",
     "load_pipeline",
     "native_size",
+    "needs_mask",
     "open_model",
     "parse_air",
     "parse_lora_air",

@@ -18,6 +18,10 @@ and the cross-attention context must be the concatenated encoder widths. So the 
 same rules as the real ones, not by a table of real sizes. A UNet-only file (no text encoders,
 single-file.md P11) is only recognised by the real SDXL shapes.
 
+The UNet's input convolution tells what it denoises from: 4 channels (the latent) for text-to-image, 9 for an
+inpainting UNet (latent + mask + the masked image's latent, e.g. diffusers/stable-diffusion-xl-1.0-inpainting-
+0.1). A 9-channel UNet with everything else of a base is SDXL_INPAINT; any other channel count is UNKNOWN.
+
 Other families are named as far as the header allows: SD 1.x and 2.x by their cross-attention context (768,
 1024) and the absence of the adm embedding, SD3 by its MMDiT `joint_blocks`, FLUX by `double_blocks` /
 `single_blocks` (or diffusers' `single_transformer_blocks`); anything else is UNKNOWN.
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 BASE_TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 REFINER_TIME_IDS = 5  # original size (2), crop top-left (2), aesthetic score (1)
+LATENT_CHANNELS = 4  # what a text-to-image UNet reads
+INPAINT_CHANNELS = 9  # latent (4) + mask (1) + the masked image's latent (4)
 
 # The real SDXL UNets, by (label_emb shape, cross-attention context): the only way to know a UNet-only file.
 _REAL_SDXL_UNETS = {
@@ -155,24 +161,38 @@ def classify(dims: ModelDims, *, time_id_width: int | None = None, name: str = "
         return Architecture.UNKNOWN
     if unet.label_emb is None:
         return _CONTEXT_FAMILIES.get(unet.context_dim or 0, Architecture.UNKNOWN)
-    if unet.in_channels != 4:
-        # 9 channels is an inpainting UNet (latent + mask + masked image): not a text-to-image base.
-        log.info("%s: SDXL-like UNet with %d input channels (inpainting?)", name, unet.in_channels)
+    if unet.in_channels not in (LATENT_CHANNELS, INPAINT_CHANNELS):
+        log.info("%s: SDXL-like UNet with %d input channels", name, unet.in_channels)
         return Architecture.UNKNOWN
+    found = _sdxl_unet(dims, unet.label_emb, time_id_width, name)
+    if unet.in_channels == LATENT_CHANNELS:
+        return found
+    # Latent, mask and masked image's latent: an inpainting UNet. Only base-shaped ones exist (SDXL 1.0
+    # inpainting 0.1 is the base fine-tuned with a wider conv_in); a refiner-shaped one is no model we know.
+    if found is Architecture.SDXL_BASE:
+        return Architecture.SDXL_INPAINT
+    log.info("%s: %d-channel UNet that is not SDXL base-shaped (%s)", name, unet.in_channels, found.label)
+    return Architecture.UNKNOWN
+
+
+def _sdxl_unet(dims: ModelDims, label_emb: tuple[int, int], time_id_width: int | None, name: str) -> Architecture:
+    """SDXL base, refiner or UNKNOWN, from the UNet's text-and-time embedding (`label_emb`), its context and
+    the text encoders."""
+    context_dim = dims.unet.context_dim if dims.unet is not None else None
     bigg = dims.bigg
     if bigg is None or bigg.projection is None:
-        return _REAL_SDXL_UNETS.get((unet.label_emb, unet.context_dim or 0), Architecture.UNKNOWN)
+        return _REAL_SDXL_UNETS.get((label_emb, context_dim or 0), Architecture.UNKNOWN)
     clip_width = dims.clip_l.width if dims.clip_l is not None else 0
-    if unet.context_dim != clip_width + bigg.width:
+    if context_dim != clip_width + bigg.width:
         log.info(
             "%s: cross-attention context %s is not the text encoders' width %d",
             name,
-            unet.context_dim,
+            context_dim,
             clip_width + bigg.width,
         )
         return Architecture.UNKNOWN
     time_ids = BASE_TIME_IDS if dims.clip_l is not None else REFINER_TIME_IDS
-    residual = unet.label_emb[1] - bigg.projection
+    residual = label_emb[1] - bigg.projection
     if time_id_width is not None:
         fits = residual == time_ids * time_id_width
     else:
@@ -181,7 +201,7 @@ def classify(dims: ModelDims, *, time_id_width: int | None = None, name: str = "
         log.info(
             "%s: label_emb input %d minus pooled %d is not %d time ids",
             name,
-            unet.label_emb[1],
+            label_emb[1],
             bigg.projection,
             time_ids,
         )

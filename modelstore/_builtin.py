@@ -1,5 +1,7 @@
 """The built-in tiny SDXL-architecture models: `builtin:tiny-sdxl-base@1` and `builtin:tiny-sdxl-refiner@1`
-(and the base variants @2 and @3: the same shapes with other random weights, for distinct pairs in fleet tests).
+(and the base variants @2 and @3: the same shapes with other random weights, for distinct pairs in fleet tests),
+and `builtin:tiny-sdxl-inpaint@1`, an inpainting base: base @1's structure and text encoders and VAE, with a
+UNet of its own whose input convolution reads 9 channels (latent, mask, masked image's latent).
 
 They have the exact structure of the real SDXL pair, only tiny, so the whole service (split, previews, the
 single-file round trip of the model-store issue) runs on a laptop CPU with no network:
@@ -31,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelstore._architecture import Identity, identify_folder
+from modelstore._architecture import INPAINT_CHANNELS, LATENT_CHANNELS, Identity, identify_folder
 from modelstore._cache import Cache, Need
 from modelstore._digests import full_digests
 from modelstore._model_dims import TINY_BIGG_WIDTH, TINY_CLIP_L_WIDTH
 from modelstore._staging import staging_folder
 from modelstore.air import AIR
 from modelstore.errors import ModelNotFound
-from modelstore.record import Layout, ModelRecord
+from modelstore.record import Architecture, Layout, ModelRecord
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -54,7 +56,7 @@ _SEED = 20260101
 class BuiltinModel:
     name: str
     version: str
-    refiner: bool
+    architecture: Architecture  # SDXL_BASE, SDXL_REFINER or SDXL_INPAINT
     # Variants differ only by their seed: other weights of the same architecture, so content-hash sharing
     # finds nothing in common and each is a distinct pair in memory (what the fleet tests need).
     seed: int = _SEED
@@ -63,14 +65,25 @@ class BuiltinModel:
     def air(self) -> str:
         return f"builtin:{self.name}@{self.version}"
 
+    @property
+    def refiner(self) -> bool:
+        return self.architecture is Architecture.SDXL_REFINER
+
+    @property
+    def in_channels(self) -> int:
+        return INPAINT_CHANNELS if self.architecture is Architecture.SDXL_INPAINT else LATENT_CHANNELS
+
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.air: m
     for m in (
-        BuiltinModel("tiny-sdxl-base", "1", refiner=False),
-        BuiltinModel("tiny-sdxl-refiner", "1", refiner=True),
-        BuiltinModel("tiny-sdxl-base", "2", refiner=False, seed=_SEED + 1000),
-        BuiltinModel("tiny-sdxl-base", "3", refiner=False, seed=_SEED + 2000),
+        BuiltinModel("tiny-sdxl-base", "1", Architecture.SDXL_BASE),
+        BuiltinModel("tiny-sdxl-refiner", "1", Architecture.SDXL_REFINER),
+        BuiltinModel("tiny-sdxl-base", "2", Architecture.SDXL_BASE, seed=_SEED + 1000),
+        BuiltinModel("tiny-sdxl-base", "3", Architecture.SDXL_BASE, seed=_SEED + 2000),
+        # The same seed as base @1: its text encoders and VAE are the base's bit for bit (as the real
+        # inpainting model shares SDXL base's), so it pairs with the tiny refiner and shares their memory.
+        BuiltinModel("tiny-sdxl-inpaint", "1", Architecture.SDXL_INPAINT),
     )
 }
 
@@ -106,9 +119,9 @@ def bigg_config() -> dict[str, Any]:
     return _clip_config(_BIGG_WIDTH, _BIGG_PROJECTION, "gelu")
 
 
-def unet_config(refiner: bool) -> dict[str, Any]:
+def unet_config(refiner: bool, in_channels: int = LATENT_CHANNELS) -> dict[str, Any]:
     # Base: cross-attention over [CLIP-L, bigG] hidden states, 6 time ids; refiner: bigG only, 5 time ids,
-    # wider first block (real: 320 vs 384), as in the real pair.
+    # wider first block (real: 320 vs 384), as in the real pair. An inpainting base reads 9 channels.
     time_ids = 5 if refiner else 6
     return {
         "_class_name": "UNet2DConditionModel",
@@ -119,7 +132,7 @@ def unet_config(refiner: bool) -> dict[str, Any]:
         "block_out_channels": [48, 96] if refiner else [32, 64],
         "cross_attention_dim": _BIGG_WIDTH if refiner else _CLIP_L_WIDTH + _BIGG_WIDTH,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "in_channels": 4,
+        "in_channels": in_channels,
         "layers_per_block": 2,
         "norm_num_groups": 16,
         "out_channels": 4,
@@ -149,6 +162,13 @@ _VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# What the Hub's diffusers/stable-diffusion-xl-1.0-inpainting-0.1 says in its model_index.json beside SDXL
+# base's entries, so that the tiny model is laid out like the real one.
+_INPAINT_INDEX = {"_class_name": "StableDiffusionXLInpaintPipeline", "requires_aesthetics_score": False}
+# Each UNet its own draw (after the text encoders' and the VAE's, seeds + 1..3).
+_UNET_SEEDS = {Architecture.SDXL_BASE: 4, Architecture.SDXL_REFINER: 5, Architecture.SDXL_INPAINT: 6}
+
+
 def _from_config(cls: Any, config: dict[str, Any]) -> Any:
     return cls.from_config(config)  # diffusers leaves from_config untyped
 
@@ -168,6 +188,8 @@ def write_config_folder(model: BuiltinModel, dest: Path) -> None:
     dest.mkdir(parents=True)
     index = json.loads((reference / "model_index.json").read_text())
     index["_name_or_path"] = model.air
+    if model.architecture is Architecture.SDXL_INPAINT:
+        index |= _INPAINT_INDEX
     (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     shutil.copytree(reference / "scheduler", dest / "scheduler")
     tokenizers = ["tokenizer_2"] if model.refiner else ["tokenizer", "tokenizer_2"]
@@ -176,7 +198,7 @@ def write_config_folder(model: BuiltinModel, dest: Path) -> None:
     # diffusers writes every default into a saved config; building the modules on the meta device (no
     # memory, no random draws) gives exactly the files `save_config` wrote when the weights were made.
     with torch.device("meta"):
-        unet = _from_config(UNet2DConditionModel, unet_config(model.refiner))
+        unet = _from_config(UNet2DConditionModel, unet_config(model.refiner, model.in_channels))
         vae = _from_config(AutoencoderKL, _VAE_CONFIG)
     unet.save_config(dest / "unet")
     vae.save_config(dest / "vae")
@@ -211,7 +233,7 @@ def build(model: BuiltinModel, dest: Path) -> None:
     if not model.refiner:
         torch.manual_seed(model.seed + 3)
         save(CLIPTextModel(CLIPTextConfig.from_pretrained(dest / "text_encoder")), "text_encoder")
-    torch.manual_seed(model.seed + (5 if model.refiner else 4))
+    torch.manual_seed(model.seed + _UNET_SEEDS[model.architecture])
     save(_from_config(UNet2DConditionModel, UNet2DConditionModel.load_config(dest / "unet")), "unet")
 
 

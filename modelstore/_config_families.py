@@ -6,6 +6,9 @@ known family is such a folder plus the dimensions its configs promise (`_model_d
 checkpoint gets the family whose dimensions equal its header's, so the folder is never guessed from a name.
 
 - Real SDXL base and refiner: `modelstore/configs/sdxl_base|sdxl_refiner`, shipped with the package.
+- Real SDXL inpainting (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, and fine-tunes of it as civitai
+  files): the shipped base configs with a 9-channel UNet input, written on first use like the tiny ones (its
+  configs differ from the base's only there, so the package does not carry a second copy of the tokenizers).
 - The tiny built-in models: written on first use by `_builtin.write_config_folder` into a temporary folder
   that lives as long as the process. Generated rather than shipped so that the weights (`_builtin.build`) and
   their configs come from one definition and cannot drift apart, and the wheel does not carry a second copy of
@@ -14,13 +17,16 @@ checkpoint gets the family whose dimensions equal its header's, so the folder is
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelstore import _builtin, _model_dims
+from modelstore._architecture import INPAINT_CHANNELS
 from modelstore._model_dims import ModelDims
 from modelstore.record import Architecture
 
@@ -50,14 +56,27 @@ def known_families() -> tuple[ConfigFamily, ...]:
                 _family("SDXL refiner 1.0", Architecture.SDXL_REFINER, _builtin.CONFIG_ROOT / "sdxl_refiner"),
             ]
             _generated = tempfile.TemporaryDirectory(prefix="refinery-configs-")
+            inpaint = _inpainting_configs(_builtin.CONFIG_ROOT / "sdxl_base", Path(_generated.name) / "sdxl_inpaint")
+            families.append(_family("SDXL inpainting 0.1", Architecture.SDXL_INPAINT, inpaint))
             for spec in _builtin.BUILTIN_MODELS.values():
                 folder = Path(_generated.name) / f"{spec.name}@{spec.version}"
                 _builtin.write_config_folder(spec, folder)
-                architecture = Architecture.SDXL_REFINER if spec.refiner else Architecture.SDXL_BASE
-                families.append(_family(spec.air, architecture, folder))
+                families.append(_family(spec.air, spec.architecture, folder))
             log.debug("config families ready: %s", ", ".join(f.name for f in families))
             _families = tuple(families)
         return _families
+
+
+def _inpainting_configs(base: Path, dest: Path) -> Path:
+    """SDXL base's configs with a 9-channel UNet input: the only difference of diffusers/stable-diffusion-xl-
+    1.0-inpainting-0.1's configs from the base's that a load reads (its model_index.json names the inpainting
+    pipeline; the loader chooses the pipeline class itself)."""
+    shutil.copytree(base, dest)
+    config = dest / "unet" / "config.json"
+    unet = json.loads(config.read_text())
+    unet["in_channels"] = INPAINT_CHANNELS
+    config.write_text(json.dumps(unet, indent=2, sort_keys=True) + "\n")
+    return dest
 
 
 def _family(name: str, architecture: Architecture, folder: Path) -> ConfigFamily:

@@ -18,7 +18,10 @@ new version number, so an older store sharing the folder still opens it (and ign
 
 Metadata is the source's description of the model (ids, names, hashes): never tokens or presigned URLs. It
 also holds what the schema had no column for when it came, so that an older store sharing the folder reads
-the rows as before: `kind` ("lora" for a LoRA; absent for a checkpoint) and `triggerWords` (a LoRA's).
+the rows as before: `kind` ("lora" for a LoRA; absent for a checkpoint) and `triggerWords` (a LoRA's). An
+architecture named after the schema (SDXL inpainting) is written as "unknown" in its column, which is what an
+older store reading the same weights would say (and all its enumeration can read), and by name in metadata
+`architecture`, which this store reads first.
 """
 
 from __future__ import annotations
@@ -72,6 +75,21 @@ CREATE TABLE IF NOT EXISTS on_demand (
     air TEXT PRIMARY KEY      -- a row of models that only requests (never an operator) have fetched
 );
 """
+
+
+# What the `architecture` column may hold: the architectures every store sharing a folder knows.
+_COLUMN_ARCHITECTURES = frozenset(
+    {
+        Architecture.SDXL_BASE,
+        Architecture.SDXL_REFINER,
+        Architecture.SD1,
+        Architecture.SD2,
+        Architecture.SD3,
+        Architecture.FLUX,
+        Architecture.UNKNOWN,
+    }
+)
+_ARCHITECTURE_KEY = "architecture"
 
 
 @dataclass(frozen=True)
@@ -212,11 +230,11 @@ class Index:
                     entry.air,
                     entry.source,
                     entry.layout.value,
-                    entry.architecture.value,
+                    _column_architecture(entry.architecture),
                     entry.path,
                     entry.sha256,
                     entry.size_bytes,
-                    json.dumps(dict(entry.metadata), sort_keys=True),
+                    json.dumps(_stored_metadata(entry), sort_keys=True),
                     added,
                     entry.last_used,
                     int(pinned),
@@ -274,17 +292,35 @@ class Index:
             return {sha for (sha,) in self._db.execute("SELECT DISTINCT sha256 FROM model_files")}
 
 
+def _column_architecture(architecture: Architecture) -> str:
+    return (architecture if architecture in _COLUMN_ARCHITECTURES else Architecture.UNKNOWN).value
+
+
+def _stored_metadata(entry: IndexEntry) -> dict[str, Any]:
+    metadata = {k: v for k, v in entry.metadata.items() if k != _ARCHITECTURE_KEY}
+    if entry.architecture not in _COLUMN_ARCHITECTURES:
+        metadata[_ARCHITECTURE_KEY] = entry.architecture.value
+    return metadata
+
+
+def _read_architecture(column: str, metadata: Mapping[str, Any]) -> Architecture:
+    named = metadata.get(_ARCHITECTURE_KEY)
+    known = {a.value for a in Architecture}
+    return Architecture(named) if isinstance(named, str) and named in known else Architecture(column)
+
+
 def _entry(row: tuple[Any, ...], files: list[tuple[str, str, int]], on_demand: bool = False) -> IndexEntry:
     air, source, layout, architecture, path, sha256, size, metadata, added, last_used, pinned = row
+    described = json.loads(metadata)
     return IndexEntry(
         air=air,
         source=source,
         layout=Layout(layout),
-        architecture=Architecture(architecture),
+        architecture=_read_architecture(architecture, described),
         path=path,
         sha256=sha256,
         size_bytes=size,
-        metadata=json.loads(metadata),
+        metadata=described,
         added=added,
         last_used=last_used,
         pinned=bool(pinned),

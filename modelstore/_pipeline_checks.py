@@ -5,6 +5,8 @@ Each check is a failure that was seen to pass silently (shared/research/single-f
 - P2: a tensor the checkpoint lacks stays on the `meta` device; the CPU then computes with uninitialised
   memory (garbage or NaN images), a GPU move fails much later.
 - P8: a config folder without `tokenizer_2/` gives a 2-token tokenizer with no length limit.
+- The UNet's input channels: the runner tells an inpainting UNet (9 channels) by `unet.config.in_channels`,
+  so a pipeline whose UNet disagrees with the architecture read from the weights must not pass.
 - P9: a refiner loaded without `requires_aesthetics_score` builds 6 time ids for a UNet trained on 5 and
   fails at the first generation; the reverse (a base used as refiner with the flag set) fails the same way.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelstore._architecture import BASE_TIME_IDS, REFINER_TIME_IDS
+from modelstore._architecture import BASE_TIME_IDS, INPAINT_CHANNELS, LATENT_CHANNELS, REFINER_TIME_IDS
 from modelstore.errors import CorruptModel
 from modelstore.record import Architecture
 from modelstore.role import Role
@@ -31,6 +33,7 @@ def check_pipeline(pipe: Any, *, name: str, role: Role, architecture: Architectu
     check_no_meta_tensors(pipe, name=name)
     check_tokenizers(pipe, name=name)
     check_time_ids(pipe, name=name, role=role, architecture=architecture)
+    check_unet_input(pipe, name=name, architecture=architecture)
 
 
 def check_no_meta_tensors(pipe: Any, *, name: str) -> None:
@@ -83,3 +86,12 @@ def check_time_ids(pipe: Any, *, name: str, role: Role, architecture: Architectu
         raise CorruptModel(
             f"{name}: the pipeline builds {built} time ids ({got} values) but the UNet expects {expected}"
         )
+
+
+def check_unet_input(pipe: Any, *, name: str, architecture: Architecture) -> None:
+    """The UNet reads as many channels as the weights' architecture says: 9 for an inpainting UNet (the runner
+    chooses the inpainting path by this very number), else 4."""
+    expected = INPAINT_CHANNELS if architecture is Architecture.SDXL_INPAINT else LATENT_CHANNELS
+    got = int(pipe.unet.config.in_channels)
+    if got != expected:
+        raise CorruptModel(f"{name}: the UNet reads {got} input channels but the model is {architecture.label}")

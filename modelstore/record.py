@@ -16,6 +16,9 @@ class Architecture(Enum):
 
     SDXL_BASE = "sdxl-base"
     SDXL_REFINER = "sdxl-refiner"
+    # SDXL base's structure with a 9-channel UNet input (latent, mask, masked image's latent): a base for
+    # inpainting only (diffusers/stable-diffusion-xl-1.0-inpainting-0.1).
+    SDXL_INPAINT = "sdxl-inpaint"
     SD1 = "sd1"
     SD2 = "sd2"
     SD3 = "sd3"
@@ -30,6 +33,7 @@ class Architecture(Enum):
 _LABELS = {
     Architecture.SDXL_BASE: "SDXL base",
     Architecture.SDXL_REFINER: "SDXL refiner",
+    Architecture.SDXL_INPAINT: "SDXL inpainting",
     Architecture.SD1: "Stable Diffusion 1.x",
     Architecture.SD2: "Stable Diffusion 2.x",
     Architecture.SD3: "Stable Diffusion 3",

@@ -4,7 +4,8 @@ On the resolver's threads: each model is leased in the cache first (so that from
 ends, nothing evicts or deletes it: not another request's download, not an operator's pull under quota
 pressure), then resolved (downloading if needed, reported as `ModelLoading` DOWNLOADING events), checked for
 its role, and measured (its components' sizes and fingerprints, reported as VERIFYING the first time). A model
-that is unknown, of the wrong architecture, or unsafe ends the request here, before it costs a device anything.
+that is unknown, of the wrong architecture, or unsafe ends the request here, before it costs a device anything;
+so does a base that cannot serve the request's mode (an inpainting base without a mask).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import threading
 import time
 
-from modelstore import AIR, DownloadCause, DownloadProgress, ModelStore, Role, require_lora, require_role
-from server.core.domain import Job, LoadPhase, LoraSpec, ModelLoading, PairKey
+from modelstore import AIR, DownloadCause, DownloadProgress, ModelStore, Role, needs_mask, require_lora, require_role
+from server.core.domain import ImageMode, Job, LoadPhase, LoraSpec, ModelLoading, PairKey
+from server.core.errors import DoesNotFit
 from server.generation import LoraFile, StageLoras
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pairs import ModelSpec, PairSpec
@@ -21,6 +23,11 @@ from server.scheduling.ticket import EventSink
 
 # Progress events while downloading: at most this often per request (the last one is always sent).
 _DOWNLOAD_EVENT_S = 0.25
+_MODE_WORDS = {
+    ImageMode.TEXT: "a text-to-image request",
+    ImageMode.IMG2IMG: "an img2img request (an image without a mask)",
+    ImageMode.INPAINT: "an inpainting request",
+}
 
 
 class Resolver:
@@ -54,7 +61,10 @@ class Resolver:
     ) -> StageLoras:
         """Lease and resolve each stage's LoRAs (downloading as for the models) and check that each fits its
         stage's model: a checkpoint named as a LoRA, or a LoRA trained for another architecture or the other
-        stage's UNet, ends the request here."""
+        stage's UNet, ends the request here. First of all, the base must suit the request's mode
+        (`require_mode`): the one place that sees both the job and its resolved models, before any LoRA is
+        fetched."""
+        require_mode(job, spec)
 
         def stage(specs: tuple[LoraSpec, ...], prefix: str, model: ModelSpec | None) -> tuple[LoraFile, ...]:
             files = []
@@ -85,6 +95,19 @@ class Resolver:
         record = self._store.resolve(model, progress=progress, give_up=give_up, cause=cause)
         require_role(record, role)
         return ModelSpec(record, role, self._store.components(record, progress))
+
+
+def require_mode(job: Job, spec: PairSpec) -> None:
+    """DoesNotFit (FAILED_PRECONDITION naming `model`) when the base cannot run the request's mode: an
+    inpainting base's UNet reads a mask and a masked image beside the latent, which text-to-image and img2img
+    requests do not have."""
+    record = spec.base.record
+    if needs_mask(record.architecture) and job.mode is not ImageMode.INPAINT:
+        raise DoesNotFit(
+            f"{record.canonical} is an {record.architecture.label} model: it needs image and mask, and this is "
+            f"{_MODE_WORDS[job.mode]}",
+            "model",
+        )
 
 
 class _DownloadReporter:

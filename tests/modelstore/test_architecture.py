@@ -22,6 +22,7 @@ from modelstore.errors import CorruptModel, ModelNotFound, UnsafeCheckpoint
 from tests.fixtures.headers import write_header_only
 from tests.fixtures.ldm_layout import original_shapes
 from tests.fixtures.tiny import TINY_BASE, TINY_REFINER, single_file_records
+from tests.modelstore.real_folders import real_diffusers_folder
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -90,9 +91,11 @@ def test_text_encoders_decide_between_base_and_refiner_not_the_unet_alone(
     assert detect_file(_file(tmp_path, unet | text)) is Architecture.UNKNOWN
 
 
-def test_sdxl_inpainting_is_not_taken_for_a_base(tmp_path: Path, real_base: Shapes) -> None:
+def test_an_sdxl_unet_with_neither_4_nor_9_input_channels_is_unknown(tmp_path: Path, real_base: Shapes) -> None:
+    # 4: text-to-image; 9: inpainting (test_inpaint_models.py). 8 (e.g. instruct-pix2pix: latent + image
+    # latent) is no model this service runs.
     shapes = dict(real_base)
-    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
     assert detect_file(_file(tmp_path, shapes)) is Architecture.UNKNOWN
 
 
@@ -103,33 +106,9 @@ def test_an_edm_checkpoint_with_sdxl_structure_is_not_taken_for_a_base(tmp_path:
     )
 
 
-def _real_diffusers_folder(config: Path, dest: Path) -> Path:
-    """A full-size SDXL diffusers folder as the Hub has it: real configs, header-only weights."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    shutil.copytree(config, dest)
-    with torch.device("meta"):
-        modules = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config / "text_encoder_2")),
-        }
-        if (config / "text_encoder").is_dir():
-            modules["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-    for name, module in modules.items():
-        shapes = {key: tuple(t.shape) for key, t in module.state_dict().items()}
-        if name == "text_encoder":  # the Hub's files predate transformers 5.6's flat CLIPTextModel keys
-            shapes = {f"text_model.{key}": shape for key, shape in shapes.items()}
-        filename = "model.safetensors" if name.startswith("text") else "diffusion_pytorch_model.safetensors"
-        write_header_only(dest / name / filename, shapes)
-    return dest
-
-
 def test_real_sdxl_diffusers_folders_are_detected(tmp_path: Path) -> None:
-    base = _real_diffusers_folder(CONFIG_ROOT / "sdxl_base", tmp_path / "base")
-    refiner = _real_diffusers_folder(CONFIG_ROOT / "sdxl_refiner", tmp_path / "refiner")
+    base = real_diffusers_folder(CONFIG_ROOT / "sdxl_base", tmp_path / "base")
+    refiner = real_diffusers_folder(CONFIG_ROOT / "sdxl_refiner", tmp_path / "refiner")
     assert detect_folder(base) is Architecture.SDXL_BASE
     assert detect_folder(refiner) is Architecture.SDXL_REFINER
 

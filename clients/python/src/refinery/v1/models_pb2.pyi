@@ -20,6 +20,7 @@ class Architecture(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARCHITECTURE_SD3: _ClassVar[Architecture]
     ARCHITECTURE_FLUX: _ClassVar[Architecture]
     ARCHITECTURE_UNKNOWN: _ClassVar[Architecture]
+    ARCHITECTURE_SDXL_INPAINT: _ClassVar[Architecture]
 
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ ARCHITECTURE_SD2: Architecture
 ARCHITECTURE_SD3: Architecture
 ARCHITECTURE_FLUX: Architecture
 ARCHITECTURE_UNKNOWN: Architecture
+ARCHITECTURE_SDXL_INPAINT: Architecture
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_CHECKPOINT: ModelKind
 MODEL_KIND_LORA: ModelKind
