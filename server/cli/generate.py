@@ -18,6 +18,7 @@ from PIL import Image as PILImage
 from refinery.client import (
     AsyncClient,
     Branch,
+    GenerateOptions,
     Image,
     OutputFormat,
     Preview,
@@ -28,7 +29,7 @@ from refinery.client import (
     generate_request,
 )
 from refinery.v1 import generation_pb2 as pb
-from server.cli import connect, options, serve
+from server.cli import connect, from_image, options, serve
 from server.cli.options import UsageError
 from server.cli.side_by_side import side_by_side
 from server.cli.terminal import ProgressView, report_failure
@@ -53,6 +54,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
         help="where the refiner takes over: a percentage of the steps (default 90%%) or its first step",
     )
     _add_refiner_controls(gen)
+    from_image.add_flags(gen)
     gen.add_argument("--steps", type=count, help="total steps of both stages (default 30)")
     gen.add_argument("--cfg", type=float, help="guidance scale (default 7)")
     gen.add_argument("--seed", type=count, help="seed of the first image (default: random, printed)")
@@ -132,10 +134,15 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
-    """The request the flags describe, built by the client package (`refinery.client.generate_request`)."""
+    """The request the flags describe, built by the client package (`refinery.client.generate_request`); an
+    image or mask over 96 KiB is refused here, as the command itself uploads it first (`run`)."""
+    return generate_request(args.prompt, **generate_options(args))
+
+
+def generate_options(args: argparse.Namespace) -> GenerateOptions:
+    """The client's options for the flags; UsageError for flags that need another (from_image.py)."""
     width, height = args.size if args.size is not None else (0, 0)
-    return generate_request(
-        args.prompt,
+    found = GenerateOptions(
         negative_prompt=args.negative or "",
         model=args.model or "",
         refiner=_refiner(args),
@@ -151,15 +158,19 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
         loras=args.lora,
         prompt_weighting=args.prompt_weighting,
     )
+    found.update(from_image.image_options(args))
+    return found
 
 
 def _refiner(args: argparse.Namespace) -> Refiner | None:
-    """--refiner, --refiner-start or any refiner control; without --refiner: the server's default refiner."""
+    """--refiner, --refiner-start, --refine-only or any refiner control; without --refiner: the server's default
+    refiner."""
     controls = (args.aesthetic_score, args.negative_aesthetic_score, args.refiner_prompt, args.refiner_negative)
     wants_refiner = args.compare or bool(args.refiner_lora) or any(value is not None for value in controls)
-    if args.refiner is None and args.refiner_start is None and not wants_refiner:
+    if args.refiner is None and args.refiner_start is None and not (wants_refiner or args.refine_only):
         return None
-    field, value = args.refiner_start if args.refiner_start is not None else ("", None)
+    start = ("start_step", 1) if args.refine_only else args.refiner_start  # step 1: every step that runs
+    field, value = start if start is not None else ("", None)
     return Refiner(
         model=args.refiner or "",
         start_step=value if field == "start_step" else None,
@@ -171,6 +182,13 @@ def _refiner(args: argparse.Namespace) -> Refiner | None:
         negative_prompt=args.refiner_negative,
         loras=args.refiner_lora,
     )
+
+
+def _without_images(generate: GenerateOptions) -> GenerateOptions:
+    text_only = generate.copy()
+    text_only.pop("image", None)
+    text_only.pop("mask", None)
+    return text_only
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -197,8 +215,9 @@ class _Written:
 
 
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    try:
-        request = build_request(args)
+    generate = generate_options(args)
+    try:  # before any server starts; the image and mask are read (and uploaded when large) once one runs
+        generate_request(args.prompt, **_without_images(generate))
     except ValueError as exc:  # protobuf refuses a number its field cannot hold
         raise UsageError(f"a value is out of range: {exc}") from None
     async with contextlib.AsyncExitStack() as stack:
@@ -209,6 +228,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             client = AsyncClient(address, token=run_token)
         stack.push_async_callback(client.close)
         try:
+            request = await client.prepare(args.prompt, **generate)
             written = await _stream_to_files(client, request, args)
         except RefineryError as err:
             return report_failure(err)
@@ -262,10 +282,9 @@ def _report(written: Sequence[_Written]) -> None:
     refined = [w.image for w in written if w.image.branch is Branch.MAIN]
     first = refined[0] if refined else written[0].image
     models = first.model + (f" + refiner {first.refiner_model}" if first.refiner_model else "")
-    steps = f"{first.base_steps} base" + (f" + {first.refiner_steps} refiner" if first.refiner_steps else "")
     alone = [w.image for w in written if w.image.branch is Branch.BASE_ONLY]
     compared = f"; base only: {alone[0].base_steps} steps" if alone else ""
-    print(f"model {models}; {steps} steps{compared}")
+    print(f"model {models}; {from_image.steps_text(first)}{compared}")
     for line in (loras_line(first), tokens_line(first)):
         if line:
             print(line)
@@ -273,10 +292,10 @@ def _report(written: Sequence[_Written]) -> None:
         image = item.image
         if item.picture:
             print(f"wrote {item.path} (base only | refined, side by side, seed {image.seed})")
-        elif image.branch is Branch.BASE_ONLY:
-            print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed}, base only)")
         else:
-            print(f"wrote {item.path} ({image.width}x{image.height}, {image.mime_type}, seed {image.seed})")
+            only = ", base only" if image.branch is Branch.BASE_ONLY else ""
+            what = f"{image.width}x{image.height}, {image.mime_type}, seed {image.seed}{only}"
+            print(f"wrote {item.path} ({what}{from_image.kept_text(image)})")
 
 
 def loras_line(image: Image) -> str:
