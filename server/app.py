@@ -41,12 +41,15 @@ from server.core.pins import PinFailures
 from server.core.settings import Settings
 from server.core.tracing import Tracer
 from server.generation import Encoder, PipelineRunner, run_pair
+from server.images import ImageStore
 from server.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How often expired images are looked for while no upload or kept result comes to sweep them.
+IMAGE_SWEEP_EVERY_S = 60.0
 
 
 class RefineryServer:
@@ -60,9 +63,13 @@ class RefineryServer:
         loader: Loader = load_pipeline,
         run: PipelineRunner = run_pair,
         encode: Encoder | None = None,
+        images: ImageStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else ModelStore(settings.store)
+        # Input images and kept results, on the cache volume; what a previous run stored and has not expired
+        # is found again.
+        self.images = images if images is not None else ImageStore.from_settings(settings)
         self.store.confine_local(settings.security.local_model_roots)  # request-named models stay inside
         self.metrics = Metrics()
         # Built here, not at import: off (the default), OpenTelemetry is never imported.
@@ -75,6 +82,7 @@ class RefineryServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._preloading: asyncio.Task[None] | None = None
+        self._sweeping: asyncio.Task[None] | None = None
         self.pin_failures = PinFailures()
         self._draining = False
         self._stop_now = asyncio.Event()
@@ -118,7 +126,16 @@ class RefineryServer:
                 "tracing: exporting spans (%s; OTEL_* settings as the OpenTelemetry SDK reads them)", settings.tracing
             )
         self._preloading = asyncio.create_task(self._preload(), name="refinery-pin")
+        self._sweeping = asyncio.create_task(self._sweep_images(), name="refinery-image-sweep")
         return self.port
+
+    async def _sweep_images(self) -> None:
+        while True:
+            await asyncio.sleep(IMAGE_SWEEP_EVERY_S)
+            try:
+                await asyncio.to_thread(self.images.sweep_if_due)
+            except OSError as exc:  # the volume went read-only or away: say so, and try again later
+                log.error("image store: cannot delete expired images: %s", exc)
 
     def _grpc_server(self) -> grpc.aio.Server:
         settings = self.settings
@@ -130,7 +147,7 @@ class RefineryServer:
         )
         roots = settings.security.local_model_roots
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            generation_service.GenerationService(self.scheduler, settings, tracer=self.tracer), server
+            generation_service.GenerationService(self.scheduler, settings, self.images, tracer=self.tracer), server
         )
         status = server_service.ServerService(
             self.scheduler, local_roots=roots, pin_failures=self.pin_failures, on_pinned=self._pinned
@@ -179,6 +196,8 @@ class RefineryServer:
             await asyncio.to_thread(self.scheduler.close, 10.0)
             if self._preloading is not None and not self._preloading.done():
                 self._preloading.cancel()
+            if self._sweeping is not None:
+                self._sweeping.cancel()
             if self._metrics_server is not None:
                 self._metrics_server.close()
             if self._health_server is not None:

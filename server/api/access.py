@@ -11,8 +11,9 @@
   PERMISSION_DENIED, as gRPC defines them. Tokens are compared in constant time and never logged or echoed.
 
 Every method of the three services has its level in `METHODS`; none is guessed. The server does not start while
-it serves a method missing there, or one that takes a stream of requests (`check_served`), and a call that
-still reaches such a method is refused (UNIMPLEMENTED).
+it serves a method missing there (`check_served`), and a call that still reaches such a method is refused
+(UNIMPLEMENTED). A method that takes a stream of requests (`UploadImage`) is checked like any other, from the
+call's metadata, before its first message is read: a refused upload stores nothing.
 
 The same interceptor turns a request that is not valid protobuf into INVALID_ARGUMENT naming the message type,
 with no traceback (gRPC itself answers UNKNOWN and logs an error for every such request).
@@ -53,6 +54,7 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRef
 # service descriptors: a method added to a .proto fails there until it has a row here).
 METHODS: dict[str, Access] = {
     "/refinery.v1.GenerationService/Generate": Access.GENERATE,
+    "/refinery.v1.GenerationService/UploadImage": Access.GENERATE,
     "/refinery.v1.ServerService/GetStatus": Access.GENERATE,
     "/refinery.v1.ModelService/ListModels": Access.GENERATE,
     "/refinery.v1.ModelService/PullModel": Access.ADMIN,
@@ -73,18 +75,14 @@ def access_of(method: str) -> Access | None:
 
 
 def check_served(services: Iterable[ServiceDescriptor]) -> None:
-    """Refuse to serve what the gate cannot guard: a method with no level in `METHODS`, or a guarded one that
-    takes a stream of requests (the gate checks a call with its one request in hand; no RPC of ours streams
-    requests, and one that does needs the gate to learn how first). Raises RuntimeError naming them all."""
+    """Refuse to serve what the gate cannot guard: a method with no level in `METHODS`. Raises RuntimeError
+    naming them all."""
     problems: list[str] = []
     for service in services:
         for method in service.methods:
             path = f"/{service.full_name}/{method.name}"
-            access = access_of(path)
-            if access is None:
+            if access_of(path) is None:
                 problems.append(f"{path} has no access level in server/api/access.py")
-            elif access is not Access.OPEN and method.client_streaming:
-                problems.append(f"{path} streams requests, which the access check cannot guard")
     if problems:
         raise RuntimeError("refusing to serve: " + "; ".join(problems))
 
@@ -222,7 +220,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         if access is Access.OPEN:
             # Health and reflection are not ours, but garbage sent to them is answered as to ours.
             return lenient_handler(handler)
-        if access is None or handler.request_streaming:
+        if access is None:
             # `check_served` stops the start before this can happen; should a method slip past it, it is refused
             # rather than guessed at. UNIMPLEMENTED, not PERMISSION_DENIED: no credential would let the call
             # through, and to the client it is a method this server does not offer.
@@ -240,12 +238,18 @@ class _Call:
     metadata: tuple[tuple[str, str | bytes], ...]
     calls: Counter
 
-    async def check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def admit(self, request: Any, context: grpc.aio.ServicerContext, *, streamed: bool) -> Any:
+        """The call's request, or its stream of requests, once its credentials passed: from the metadata,
+        before a message of a stream is read. A message that is not valid protobuf ends the call
+        (INVALID_ARGUMENT) where it is read."""
         refusal = self.gate.refusal(self.access, self.metadata, context.peer())
         if refusal is not None:
             self.gate.log_refusal(self.method, refusal)
             await context.abort(refusal.code, refusal.message)
+        if streamed:
+            return _parsed(request, context)
         await reject(request, context)
+        return request
 
     def count(self, context: grpc.aio.ServicerContext, error: BaseException | None, *, answered: bool = False) -> None:
         if error is None:
@@ -283,17 +287,31 @@ def _unguardable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return make(refuse, response_serializer=handler.response_serializer)
 
 
+async def _parsed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async for request in requests:
+        await reject(request, context)
+        yield request
+
+
 def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
+    """`handler` behind the gate, of any of the four kinds, with its requests parsed leniently."""
+    kind = (bool(handler.request_streaming), bool(handler.response_streaming))
+    behaviour = {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[kind]
     deserialize = lenient(handler.request_deserializer, call.method.rsplit("/", 1)[-1] + "Request")
-    if handler.response_streaming:
-        stream = handler.unary_stream
+    streamed = kind[0]
+    if kind[1]:
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             error: BaseException | None = None
             _answered[id(context)] = False
             try:
-                await call.check(request, context)
-                async for response in stream(request, context):
+                admitted = await call.admit(request, context, streamed=streamed)
+                async for response in behaviour(admitted, context):
                     yield response
             except BaseException as exc:
                 error = exc
@@ -301,22 +319,20 @@ def _guarded(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandl
             finally:
                 call.count(context, error, answered=_answered.pop(id(context), False))
 
-        return grpc.unary_stream_rpc_method_handler(
+        return HANDLER_KINDS[kind](
             streaming, request_deserializer=deserialize, response_serializer=handler.response_serializer
         )
-    unary = handler.unary_unary
 
     async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
         error: BaseException | None = None
         try:
-            await call.check(request, context)
-            return await unary(request, context)
+            return await behaviour(await call.admit(request, context, streamed=streamed), context)
         except BaseException as exc:
             error = exc
             raise
         finally:
             call.count(context, error)
 
-    return grpc.unary_unary_rpc_method_handler(
+    return HANDLER_KINDS[kind](
         single, request_deserializer=deserialize, response_serializer=handler.response_serializer
     )

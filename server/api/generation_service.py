@@ -3,13 +3,18 @@
 Per request: validate (INVALID_ARGUMENT naming every bad field, before any work), submit to the scheduler,
 and stream its events as they come. The call ends with OK, or with the status `boundary.py` gives the error
 the request ended with. A client that cancels or disconnects cancels its request, which stops at the next
-step.
+step. The images a request reads are held in the image store until it ends; with `keep_results` each result
+is stored there before it is sent, and named by its reference.
+
+UploadImage stores one image for later requests (`uploads.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -22,22 +27,29 @@ from server.api.access import mark_answered
 from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_responses
 from server.api.stream import AsyncEventStream
+from server.api.uploads import upload_image
 from server.api.validation import job_from_request
-from server.core.domain import Job
-from server.core.errors import DeliveryFailed
+from server.core.domain import ImageResult, Job, JobEvent, StoredImage
+from server.core.errors import DeliveryFailed, ImageError
 from server.core.logs import quoted
 from server.core.settings import Settings
 from server.core.tracing import TRACEPARENT, TRACESTATE, Tracer
+from server.images import ImageStore
 from server.scheduling import Engine, Ticket, Trace, start_trace
+
+log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 SERVICE_NAME = SERVICE.full_name
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    def __init__(self, scheduler: Engine, settings: Settings, *, tracer: Tracer | None = None) -> None:
+    def __init__(
+        self, scheduler: Engine, settings: Settings, images: ImageStore, *, tracer: Tracer | None = None
+    ) -> None:
         self._scheduler = scheduler
         self._settings = settings
+        self._images = images
         self._tracer = tracer  # None: tracing off
 
     def _models(self, request: pb.GenerateRequest) -> Sequence[ModelField]:
@@ -66,16 +78,37 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 trace.abandon(exc, request.request_id)
             raise
         try:
-            async for event in stream:
-                for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
-                    yield response  # a client that cannot take a message ends the generator here
-                if stream.sent(event, job):
-                    mark_answered(context)  # its last image is out: OK, however the client closes the call now
+            with self._images.hold(_images_read(job)):  # kept on disk past their expiry until the request ends
+                async for event in stream:
+                    event = await self._kept(event, job)
+                    for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
+                        yield response  # a client that cannot take a message ends the generator here
+                    if stream.sent(event, job):
+                        mark_answered(context)  # its last image is out: OK, however the client closes the call now
             stream.settle(None)
         finally:
             stream.settle(DeliveryFailed("the client did not receive the whole stream"))  # unless settled
             # A no-op for a finished request; for a client that went away, it stops at its next step.
             self._scheduler.cancel(ticket)
+
+    async def _kept(self, event: JobEvent, job: Job) -> JobEvent:
+        """A result of a request with `keep_results`, stored (off the event loop) and named by its reference;
+        any other event as it is. A result the store cannot keep (its quota full) is still sent, without a
+        reference, and the log says why: the client has its image, which it may upload itself."""
+        if not isinstance(event, ImageResult) or job.keep_results_s <= 0:
+            return event
+        try:
+            stored = await asyncio.to_thread(self._images.put_bytes, event.data, job.keep_results_s)
+        except ImageError as exc:
+            log.warning("request %s: result %d not kept: %s", quoted(job.request_id), event.index, exc)
+            return event
+        return dataclasses.replace(event, reference=stored.reference, reference_expires=stored.expires_at)
+
+    @rpc("UploadImage")
+    async def UploadImage(
+        self, requests: AsyncIterator[pb.UploadImageRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadImageResponse:
+        return await upload_image(self._images, requests)
 
     async def _submit(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: Trace | None
@@ -99,6 +132,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         # A deadline lets the scheduler drop the request while queued instead of running it for nobody.
         deadline = None if remaining is None else time.monotonic() + remaining
         return job, stream, self._scheduler.submit(job, stream, deadline=deadline, trace=trace)
+
+
+def _images_read(job: Job) -> tuple[StoredImage, ...]:
+    seed = job.seed_image
+    if seed is None:
+        return ()
+    return (seed.image,) if seed.mask is None else (seed.image, seed.mask)
 
 
 def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -20,6 +20,7 @@ from modelstore import OnDemandPolicy, StoreSettings, folders_read
 from modelstore.errors import ModelStoreError
 from server.cli import options
 from server.cli.options import EXIT_FAILED, UsageError, env_flag, secret
+from server.cli.serve_images import add_image_flags, image_settings
 from server.core.domain import PairKey
 from server.core.logs import quiet_model_libraries
 from server.core.settings import DEFAULT_BASE, DEFAULT_REFINER, Limits, Security, Settings, Speed
@@ -95,6 +96,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     flag("--max-work", "REFINERY_MAX_WORK", options.megapixel_steps, "", "megapixel-steps one request may ask for")
     add_security_flags(serve, env)
     add_speed_flags(serve, env)
+    add_image_flags(serve, env)
     add_device_flags(serve, env)
     add_store_flags(serve)
     add_log_flags(serve, env)
@@ -237,6 +239,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
     """Settings for `refinery serve`, or (`in_process`) for the server inside `refinery generate`."""
     store = store_settings(args, env)
     common = {"store": store, "devices": args.devices, "log_json": bool(args.log_json), "tracing": tracing(env)}
+    common["images"] = image_settings(args, store)
     if in_process:
         # Loopback only, any free port; nothing pinned, so the stream shows the models loading. Local models
         # in the current folder, or named on this command line (LoRAs too), are the caller's own files. Untuned: one

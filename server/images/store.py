@@ -213,8 +213,7 @@ class ImageStore:
                 record = Record(digest, header.mime_type, header.width, header.height, size, now + keep_s)
             record.write(self.directory)
             self._remember(record)
-        if now >= self._next_expiry:
-            self.sweep()
+        self.sweep_if_due()
         return self._stored(record)
 
     # ---- time --------------------------------------------------------------------------------------------
@@ -239,6 +238,10 @@ class ImageStore:
             if expired:
                 self.sweep()
 
+    def sweep_if_due(self) -> int:
+        """`sweep`, when an image has expired since the last one (cheap otherwise: one comparison)."""
+        return self.sweep() if self._clock() >= self._next_expiry else 0
+
     def sweep(self) -> int:
         """Delete every expired image no request holds; how many were deleted."""
         with self._writing:
@@ -248,7 +251,9 @@ class ImageStore:
                 for record in gone:
                     del self._records[record.digest]
                     self._used -= record.size_bytes
-                self._next_expiry = min((r.expires_at for r in self._records.values()), default=float("inf"))
+                # Held images that expired are swept as their last hold ends, not by every put meanwhile.
+                expiries = (r.expires_at for r in self._records.values() if r.expires_at > now)
+                self._next_expiry = min(expiries, default=float("inf"))
             for record in gone:  # the record first: a crash between the two leaves an orphan, removed at start
                 files.remove(files.record_path(self.directory, record.digest))
                 files.remove(files.image_path(self.directory, record.digest))
