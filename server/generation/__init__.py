@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from server.generation.loras import LoraFile, StageLoras
     from server.generation.pipelines import PipelinePair
     from server.generation.previews import PREVIEW_MIME, encode_preview, latents_to_images
-    from server.generation.runner import PipelineRunner, RunResult, StageTimings, native_size
+    from server.generation.results import PipelineRunner, RunResult, StageTimings
+    from server.generation.runner import native_size
     from server.generation.runner import run as run_pair
     from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count, min_start_step, start_index
     from server.generation.steps import StepState
@@ -36,9 +37,9 @@ _NAMES = {
     "PREVIEW_MIME": "previews:PREVIEW_MIME",
     "encode_preview": "previews:encode_preview",
     "latents_to_images": "previews:latents_to_images",
-    "PipelineRunner": "runner:PipelineRunner",
-    "RunResult": "runner:RunResult",
-    "StageTimings": "runner:StageTimings",
+    "PipelineRunner": "results:PipelineRunner",
+    "RunResult": "results:RunResult",
+    "StageTimings": "results:StageTimings",
     "StepState": "steps:StepState",
     "native_size": "runner:native_size",
     "run_pair": "runner:run",

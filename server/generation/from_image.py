@@ -33,7 +33,7 @@ from server.generation import indexed, loras, prompts
 from server.generation.compare import Handoff
 from server.generation.image_inputs import PreparedSeed, paste_back, prepare
 from server.generation.pipelines import PipelinePair
-from server.generation.runner import RunResult, StageTimings
+from server.generation.results import RunResult, StageTimings
 from server.generation.samplers import make_scheduler
 from server.generation.steps import Clock, Offer, StepObserver, step_callback
 

@@ -25,44 +25,19 @@ Only this room (`server/generation/`) and the model store's loader talk to diffu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
-from server.core.domain import ImageMode, RenderShape, Sample, Stage, TokenCount
-from server.generation import indexed, loras, prompts
+from server.core.domain import ImageMode, RenderShape, Sample, Stage
+from server.generation import from_image, indexed, loras, prompts
 from server.generation.compare import Handoff
 from server.generation.pipelines import PipelinePair
+from server.generation.results import PipelineRunner, RunResult, StageTimings
 from server.generation.samplers import make_scheduler
 from server.generation.steps import Clock, StepObserver, StepState, step_callback
 
 __all__ = ["PipelineRunner", "RunResult", "StageTimings", "StepObserver", "StepState", "native_size", "run"]
-
-
-@dataclass
-class StageTimings:
-    base_s: float = 0.0  # with compare, the base-only branch's steps included
-    refiner_s: float = 0.0
-    decode_s: float = 0.0  # with compare, both decodes
-
-
-@dataclass
-class RunResult:
-    images: list[Image.Image]  # one per sample: refined when there is a refiner
-    timings: StageTimings = field(default_factory=StageTimings)
-    base_only: list[Image.Image] = field(default_factory=list)  # compare: the base's own image per sample
-    tokens: list[tuple[TokenCount, ...]] = field(default_factory=list)  # per sample: what each encoder read
-
-
-class PipelineRunner(Protocol):
-    """`run`'s signature; tests substitute runners that fail or wait on purpose."""
-
-    def __call__(
-        self, pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], observer: StepObserver
-    ) -> RunResult: ...
 
 
 def native_size(base: StableDiffusionXLPipeline) -> tuple[int, int]:
@@ -75,9 +50,7 @@ def run(pair: PipelinePair, shape: RenderShape, samples: Sequence[Sample], obser
     """Denoise `samples` as one batch; returns one RGB image per sample, in order."""
     model_scheduler = pair.base.scheduler
     try:
-        if shape.mode is not ImageMode.TEXT:
-            from server.generation import from_image  # its own module: the seed image's preparation and paste-back
-
+        if shape.mode is not ImageMode.TEXT:  # its own module: the seed images, their stages and paste-back
             return from_image.run(pair, shape, samples, observer)
         return _run(pair, shape, samples, observer)
     finally:
