@@ -5,7 +5,8 @@
 - Generate requests: outcomes (`refinery_jobs_total{outcome}`: ok, cancelled, deadline_exceeded, rejected,
   failed, where a request whose images its client did not take is failed), end-to-end latency
   (`refinery_request_seconds`), time to the first denoising step (`refinery_first_step_seconds`), time queued,
-  step time, images delivered, batch sizes.
+  step time, images delivered, batch sizes, and what requests started from and which stages ran
+  (`refinery_job_modes_total{mode, stages}`: text / img2img / inpaint; base / base+refiner / refiner).
 - Devices: model loads and evictions (how often pairs move: the "is the fleet thrashing?" signal), budgets;
   GPU utilisation and memory where there is a GPU (`server/scheduling/gpu_gauges.py`).
 - State read at scrape time from the scheduler's snapshot (`watch`; the collector is
@@ -32,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from modelstore import Cause, ModelStore, downloaded_bytes
-from server.core.domain import Stage
+from server.core.domain import ImageMode, Stage
 from server.core.http_endpoint import HttpEndpoint
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -54,6 +55,13 @@ class Metrics:
             "refinery_jobs",
             "Generate requests by outcome (ok, cancelled, deadline_exceeded, rejected, failed)",
             ["outcome"],
+            registry=r,
+        )
+        self.modes = Counter(
+            "refinery_job_modes",
+            "Finished Generate requests by what they started from (text, img2img, inpaint) and the stages that ran "
+            "(base, base+refiner, refiner: refine-only)",
+            ["mode", "stages"],
             registry=r,
         )
         self.request_time = Histogram(
@@ -105,6 +113,9 @@ class Metrics:
             self.request_time.labels(outcome)
         for stage in Stage:
             self.step_time.labels(stage.value)
+        for mode in ImageMode:
+            for stages in ("base", "base+refiner", "refiner"):
+                self.modes.labels(mode.value, stages)
         self.calls.labels("Generate", "OK")
 
     def add_device(self, name: str, budget_bytes: int) -> None:

@@ -277,9 +277,9 @@ class Batch:
         job = ticket.job
         offset = ticket.batch_offset
         refiner_model = job.refiner.model.canonical if job.refiner is not None else ""
-        branches = [(result.images, Branch.MAIN, shape.base_steps, shape.refiner_steps, refiner_model)]
-        if result.base_only:
-            branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps, 0, ""))
+        branches = [(result.images, Branch.MAIN, shape.base_steps_run, shape.refiner_steps, refiner_model)]
+        if result.base_only:  # the base alone runs every step that runs
+            branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps_run, 0, ""))
 
         def item(
             images: list[PILImage], branch: Branch, base_steps: int, refiner_steps: int, refiner: str, index: int
@@ -303,6 +303,8 @@ class Batch:
                 loras=shape.loras,
                 refiner_loras=shape.refiner_loras if refiner else (),
                 tokens=tokens,
+                mode=shape.mode,
+                first_step=shape.start_index + 1,
             )
 
         items = [item(*branch, index) for branch in branches for index in range(job.number_results)]

@@ -276,6 +276,7 @@ class Scheduler:
         """Count and log a request's outcome (before its client sees the stream end)."""
         outcome = outcome_of(error)
         self.metrics.jobs.labels(outcome).inc()
+        self.metrics.modes.labels(ticket.job.mode.value, _stages(ticket.job)).inc()
         self.metrics.request_time.labels(outcome).observe(time.perf_counter() - ticket.timings.submitted)
         if error is None:
             self.metrics.images.inc(ticket.job.number_results * (2 if ticket.job.compare else 1))
@@ -326,3 +327,10 @@ class Scheduler:
         ticket.loras = loras
         ticket.spec = spec
         self.queue.unblock(ticket)
+
+
+def _stages(job: Job) -> str:
+    """The stages a request runs, as the mode metric labels them."""
+    if job.refiner is None:
+        return "base"
+    return "base+refiner" if job.base_steps_run else "refiner"

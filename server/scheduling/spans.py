@@ -169,8 +169,10 @@ def _request_attributes(ticket: Ticket, outcome: str) -> dict[str, Any]:
         "refinery.model": job.model.canonical,
         "refinery.refiner": job.refiner.model.canonical if job.refiner is not None else "",
         "refinery.steps": job.total_steps,
-        "refinery.base_steps": job.base_steps,
+        "refinery.base_steps": job.base_steps_run,
         "refinery.refiner_steps": job.refiner_steps,
+        "refinery.mode": job.mode.value,
+        "refinery.first_step": job.start_index + 1,
         "refinery.steps_done": ticket.steps_done,
         "refinery.width": job.width,  # 0: the model's native size
         "refinery.height": job.height,

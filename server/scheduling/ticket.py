@@ -153,7 +153,7 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
     label = outcome if error is None or outcome != "failed" else f"failed ({type(error).__name__})"
     log.info(
         "request %s %s: queued %.3fs, loading %.3fs, base %.3fs, refiner %.3fs, decode %.3fs, encode %.3fs; "
-        "step %d/%d (%d+%d%s), %d result(s), model %s, refiner %s",
+        "step %d/%d (%d+%d%s), %s, %d result(s), model %s, refiner %s",
         job.request_id,
         label,
         queued,
@@ -164,9 +164,10 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
         t.encode_s,
         ticket.steps_done,
         job.total_steps,
-        job.base_steps,
+        job.base_steps_run,
         job.refiner_steps,
         f" +{job.refiner_steps} base-only" if job.compare else "",  # compare: the base's own image's steps
+        _mode(job),
         job.number_results,
         job.model,
         job.refiner.model if job.refiner is not None else "-",
@@ -182,11 +183,20 @@ def log_outcome(ticket: Ticket, error: BaseException | None, outcome: str) -> No
                 "encode_s": round(t.encode_s, 4),
             },
             "steps_done": ticket.steps_done,
+            "mode": job.mode.value,
             # The trace's ids (README "Tracing"): the request span's, or the caller's trace id alone when tracing
             # is off but the caller sent a traceparent.
             **(ticket.trace.log_fields() if ticket.trace is not None else {}),
         },
     )
+
+
+def _mode(job: Job) -> str:
+    """The log line's word for what the request started from: "text", or where on the grid an image began."""
+    if job.seed_image is None:
+        return "text"
+    refine_only = " refine-only" if job.refiner is not None and job.base_steps_run == 0 else ""
+    return f"{job.mode.value} from step {job.start_index + 1}/{job.steps}{refine_only}"
 
 
 def _stage_seconds(timings: Timings) -> Callable[[str], float]:
