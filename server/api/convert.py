@@ -42,6 +42,7 @@ _PHASES = {
 ARCHITECTURES: dict[Architecture, models_pb.Architecture] = {
     Architecture.SDXL_BASE: models_pb.ARCHITECTURE_SDXL_BASE,
     Architecture.SDXL_REFINER: models_pb.ARCHITECTURE_SDXL_REFINER,
+    Architecture.SDXL_INPAINT: models_pb.ARCHITECTURE_SDXL_INPAINT,
     Architecture.SD1: models_pb.ARCHITECTURE_SD1,
     Architecture.SD2: models_pb.ARCHITECTURE_SD2,
     Architecture.SD3: models_pb.ARCHITECTURE_SD3,
