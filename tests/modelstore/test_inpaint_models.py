@@ -9,7 +9,10 @@ shapes; the tiny model is the built-in one, as a folder and converted to a civit
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,8 @@ from tests.fixtures.ldm_layout import original_shapes, write_single_file
 from tests.fixtures.tiny import TINY_BASE, TINY_REFINER, file_record
 from tests.modelstore.real_folders import real_diffusers_folder
 
+ROOT = Path(__file__).resolve().parents[2]
+CLI_TIMEOUT_S = 300  # a hang fails the test; never an expectation about speed
 TINY_INPAINT = "builtin:tiny-sdxl-inpaint@1"
 REAL_INPAINT = "SDXL inpainting 0.1"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -201,3 +206,30 @@ def test_it_inpaints_a_64_pixel_image_in_diffusers_inpainting_pipeline(model_sto
     pixels = np.asarray(result)
     assert result.size == (64, 64) and pixels.shape == (64, 64, 3)
     assert np.ptp(pixels) > 0  # a decoded image, not a blank (NaN) one
+
+
+# ---- what an operator sees -------------------------------------------------------------------------------
+
+
+def _refinery_models(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "REFINERY_CACHE_DIR": str(cache)}
+    environment.pop("REFINERY_SERVER", None)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "models", *args],
+        cwd=cache.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+def test_refinery_models_pull_and_list_show_an_inpainting_checkpoint(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    pulled = _refinery_models("pull", TINY_INPAINT, cache=cache)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith(f"pulled {TINY_INPAINT} (SDXL inpainting, ")
+    listed = _refinery_models("list", cache=cache)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:-1]]
+    assert [row[:4] for row in rows] == [[TINY_INPAINT, "checkpoint", "SDXL", "inpainting"]]
