@@ -12,8 +12,8 @@ UploadImage stores one image for later requests (`uploads.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,13 +23,15 @@ import grpc
 from modelstore import Role
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
+from server.api import seed_inputs
 from server.api.access import mark_answered
 from server.api.boundary import ModelField, rpc
 from server.api.convert import generate_responses
+from server.api.image_fields import ImageFieldLimits
 from server.api.stream import AsyncEventStream
 from server.api.uploads import upload_image
 from server.api.validation import job_from_request
-from server.core.domain import ImageResult, Job, JobEvent, StoredImage
+from server.core.domain import ImageResult, Job, JobEvent
 from server.core.errors import DeliveryFailed, ImageError
 from server.core.logs import quoted
 from server.core.settings import Settings
@@ -71,14 +73,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         settings = self._settings
         trace = start_trace(self._tracer, _trace_context(context))
+        held = contextlib.ExitStack()  # the images the request reads: kept on disk past their expiry until it ends
         try:
-            job, stream, ticket = await self._submit(request, context, trace)
+            job, stream, ticket = await self._submit(request, context, trace, held)
         except BaseException as exc:
+            held.close()
             if trace is not None:
                 trace.abandon(exc, request.request_id)
             raise
         try:
-            with self._images.hold(_images_read(job)):  # kept on disk past their expiry until the request ends
+            with held:
                 async for event in stream:
                     event = await self._kept(event, job)
                     for response in generate_responses(job.request_id, event, settings.image_chunk_bytes):
@@ -111,34 +115,43 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return await upload_image(self._images, requests)
 
     async def _submit(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: Trace | None
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        trace: Trace | None,
+        held: contextlib.ExitStack,
     ) -> tuple[Job, AsyncEventStream, Ticket]:
-        """Validate and admit the request (raises what refuses it)."""
+        """Validate and admit the request (raises what refuses it); the images it reads are held in `held`."""
         settings = self._settings
-        validate = functools.partial(
-            job_from_request,
-            request,
-            limits=settings.limits,
-            default_model=settings.default_model,
-            default_refiner=settings.default_refiner,
-            work_limit=self._scheduler.work_limit,
-            local_roots=settings.security.local_model_roots,
-        )
-        # Reading weighting syntax takes compel's parser up to a second or two for a 4000-character prompt: never
-        # on the event loop, which serves every other call. Plain prompts take milliseconds.
-        job = await asyncio.to_thread(validate) if request.prompt_weighting else validate()
+
+        def validate() -> Job:
+            job = job_from_request(
+                request,
+                limits=settings.limits,
+                default_model=settings.default_model,
+                default_refiner=settings.default_refiner,
+                work_limit=self._scheduler.work_limit,
+                local_roots=settings.security.local_model_roots,
+                image_limits=ImageFieldLimits.of(settings.images),
+            )
+            job = seed_inputs.resolve(
+                request, job, self._images, settings.limits, work_limit=self._scheduler.work_limit
+            )
+            # Held from the moment they are found, before the request is admitted: a sweep cannot take them while
+            # it waits in the queue.
+            held.enter_context(self._images.hold(seed_inputs.images_of(job)))
+            return job
+
+        # Reading weighting syntax takes compel's parser up to a second or two for a 4000-character prompt, and an
+        # inline image is written to disk: never on the event loop, which serves every other call. Plain prompts
+        # take milliseconds.
+        slow = request.prompt_weighting or request.HasField("image")
+        job = await asyncio.to_thread(validate) if slow else validate()
         stream = AsyncEventStream()
         remaining = context.time_remaining()
         # A deadline lets the scheduler drop the request while queued instead of running it for nobody.
         deadline = None if remaining is None else time.monotonic() + remaining
         return job, stream, self._scheduler.submit(job, stream, deadline=deadline, trace=trace)
-
-
-def _images_read(job: Job) -> tuple[StoredImage, ...]:
-    seed = job.seed_image
-    if seed is None:
-        return ()
-    return (seed.image,) if seed.mask is None else (seed.image, seed.mask)
 
 
 def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
