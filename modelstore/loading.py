@@ -78,6 +78,9 @@ def load_pipeline(
 ) -> Any:
     """A checked StableDiffusionXLPipeline (`Role.BASE`) or StableDiffusionXLImg2ImgPipeline (`Role.REFINER`).
 
+    An SDXL inpainting model loads as a base like any other: its UNet reads 9 channels
+    (`unet.config.in_channels`), and the caller builds diffusers' inpainting pipeline from its components.
+
     `dtype` None means `preferred_dtype(device)`. `components` are modules already on `device` to use instead
     of loading those parts (e.g. the VAE and OpenCLIP encoder a refiner shares with its base); the caller
     vouches that they hold the same weights. Raises WrongArchitecture when the weights cannot serve `role`,
