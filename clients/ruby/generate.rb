@@ -11,25 +11,12 @@ require "google/protobuf/well_known_types"
 require "google/rpc/error_details_pb" # from googleapis-common-protos-types, which ruby-grpc depends on
 require "refinery/v1/generation_services_pb"
 require "image_assembler"
+require "refinery_metadata"
 
 target = ARGV[0] || "localhost:50051"
 out = ARGV[1] || "lighthouse.png"
 # The default 4 MiB receive limit is enough: Refinery sends images over 3 MiB in chunks.
 stub = Refinery::V1::GenerationService::Stub.new(target, :this_channel_is_insecure)
-
-# Every call says which model pair it wants, so that a load balancer can send it to a replica that already
-# holds the pair: "<model>+<refiner model>" as given in the request ("" for the server's default), with every
-# byte outside [A-Za-z0-9:@+/._~-] percent-encoded. The token, if the server asks for one, goes along.
-def metadata(request)
-  pair = "#{request.model}+#{request.refiner&.model}".b.gsub(%r{[^A-Za-z0-9:@+/._~-]}) { |c| format("%%%02X", c.ord) }
-  token = ENV.fetch("REFINERY_TOKEN", "")
-  headers = token.empty? ? { "refinery-pair" => pair } : { "refinery-pair" => pair, "authorization" => "Bearer #{token}" }
-  # Tracing: with W3C trace context in the call, the server's spans join the caller's trace. An OpenTelemetry
-  # caller writes it with `OpenTelemetry.propagation.inject(headers)`; here a traceparent from the environment
-  # (TRACEPARENT="00-<32 hex trace id>-<16 hex span id>-01") stands in for it.
-  traceparent = ENV.fetch("TRACEPARENT", "")
-  traceparent.empty? ? headers : headers.merge("traceparent" => traceparent)
-end
 
 request = Refinery::V1::GenerateRequest.new(
   request_id: "example-ruby-1", # echoed on every response and in the server's log; empty: one is assigned
@@ -59,7 +46,7 @@ def report(image)
   end
 end
 images = ImageAssembler.new
-stub.generate(request, metadata: metadata(request), deadline: Time.now + 600).each do |response|
+stub.generate(request, metadata: RefineryMetadata.for(request), deadline: Time.now + 600).each do |response|
   case response.event
   when :queued
     puts "queued: position #{response.queued.position} of #{response.queued.queue_depth}"
@@ -81,7 +68,7 @@ images.finish
 bad = Refinery::V1::GenerateRequest.new(positive_prompt: "a cat", steps: 20,
                                         refiner: Refinery::V1::Refiner.new(start_step: 30))
 begin
-  stub.generate(bad, metadata: metadata(bad)).each { |_| nil }
+  stub.generate(bad, metadata: RefineryMetadata.for(bad)).each { |_| nil }
   abort "the server accepted a bad request"
 rescue GRPC::BadStatus => e
   puts "refused: #{e.code} (#{e.class.name.split('::').last}): #{e.details}"

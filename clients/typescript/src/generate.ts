@@ -13,11 +13,11 @@ import {
   GenerationService,
   PromptWeighting,
   Stage,
-  type GenerateRequest,
   type Image,
   type Lora,
 } from "./gen/refinery/v1/generation_pb.js";
 import { ImageAssembler } from "./image_assembler.js";
+import { headers } from "./metadata.js";
 
 const [target = "localhost:50051", out = "lighthouse.png"] = process.argv.slice(2);
 
@@ -28,27 +28,6 @@ const transport = createGrpcTransport({
   readMaxBytes: 4 << 20,
 });
 const client = createClient(GenerationService, transport);
-
-// Every call says which model pair it wants, so that a load balancer can send it to a replica that already
-// holds the pair: "<model>+<refiner model>" as given in the request ("" for the server's default), with
-// every byte outside [A-Za-z0-9:@+/._~-] percent-encoded. The token, if the server asks for one, goes along.
-function headers(request: GenerateRequest): Record<string, string> {
-  const pair = `${request.model}+${request.refiner?.model ?? ""}`;
-  const encoded = Array.from(new TextEncoder().encode(pair), (byte) => {
-    const c = String.fromCharCode(byte);
-    return /[A-Za-z0-9:@+\/._~-]/.test(c) ? c : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
-  }).join("");
-  const token = process.env.REFINERY_TOKEN;
-  // Tracing: with W3C trace context in the call, the server's spans join the caller's trace. An OpenTelemetry
-  // caller writes it with `propagation.inject(context.active(), headers)` from @opentelemetry/api; here a
-  // traceparent from the environment (TRACEPARENT="00-<32 hex trace id>-<16 hex span id>-01") stands in for it.
-  const traceparent = process.env.TRACEPARENT;
-  return {
-    "refinery-pair": encoded,
-    ...(token ? { authorization: `Bearer ${token}` } : {}),
-    ...(traceparent ? { traceparent } : {}),
-  };
-}
 
 async function generate(): Promise<void> {
   const request = create(GenerateRequestSchema, {
