@@ -45,6 +45,7 @@ from server.core.settings import Security
 _ARCHITECTURES = {
     Architecture.SDXL_BASE: "SDXL base",
     Architecture.SDXL_REFINER: "SDXL refiner",
+    Architecture.SDXL_INPAINT: "SDXL inpainting",
     Architecture.SD1: "SD 1.x",
     Architecture.SD2: "SD 2.x",
     Architecture.SD3: "SD 3",

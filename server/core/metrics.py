@@ -57,13 +57,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.modes = Counter(
-            "refinery_job_modes",
-            "Finished Generate requests by what they started from (text, img2img, inpaint) and the stages that ran "
-            "(base, base+refiner, refiner: refine-only)",
-            ["mode", "stages"],
-            registry=r,
-        )
+        self.modes = _modes_counter(r)
         self.request_time = Histogram(
             "refinery_request_seconds",
             "Generate requests from admission to their end, by outcome",
@@ -136,6 +130,16 @@ class Metrics:
         the port is taken."""
         registry = self.registry
         return HttpEndpoint(host, port, "/metrics", lambda: (generate_latest(registry), CONTENT_TYPE_LATEST))
+
+
+def _modes_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "refinery_job_modes",
+        "Finished Generate requests by what they started from (text, img2img, inpaint) and the stages that ran "
+        "(base, base+refiner, refiner: refine-only)",
+        ["mode", "stages"],
+        registry=registry,
+    )
 
 
 def _version() -> str:

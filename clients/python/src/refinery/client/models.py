@@ -25,6 +25,7 @@ class Architecture(StrEnum):
     UNSPECIFIED = "unspecified"
     SDXL_BASE = "sdxl_base"
     SDXL_REFINER = "sdxl_refiner"
+    SDXL_INPAINT = "sdxl_inpaint"  # a 9-channel SDXL inpainting base: it needs an image and a mask
     SD1 = "sd1"
     SD2 = "sd2"
     SD3 = "sd3"
