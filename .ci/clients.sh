@@ -5,8 +5,9 @@
 #   3. the Python client in a clean virtual environment without torch, and its tests;
 #   4. the TypeScript and Ruby chunk helpers' tests;
 #   5. a real `refinery serve` on loopback (tiny models, CPU, from the project's .venv), and each language's
-#      example against it: a refined generation streamed and saved as a PNG, and a bad request whose
-#      google.rpc.BadRequest is decoded.
+#      examples against it: a refined generation streamed and saved as a PNG, and a bad request whose
+#      google.rpc.BadRequest is decoded; then that PNG uploaded through UploadImage (client-streaming) and
+#      img2img run over it with a refiner, the result kept on the server and saved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -77,29 +78,60 @@ sys.exit("the server did not become ready")
 EOF
 
 passed=0
-example() {  # NAME COMMAND...: the command gets HOST:PORT OUT.png
-  local name=$1 out="$work/$1.png"
-  shift
-  if ! "$@" "127.0.0.1:$port" "$out" >"$work/$name.log" 2>&1; then
-    cat "$work/$name.log" >&2
-    echo "clients: the $name example failed" >&2
-    exit 1
-  fi
-  # A PNG of the tiny models' 64x64, and the bad request's field named from its BadRequest detail.
-  python3 - "$out" <<'EOF' || { cat "$work/$name.log" >&2; exit 1; }
+check_png() {  # NAME: the example's output is a PNG of the tiny models' 64x64
+  python3 - "$work/$1.png" <<'EOF' || { cat "$work/$1.log" >&2; exit 1; }
 import struct, sys
 data = open(sys.argv[1], "rb").read()
 assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (64, 64), "not a 64x64 PNG"
 EOF
-  grep -q "^  refiner.start_step: must be in 2..steps" "$work/$name.log" || {
-    cat "$work/$name.log" >&2
-    echo "clients: the $name example did not decode the BadRequest" >&2
+}
+expect() {  # NAME PATTERN WHAT: the example's log has a line matching PATTERN
+  grep -q "$2" "$work/$1.log" || {
+    cat "$work/$1.log" >&2
+    echo "clients: the $1 example did not $3" >&2
     exit 1
   }
-  echo "$name example: streamed, saved $(stat -c %s "$out") bytes of PNG, decoded the BadRequest"
+}
+run_example() {  # NAME COMMAND...
+  local name=$1
+  shift
+  if ! "$@" >"$work/$name.log" 2>&1; then
+    cat "$work/$name.log" >&2
+    echo "clients: the $name example failed" >&2
+    exit 1
+  fi
+}
+example() {  # NAME COMMAND...: the command gets HOST:PORT OUT.png
+  local name=$1
+  shift
+  run_example "$name" "$@" "127.0.0.1:$port" "$work/$name.png"
+  check_png "$name"
+  expect "$name" "^  refiner.start_step: must be in 2..steps" "decode the BadRequest"
+  echo "$name example: streamed, saved $(stat -c %s "$work/$name.png") bytes of PNG, decoded the BadRequest"
+  passed=$((passed + 1))
+}
+# 20 steps at strength 0.5 run the last 10 of the 20-step grid (11..20); the refiner at 90 % takes 19..20.
+img2img() {  # NAME COMMAND...: the command gets HOST:PORT OUT.png IN.png (the Python example's result)
+  local name=$1
+  shift
+  run_example "$name" "$@" "127.0.0.1:$port" "$work/$name.png" "$work/python.png"
+  check_png "$name"
+  expect "$name" "^uploaded .* as sha256:[0-9a-f]\{64\} (64x64" "upload its input"
+  expect "$name" "^img2img from step 11: 8 base + 2 refiner steps$" "run img2img on the grid's steps 11..20"
+  expect "$name" "^kept as sha256:[0-9a-f]\{64\}$" "have its result kept"
+  local steps
+  steps=$(grep -c '^step ' "$work/$name.log")
+  [ "$steps" -eq 10 ] || { cat "$work/$name.log" >&2; echo "clients: $name streamed $steps steps, not 10" >&2; exit 1; }
+  echo "$name img2img example: uploaded, 10 steps streamed, result kept and saved"
   passed=$((passed + 1))
 }
 example python "$work/venv/bin/python" clients/python/examples/generate.py
 example typescript node clients/typescript/dist/generate.js
 example ruby ruby clients/ruby/generate.rb
+img2img python-img2img "$work/venv/bin/python" clients/python/examples/img2img.py
+img2img typescript-img2img node clients/typescript/dist/img2img.js
+img2img ruby-img2img ruby clients/ruby/img2img.rb
+# One request, three languages: the same seed over the same image gives the same PNG, so the same reference.
+kept=$(grep -h '^kept as ' "$work"/*-img2img.log | sort -u | wc -l)
+[ "$kept" -eq 1 ] || { grep -h '^kept as ' "$work"/*-img2img.log >&2; echo "clients: the img2img results differ" >&2; exit 1; }
 echo "clients: $passed passed, 0 failed"
