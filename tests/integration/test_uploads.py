@@ -195,6 +195,21 @@ def test_a_stream_that_disagrees_with_its_header_keeps_nothing(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and _field_of(err) == field and text in err.details()
 
 
+def test_a_message_over_the_request_limit_ends_the_upload_and_keeps_nothing(start: Callable[..., Uploads]) -> None:
+    """Each message is a request of its own for the 128 KiB limit: a client may send the bytes in pieces of up to
+    that (64 KiB is what the clients send), and a larger piece is refused before it is buffered."""
+    server = start()
+    data = noise_png()
+    assert server.upload(upload_messages(data, chunk=128 * KiB - 16)).size_bytes == len(data)
+    before = server.files()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.upload(upload_messages(noise_png(seed=1), chunk=200 * KiB))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (caught.value.details() or "")
+    # gRPC ends the call itself, so the client may hear of it before the server has cleaned up.
+    _wait_until(lambda: server.files() == before, "nothing of the refused upload is left")
+
+
 def test_a_stream_without_its_header_first_is_refused(start: Callable[..., Uploads]) -> None:
     server = start()
     err = server.refusal(iter([pb.UploadImageRequest(data=encoded())]))
