@@ -6,8 +6,9 @@ from the wire or the encoder to a temporary file, are checked from the file's he
 renamed into place whole (`files.py`).
 
 - Time: every image expires (`default_keep_s` unless asked, never beyond `max_keep_s`); an expired image is not
-  found, and is deleted by `sweep` (at start, before a write that would not fit, when a hold ends, and as a put
-  passes the next expiry). Storing the same bytes again keeps them until the later of the two expiries.
+  found, and is deleted by `sweep` (at start, before a write that would not fit, and once due: as a put passes
+  the next expiry, and from the server's periodic `sweep_if_due`). Storing the same bytes again keeps them until
+  the later of the two expiries.
 - Use: `hold(images)` for the life of a request keeps them on disk past their expiry until it ends.
 - Space: stored images plus uploads in flight stay within `quota_bytes`; a write that does not fit after the
   sweep is refused (ImageStoreFull) before any byte is written, with the time until the next expiry.
@@ -220,8 +221,9 @@ class ImageStore:
 
     @contextlib.contextmanager
     def hold(self, images: Iterable[StoredImage]) -> Iterator[None]:
-        """Keep `images` on disk while the block runs (a request reading them), even past their expiry; an
-        image that expired meanwhile is deleted when the last hold on it ends."""
+        """Keep `images` on disk while the block runs (a request reading them), even past their expiry. An image
+        that expired meanwhile is deleted by the next sweep once the last hold on it ends (not by the release
+        itself, which runs on the event loop and must not wait for the disk)."""
         digests = [digest_of(image.reference) for image in images]
         with self._lock:
             for digest in digests:
@@ -229,14 +231,14 @@ class ImageStore:
         try:
             yield
         finally:
+            now = self._clock()
             with self._lock:
                 for digest in digests:
                     self._held[digest] -= 1
                     if not self._held[digest]:
                         del self._held[digest]
-                expired = any(self._expired(d, self._clock()) for d in digests)
-            if expired:
-                self.sweep()
+                if any(self._expired(digest, now) for digest in digests):
+                    self._next_expiry = now  # due: the next put, or the server's minute sweep, deletes it
 
     def sweep_if_due(self) -> int:
         """`sweep`, when an image has expired since the last one (cheap otherwise: one comparison)."""

@@ -88,6 +88,8 @@ def test_a_hold_keeps_an_expired_image_on_disk_until_it_ends(store: ImageStore, 
         assert store.sweep() == 0 and stored.path.exists()
         with pytest.raises(ImageNotFound):  # but no new request may name it
             store.find(stored.reference)
+        assert store.sweep_if_due() == 0 and stored.path.exists()
+    assert store.sweep_if_due() == 1  # the next sweep, once the last hold ended
     assert not stored.path.exists() and files_in(store) == []
 
 
