@@ -144,10 +144,15 @@ class ImageStore:
         except BadImage as exc:
             raise exc.at(KEEP_FOR) from None
         with contextlib.ExitStack() as stack:
-            try:  # in a thread: making room may sweep, which waits for a commit's fsync
-                await asyncio.to_thread(stack.enter_context, self.reserved(upload.size_bytes))
+            try:
+                self._check_size(upload.size_bytes)
+                if not self._reserve(upload.size_bytes):
+                    await asyncio.to_thread(self.sweep)  # in a thread: it may wait for another write's fsync
+                    if not self._reserve(upload.size_bytes):
+                        raise self._full(upload.size_bytes)
             except ImageStoreFull as exc:
                 raise exc.at(SIZE) from None
+            stack.callback(self._release, upload.size_bytes)  # no await since the room was taken: never leaked
             writer = TempWriter(self.directory, upload)
             stack.callback(writer.close)  # however the stream ends: on success the file was renamed away
             async for chunk in chunks:
@@ -163,9 +168,7 @@ class ImageStore:
     def reserved(self, size: int) -> Iterator[None]:
         """Room for `size` bytes while a write of them is in flight. ImageStoreFull at once when there is none
         (over the limit per image, or over the quota after sweeping what expired)."""
-        limit = self.limits.image.max_bytes
-        if size > limit:
-            raise ImageStoreFull(f"the image is {size} bytes; this server stores at most {limit} bytes per image")
+        self._check_size(size)
         if not self._reserve(size):
             self.sweep()
             if not self._reserve(size):
@@ -173,8 +176,16 @@ class ImageStore:
         try:
             yield
         finally:
-            with self._lock:
-                self._reserved -= size
+            self._release(size)
+
+    def _check_size(self, size: int) -> None:
+        limit = self.limits.image.max_bytes
+        if size > limit:
+            raise ImageStoreFull(f"the image is {size} bytes; this server stores at most {limit} bytes per image")
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
 
     def _reserve(self, size: int) -> bool:
         with self._lock:
