@@ -36,6 +36,10 @@ run goes on), the JSON rewritten after each to $OUT/gpu_sdxl.json and benchmarks
    server may read (--local-models); on the eager service and on the tuned one with --fuse-qkv off (fused
    projections refuse LoRAs), the earlier services stopped: benchmarks/bench_loras.py's a and b, interleaved
    with the no-LoRA request. `--only loras` runs these alone (with building A and R).
+11. images eager, images tuned (issue 18): benchmarks/bench_image_inputs.py's a and b at full size, the earlier
+   services stopped: img2img at strength 0.5 against text-to-image with the same steps (goal <= 0.6x), inpainting
+   (a mask repainting the centre quarter) against img2img, without and with the refiner, interleaved; the input
+   a noise PNG uploaded once (UploadImage, 64 KiB messages). `--only images` runs these alone.
 Every per-image figure is also given as a multiple of the 0.42 s arithmetic floor (full size only).
 """
 
@@ -55,7 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _loras, _phases, _quality
+from benchmarks import _image_inputs, _loras, _phases, _quality
 from benchmarks._direct import Direct
 from benchmarks._profile import device_profile
 from benchmarks._quick import parse_args
@@ -259,6 +263,26 @@ def lora_phase(run: Run) -> None:
             run.stop(service)
 
 
+def images_phase(run: Run) -> None:
+    report, args = run.report, run.args
+    for service in list(run.services):  # this section's servers alone on the device
+        run.stop(service)
+    for prefix in ("eager", "tuned"):
+        with report.section(f"images {prefix}", needs_s=args.needs_s * 4) as go:
+            if not go:
+                continue
+            service = run.service(EAGER if prefix == "eager" else run.tuned_flags())
+            if prefix == "tuned" and run.compiles():
+                deadline = time.monotonic() + report.left_s() - args.needs_s * 3
+                report.put(images_tuned_compiled=service.wait_compiled(deadline))
+            measure = argparse.Namespace(**{**vars(args), "warmup": 1, "strength": 0.5, "inpaint_model": ""})
+            figures = _image_inputs.modes(service, measure)
+            # Random fp16 weights may give NaN (black) images alike for every mode: problems, not a failure.
+            report.put(**{f"images_{prefix}": figures})
+            log(f"images {prefix}: {figures['ratios']}; problems: {figures['problems'] or 'none'}")
+            run.stop(service)
+
+
 def main() -> None:
     args = _arguments()
     run = Run(args)
@@ -271,12 +295,15 @@ def main() -> None:
     watchdog.start()
     try:
         run.folders = build_pair(run.workdir / "models", args)
-        if args.only != "loras":
+        if args.only is None:
             eager_phase(run)
             tuned = tuned_phase(run)
             hand_run_phase(run, tuned)
             restart_phase(run, tuned)
-        lora_phase(run)
+        if args.only in (None, "loras"):
+            lora_phase(run)
+        if args.only in (None, "images"):
+            images_phase(run)
     finally:
         run.close()
         watchdog.cancel()
@@ -329,7 +356,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--cpu-compile", default="default", help="torch.compile mode of the tuned CPU runs (off: none)")
     parser.add_argument("--py-spy-s", type=float, default=6.0, help="py-spy sampling of the tuned server (0: off)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--only", choices=["loras"], default=None, help="only these sections (and building A and R)")
+    parser.add_argument(
+        "--only", choices=["loras", "images"], default=None, help="only these sections (and building A and R)"
+    )
     quick = {"smoke": True, "steps": 10, "reps": 1, "concurrent": 2, "py_spy_s": 0.0, "cpu_compile": "off"}
     args = parse_args(parser, quick)
     args.device = args.device or ("cpu" if args.smoke else "cuda:0")
