@@ -70,13 +70,16 @@ class GenerationServiceServicer:
     def UploadImage(self, request_iterator, context):
         """UploadImage stores an image for later requests to name (GenerateRequest.image / mask), so a request stays
         small however large its image. The first message is the header (its size, and optionally its sha256 and
-        how long to keep it); the bytes follow in messages of any size. The image is stored on the server's cache
-        volume by content hash, never held whole in memory, and answered with a reference ("sha256:<hex>").
+        how long to keep it); the bytes follow in messages of at most 128 KiB each (the server's request limit; 64
+        KiB of data a message is a good size; a larger message is RESOURCE_EXHAUSTED and nothing is kept). The image
+        is stored on the server's cache volume by content hash, never held whole in memory, and answered with a
+        reference ("sha256:<hex>"). Each replica has its own store: send the same pair header as the Generate that
+        will name it, so both reach the same replica (clients/README.md).
         Nothing is kept unless the stream ends whole: a stream that ends early, is cancelled or disagrees with its
         header keeps nothing. Errors: INVALID_ARGUMENT naming the field (not PNG/JPEG/WebP, a decompression bomb
         refused from its header, sides not multiples of 8 or over the server's limits, a size or sha256 that
         does not match the bytes), RESOURCE_EXHAUSTED (over the image store's quota, or the file over its byte
-        limit). Needs the generation token, like Generate.
+        limit), UNAUTHENTICATED without the generation token (needed as for Generate).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
