@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from server.generation.runner import native_size
     from server.generation.runner import run as run_pair
     from server.generation.split import MIN_REFINER_TOTAL_STEPS, base_step_count, min_start_step, start_index
+    from server.generation.stepper import Stepper, join_key
     from server.generation.steps import StepState
     from server.generation.tuning import Tuning, tune_pipeline, tuning_for
 
@@ -41,6 +42,8 @@ _NAMES = {
     "RunResult": "results:RunResult",
     "StageTimings": "results:StageTimings",
     "StepState": "steps:StepState",
+    "Stepper": "stepper:Stepper",
+    "join_key": "stepper:join_key",
     "native_size": "runner:native_size",
     "run_pair": "runner:run",
     "MIN_REFINER_TOTAL_STEPS": "split:MIN_REFINER_TOTAL_STEPS",
@@ -66,11 +69,13 @@ __all__ = [
     "StageLoras",
     "StageTimings",
     "StepState",
+    "Stepper",
     "Tuning",
     "base_step_count",
     "configure_cache",
     "encode_image",
     "encode_preview",
+    "join_key",
     "latents_to_images",
     "min_start_step",
     "native_size",

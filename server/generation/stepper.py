@@ -125,9 +125,11 @@ class Stepper:
         self._members.pop(key, None)
         self._decoding.pop(key, None)
 
-    def tick(self) -> None:
-        """Advance every active lane one step: one call per UNet, then each request's own bookkeeping."""
+    def tick(self) -> dict[Stage, float]:
+        """Advance every active lane one step: one call per UNet, then each request's own bookkeeping. Returns
+        the seconds each stage's call took."""
         members = list(self._members.values())
+        took: dict[Stage, float] = {}
         with torch.no_grad():
             for stage, unet in ((Stage.BASE, self.pair.base.unet), (Stage.REFINER, self._refiner_unet())):
                 stepping = [(m, lane) for m in members for lane in m.active(stage)]
@@ -137,9 +139,10 @@ class Stepper:
                 noise = lane_ops.unet_noise(unet, [lane for _, lane in stepping])
                 for (_, lane), rows in zip(stepping, noise, strict=True):
                     lane.step(rows)
-                seconds = time.perf_counter() - started
+                seconds = took[stage] = time.perf_counter() - started
                 for member in {id(m): m for m, _ in stepping}.values():
                     self._after_step(member, stage, seconds)
+        return took
 
     def collect(self, *, wait: bool = False) -> list[Finished]:
         """The requests whose images are decoded (with `wait`, once every decode in flight has ended)."""

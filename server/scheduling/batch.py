@@ -16,12 +16,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-from PIL.Image import Image as PILImage
 
 from modelstore.errors import ModelStoreError
 from server.core.domain import (
-    Branch,
-    ImageResult,
     JobEvent,
     LoadPhase,
     ModelLoading,
@@ -30,7 +27,6 @@ from server.core.domain import (
     Progress,
     RenderShape,
     Sample,
-    Stage,
 )
 from server.core.errors import DeadlineExceeded, JobCancelled, OutOfDeviceMemory, ServerError
 from server.core.metrics import Metrics
@@ -45,7 +41,7 @@ from server.generation import (
     latents_to_images,
     native_size,
 )
-from server.scheduling.delivery import Delivery, Item
+from server.scheduling.delivery import Delivery, results_delivery
 from server.scheduling.devices import DeviceSpec
 from server.scheduling.pace import Shape, shape_of
 from server.scheduling.pairs import ModelSpec
@@ -251,61 +247,29 @@ class Batch:
                 self._preview(ticket, state, latents)
 
     def _preview(self, ticket: Ticket, state: StepState, latents: torch.Tensor) -> None:
-        start = ticket.batch_offset
-        images = latents_to_images(latents[start : start + ticket.job.number_results])
-        for index, image in enumerate(images):
-            ticket.sink.emit(
-                Preview(
-                    stage=state.stage,
-                    step=state.step,
-                    overall_step=state.overall_step,
-                    image_index=index,
-                    data=encode_preview(image),
-                    mime_type=PREVIEW_MIME,
-                    width=image.width,
-                    height=image.height,
-                    branch=state.branch,
-                )
-            )
-
-    # ---- delivery: on the encoder threads (or the worker's, with encode_threads 0) ---------------------
+        for event in preview_events(ticket, state, latents):
+            ticket.sink.emit(event)
 
     def _delivery(self, ticket: Ticket, shape: RenderShape, samples: list[Sample], result: RunResult) -> Delivery:
-        """Encode and send one request's images (each its own task, sent in order), then end it. With compare,
-        every base-only image first, then the refined ones: a client that ignores `branch` and keeps the last
-        image per index keeps the refined one."""
-        job = ticket.job
-        offset = ticket.batch_offset
-        refiner_model = job.refiner.model.canonical if job.refiner is not None else ""
-        branches = [(result.images, Branch.MAIN, shape.base_steps_run, shape.refiner_steps, refiner_model)]
-        if result.base_only:  # the base alone runs every step that runs
-            branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps_run, 0, ""))
+        """Encode and send one request's images on the encoder threads (or the worker's, with encode_threads 0)."""
+        return results_delivery(ticket, shape, samples, result, encode=self._worker.encode, finish=self._host.finish)
 
-        def item(
-            images: list[PILImage], branch: Branch, base_steps: int, refiner_steps: int, refiner: str, index: int
-        ) -> Item:
-            image = images[offset + index]
-            tokens = result.tokens[offset + index] if result.tokens else ()
-            if branch is Branch.BASE_ONLY:  # the base's image alone: nothing of the refiner's made it
-                tokens = tuple(t for t in tokens if t.stage is Stage.BASE)
-            return image, lambda data: ImageResult(
-                data=data,
-                mime_type=job.output_format.mime_type,
-                seed=samples[offset + index].seed,
-                index=index,
-                width=image.width,
-                height=image.height,
-                base_steps=base_steps,
-                refiner_steps=refiner_steps,
-                model=job.model.canonical,
-                refiner_model=refiner,
-                branch=branch,
-                loras=shape.loras,
-                refiner_loras=shape.refiner_loras if refiner else (),
-                tokens=tokens,
-                mode=shape.mode,
-                first_step=shape.start_index + 1,
-            )
 
-        items = [item(*branch, index) for branch in branches for index in range(job.number_results)]
-        return Delivery(ticket, items, encode=self._worker.encode, finish=self._host.finish)
+def preview_events(ticket: Ticket, state: StepState, latents: torch.Tensor) -> list[Preview]:
+    """`ticket`'s previews of a step: its own images of the step's latents (it starts at its batch offset)."""
+    start = ticket.batch_offset
+    images = latents_to_images(latents[start : start + ticket.job.number_results])
+    return [
+        Preview(
+            stage=state.stage,
+            step=state.step,
+            overall_step=state.overall_step,
+            image_index=index,
+            data=encode_preview(image),
+            mime_type=PREVIEW_MIME,
+            width=image.width,
+            height=image.height,
+            branch=state.branch,
+        )
+        for index, image in enumerate(images)
+    ]

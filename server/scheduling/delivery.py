@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from server.core.domain import ImageResult
-from server.generation import Encoder
+from server.core.domain import Branch, ImageResult, RenderShape, Sample, Stage
+from server.generation import Encoder, RunResult
 from server.scheduling.ticket import Ticket
 
 log = logging.getLogger(__name__)
@@ -80,3 +80,52 @@ class Delivery:
             make_event = self._items[self._next][1]
             self._ticket.sink.emit(make_event(self._encoded.pop(self._next)))
             self._next += 1
+
+
+def results_delivery(
+    ticket: Ticket,
+    shape: RenderShape,
+    samples: list[Sample],
+    result: RunResult,
+    *,
+    encode: Encoder,
+    finish: Callable[[Ticket, BaseException | None], None],
+) -> Delivery:
+    """Encode and send one request's images (each its own task, sent in order), then end it. With compare,
+    every base-only image first, then the refined ones: a client that ignores `branch` and keeps the last
+    image per index keeps the refined one."""
+    job = ticket.job
+    offset = ticket.batch_offset
+    refiner_model = job.refiner.model.canonical if job.refiner is not None else ""
+    branches = [(result.images, Branch.MAIN, shape.base_steps_run, shape.refiner_steps, refiner_model)]
+    if result.base_only:  # the base alone runs every step that runs
+        branches.insert(0, (result.base_only, Branch.BASE_ONLY, shape.steps_run, 0, ""))
+
+    def item(
+        images: list[Image.Image], branch: Branch, base_steps: int, refiner_steps: int, refiner: str, index: int
+    ) -> Item:
+        image = images[offset + index]
+        tokens = result.tokens[offset + index] if result.tokens else ()
+        if branch is Branch.BASE_ONLY:  # the base's image alone: nothing of the refiner's made it
+            tokens = tuple(t for t in tokens if t.stage is Stage.BASE)
+        return image, lambda data: ImageResult(
+            data=data,
+            mime_type=job.output_format.mime_type,
+            seed=samples[offset + index].seed,
+            index=index,
+            width=image.width,
+            height=image.height,
+            base_steps=base_steps,
+            refiner_steps=refiner_steps,
+            model=job.model.canonical,
+            refiner_model=refiner,
+            branch=branch,
+            loras=shape.loras,
+            refiner_loras=shape.refiner_loras if refiner else (),
+            tokens=tokens,
+            mode=shape.mode,
+            first_step=shape.start_index + 1,
+        )
+
+    items = [item(*branch, index) for branch in branches for index in range(job.number_results)]
+    return Delivery(ticket, items, encode=encode, finish=finish)
