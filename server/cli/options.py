@@ -283,6 +283,13 @@ def png_level(text: str) -> int:
     return value
 
 
+BATCHING_MODES = ("continuous", "static")
+
+
+def batching(text: str) -> str:
+    return _one_of(text, BATCHING_MODES)
+
+
 def _one_of(text: str, choices: tuple[str, ...]) -> str:
     value = text.strip().lower()
     if value not in choices:

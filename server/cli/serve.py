@@ -70,6 +70,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     flag("--max-queue", "REFINERY_MAX_QUEUE", options.positive, "64", "requests that may wait (default 64)")
     flag("--max-batch", "REFINERY_MAX_BATCH", options.positive, "4", "images denoised together (default 4; 1 = off)")
     flag(
+        "--batching",
+        "REFINERY_BATCHING",
+        options.batching,
+        "continuous",
+        "continuous: requests join a running batch at the next step (default); static: a batch runs to its end",
+    )
+    flag(
         "--encode-threads",
         "REFINERY_ENCODE_THREADS",
         options.non_negative,
@@ -271,6 +278,7 @@ def server_settings(args: argparse.Namespace, env: Mapping[str, str], *, in_proc
         pins=pins if pins is not None else (PairKey(args.model, args.refiner),),
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        batching=args.batching,
         encode_threads=args.encode_threads,
         budget_bytes=args.budget,
         metrics_port=args.metrics_port,

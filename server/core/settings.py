@@ -153,8 +153,12 @@ class Settings:
     pins: tuple[PairKey, ...] = (DEFAULT_PAIR,)
     # Requests waiting for a device; beyond this a request is refused at once (RESOURCE_EXHAUSTED + RetryInfo).
     max_queue: int = 64
-    # Images denoised together (requests with the same pair and shape); 1 turns batching off.
+    # Images denoised together (requests with the same pair and shape); 1 turns batching off. With continuous
+    # batching, the most images in flight on a device at once.
     max_batch: int = 4
+    # "continuous": requests join a running batch at the next step boundary and leave when done (README
+    # "Batching"); "static": a batch is formed when a device is free and runs to its end.
+    batching: str = "continuous"
     # Threads that encode finished images (PNG/JPEG/WebP) and send them while the device already denoises its
     # next batch: a 1024x1024 PNG takes about 0.17 s of CPU, 8 % of a request on an H200. 0 encodes on the
     # device worker's own thread (no overlap; for machines short of CPU cores).
