@@ -182,7 +182,7 @@ def test_generate_reports_bad_fields_in_one_line(tmp_path: Path, server: ServerT
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: INVALID_ARGUMENT: refiner.start_step: must be in 2..steps (2..20), got 30"
+        "error: INVALID_ARGUMENT: refiner.start_step: must be in 2..steps (2..20 without an image), got 30"
     )
     assert not (tmp_path / "out.png").exists()
 
