@@ -1,9 +1,12 @@
 """The `refinery` command.
 
     refinery serve [--host H] [--port P] [--devices D[,D...]] [--model AIR] [--refiner AIR|none]
-                   [--pin BASE[+REFINER]]... [--max-queue N] [--max-batch N] [--budget SIZE] [--metrics-port P]
+                   [--pin BASE[+REFINER]]... [--max-queue N] [--max-batch N] [--batching continuous|static]
+                   [--budget SIZE] [--metrics-port P]
     refinery generate PROMPT [--refiner AIR] [--refiner-start 90%|STEP] [--steps N] [--seed S] [--size WxH]
                              [-n N] [--scheduler NAME] [--format png|jpeg|webp] [-o PATH] [--server ADDR]
+                             [--image PATH|REF [--strength S] [--mask PATH|REF [--mask-blur N] [--mask-margin N]]
+                              [--refine-only] [--keep DURATION]]
     refinery models pull AIR [--pin] | list | rm AIR | pin AIR | unpin AIR  [--server ADDR]
     refinery status | pin BASE[+REFINER] | unpin BASE[+REFINER]  [--server ADDR]
     refinery proto --out DIR
