@@ -12,62 +12,77 @@ tickets; the tests' strings).
   priority.
 - Items whose deadline passes while queued are removed and reported by `expire`, never reaching a device.
 
+Indexed, so that the queue's length costs a worker little (issue 19, "placement that scales"): the chooser gets
+the runnable items as `Runnable` (runnable.py), whose index answers placement in O(log n) amortised; the batch
+that follows, `cancel`, `unblock` and each expired item cost O(log n) to find; the counts behind `depth_by_priority`
+and `waiting_pairs` are kept, not counted. What stays linear is owed to the items themselves: the `on_position`
+calls when positions change (the items behind a change move, and each is told), one memmove of the list
+of places (pointers, microseconds at 10,000), and `snapshot` / `close`, which return every item.
+
 Thread-safe: the event loop submits and cancels, worker threads take.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from server.core.errors import Overloaded
+from server.scheduling.ordered import Key, Ordered
+from server.scheduling.runnable import Runnable
+from server.scheduling.waiting import PositionCallback, Waiting
+
+__all__ = ["AdmissionQueue", "Chooser", "PositionCallback", "Runnable", "Waiting"]
 
 T = TypeVar("T")
 
-PositionCallback = Callable[[int, int], None]  # (position, depth)
+Chooser = Callable[[Runnable[T]], Waiting[T] | None]
 
 
-@dataclass(eq=False)
-class Waiting(Generic[T]):
-    """An item's place in the queue, as `take`'s chooser sees it."""
-
-    item: T
-    priority: int = 0
-    # Items with equal batch keys may run as one batch; None never batches.
-    batch_key: Hashable | None = None
-    # The pair of models the item needs: for affinity and so that no device evicts what a queued item needs.
-    pair: Hashable | None = None
-    deadline: float | None = None  # time.monotonic() seconds
-    on_position: PositionCallback | None = None
-    # Set while the item may not run yet (e.g. its models are still downloading).
-    blocked: bool = False
-    seq: int = field(default=0, init=False)
-    position: int = field(default=-1, init=False)
-    admitted_at: float = field(default=0.0, init=False)
-
-    def sort_key(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)
+def _no_group(_item: object) -> Hashable:
+    return None
 
 
-Chooser = Callable[[list[Waiting[T]]], Waiting[T] | None]
+def _by_deadline(place: Waiting[T]) -> Key:
+    assert place.deadline is not None
+    return (place.deadline,)
 
 
 class AdmissionQueue(Generic[T]):
-    def __init__(self, max_queue: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_queue: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        group: Callable[[T], Hashable] = _no_group,
+    ) -> None:
+        """`group(item)`, asked once an item is runnable: what the chooser's answer depends on beside the item's
+        pair, priority and arrival (the scheduler: its resolved models), so that `Runnable` can answer for each
+        group at once."""
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.max_queue = max_queue
         self._clock = clock
+        self._group = group
         self._cond = threading.Condition()
-        self._waiting: list[Waiting[T]] = []  # kept sorted by sort_key
         self._seq = itertools.count()
         self._closed = False
         # Exponentially weighted mean of how long an item waits; sizes RetryInfo when full.
         self._mean_wait_s = 1.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._waiting: list[Waiting[T]] = []  # kept sorted by sort_key
+        self._runnable = Runnable(self._waiting, self._group)
+        self._places: dict[int, list[Waiting[T]]] = {}  # id(item) -> its places (one, unless submitted twice)
+        self._deadlines: Ordered[T] = Ordered(_by_deadline)
+        self._pairs: dict[Hashable, int] = {}  # pair -> queued items that need it, blocked or not
+        self._by_priority: dict[int, int] = {}
+        self._listening = 0  # queued items with an `on_position`: without any, positions need no upkeep
 
     # ---- event-loop side --------------------------------------------------------------------------------
 
@@ -93,9 +108,9 @@ class AdmissionQueue(Generic[T]):
                 )
             place.seq = next(self._seq)
             place.admitted_at = self._clock()
-            self._insert(place)
+            index = self._insert(place)
             self._cond.notify_all()
-        self._announce()
+        self._announce(index)
 
     def cancel(self, item: T) -> bool:
         """Remove `item` if it is still queued; True if it was."""
@@ -103,15 +118,17 @@ class AdmissionQueue(Generic[T]):
             place = self._find(item)
             if place is None:
                 return False
-            self._waiting.remove(place)
-        self._announce()
+            start = self._remove([place])
+        self._announce(start)
         return True
 
     def unblock(self, item: T) -> None:
         with self._cond:
             place = self._find(item)
             if place is not None:
-                place.blocked = False
+                if place.blocked:
+                    place.blocked = False
+                    self._runnable.add(place)
                 self._cond.notify_all()
 
     def notify(self) -> None:
@@ -123,18 +140,22 @@ class AdmissionQueue(Generic[T]):
         """Remove and return the items whose deadline has passed."""
         now = self._clock()
         with self._cond:
-            expired = [w for w in self._waiting if w.deadline is not None and w.deadline <= now]
-            for w in expired:
-                self._waiting.remove(w)
+            expired: list[Waiting[T]] = []
+            while (place := self._deadlines.first()) is not None and _by_deadline(place)[0] <= now:
+                self._deadlines.discard(place)
+                expired.append(place)
+            expired.sort(key=Waiting.sort_key)
+            start = self._remove(expired) if expired else 0
         if expired:
-            self._announce()
+            self._announce(start)
         return [w.item for w in expired]
 
     def close(self) -> list[T]:
         """Refuse new items; return (and remove) the ones still waiting."""
         with self._cond:
             self._closed = True
-            left, self._waiting = self._waiting, []
+            left = self._waiting
+            self._reset()
             self._cond.notify_all()
         return [w.item for w in left]
 
@@ -154,10 +175,9 @@ class AdmissionQueue(Generic[T]):
         deadline = None if timeout is None else self._clock() + timeout
         with self._cond:
             while True:
-                runnable = [w for w in self._waiting if not w.blocked]
-                chosen = choose(runnable) if runnable else None
+                chosen = choose(self._runnable) if self._runnable else None
                 if chosen is not None:
-                    batch = self._batch(chosen, runnable, max_batch, weight)
+                    batch, start = self._batch(chosen, max_batch, weight)
                     break
                 if self._closed:
                     return []
@@ -165,27 +185,15 @@ class AdmissionQueue(Generic[T]):
                 if remaining is not None and remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-        self._announce()
+        self._announce(start)
         return batch
 
-    def _batch(
-        self, chosen: Waiting[T], runnable: list[Waiting[T]], max_batch: int, weight: Callable[[T], int]
-    ) -> list[T]:
-        batch = [chosen]
-        total = weight(chosen.item)
-        if chosen.batch_key is not None:
-            for w in runnable:
-                if w is chosen or w.batch_key != chosen.batch_key:
-                    continue
-                if total + weight(w.item) > max_batch:
-                    break
-                batch.append(w)
-                total += weight(w.item)
+    def _batch(self, chosen: Waiting[T], max_batch: int, weight: Callable[[T], int]) -> tuple[list[T], int]:
+        batch = [chosen, *self._runnable.mates(chosen, max_batch - weight(chosen.item), weight)]
         now = self._clock()
         for w in batch:
-            self._waiting.remove(w)
             self._mean_wait_s = 0.8 * self._mean_wait_s + 0.2 * (now - w.admitted_at)
-        return [w.item for w in batch]
+        return [w.item for w in batch], self._remove(batch)
 
     # ---- views ------------------------------------------------------------------------------------------
 
@@ -199,15 +207,12 @@ class AdmissionQueue(Generic[T]):
 
     def depth_by_priority(self) -> dict[int, int]:
         with self._cond:
-            counts: dict[int, int] = {}
-            for w in self._waiting:
-                counts[w.priority] = counts.get(w.priority, 0) + 1
-            return counts
+            return {priority: self._by_priority[priority] for priority in sorted(self._by_priority, reverse=True)}
 
     def waiting_pairs(self) -> set[Hashable]:
         """Pairs that queued items need: a device must not evict these to serve another (no thrash)."""
         with self._cond:
-            return {w.pair for w in self._waiting if w.pair is not None}
+            return set(self._pairs)
 
     def retry_after_s(self) -> float:
         return max(1.0, round(self._mean_wait_s, 1))
@@ -215,22 +220,62 @@ class AdmissionQueue(Generic[T]):
     # ---- internals --------------------------------------------------------------------------------------
 
     def _find(self, item: T) -> Waiting[T] | None:
-        return next((w for w in self._waiting if w.item is item), None)
+        places = self._places.get(id(item))
+        return None if places is None else min(places, key=Waiting.sort_key)
 
-    def _insert(self, place: Waiting[T]) -> None:
-        key = place.sort_key()
-        index = next((i for i, other in enumerate(self._waiting) if other.sort_key() > key), len(self._waiting))
+    def _insert(self, place: Waiting[T]) -> int:
+        """Queue `place`; its index."""
+        index = bisect.bisect_left(self._waiting, place.sort_key(), key=Waiting.sort_key)
         self._waiting.insert(index, place)
+        self._places.setdefault(id(place.item), []).append(place)
+        if place.deadline is not None:
+            self._deadlines.add(place)
+        if place.pair is not None:
+            self._pairs[place.pair] = self._pairs.get(place.pair, 0) + 1
+        self._by_priority[place.priority] = self._by_priority.get(place.priority, 0) + 1
+        self._listening += place.on_position is not None
+        if not place.blocked:
+            self._runnable.add(place)
+        return index
 
-    def _announce(self) -> None:
-        """Tell every item whose position changed; callbacks run outside the lock."""
+    def _remove(self, places: list[Waiting[T]]) -> int:
+        """Take `places` (queued, distinct) out of the queue; the first index that changed."""
+        indexes = sorted(bisect.bisect_left(self._waiting, w.sort_key(), key=Waiting.sort_key) for w in places)
+        for index in reversed(indexes):
+            del self._waiting[index]
+        for place in places:
+            same_item = self._places[id(place.item)]
+            same_item.remove(place)
+            if not same_item:
+                del self._places[id(place.item)]
+            self._deadlines.discard(place)
+            if place.pair is not None:
+                _decrement(self._pairs, place.pair)
+            _decrement(self._by_priority, place.priority)
+            self._listening -= place.on_position is not None
+            self._runnable.remove(place)
+        return indexes[0]
+
+    def _announce(self, start: int) -> None:
+        """Tell every item at or after `start` whose position changed; callbacks run outside the lock. Before
+        `start` nothing moved: each change announces from its own first changed index."""
         with self._cond:
             depth = len(self._waiting)
             changed: list[tuple[Waiting[T], int]] = []
-            for position, w in enumerate(self._waiting):
-                if w.position != position:
-                    w.position = position
-                    changed.append((w, position))
+            if self._listening:
+                for position in range(start, depth):
+                    w = self._waiting[position]
+                    if w.position != position:
+                        w.position = position
+                        changed.append((w, position))
         for w, position in changed:
             if w.on_position is not None:
                 w.on_position(position, depth)
+
+
+def _decrement(counts: dict[T, int], key: T) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

@@ -48,7 +48,7 @@ from server.scheduling.gauges import SnapshotGauges
 from server.scheduling.leases import LeaseSet
 from server.scheduling.pace import Pace, Shape
 from server.scheduling.pinning import pin_everywhere
-from server.scheduling.queue import AdmissionQueue, Waiting
+from server.scheduling.queue import AdmissionQueue, Runnable, Waiting
 from server.scheduling.resolver import Resolver
 from server.scheduling.snapshot import SchedulerSnapshot
 from server.scheduling.ticket import ConfirmingSink, EventSink, RequestTrace, Ticket, log_outcome, outcome_of
@@ -89,7 +89,7 @@ class Scheduler:
         self.metrics = metrics if metrics is not None else Metrics()
         if encode is None:  # the real encoder at the configured PNG level (tests pass stand-ins)
             encode = functools.partial(encode_image, png_level=settings.speed.png_level)
-        self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue)
+        self.queue: AdmissionQueue[Ticket] = AdmissionQueue(settings.max_queue, group=placement.group)
         self._resolver = Resolver(store)
         self._pace = Pace()  # how fast a device gets through work: to refuse what cannot meet its deadline
         self._lock = threading.Lock()
@@ -238,7 +238,7 @@ class Scheduler:
     def next_batch(self, worker: DeviceWorker, timeout: float) -> list[Ticket]:
         peers = [w for w in self.workers if w is not worker]
 
-        def choose(runnable: list[Waiting[Ticket]]) -> Waiting[Ticket] | None:
+        def choose(runnable: Runnable[Ticket]) -> Waiting[Ticket] | None:
             if not worker.accepting:
                 return None  # control calls (pins) go first; take() is retried after the tick
             return placement.choose(worker, peers, runnable, time.monotonic())
