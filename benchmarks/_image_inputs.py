@@ -137,7 +137,8 @@ def stats(values: Sequence[float]) -> dict[str, Any]:
 
 class Checks:
     """What every image must show: the same request gives the same pixels every time, an inpainted image
-    keeps the input outside the mask (mask_blur 0), and the steps the image reports are the ones asked."""
+    keeps the input outside the mask (mask_blur 0), and the mode and steps the image reports are the ones asked
+    (the last floor(N x strength) steps of the N-step grid)."""
 
     def __init__(self, inputs: Inputs, steps: int) -> None:
         self.inputs = inputs
@@ -151,8 +152,13 @@ class Checks:
             self.problems.append(f"{name}: the same request gave other pixels")
         ran = sum(got.steps_run)
         wanted = self.steps if variant.strength is None else int(self.steps * variant.strength)
-        if ran != wanted:
-            self.problems.append(f"{name}: the image reports {got.steps_run} steps run, wanted {wanted} in all")
+        if ran != wanted or got.first_step != self.steps - wanted + 1:
+            self.problems.append(
+                f"{name}: the image reports {got.steps_run} steps run from step {got.first_step}, wanted {wanted}"
+            )
+        mode = "IMAGE_MODE_" + ("UNSPECIFIED" if variant.strength is None else "INPAINT" if variant.mask else "IMG2IMG")
+        if got.mode != mode:
+            self.problems.append(f"{name}: the image reports {got.mode}, wanted {mode}")
         if variant.mask:
             worst = int(numpy.abs(got.rgb.astype(int) - self.inputs.image_rgb)[self.inputs.keep].max())
             if worst:
