@@ -25,13 +25,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Any, Protocol
 
 from modelstore.errors import ModelStoreError
 from server.core.domain import ImageMode, LoadPhase, ModelLoading, PairKey, Progress
 from server.core.errors import DeadlineExceeded, ServerError
 from server.generation import PipelinePair, RunResult, Stepper, StepState, join_key, native_size
-from server.scheduling.batch import BatchDevice, preview_events
+from server.scheduling.batch import BatchDevice, BatchHost, preview_events
 from server.scheduling.delivery import results_delivery
 from server.scheduling.pace import shape_of
 from server.scheduling.pairs import ModelSpec
@@ -40,8 +40,15 @@ from server.scheduling.ticket import Ticket
 log = logging.getLogger(__name__)
 
 
-class JoinHost(Protocol):
-    def take_joiners(self, matches: Callable[[Ticket], bool], room: int) -> list[Ticket]:
+class JoinDevice(BatchDevice, Protocol):
+    """What a continuous run uses of its worker: a batch's needs, and its host's joins."""
+
+    @property
+    def host(self) -> JoinHost: ...
+
+
+class JoinHost(BatchHost, Protocol):
+    def take_joiners(self, worker: Any, matches: Callable[[Ticket], bool], room: int) -> list[Ticket]:
         """The waiting requests at the head of the queue, in order, while each `matches` and their images fit
         `room` (none once one does not); removed from the queue."""
         ...
@@ -55,10 +62,9 @@ def runs_continuously(tickets: list[Ticket]) -> bool:
 class ContinuousRun:
     """One pair on one device, stepped until no request is left. `run()` once."""
 
-    def __init__(self, worker: BatchDevice, joins: JoinHost, tickets: list[Ticket], *, max_images: int) -> None:
+    def __init__(self, worker: JoinDevice, tickets: list[Ticket], *, max_images: int) -> None:
         self._worker = worker
         self._host = worker.host
-        self._joins = joins
         self._first = tickets
         self._max_images = max_images
         self._active: dict[Hashable, Ticket] = {}
@@ -145,7 +151,7 @@ class ContinuousRun:
         room = self._max_images - stepper.images
         if room <= 0:
             return
-        joiners = self._joins.take_joiners(self._matches(width, height, pair_key), room)
+        joiners = self._host.take_joiners(self._worker, self._matches(width, height, pair_key), room)
         self._start(joiners, now=time.perf_counter())
         for ticket in joiners:
             self._admit(stepper, ticket, width, height)

@@ -116,6 +116,7 @@ class Scheduler:
                 metrics=self.metrics,
                 speed=settings.speed,
                 max_batch=settings.max_batch,
+                batching=settings.batching,
             )
             for device in resolve_devices(settings.devices)
         ]
@@ -246,6 +247,13 @@ class Scheduler:
         return self.queue.take(
             choose, max_batch=self.settings.max_batch, weight=lambda t: t.job.number_results, timeout=timeout
         )
+
+    def take_joiners(self, worker: DeviceWorker, matches: Callable[[Ticket], bool], room: int) -> list[Ticket]:
+        """Requests that join `worker`'s continuous run: none while it has control calls (pins) waiting, so the
+        run drains and they go first, as `next_batch` lets them."""
+        if not worker.accepting:
+            return []
+        return self.queue.take_joiners(matches, room, weight=lambda t: t.job.number_results)
 
     def waiting_pairs(self) -> set[PairKey]:
         return {pair for pair in self.queue.waiting_pairs() if isinstance(pair, PairKey)}

@@ -23,8 +23,18 @@ from modelstore import Loader
 from server.core.errors import WorkerFailed
 from server.core.metrics import Metrics
 from server.core.settings import Speed
-from server.generation import Compiler, Encoder, PipelinePair, PipelineRunner, native_size, tune_pipeline, tuning_for
+from server.generation import (
+    Compiler,
+    Encoder,
+    PipelinePair,
+    PipelineRunner,
+    native_size,
+    run_pair,
+    tune_pipeline,
+    tuning_for,
+)
 from server.scheduling.batch import Batch, BatchHost
+from server.scheduling.continuous import ContinuousRun, runs_continuously
 from server.scheduling.devices import DeviceSpec, allocated_bytes, is_cuda, memory_releaser
 from server.scheduling.leases import Leases
 from server.scheduling.pairs import ModelSpec, PairSpec
@@ -53,6 +63,10 @@ class WorkerHost(BatchHost, Protocol):
         """Make a worker blocked in `next_batch` look again (a control call arrived, or it should stop)."""
         ...
 
+    def take_joiners(self, worker: DeviceWorker, matches: Callable[[Ticket], bool], room: int) -> list[Ticket]:
+        """Waiting requests that join this worker's continuous run (`continuous.JoinHost`)."""
+        ...
+
 
 class DeviceWorker:
     """One thread, one device, its residency. The thread is restarted if it ever dies."""
@@ -70,6 +84,7 @@ class DeviceWorker:
         metrics: Metrics,
         speed: Speed,
         max_batch: int,
+        batching: str = "static",
     ) -> None:
         self.host = host
         self.device = device
@@ -101,6 +116,10 @@ class DeviceWorker:
             else None
         )
         metrics.add_device(device.name, budget_bytes)
+        self._max_batch = max_batch
+        # Step-level batching needs the real runner's pipelines (a runner tests substitute runs static batches)
+        # and eager UNets: compiled graphs are traced for the batch sizes of static batches.
+        self._continuous = batching == "continuous" and run is run_pair and self.compiler is None
 
     # ---- life cycle -------------------------------------------------------------------------------------
 
@@ -196,10 +215,15 @@ class DeviceWorker:
             self.running = tickets
             started = time.perf_counter()
             with self._using_device():
-                Batch(self, tickets).run()
+                self._run_for(tickets).run()
             # Time with a batch on the device: against wall time, how much the device idled between batches.
             self.busy_s += time.perf_counter() - started
             self.running = []
+
+    def _run_for(self, tickets: list[Ticket]) -> Batch | ContinuousRun:
+        if self._continuous and runs_continuously(tickets):
+            return ContinuousRun(self, tickets, max_images=self._max_batch)
+        return Batch(self, tickets)
 
     def _using_device(self) -> contextlib.AbstractContextManager[Any]:
         """Held while this thread uses the device: the compiler runs its graphs' first passes only between."""
