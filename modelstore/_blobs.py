@@ -49,7 +49,11 @@ class FileIdentity(NamedTuple):
 
 
 def identity(path: Path) -> FileIdentity:
-    st = path.stat()
+    return identity_of(path.stat())
+
+
+def identity_of(st: os.stat_result) -> FileIdentity:
+    """The identity of a file as stat (or fstat, of what was opened) saw it."""
     return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 

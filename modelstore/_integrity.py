@@ -19,27 +19,37 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from modelstore._blobs import BlobStore, identity
+from modelstore import _read_only
+from modelstore._blobs import BlobStore, FileIdentity, identity
 from modelstore._cache import Cache
 from modelstore._digests import fast_digest, full_digests
 from modelstore._index import IndexEntry
-from modelstore.air import AIR
-from modelstore.errors import IntegrityError
+from modelstore.air import AIR, Source, parse_stored_air
+from modelstore.errors import IntegrityError, ModelStoreError
 from modelstore.progress import ByteCounter, ProgressCallback, ProgressFanout
+from modelstore.record import ModelKind, Verdict, Verification
+from modelstore.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
+_CHANGED = "changed since it entered the cache (its digest does not match)"
 OFFLINE = "it was set aside, and downloads are turned off (offline mode): pull it again once they are on"
 
 
 def damaged_offline(air: AIR, damage: str) -> IntegrityError:
     """`air`'s files failed their check (`damage`, what failed) and offline mode forbids fetching them again."""
     return IntegrityError(f"{air.canonical}: {damage}; {OFFLINE}", air=air.canonical)
+
+
+def refetchable(settings: StoreSettings, air: AIR) -> bool:
+    """Whether a model whose files failed their check may be fetched again: a built-in one is rebuilt, a
+    download needs the network; a read-only cache holds what it holds."""
+    return not settings.read_only and (air.source is Source.BUILTIN or not settings.offline)
 
 
 def still_damaged(air: AIR, fetches: int) -> NoReturn:
@@ -71,14 +81,63 @@ class BlobChecks:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
-    def check(self, entry: IndexEntry, progress: ProgressCallback | None, *, again: bool = False) -> list[Damage]:
+    def check(
+        self,
+        entry: IndexEntry,
+        progress: ProgressCallback | None,
+        *,
+        again: bool = False,
+        later: Collection[str] = (),
+    ) -> list[Damage]:
         """Check the fast digests of `entry`'s blobs that this process has not checked as they are now (all of
-        them with `again`); `progress` hears the reading as VERIFYING progress. What failed (quarantined)."""
+        them with `again`), but those in `later` (checked by the read that loads them: `settle_read`);
+        `progress` hears the reading as VERIFYING progress. What failed (quarantined)."""
         blobs = self._cache.blobs
-        todo = {sha: size for sha, size in _blob_sizes(entry).items() if again or not _checked(blobs, sha)}
+        left = set(later)
+        todo = {
+            sha: n for sha, n in _blob_sizes(entry).items() if sha not in left and (again or not _checked(blobs, sha))
+        }
         if not todo:
             return []
         return self._run(entry, todo, progress, lambda sha, counter: self._check_blob(sha, counter, again=again))
+
+    def deferrable(self, entry: IndexEntry, defer: bool = True) -> dict[str, str]:
+        """The weight files of `entry` (path in the model folder -> blob) whose check the read that loads them
+        can make (none without `defer`, none of a LoRA): safetensors files whose blob has a fast digest
+        recorded and is not checked as it is now."""
+        if not defer or entry.kind is ModelKind.LORA:
+            return {}
+        blobs, index = self._cache.blobs, self._cache.index
+        return {
+            path: sha
+            for path, (sha, _) in entry.files.items()
+            if path.endswith(".safetensors") and index.fast_digest(sha) is not None and not _checked(blobs, sha)
+        }
+
+    def is_checked(self, sha: str, as_now: FileIdentity) -> bool:
+        return self._cache.blobs.is_checked(sha, as_now)
+
+    def settle_read(self, entry: IndexEntry, sha: str, as_read: FileIdentity, digest: str) -> Damage | None:
+        """The verdict on one whole read of blob `sha` (the file as it was opened: `as_read`) that hashed to
+        `digest`: checked, or quarantined (and logged) as a failed `check` would be. What failed, if it did."""
+        recorded = self._cache.index.fast_digest(sha)
+        if recorded is None:  # only blobs with a fast digest are left to their load: never here
+            raise IntegrityError(f"{sha} has no fast digest to be checked against", air=entry.air)
+        size, expected = recorded
+        problem = _size_problem(as_read.size, size) if as_read.size != size else None
+        if problem is None and digest != expected:
+            problem = _CHANGED
+        with self._lock(sha):
+            return self._verdict(entry, sha, as_read, problem)
+
+    def check_owed(self, entry: IndexEntry, shas: Collection[str]) -> list[Damage]:
+        """Check those of `shas` (blobs of `entry` left to their load) that are still not checked: the ones the
+        load did not read, or not to the end. What failed (quarantined)."""
+        blobs = self._cache.blobs
+        todo = {sha: size for sha, size in _blob_sizes(entry).items() if sha in shas and not _checked(blobs, sha)}
+        if not todo:
+            return []
+        return self._run(entry, todo, None, lambda sha, counter: self._check_blob(sha, counter, again=False))
 
     def verify(
         self, entry: IndexEntry, progress: ProgressCallback | None, done: dict[str, Damage | None]
@@ -122,9 +181,11 @@ class BlobChecks:
         except FileNotFoundError:
             gone = "failed its check earlier" if blobs.is_quarantined(sha) else "is missing from the cache"
             return Damage(sha, _files_of(entry, sha), gone, None)
-        problem = check_one(sha, reading)
+        return self._verdict(entry, sha, as_read, check_one(sha, reading))
+
+    def _verdict(self, entry: IndexEntry, sha: str, as_read: FileIdentity, problem: str | None) -> Damage | None:
         if problem is None:
-            blobs.mark_checked(sha, as_read)
+            self._cache.blobs.mark_checked(sha, as_read)
             return None
         moved = self._cache.quarantine(sha, as_read)
         damage = Damage(sha, _files_of(entry, sha), problem, moved)
@@ -143,9 +204,9 @@ class BlobChecks:
         size, expected = recorded
         actual_size = path.stat().st_size
         if actual_size != size:
-            return f"holds {actual_size} bytes instead of the {size} it had when it entered the cache"
+            return _size_problem(actual_size, size)
         if fast_digest(path, counter) != expected:
-            return "changed since it entered the cache (its digest does not match)"
+            return _CHANGED
         return None
 
     def _full_check(self, sha: str, counter: ByteCounter) -> str | None:
@@ -160,6 +221,37 @@ class BlobChecks:
     def _lock(self, sha: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(sha, threading.Lock())
+
+
+def _size_problem(actual: int, recorded: int) -> str:
+    return f"holds {actual} bytes instead of the {recorded} it had when it entered the cache"
+
+
+def verification(
+    checks: BlobChecks,
+    entry: IndexEntry,
+    progress: ProgressCallback | None,
+    done: dict[str, Damage | None],
+    settings: StoreSettings,
+    fetch: Callable[[], object],
+) -> Verification:
+    """`ModelStore.verify` of one cached model (`entry`): every blob's SHA256 (those not in `done`), and what
+    failed fetched again (`fetch`) where the settings allow (`refetchable`)."""
+    air = entry.air
+    read, damages = checks.verify(entry, progress, done)
+    if not damages:
+        return Verification(air, Verdict.INTACT, read, "")
+    damage = describe(damages)
+    if not refetchable(settings, parse_stored_air(air)):
+        why = _read_only.damaged(air, damage).message if settings.read_only else f"{damage}; {OFFLINE}"
+        return Verification(air, Verdict.CORRUPT, read, why)
+    log.warning("%s: %s; fetching it again", air, damage)
+    try:
+        fetch()
+    except ModelStoreError as exc:
+        failed = f"{damage}; it was set aside, and fetching it again failed: {exc.message}"
+        return Verification(air, Verdict.CORRUPT, read, failed)
+    return Verification(air, Verdict.REPAIRED, read, f"{damage}; fetched again and verified")
 
 
 def describe(damages: Iterable[Damage]) -> str:

@@ -16,11 +16,13 @@ counters in this process only (`shared=False`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -53,6 +55,15 @@ class Leases:
                 del self._counts[model]
                 if model in self._fds:
                     os.close(self._fds.pop(model))  # drops this process's shared lock
+
+    @contextlib.contextmanager
+    def held(self, model: str) -> Iterator[None]:
+        """A lease on `model` for the duration of the block."""
+        self.acquire(model)
+        try:
+            yield
+        finally:
+            self.release(model)
 
     def held_here(self, model: str) -> bool:
         with self._lock:

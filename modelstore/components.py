@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -62,22 +63,37 @@ _lock = threading.Lock()
 
 
 def components_of(
-    record: ModelRecord, cache_dir: Path | None = None, counter: ByteCounter | None = None, *, keep: bool = True
+    record: ModelRecord,
+    cache_dir: Path | None = None,
+    counter: ByteCounter | None = None,
+    *,
+    keep: bool = True,
+    before_measuring: Callable[[], None] | None = None,
 ) -> tuple[Component, ...]:
     """The weight-bearing components of `record` (memoised by the record's sha256). `counter` hears the bytes
     read when they must be measured; a memoised answer reads nothing and reports nothing. `keep=False` (a
-    read-only cache): a memo in `cache_dir` is read, but a new one is kept in memory only."""
+    read-only cache): a memo in `cache_dir` is read, but a new one is kept in memory only. `before_measuring`
+    is called before the weights are read, only when they are."""
     with _lock:
         known = _memo.get(record.sha256)
     if known is not None:
         return known
     stored = _load_memo(record, cache_dir)
+    if stored is None and before_measuring is not None:
+        before_measuring()
     result = stored if stored is not None else _measure(record, counter)
     if stored is None and keep:
         _save_memo(record, cache_dir, result)
     with _lock:
         _memo[record.sha256] = result
     return result
+
+
+def single_file_prefixes(keys: Iterable[str]) -> dict[str, str]:
+    """Key prefix -> component in a single file whose tensors are named `keys`: a refiner's (one text encoder,
+    OpenCLIP as embedder 0) or a base's."""
+    refiner = not any(k.startswith("conditioner.embedders.1.") for k in keys)
+    return dict(_REFINER_PREFIXES if refiner else _BASE_PREFIXES)
 
 
 def _measure(record: ModelRecord, counter: ByteCounter | None) -> tuple[Component, ...]:
@@ -97,8 +113,7 @@ def _measure_at(record: ModelRecord, counter: ByteCounter | None) -> tuple[Compo
                     groups.setdefault(name, []).append((file, header, key, key))
     else:
         header = read_header(record.path)
-        refiner = not any(k.startswith("conditioner.embedders.1.") for k in header.tensors)
-        prefixes = _REFINER_PREFIXES if refiner else _BASE_PREFIXES
+        prefixes = single_file_prefixes(header.tensors)
         for key in header.tensors:
             for prefix, name in prefixes.items():
                 if key.startswith(prefix):

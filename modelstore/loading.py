@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,17 +38,21 @@ from typing import Any, Protocol
 from modelstore import _model_dims
 from modelstore._architecture import detect_folder, detect_header
 from modelstore._config_families import family_for, known_families
+from modelstore._load_reads import LoadReads, WeightsDamaged
 from modelstore._pipeline_checks import check_pipeline
 from modelstore._safetensors_header import SafetensorsHeader, read_header
-from modelstore.errors import CorruptModel, ModelStoreError, concerning
+from modelstore._weighted_modules import folder_modules, single_file_modules, weighted_in
+from modelstore.errors import CorruptModel, IntegrityError, ModelStoreError, concerning
 from modelstore.local_files import reading
 from modelstore.record import Architecture, Layout, ModelRecord
 from modelstore.role import Role
 from modelstore.role_policy import require_architecture, require_role
+from modelstore.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".safetensors"
+# Loads of one record: the first, and one after the store fetched again files that failed their check.
+_FETCHES = 2
 
 
 class Loader(Protocol):
@@ -85,28 +88,58 @@ def load_pipeline(
     of loading those parts (e.g. the VAE and OpenCLIP encoder a refiner shares with its base); the caller
     vouches that they hold the same weights. Raises WrongArchitecture when the weights cannot serve `role`,
     UnsafeCheckpoint for anything but safetensors, CorruptModel when the weights are incomplete or match no
-    known configuration.
+    known configuration. A weight file that fails the check its record still owes (`record.weight_checks`)
+    was set aside: the model is fetched again and loaded from the new files where its source allows, else
+    IntegrityError; nothing built from the failed file is ever returned.
     """
     started = time.perf_counter()
     with concerning(record.canonical):
-        pipe, architecture = _load(record, Role(role), preferred_dtype(device) if dtype is None else dtype, components)
+        pipe, architecture, reads = _load_checked(
+            record, Role(role), preferred_dtype(device) if dtype is None else dtype, components
+        )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     log.info(
-        "loaded %s (%s, %s) as %s on %s in %.2f s",
+        "loaded %s (%s, %s) as %s on %s in %.2f s (weights read once: %s, %s of it checked)",
         record.canonical,
         architecture.label,
         record.layout.value,
         role,
         device,
         time.perf_counter() - started,
+        format_bytes(reads.bytes_read),
+        format_bytes(reads.hashed),
     )
     return pipe
 
 
+def _load_checked(
+    record: ModelRecord, role: Role, dtype: Any, components: Mapping[str, Any] | None
+) -> tuple[Any, Architecture, LoadReads]:
+    """`_load`, and where a check the record owed fails (or explains a failure: a damaged header reads as a
+    malformed file), the model fetched again by the store and loaded once more."""
+    for _ in range(_FETCHES):
+        checks = record.weight_checks
+        damage: str | None
+        try:
+            return _load(record, role, dtype, components)
+        except WeightsDamaged as damaged:
+            damage = damaged.damage
+        except ModelStoreError:
+            damage = None if checks is None else checks.settle_rest()
+            if damage is None:
+                raise
+        assert checks is not None  # only a record that owed checks can be damaged here
+        record = checks.repaired(damage)
+    raise IntegrityError(
+        f"{record.canonical}: its files failed their check again after being fetched {_FETCHES - 1} times",
+        air=record.canonical,
+    )
+
+
 def _load(
     record: ModelRecord, role: Role, dtype: Any, components: Mapping[str, Any] | None
-) -> tuple[Any, Architecture]:
+) -> tuple[Any, Architecture, LoadReads]:
     if record.is_lora:
         require_role(record, role)  # a LoRA is no pipeline: refused before anything is read
     # A local model is read through what was opened and matched against its check, for the whole load: a
@@ -116,12 +149,17 @@ def _load(
             architecture = detect_folder(path)
             _require_role(record, architecture, role)
             build = _Build(record.canonical, role, architecture, dtype, components)
-            return build.load("from_pretrained", path, use_safetensors=True), architecture  # never .bin
+            reads = LoadReads(path, record.weight_checks, dtype)
+            wanted = [name for name in weighted_in(path) if name not in (components or {})]
+            modules = _diffusers_call(build.name, lambda: folder_modules(path, wanted, dtype, reads))
+            reads.settle_rest()  # every verdict is in before a pipeline exists
+            return build.assemble(path, modules), architecture, reads
         header = _single_file_header(path)
         architecture = detect_header(header, name=record.canonical)
         _require_role(record, architecture, role)
         build = _Build(record.canonical, role, architecture, dtype, components)
-        return _from_single_file(path, header, build), architecture
+        reads = LoadReads(path.parent, record.weight_checks, dtype)
+        return _from_single_file(path, header, build, reads), architecture, reads
 
 
 def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any:
@@ -134,7 +172,8 @@ def load_single_file(path: Path, *, config: Path, role: Role, dtype: Any) -> Any
     header = _single_file_header(path)
     architecture = detect_header(header, name=path.name)
     require_architecture(architecture, role, name=path.name)
-    return _load_with_config(path, config, _Build(path.name, role, architecture, dtype))
+    build = _Build(path.name, role, architecture, dtype)
+    return _load_with_config(path, header, config, build, LoadReads(path.parent, None, dtype))
 
 
 def _require_role(record: ModelRecord, architecture: Architecture, role: Role) -> None:
@@ -159,13 +198,15 @@ class _Build:
     dtype: Any
     reuse: Mapping[str, Any] | None = None
 
-    def load(self, method: str, path: Path, **extra: Any) -> Any:
-        """The pipeline class's `method` (from_pretrained, from_single_file) on `path`, checked."""
+    def assemble(self, folder: Path, modules: Mapping[str, Any]) -> Any:
+        """The pipeline class from `folder`'s configs, tokenizers and scheduler, with every weight-bearing module
+        given (`modules` built from one read, and those reused): diffusers loads no weights itself. Checked."""
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         cls = StableDiffusionXLPipeline if self.role == Role.BASE else StableDiffusionXLImg2ImgPipeline
-        kwargs = {**self._kwargs(), **extra}
-        pipe = _diffusers_call(self.name, lambda: getattr(cls, method)(str(path), **kwargs))
+        kwargs = {**self._kwargs(), **modules}
+        # use_safetensors: should a weighted module ever be missing here, diffusers must not unpickle its .bin.
+        pipe = _diffusers_call(self.name, lambda: cls.from_pretrained(str(folder), use_safetensors=True, **kwargs))
         check_pipeline(pipe, name=self.name, role=self.role, architecture=self.architecture)
         return pipe
 
@@ -190,12 +231,11 @@ class _Build:
 
 def _single_file_header(path: Path) -> SafetensorsHeader:
     if not path.is_file():
-        # diffusers would take a missing path for a Hub repository id and try to download it.
         raise CorruptModel(f"{path} is not a file")
     return read_header(path)  # refuses pickles and anything else that is not safetensors, by content
 
 
-def _from_single_file(path: Path, header: SafetensorsHeader, build: _Build) -> Any:
+def _from_single_file(path: Path, header: SafetensorsHeader, build: _Build, reads: LoadReads) -> Any:
     dims = _model_dims.from_single_file(header.tensors)
     if dims.bigg is None or dims.unet is None or dims.vae is None:
         # diffusers cannot build the missing parts from configs alone (single-file.md P11).
@@ -214,18 +254,19 @@ def _from_single_file(path: Path, header: SafetensorsHeader, build: _Build) -> A
             f"({dims.describe()}); known: {known}"
         )
     log.debug("%s: loading with the %s configs from %s", build.name, family.name, family.folder)
-    return _load_with_config(path, family.folder, build)
+    return _load_with_config(path, header, family.folder, build, reads)
 
 
-def _load_with_config(path: Path, config: Path, build: _Build) -> Any:
-    if path.name.endswith(_SUFFIX):
-        return build.load("from_single_file", path, config=str(config))
-    # diffusers chooses its reader by file name and would torch.load (unpickle) anything not named
-    # .safetensors; a cache blob named by its hash is read through a correctly named link instead.
-    with tempfile.TemporaryDirectory(prefix="refinery-load-") as tmp:
-        link = Path(tmp) / f"checkpoint{_SUFFIX}"
-        link.symlink_to(path.resolve())
-        return build.load("from_single_file", link, config=str(config))
+def _load_with_config(path: Path, header: SafetensorsHeader, config: Path, build: _Build, reads: LoadReads) -> Any:
+    # The file is read here, whatever its name: diffusers, which picks its reader by name and would torch.load
+    # (unpickle) anything not named .safetensors, is handed tensors, never the file.
+    wanted = [name for name in weighted_in(config) if name not in (build.reuse or {})]
+    keys = list(header.tensors)
+    modules = _diffusers_call(
+        build.name, lambda: single_file_modules(path, config, wanted, build.dtype, reads, keys=keys)
+    )
+    reads.settle_rest()  # every verdict is in before a pipeline exists
+    return build.assemble(config, modules)
 
 
 def _diffusers_call(name: str, load: Any) -> Any:

@@ -1,4 +1,5 @@
-"""What the store knows about a model once it is resolved: values, no behaviour."""
+"""What the store knows about a model once it is resolved: values, no behaviour (but for the checks a record's
+weight files may still owe, which the store hands to the one read that loads them: `WeightChecks`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from modelstore.air import AIR
 
@@ -80,6 +82,31 @@ class LocalFiles:
     roots: tuple[Path, ...] = ()
 
 
+class WeightChecks(Protocol):
+    """The fast-digest checks that a cached model's weight files still owe this process, left by the store to
+    the read that loads them (`modelstore.loading`: issue 19, one read at start). Files are named by their path
+    inside the model's folder; `opened` is the fstat of the file as the load opened it."""
+
+    def owed(self, relative: str, opened: os.stat_result) -> bool:
+        """Whether the load must hash its read of this file (its check is still owed)."""
+        ...
+
+    def settle(self, relative: str, opened: os.stat_result, digest: str) -> str | None:
+        """The verdict on one whole read of the file, whose XXH3-128 was `digest`: None when it is the file
+        that entered the cache; otherwise what is wrong, the file set aside as a failed check sets it."""
+        ...
+
+    def settle_rest(self) -> str | None:
+        """Check every owed file the load did not settle (not read by it, or not to the end); what is wrong
+        (those files set aside), or None."""
+        ...
+
+    def repaired(self, damage: str) -> ModelRecord:
+        """After `damage` (from `settle`, `settle_rest`): the model fetched again where its source allows, as
+        `ModelStore.resolve` does for a file that fails its check; IntegrityError where it may not be."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     """A model that is available locally and can be loaded without the network."""
@@ -97,6 +124,8 @@ class ModelRecord:
     trigger_words: tuple[str, ...] = ()
     # A local model's checked files (None for the cache's own, and for a record nobody checked).
     local: LocalFiles | None = field(default=None, compare=False, repr=False)
+    # Checks its weight files still owe, for the read that loads them (None: none are owed, or nobody said).
+    weight_checks: WeightChecks | None = field(default=None, compare=False, repr=False)
 
     @property
     def canonical(self) -> str:

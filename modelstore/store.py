@@ -17,7 +17,8 @@ Who wants a model (`DownloadCause`) decides whether a request may download it an
 (`_on_demand`); a full disk is `DiskFull`, never a stray OSError (`_disk_space`).
 
 Before a process first uses a cached model its files are checked against digests kept since they entered the
-cache; `verify` checks their SHA256 in full (`_integrity`).
+cache; `verify` checks their SHA256 in full (`_integrity`). A store made `check_weights_when_loaded` (the
+server's) leaves the check of a checkpoint's weight files to the read that loads them (`_weight_checks`).
 
 With `settings.read_only` the cache is a volume another process filled (`_read_only`): every model in it
 serves, nothing in it is ever written, and what would need a write is `ReadOnlyCache`.
@@ -39,7 +40,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import requests
@@ -51,12 +52,13 @@ from modelstore._disk_space import disk_full_as_error
 from modelstore._file_download import Downloader, RetryPolicy
 from modelstore._flights import Flight, Flights
 from modelstore._http import guard_library_logs
-from modelstore._integrity import BlobChecks, Damage, describe, quarantined_files
+from modelstore._integrity import BlobChecks, Damage, describe, quarantined_files, verification
 from modelstore._leases import Leases
 from modelstore._model_download import download_model
 from modelstore._on_demand import DownloadCounts, gate, require_servable
 from modelstore._source_pool import SourcePool
 from modelstore._sources import local as local_source
+from modelstore._weight_checks import owed_checks, settle_first
 from modelstore.air import AIR, Source, parse_stored_air
 from modelstore.components import Component, components_of
 from modelstore.downloads import PULL, Cause, DownloadCause
@@ -65,7 +67,6 @@ from modelstore.errors import (
     IntegrityError,
     ModelInUse,
     ModelNotFound,
-    ModelStoreError,
     ReadOnlyCache,
     SourceUnavailable,
     concerning,
@@ -90,8 +91,10 @@ class ModelStore:
         *,
         retry: RetryPolicy | None = None,
         session: requests.Session | None = None,
+        check_weights_when_loaded: bool = False,
     ) -> None:
         self.settings = settings
+        self._defer = check_weights_when_loaded  # only for records that go to `load_pipeline` (`_weight_checks`)
         self._cache = Cache(settings.cache_dir, settings.max_bytes, read_only=settings.read_only)
         self._checks = BlobChecks(self._cache)
         guard_library_logs((settings.civitai_token, settings.hf_token))
@@ -162,18 +165,27 @@ class ModelStore:
         again: bool,
         cause: DownloadCause,
     ) -> ModelRecord:
+        defer = self._defer and not again
         with concerning(air.canonical), disk_full_as_error(self.settings.cache_dir, air):
-            record = self._cached(air, touch=True, progress=progress, again=again)
+            record = self._cached(air, touch=True, progress=progress, again=again, defer=defer)
             if record is None and self.settings.read_only:
                 raise _read_only.not_cached(air.canonical)
             if record is None:
                 if air.canonical not in self._flights:  # a request may wait for an operator's download
                     gate(air, cause, self.settings.on_demand, self._cache)
-                lead = functools.partial(self._lead, air, cause=cause)
+                lead = functools.partial(self._lead, air, cause=cause, defer=defer)
                 record = self._flights.run(air.canonical, lead, progress, give_up)
             if not cause.on_demand:
                 self._cache.claim(air)  # pulled or pinned: the operator's now, whoever fetched it
-            return record
+            if not defer or record.is_lora:
+                return record
+            again_now = functools.partial(self._resolve, air, progress, give_up, again=False, cause=cause)
+            return owed_checks(record, self._cache, self._checks, functools.partial(self._repair, air, again_now))
+
+    def _repair(self, air: AIR, resolve_again: Callable[[], ModelRecord], damage: str) -> ModelRecord:
+        """After the load of `air` found `damage` (set aside): what `resolve` does when its own check fails."""
+        self._refetch_or_raise(air, damage)
+        return resolve_again()
 
     def lookup(self, model: str | AIR, *, check: bool = True) -> ModelRecord | None:
         """The record of `model` if it is cached and intact (checked as `resolve` does), else None. Never
@@ -191,7 +203,13 @@ class ModelStore:
             return None
 
     def _cached(
-        self, air: AIR, *, touch: bool, progress: ProgressCallback | None = None, again: bool = False
+        self,
+        air: AIR,
+        *,
+        touch: bool,
+        progress: ProgressCallback | None = None,
+        again: bool = False,
+        defer: bool = False,
     ) -> ModelRecord | None:
         entry = self._cache.lookup(air)
         if entry is None:
@@ -200,7 +218,9 @@ class ModelStore:
             fingerprint = entry.metadata.get("fingerprint", {})
             if not local_source.fingerprint_matches(Path(entry.path), fingerprint, self._local_roots):
                 return None  # the files changed since they were hashed: re-register
-        elif damages := self._checks.check(entry, progress, again=again):
+        elif damages := self._checks.check(
+            entry, progress, again=again, later=self._checks.deferrable(entry, defer).values()
+        ):
             self._refetch_or_raise(air, describe(damages))
             return None
         if touch:
@@ -214,29 +234,26 @@ class ModelStore:
         again (a built-in model is rebuilt; a download needs the network; a read-only cache holds what it holds)."""
         if self.settings.read_only:
             raise _read_only.damaged(air.canonical, damage)
-        if self._refetchable(air):
+        if integrity.refetchable(self.settings, air):
             log.warning("%s: %s; fetching it again", air, damage)
             return
         log.error("%s: %s; downloads are turned off (offline mode), so it stays unusable", air, damage)
         raise integrity.damaged_offline(air, damage)
 
-    def _refetchable(self, air: AIR) -> bool:
-        return not self.settings.read_only and (air.source is Source.BUILTIN or not self.settings.offline)
-
-    def _lead(self, air: AIR, flight: Flight, *, cause: DownloadCause) -> ModelRecord:
+    def _lead(self, air: AIR, flight: Flight, *, cause: DownloadCause, defer: bool) -> ModelRecord:
         """Fetch `air` for everyone in `flight` (unless another flight has cached it since our first look), then
         check what the fetch did not verify itself (files other models had brought in already)."""
         try:
             if air.source is Source.LOCAL:
                 return self._cached(air, touch=True) or self._fetch(air, flight, cause)
             for _ in range(_FETCHES):
-                record = self._cached(air, touch=True)
+                record = self._cached(air, touch=True, defer=defer)
                 if record is not None:
                     return record
                 fetched = self._fetch(air, flight, cause)
                 if cause.on_demand:
                     require_servable(fetched, self._cache)
-            return self._cached(air, touch=True) or integrity.still_damaged(air, _FETCHES)
+            return self._cached(air, touch=True, defer=defer) or integrity.still_damaged(air, _FETCHES)
         except DownloadAbandoned:
             # Logged here, once the partial file is closed and complete: operators (and tests) wait for it.
             log.info("stopped downloading %s: everyone waiting for it went away; the bytes are kept", air)
@@ -288,7 +305,10 @@ class ModelStore:
         measuring.set_verifying()
         if progress is not None:
             measuring.subscribe(progress)
-        components = components_of(record, self.settings.cache_dir, measuring, keep=not self.settings.read_only)
+        # Measuring reads the weights: a record whose checks were left to its load has them made first.
+        before = None if record.weight_checks is None else functools.partial(settle_first, record)
+        keep = not self.settings.read_only
+        components = components_of(record, self.settings.cache_dir, measuring, keep=keep, before_measuring=before)
         if measuring.counted:
             measuring.finish()
         return components
@@ -315,20 +335,8 @@ class ModelStore:
             reason = "a local model: its files are the operator's, checked by size and time at each use"
             return Verification(air.canonical, Verdict.SKIPPED, 0, reason)
         with self.lease(air):  # neither evicted nor deleted while it is read
-            read, damages = self._checks.verify(entry, progress, done)
-            if not damages:
-                return Verification(air.canonical, Verdict.INTACT, read, "")
-            damage = describe(damages)
-            if not self._refetchable(air):
-                why = _read_only.damaged(air.canonical, damage).message if self.settings.read_only else None
-                return Verification(air.canonical, Verdict.CORRUPT, read, why or f"{damage}; {integrity.OFFLINE}")
-            log.warning("%s: %s; fetching it again", air, damage)
-            try:
-                self.resolve(air, progress=progress)
-            except ModelStoreError as exc:
-                failed = f"{damage}; it was set aside, and fetching it again failed: {exc.message}"
-                return Verification(air.canonical, Verdict.CORRUPT, read, failed)
-            return Verification(air.canonical, Verdict.REPAIRED, read, f"{damage}; fetched again and verified")
+            fetch = functools.partial(self.resolve, air, progress=progress)
+            return verification(self._checks, entry, progress, done, self.settings, fetch)
 
     def download_counts(self) -> dict[Cause, int]:
         """Downloads this store began, per cause (a model whose files were all here is not counted)."""
@@ -359,16 +367,11 @@ class ModelStore:
 
     # --- in use --------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lease(self, model: ModelRef) -> Iterator[None]:
+    def lease(self, model: ModelRef) -> contextlib.AbstractContextManager[None]:
         """Mark `model` in use for the duration of the block (reference counted, thread-safe, and seen by every
         process sharing the cache): it is never evicted and cannot be deleted meanwhile. May be taken before
         the model is resolved."""
-        key = self.acquire(model)
-        try:
-            yield
-        finally:
-            self.release(key)
+        return self._leases.held(_canonical(model))
 
     def acquire(self, model: ModelRef) -> str:
         """Mark `model` in use until a matching `release`; returns its canonical AIR."""

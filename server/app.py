@@ -66,7 +66,10 @@ class RefineryServer:
         images: ImageStore | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store if store is not None else ModelStore(settings.store)
+        # With the store's own loader each cached model's weight files are read once at start: their check is
+        # made on the bytes `load_pipeline` reads (issue 19). Another loader gets them checked before, as ever.
+        one_read = loader is load_pipeline
+        self.store = store if store is not None else ModelStore(settings.store, check_weights_when_loaded=one_read)
         # Input images and kept results, on the cache volume; what a previous run stored and has not expired
         # is found again.
         self.images = images if images is not None else ImageStore.from_settings(settings)
