@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import grpc
 import numpy
 from PIL import Image
 
@@ -80,7 +81,12 @@ class Call:
 def call(server: Server, variant: Variant, inputs: Inputs, size: int, steps: int) -> Call:
     """One Generate, timed from the call to the image in hand (PNG decoded afterwards, untimed)."""
     started = time.perf_counter()
-    images = [r.image for r in server.stub.Generate(variant.request(inputs, size, steps), timeout=900) if r.image.data]
+    try:
+        responses = server.stub.Generate(variant.request(inputs, size, steps), timeout=900)
+        images = [r.image for r in responses if r.image.data]
+    except grpc.RpcError as error:  # INTERNAL hides the cause from clients; a server process's log has it
+        tail = server.log_tail() if hasattr(server, "log_tail") else "(in this process: logged above)"
+        raise RuntimeError(f"Generate ({variant}) failed: {error}; the server's log ends:\n{tail}") from error
     seconds = time.perf_counter() - started
     assert len(images) == 1, f"expected one image, got {len(images)}"
     image = images[0]
