@@ -16,9 +16,9 @@ For each queue length n, each side:
    the device holding two of the pairs and a busy peer a third.
 3. decision, takes none: one wake-up that finds nothing worth taking (a device too small for any pair), the
    wake-up every queue change causes while the devices are full.
-4. drain: two devices taking turns (the other one busy) until the queue is empty, max batch 4: time per take,
-   without position listeners, then with a listener on every request as the server has (each take tells
-   every request behind it its new position: those calls stay, Θ(n) per take, owed to the clients).
+4. drain: two devices taking turns (the other one busy) until the queue is empty, max batch 4, in all: with
+   a position listener on every request, as the server has (each take tells every request behind it its new
+   position: those calls stay, Θ(n) per take, owed to the clients), then without any.
 Both sides must take the same requests in the same order; the run stops if they do not.
 """
 
@@ -168,7 +168,7 @@ def decision_worlds() -> dict[str, tuple[Device, list[Device]]]:
 
 
 def drain(side: Side, queue: Any) -> tuple[float, list[str]]:
-    """Two devices take turns until the queue is empty; seconds per take and the names taken, in order."""
+    """Two devices take turns until the queue is empty; seconds in all and the names taken, by take."""
     devices = [Device(), Device()]
     taken: list[str] = []
     takes, idle, turn = 0, 0, 0
@@ -186,9 +186,9 @@ def drain(side: Side, queue: Any) -> tuple[float, list[str]]:
         idle = 0 if batch else idle + 1
         if batch:  # the chosen request comes first
             device.residency.load(batch[0].spec, queue.waiting_pairs())
-            taken.extend(r.name for r in batch)
+            taken.append(" ".join(r.name for r in batch))
     assert not queue.depth(), f"{side.name}: {queue.depth()} requests left that no device would take"
-    return (time.perf_counter() - started) / takes, taken
+    return time.perf_counter() - started, taken
 
 
 def measure(n: int, *, seed: int, min_s: float) -> dict[str, dict[str, float]]:
@@ -203,12 +203,14 @@ def measure(n: int, *, seed: int, min_s: float) -> dict[str, dict[str, float]]:
         for name, (device, peers) in decision_worlds().items():
             row[f"decision {name}_s"], answer = per_decision_s(side, queue, device, peers, min_s=min_s)
             picked.append(answer)
-        row["drain per take, listening_s"], listening = drain(side, queue)
+        row["drain, listening_s"], listening = drain(side, queue)
         quiet, _ = fill(side, work, listen=False)
-        row["drain per take_s"], alone = drain(side, quiet)
+        row["drain_s"], alone = drain(side, quiet)
         orders[side.name] = [picked, listening, alone]
+        row["takes"] = len(alone)
         figures[side.name] = row
-        print(f"  n={n:>6} {side.name:>6}: " + ", ".join(f"{k} {_ms(v)}" for k, v in row.items()), flush=True)
+        shown = ", ".join(f"{k.removesuffix('_s')} {_ms(v)}" for k, v in row.items() if k.endswith("_s"))
+        print(f"  n={n:>6} {side.name:>6}: {shown}, {row['takes']} takes", flush=True)
     assert orders["before"] == orders["after"], f"n={n}: before and after picked different requests"
     return figures
 
@@ -218,13 +220,16 @@ def _ms(seconds: float) -> str:
 
 
 def table(results: dict[int, dict[str, dict[str, float]]]) -> str:
-    keys = list(next(iter(results.values()))["before"])
+    keys = [k for k in next(iter(results.values()))["before"] if k.endswith("_s")]
     lines = ["| queued | " + " | ".join(k.removesuffix("_s") for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for n, figures in results.items():
         cells = []
         for key in keys:
             old, new = figures["before"][key], figures["after"][key]
-            cells.append(f"{_ms(old)} → {_ms(new)} ({old / new:.0f}×)")
+            ratio = old / new
+            cells.append(
+                f"{_ms(old)} → {_ms(new)} ({ratio:.1f}×)" if ratio < 10 else f"{_ms(old)} → {_ms(new)} ({ratio:,.0f}×)"
+            )
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -238,6 +243,7 @@ def main() -> None:
     args = parse_args(parser, {"sizes": [100, 1000], "min_s": 0.01})
     results = {n: measure(n, seed=args.seed, min_s=args.min_s) for n in args.sizes}
     print(table(results))
+    print("takes to drain:", ", ".join(f"{f['after']['takes']:,.0f} for {n:,}" for n, f in results.items()))
     if args.record and not args.quick:
         RESULTS.write_text(json.dumps({"sizes": {str(n): f for n, f in results.items()}}, indent=2) + "\n")
         print(f"recorded in {RESULTS}")
