@@ -16,6 +16,7 @@ The pipelines are built per batch from a loaded pipeline's components: no weight
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +33,9 @@ class _VacuousCastWarning(logging.Filter):
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_VacuousCastWarning())
+
+
+_R = TypeVar("_R")
 
 
 class _GridSlice:
@@ -52,8 +56,24 @@ class _GridSlice:
         return timesteps, len(timesteps)
 
 
+def _keeping_vae_dtype(vae: Any, encode: Callable[[], _R]) -> _R:
+    """Run `encode`, then put the VAE back in its own dtype. To encode a seed image diffusers moves a
+    `force_upcast` VAE to float32 and back to the *UNet's* dtype, which undoes a tuned VAE's bfloat16
+    (`tuning.decode_in_bfloat16`): its decode hook would then hand bfloat16 latents to float16 weights, on this
+    request and every later one."""
+    dtype = vae.dtype
+    try:
+        return encode()
+    finally:
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
+
+
 class IndexedImg2Img(_GridSlice, StableDiffusionXLImg2ImgPipeline):  # type: ignore[misc]
     """SDXL img2img over a slice of the grid: the refiner's continuation, and img2img from a seed image."""
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        return _keeping_vae_dtype(self.vae, lambda: super(IndexedImg2Img, self).prepare_latents(*args, **kwargs))
 
 
 class IndexedInpaint(_GridSlice, StableDiffusionXLInpaintPipeline):  # type: ignore[misc]
@@ -61,6 +81,12 @@ class IndexedInpaint(_GridSlice, StableDiffusionXLInpaintPipeline):  # type: ign
     compare needs to form the hand-off a stopped base would have produced."""
 
     image_latents: torch.Tensor | None = None
+
+    def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor:
+        encoded: torch.Tensor = _keeping_vae_dtype(
+            self.vae, lambda: super(IndexedInpaint, self)._encode_vae_image(image, generator)
+        )
+        return encoded
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         outputs = super().prepare_latents(*args, **kwargs)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import numpy
 import pytest
 import torch
@@ -20,14 +21,15 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from modelstore import ModelStore
+from modelstore import ModelStore, StoreSettings
 from refinery.v1 import generation_pb2 as pb
 from refinery.v1 import generation_pb2_grpc as pb_grpc
 from server.api.validation import SAMPLERS
+from server.core.settings import Speed
 from server.generation.samplers import make_scheduler
 from server.scheduling.devices import cpu_threads
 
-from .conftest import collect, events
+from .conftest import ServerThread, collect, events, make_settings, new_stub
 
 TINY_BASE = "builtin:tiny-sdxl-base@1"
 TINY_REFINER = "builtin:tiny-sdxl-refiner@1"
@@ -361,3 +363,27 @@ def test_an_uploaded_image_is_named_by_reference(stub: pb_grpc.GenerationService
     by_reference, _ = generate(stub, steps=6, strength=0.5, image=pb.ImageInput(reference=uploaded.reference))
     inline, _ = generate(stub, steps=6, strength=0.5)
     assert by_reference[0].data == inline[0].data
+
+
+def test_a_bfloat16_vae_survives_encoding_a_seed_image(store_settings: StoreSettings, model_store: ModelStore) -> None:
+    """Encoding a seed image moves a float16-or-bfloat16 VAE to float32 and back to the UNet's dtype (diffusers'
+    force_upcast); a VAE tuned to decode in bfloat16 must be put back, or this request and every later one fail."""
+    settings = make_settings(store_settings, speed=Speed(vae_decode="bfloat16"))
+    thread = ServerThread(settings, store=model_store)
+    try:
+        thread.wait_ready()
+        with grpc.insecure_channel(thread.address) as channel:
+            tuned = new_stub(channel)
+            mask = pb.ImageInput(data=png(mask_image()))
+            text = request(steps=4, refiner=pb.Refiner(model=TINY_REFINER))
+            text.ClearField("image")
+            for req in (
+                text,
+                request(steps=4, strength=0.5, refiner=pb.Refiner(model=TINY_REFINER)),
+                request(steps=4, strength=0.5, mask=mask, refiner=pb.Refiner(model=TINY_REFINER)),
+                text,
+            ):
+                (image,) = events(collect(tuned, req), "image")
+                assert image.data
+    finally:
+        thread.close()
