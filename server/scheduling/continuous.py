@@ -103,6 +103,8 @@ class ContinuousRun:
         while stepper:
             self._leave(stepper)
             if stepper.images:
+                # Images denoised together: a tick's, as a static batch's (lanes between stages count once).
+                self._worker.metrics.batch_images.observe(stepper.images)
                 for stage, seconds in stepper.tick().items():
                     self._worker.metrics.step_time.labels(stage.value).observe(seconds)
             for finished in stepper.collect(wait=not stepper.images):
@@ -134,7 +136,6 @@ class ContinuousRun:
         shape = job.shape(job.width or width, job.height or height)
         ticket.timings.loading_s = time.perf_counter() - ticket.timings.started
         ticket.timings.run_started = time.perf_counter()
-        self._worker.metrics.batch_images.observe(job.number_results)
         stepper.admit(id(ticket), shape, job.samples(), _Reporter(self._worker, ticket))
 
     def _matches(self, width: int, height: int, pair_key: PairKey) -> Callable[[Ticket], bool]:
