@@ -42,6 +42,9 @@ def add_device_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
     parser.add_argument("--device", dest="devices", type=options.devices, help=argparse.SUPPRESS)
 
 
+_BATCHING_HELP = "continuous: requests join a running batch at the next step (default); static: a batch runs to its end"
+
+
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
     serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
 
@@ -69,13 +72,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], en
     flag("--pins", "REFINERY_PINS", options.pins, "", "the same as --pin, comma-separated")
     flag("--max-queue", "REFINERY_MAX_QUEUE", options.positive, "64", "requests that may wait (default 64)")
     flag("--max-batch", "REFINERY_MAX_BATCH", options.positive, "4", "images denoised together (default 4; 1 = off)")
-    flag(
-        "--batching",
-        "REFINERY_BATCHING",
-        options.batching,
-        "continuous",
-        "continuous: requests join a running batch at the next step (default); static: a batch runs to its end",
-    )
+    flag("--batching", "REFINERY_BATCHING", options.batching, "continuous", _BATCHING_HELP)
     flag(
         "--encode-threads",
         "REFINERY_ENCODE_THREADS",

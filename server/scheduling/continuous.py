@@ -27,9 +27,11 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
+import torch
+
 from modelstore.errors import ModelStoreError
 from server.core.domain import ImageMode, LoadPhase, ModelLoading, PairKey, Progress
-from server.core.errors import DeadlineExceeded, ServerError
+from server.core.errors import DeadlineExceeded, OutOfDeviceMemory, ServerError
 from server.generation import PipelinePair, RunResult, Stepper, StepState, join_key, native_size
 from server.scheduling.batch import BatchDevice, BatchHost, preview_events
 from server.scheduling.delivery import results_delivery
@@ -80,6 +82,19 @@ class ContinuousRun:
             acquired = True
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="refinery-decode") as decoder:
                 self._loop(Stepper(pair, decoder), pair, spec.key)
+        except torch.OutOfMemoryError:
+            # No retry here (a static batch retries once after evicting idle pairs): the run's requests end with
+            # RESOURCE_EXHAUSTED, and the idle pairs are evicted so that a resend finds the room.
+            evicted = self._worker.residency.evict_idle()
+            log.warning("out of memory on %s in a continuous run; evicted %d idle pair(s)", self._worker.device.name,
+                        len(evicted))  # fmt: skip
+            error = OutOfDeviceMemory(
+                f"{self._max_images} image(s) in flight do not fit on {self._worker.device.name}; retry, or lower "
+                "--max-batch"
+            )
+            for ticket in self._active.values():
+                self._host.finish(ticket, error)
+            self._active = {}
         except Exception as exc:
             if not isinstance(exc, (ServerError, ModelStoreError)):
                 log.error("continuous run on %s failed unexpectedly", self._worker.device.name, exc_info=exc)
