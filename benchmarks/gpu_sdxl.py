@@ -40,6 +40,10 @@ run goes on), the JSON rewritten after each to $OUT/gpu_sdxl.json and benchmarks
    services stopped: img2img at strength 0.5 against text-to-image with the same steps (goal <= 0.6x), inpainting
    (a mask repainting the centre quarter) against img2img, without and with the refiner, interleaved; the input
    a noise PNG uploaded once (UploadImage, 64 KiB messages). `--only images` runs these alone.
+12. continuous, continuous tuned (issue 19; benchmarks/_continuous_gpu.py): static against continuous batching,
+   both `--compile off`, under Poisson arrivals at 80 and 100 % of the static capacity (mixed steps and refiner
+   starts, --continuous-requests per load), then the compiled static service at 80 % as the reference.
+   `--only continuous` runs these alone (about 18 minutes at the default 40 requests; budget 1200 s).
 Every per-image figure is also given as a multiple of the 0.42 s arithmetic floor (full size only).
 """
 
@@ -59,7 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _image_inputs, _loras, _phases, _quality
+from benchmarks import _continuous_gpu, _image_inputs, _loras, _phases, _quality
 from benchmarks._direct import Direct
 from benchmarks._profile import device_profile
 from benchmarks._quick import parse_args
@@ -304,6 +308,8 @@ def main() -> None:
             lora_phase(run)
         if args.only in (None, "images"):
             images_phase(run)
+        if args.only in (None, "continuous"):
+            _continuous_gpu.phase(run)
     finally:
         run.close()
         watchdog.cancel()
@@ -351,20 +357,23 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="timed requests per figure (default 3; 2 smoke)")
     parser.add_argument("--rounds", type=int, default=1, help="sequential/concurrent rounds")
     parser.add_argument("--concurrent", type=int, default=8)
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the run (default 450; 1500 smoke)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds (default 450; 1200 --only continuous; 1500 smoke)"
+    )
     parser.add_argument("--grace", type=float, default=60.0, help="then the watchdog stops it")
     parser.add_argument("--cpu-compile", default="default", help="torch.compile mode of the tuned CPU runs (off: none)")
     parser.add_argument("--py-spy-s", type=float, default=6.0, help="py-spy sampling of the tuned server (0: off)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument(
-        "--only", choices=["loras", "images"], default=None, help="only these sections (and building A and R)"
-    )
-    quick = {"smoke": True, "steps": 10, "reps": 1, "concurrent": 2, "py_spy_s": 0.0, "cpu_compile": "off"}
+    parser.add_argument("--continuous-requests", type=int, default=40, help="requests per load and server (issue 19)")
+    only = ["loras", "images", "continuous"]
+    parser.add_argument("--only", choices=only, default=None, help="only these sections (and building A and R)")
+    quick = {"smoke": True, "steps": 10, "reps": 1, "concurrent": 2, "py_spy_s": 0.0, "cpu_compile": "off",
+             "continuous_requests": 4}  # fmt: skip
     args = parse_args(parser, quick)
     args.device = args.device or ("cpu" if args.smoke else "cuda:0")
     args.size = args.size or (64 if args.smoke else 1024)
     args.reps = args.reps or (2 if args.smoke else 3)
-    args.budget = args.budget or (1500.0 if args.smoke else 450.0)
+    args.budget = args.budget or (1500.0 if args.smoke else 1200.0 if args.only == "continuous" else 450.0)
     args.base_steps = min(max((2 * args.steps * 90 + 100) // 200, 1), args.steps - 1)  # the contract's 90 %
     full = args.size == 1024 and args.steps == 30 and not args.smoke
     args.floor = FLOOR_S if full else None
