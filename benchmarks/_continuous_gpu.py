@@ -33,7 +33,7 @@ from benchmarks.bench_continuous import MODES, RATIOS, caller, goals, warm_up
 from refinery.v1 import generation_pb2 as pb
 
 LOADS = (80, 100)
-TUNED_LOAD = 80  # the goals' latency load; the compiled service would idle at 100 % of the eager capacity
+TUNED_LOAD = 80  # the load of the latency goals; 100 % of the eager capacity does not saturate a compiled server
 SEED = 19  # bench_continuous.py's, so the two benchmarks draw the same mix
 
 
