@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelstore import components as components_module
 from modelstore import DownloadProgress, ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
 from modelstore._safetensors_header import read_header
 from modelstore.errors import ReadOnlyCache
@@ -141,9 +142,14 @@ def test_where_it_cannot_be_fetched_again_the_load_fails_after_building_and_hand
     store.close()
 
 
-def test_measuring_a_model_first_makes_the_checks_its_load_would(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_measuring_a_model_first_makes_the_checks_its_load_would(
+    cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As after a model enters the cache: its components not measured yet, neither in the cache's memos nor in
+    # this process's (an earlier test of the session may have measured the tiny base).
     for memo in (cache / "components").glob("*.json"):
-        memo.unlink()  # as after a model enters the cache: its components not measured yet
+        memo.unlink()
+    monkeypatch.setattr(components_module, "_memo", {})
     caplog.set_level(logging.INFO, logger="modelstore.loading")
     store = one_pass_store(cache)
     record = store.resolve(TINY_BASE)
