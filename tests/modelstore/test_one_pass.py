@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelstore import components as components_module
 from modelstore import DownloadProgress, ModelRecord, ModelStore, Role, StoreSettings, load_pipeline
+from modelstore import components as components_module
 from modelstore._safetensors_header import read_header
 from modelstore.errors import ReadOnlyCache
 from modelstore.units import format_bytes
