@@ -150,20 +150,22 @@ def _keep_wide(cache: Path, mb: int) -> None:
 
 def _widen_unet(folder: Path, mb: int) -> None:
     """Replace the tiny UNet with one of the same structure whose blocks are wide enough for about `mb` MB of
-    fp16 weights (random: time does not depend on the values)."""
+    weights (random: time does not depend on the values). In fp32, the dtype the CPU runs in: a load then
+    casts nothing, as a GPU loading fp16 files does not, and what is left is reading (the fp16 -> fp32 cast
+    would otherwise be most of a CPU load, the same on both sides)."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     config = json.loads((folder / "config.json").read_text())
-    width = max(64, round(512 * (mb / 950) ** 0.5 / 64) * 64)  # (512, 1024) with 2 transformer layers: 950 MB
+    width = max(64, round(512 * (mb / 1900) ** 0.5 / 64) * 64)  # (512, 1024), 2 transformer layers: 1.9 GB
     config.update(block_out_channels=[width, 2 * width], transformer_layers_per_block=[2, 2], attention_head_dim=8)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     with init_empty_weights():
         shapes = {k: v.shape for k, v in UNet2DConditionModel.from_config(config).state_dict().items()}
     generator = torch.Generator().manual_seed(19)
-    weights = {k: torch.randn(s, generator=generator, dtype=torch.float16) * 0.02 for k, s in shapes.items()}
+    weights = {k: torch.randn(s, generator=generator, dtype=torch.float32) * 0.02 for k, s in shapes.items()}
     save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
