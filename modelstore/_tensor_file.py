@@ -1,25 +1,34 @@
-"""Reading a safetensors file once (issue 19): its bytes land in the storage of the tensors they are, and are
-hashed on the way when the file still owes its check.
+"""Reading a safetensors file once (issue 19): one mapping of the file, hashed through when the file still owes
+its check, and its tensors made as views of that same mapping.
 
 Before, a cached model was read twice at start: whole for its fast digest (`_integrity`), then again by
-safetensors, which maps the file and copies every tensor out of the mapping. Here one sequential `readinto`
-per chunk fills each tensor's own memory straight from the file (no mapping, no staging buffer, no second
-copy), and the same chunk, still in the CPU's cache, goes through XXH3 when asked. Bytes that no tensor wanted
-(a component another model already holds) are read into a scratch buffer and hashed all the same: the digest
-covers every byte of the file, exactly as the check it replaces did.
+safetensors, which maps the file itself. Here the file is mapped once (private: a module that writes to its
+weights, as fusing a LoRA does, gets its own copy of the page it writes); the XXH3 runs over every byte of
+the mapping in order, which is the one read from storage, and only then are the tensors made, as views of the
+pages that read brought in: no second pass, and no host copy at all where a tensor keeps its dtype (on a GPU
+the move to the device copies from these pages directly). Bytes that no tensor wants (a component another
+model already holds) are hashed all the same: the digest covers every byte of the file, exactly as the check
+it replaces did.
 
-A tensor is cast to the dtype it will run in as soon as it is read (fp16 files become fp32 on the CPU), so the
-file's dtype and the running one are never both held for a whole model. Little-endian, as safetensors is and
+An earlier version read each chunk into the tensors' own fresh memory with `readinto`: as many bytes from
+storage, but every page of the model allocated, zeroed and copied into once more, which cost a 1 GB model
+about a second more than the mapping on the CPU (`benchmarks/bench_cold_start.py`).
+
+A tensor is cast to the dtype it will run in as soon as it is made (fp16 files become fp32 on the CPU), so
+the file's dtype and the running one are never both held for a whole model. A tensor whose offset is not a
+multiple of its element size is copied out (a view must be aligned). Little-endian, as safetensors is and
 every machine this runs on.
 
 The header is checked as `_safetensors_header` checks any (a pickle is refused by its bytes), and the tensors
-must cover the data exactly, in order: safetensors refuses gaps and overlaps too, and a file read in one pass
-cannot honour them anyway.
+must cover the data exactly, in order: safetensors refuses gaps and overlaps too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -34,10 +43,8 @@ from modelstore.errors import CorruptModel
 
 if TYPE_CHECKING:
     import torch
-    import xxhash
 
-# Big enough that a syscall and a hash call are nothing per byte, small enough to stay in the CPU's cache
-# between the read and the hash.
+# Big enough that a hash call is nothing per byte, small enough that other threads get the GIL often.
 _CHUNK = 4 << 20
 
 _TORCH_DTYPES = {
@@ -80,81 +87,59 @@ class TensorFile:
         """Every byte of the file in one pass: the tensors whose key `keep` accepts, floating ones cast to
         `dtype` (None: as stored); the XXH3-128 of the whole file with `hashed`. CorruptModel or
         UnsafeCheckpoint for a file that is not what its header says."""
-        stream = _Stream(self._f, fast_hash() if hashed else None, self.name)
-        header = stream.header(self.stat.st_size)
-        tensors = {}
-        for key, info in _in_file_order(header, self.stat.st_size, self.name):
-            if keep(key):
-                tensors[key] = _cast(stream.tensor(info), dtype)
-            else:
-                stream.skip(info.end - info.start)
-        return FileRead(tensors, stream.count, stream.hexdigest())
+        size = self.stat.st_size
+        if size < 8:  # nothing to map; parse_header names what is wrong
+            parse_header(io.BytesIO(self._f.read()), size, name=self.name)
+        mapping = mmap.mmap(self._f.fileno(), size, access=mmap.ACCESS_COPY)
+        with contextlib.suppress(OSError, AttributeError):
+            mapping.madvise(mmap.MADV_SEQUENTIAL)  # the hash walks it in order: read ahead
+        view = memoryview(mapping)
+        try:
+            header = _header(view, size, self.name)
+            ordered = _in_file_order(header, size, self.name)
+            digest = _hexdigest(view) if hashed else None
+            tensors = {
+                key: _cast(_tensor(mapping, header.data_offset, info), dtype) for key, info in ordered if keep(key)
+            }
+        finally:
+            view.release()  # the tensors keep the mapping alive; this view must not
+        return FileRead(tensors, size, digest)
 
 
 @contextmanager
 def open_tensor_file(path: Path, name: str) -> Iterator[TensorFile]:
-    """`path` opened for one sequential read (`name` labels it in messages)."""
+    """`path` opened for one read (`name` labels it in messages)."""
     with path.open("rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         yield TensorFile(f, name)
 
 
-class _Stream:
-    """The file's bytes in order, each chunk hashed (when there is a hash) as soon as it is in memory."""
+def _header(view: memoryview, file_size: int, name: str) -> SafetensorsHeader:
+    length = struct.unpack("<Q", view[:8])[0]
+    end = 8 + length if 2 <= length <= MAX_HEADER_BYTES and 8 + length <= file_size else 8
+    # parse_header refuses what is not safetensors (a pickle, an implausible length) from these bytes alone.
+    return parse_header(io.BytesIO(view[:end].tobytes()), file_size, name=name)
 
-    def __init__(self, f: io.FileIO, digest: xxhash.xxh3_128 | None, name: str) -> None:
-        self._f = f
-        self._hash = digest
-        self._name = name
-        self._scratch: memoryview | None = None
-        self.count = 0
 
-    def header(self, file_size: int) -> SafetensorsHeader:
-        prefix = self._bytes(min(8, file_size))
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        if 2 <= length <= MAX_HEADER_BYTES and 8 + length <= file_size:
-            prefix += self._bytes(length)
-        # parse_header refuses what is not safetensors (a pickle, an implausible length) from these bytes alone.
-        return parse_header(io.BytesIO(prefix), file_size, name=self._name)
+def _hexdigest(view: memoryview) -> str:
+    """XXH3-128 of the whole mapping, a chunk at a time (the GIL is let go between chunks)."""
+    digest = fast_hash()
+    for offset in range(0, len(view), _CHUNK):
+        digest.update(view[offset : offset + _CHUNK])
+    return digest.hexdigest()
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
-        import torch
 
-        tensor = torch.empty(info.shape, dtype=getattr(torch, _TORCH_DTYPES[info.dtype]))
-        if info.end > info.start:
-            self._fill(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-        return tensor
+def _tensor(mapping: mmap.mmap, data_offset: int, info: TensorInfo) -> torch.Tensor:
+    import torch
 
-    def skip(self, size: int) -> None:
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(_CHUNK))
-        while size:
-            size -= self._fill(self._scratch[: min(size, _CHUNK)])
-
-    def hexdigest(self) -> str | None:
-        return None if self._hash is None else self._hash.hexdigest()
-
-    def _bytes(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        self._fill(memoryview(buffer))
-        return bytes(buffer)
-
-    def _fill(self, target: memoryview) -> int:
-        """Fill `target` from the file, hashing each chunk; CorruptModel if the file ends first."""
-        done = 0
-        while done < len(target):
-            chunk = target[done : done + _CHUNK]
-            got = 0
-            while got < len(chunk):
-                n = self._f.readinto(chunk[got:])
-                if not n:
-                    raise CorruptModel(f"{self._name} ended before the bytes its header promises")
-                got += n
-            if self._hash is not None:
-                self._hash.update(chunk)
-            done += got
-        self.count += done
-        return done
+    dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+    count = math.prod(info.shape)
+    if count == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    offset = data_offset + info.start
+    if offset % dtype.itemsize:  # a view must be aligned to its element: copy this one out
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.end - info.start, offset=offset)
+        return raw.clone().view(dtype).reshape(info.shape)
+    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(info.shape)
 
 
 def _in_file_order(header: SafetensorsHeader, file_size: int, name: str) -> list[tuple[str, TensorInfo]]:
@@ -165,7 +150,9 @@ def _in_file_order(header: SafetensorsHeader, file_size: int, name: str) -> list
         if info.start != end:
             raise CorruptModel(f"{name}: tensor {key!r} does not start where the previous one ends")
         end = info.end
-    if header.data_offset + end != file_size:
+    if header.data_offset + end > file_size:
+        raise CorruptModel(f"{name} ended before the bytes its header promises")
+    if header.data_offset + end < file_size:
         raise CorruptModel(f"{name} holds bytes after its last tensor")
     return ordered
 
